@@ -1,0 +1,69 @@
+"""``microlm`` — a thin command-line shell over the stage functions the notebooks call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from microlm.errors import MicroLMError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--profile", default="cpu", help="smoke | cpu | gpu, or a path to a YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set corpus.dedup.threshold=0.85 (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="microlm", description="MicroLM course pipeline")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config of a profile")
+    _common(p)
+
+    p = sub.add_parser("prepare-pretrain", help="A1–A2: clean · dedup · split · EOS the pretraining corpus")
+    _common(p)
+    p.add_argument("--input", action="append", default=None, metavar="FILE",
+                   help="read these files instead of data.pretrain under MICROLM_DATA (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/corpus)")
+    p.add_argument("--force", action="store_true", help="rebuild even if inputs and config are unchanged")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _run(args)
+    except MicroLMError as e:
+        print(f"microlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"microlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from microlm.config import load_config
+
+    cfg = load_config(args.profile, args.overrides)
+    if args.command == "config":
+        print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    if args.command == "prepare-pretrain":
+        from microlm import stages
+
+        out = stages.corpus(cfg, force=args.force, inputs=args.input, progress=not args.quiet, out_dir=args.out)
+        m = stages.read_manifest(out)
+        met = m["metrics"] if m else {}
+        print(f"corpus: {out}  records in {met.get('records_in')} → out {met.get('records_out')} "
+              f"(train {met.get('train_docs')}, val {met.get('val_docs')}); drops {met.get('drops')}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

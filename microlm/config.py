@@ -1,0 +1,211 @@
+"""Strict, typed configuration: one YAML file per profile under ``configs/``.
+
+Every key must be known (a typo is an error, not a silently ignored setting), and every value is
+checked against the dataclass field type.  ``load_config("smoke")`` reads ``configs/smoke.yaml``;
+``load_config("path/to/file.yaml")`` reads that file; ``overrides`` take ``"section.key=value"``
+strings (values parsed as YAML), as the CLI's ``--set`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from microlm.errors import ConfigError
+
+PROFILES = ("smoke", "cpu", "gpu")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the real datasets live and which files feed the pretraining corpus."""
+
+    root: str | None = None  # falls back to $MICROLM_DATA, then to the embedded default
+    pretrain: list[str] = field(default_factory=lambda: ["pretrain/*.jsonl.gz"])
+    max_records: int | None = None  # per run, across all inputs (None = all)
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8  # estimated Jaccard of character shingles at which a doc is a near-duplicate
+    num_perm: int = 128
+    shingle_size: int = 5
+    bands: int | None = None  # None: chosen to minimise false positives + negatives at `threshold`
+    verify: bool = True  # check LSH candidates against the stored signatures
+
+
+@dataclass
+class CorpusConfig:
+    """Stage A1–A2: clean · dedup · split · EOS."""
+
+    min_chars: int = 20
+    max_chars: int = 20000
+    max_line_bytes: int = 4 * 1024 * 1024
+    min_cjk_ratio: float = 0.3
+    max_dup_line_ratio: float = 0.3
+    max_dup_ngram_ratio: float = 0.5
+    strip_markup: bool = True
+    val_fraction: float = 0.01
+    eos: str = "<|endoftext|>"
+    workers: int = 2
+    batch_size: int = 1000
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+
+@dataclass
+class Config:
+    profile: str = "smoke"
+    seed: int = 1234
+    run_dir: str | None = None  # default: runs/<profile>
+    data: DataConfig = field(default_factory=DataConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    @property
+    def run_path(self) -> Path:
+        if self.run_dir:
+            p = Path(self.run_dir)
+            return p if p.is_absolute() else REPO_ROOT / p
+        return REPO_ROOT / "runs" / self.profile
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}' (allowed here: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+        else:
+            if not _type_ok(value, tp):
+                raise ConfigError(f"config key '{path}': {value!r} is not of type {_type_name(tp)}")
+            kwargs[name] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _validate(cfg: Config) -> None:
+    c = cfg.corpus
+    checks = [
+        (cfg.profile in PROFILES or cfg.profile.isidentifier(), "profile must be a name"),
+        (0 <= c.min_chars <= c.max_chars, "corpus.min_chars must be <= corpus.max_chars"),
+        (0.0 <= c.min_cjk_ratio <= 1.0, "corpus.min_cjk_ratio must be in [0, 1]"),
+        (0.0 < c.max_dup_line_ratio <= 1.0, "corpus.max_dup_line_ratio must be in (0, 1]"),
+        (0.0 < c.max_dup_ngram_ratio <= 1.0, "corpus.max_dup_ngram_ratio must be in (0, 1]"),
+        (0.0 <= c.val_fraction < 1.0, "corpus.val_fraction must be in [0, 1)"),
+        (c.workers >= 0, "corpus.workers must be >= 0 (0 = in-process)"),
+        (c.batch_size >= 1, "corpus.batch_size must be >= 1"),
+        (c.max_line_bytes >= 1024, "corpus.max_line_bytes must be >= 1024"),
+        (0.0 < c.dedup.threshold < 1.0, "corpus.dedup.threshold must be in (0, 1)"),
+        (c.dedup.num_perm in (32, 64, 128, 256, 512, 1024), "corpus.dedup.num_perm must be a power of two in [32, 1024]"),
+        (c.dedup.shingle_size >= 1, "corpus.dedup.shingle_size must be >= 1"),
+        (c.dedup.bands is None or (c.dedup.bands >= 1 and c.dedup.num_perm % c.dedup.bands == 0),
+         "corpus.dedup.bands must divide corpus.dedup.num_perm"),
+        (cfg.data.max_records is None or cfg.data.max_records >= 1, "data.max_records must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def resolve_config_path(profile_or_path: str | os.PathLike) -> Path:
+    s = str(profile_or_path)
+    if s in PROFILES or (os.sep not in s and not s.endswith((".yaml", ".yml"))):
+        path = CONFIG_DIR / f"{s}.yaml"
+    else:
+        path = Path(s)
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path} (profiles: {', '.join(PROFILES)})")
+    return path
+
+
+def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[str] | dict | None = None) -> Config:
+    """Load a profile name or YAML path strictly; apply ``section.key=value`` overrides."""
+    path = resolve_config_path(profile_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw.setdefault("profile", path.stem)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for key, value in items:
+        _set_path(raw, key, value)
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path.name}: {e}") from None
+    _validate(cfg)
+    return cfg
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def stage_config(cfg: Config, section: str) -> dict[str, Any]:
+    """The part of the config a stage depends on (what its manifest fingerprints)."""
+    return dataclasses.asdict(getattr(cfg, section))

@@ -1,0 +1,1 @@
+"""Data: sources, cleaning rules, dedup and the pretraining-corpus stage."""

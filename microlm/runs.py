@@ -1,0 +1,74 @@
+"""Run directories and per-stage manifests.
+
+Every stage writes ``runs/<profile>/<stage>/`` and a ``manifest.json`` in it: the stage config, a
+fingerprint of its inputs (content hashes of files, or the upstream stage's fingerprint), the code
+version of the stage, metrics and timings.  A stage whose fingerprint is unchanged and whose outputs
+exist is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from microlm.io import read_json, write_json
+
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """xxh3-128 of a file's content (GB/s: cheap enough to hash the whole corpus every run)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of any JSON-serialisable object (config sections, input digests, versions)."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_manifest(stage_dir: str | os.PathLike) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_fresh(stage_dir: str | os.PathLike, fp: str) -> bool:
+    """True when the stage ran with this fingerprint and all the outputs it lists still exist."""
+    m = read_manifest(stage_dir)
+    if not m or m.get("fingerprint") != fp:
+        return False
+    return all((Path(stage_dir) / o).exists() for o in m.get("outputs", []))
+
+
+def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config: dict, inputs: list[dict],
+                   outputs: list[str], metrics: dict, started: float) -> dict:
+    m = {
+        "stage": stage,
+        "fingerprint": fp,
+        "config": config,
+        "inputs": inputs,
+        "outputs": outputs,
+        "metrics": metrics,
+        "timings": {"seconds": round(time.time() - started, 3)},
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+    }
+    write_json(Path(stage_dir) / MANIFEST, m)
+    return m
