@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from microlm.config import Config, CorpusConfig
 from microlm.data import clean

@@ -1,0 +1,42 @@
+# MicroLM — `make course` runs the whole course (cpu profile) and builds the book; `make test` tests it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= cpu
+export PYTHONHASHSEED := 0
+
+.PHONY: setup course notebooks book test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[course,dev]'
+	touch $@
+
+notebooks: setup             ## generate the .ipynb twins of notebooks/*.py
+	$(BIN)/python -m microlm.course --convert-only
+
+course: setup                ## every notebook through papermill at $(PROFILE), then the book
+	$(BIN)/python -m microlm.course --profile $(PROFILE)
+	$(MAKE) book
+
+book: setup                  ## Jupyter Book 1: executes notebooks (cached), fails on a notebook error
+	MICROLM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output _build --builder html
+	@echo "book: _build/_build/html/index.html"
+
+test: setup                  ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not notebooks and not book"
+
+lint: setup
+	$(BIN)/ruff check microlm tests benchmarks notebooks
+
+bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA for the real bundle)
+	$(BIN)/python benchmarks/bench_corpus.py
+
+clean:
+	rm -rf _build runs notebooks/*.ipynb

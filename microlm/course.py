@@ -1,0 +1,75 @@
+"""Run the course headless: every notebook through papermill at one profile.
+
+``python -m microlm.course --profile cpu`` converts ``notebooks/NN_*.py`` (jupytext py:percent) to
+``.ipynb`` beside them and executes each with papermill, writing the executed copy to
+``_build/executed/<profile>/``.  A failing cell stops the run with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from microlm.config import REPO_ROOT
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def notebook_sources(names: list[str] | None = None) -> list[Path]:
+    paths = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
+    if names:
+        paths = [p for p in paths if p.stem in names or p.stem[:2] in names]
+    return paths
+
+
+def to_ipynb(py_path: Path) -> Path:
+    import jupytext
+
+    nb = jupytext.read(py_path)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    out = py_path.with_suffix(".ipynb")
+    jupytext.write(nb, out)
+    return out
+
+
+def run(profile: str, names: list[str] | None = None, out_dir: Path | None = None) -> list[Path]:
+    import papermill as pm
+
+    out_dir = out_dir or REPO_ROOT / "_build" / "executed" / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for py in notebook_sources(names):
+        ipynb = to_ipynb(py)
+        out = out_dir / ipynb.name
+        t0 = time.time()
+        print(f"[course] {py.stem} (profile={profile}) ...", flush=True)
+        pm.execute_notebook(str(ipynb), str(out), parameters={"profile": profile}, kernel_name="python3",
+                            cwd=str(NOTEBOOK_DIR), progress_bar=False, log_output=False)
+        print(f"[course] {py.stem} ok in {time.time() - t0:.1f} s -> {out}", flush=True)
+        done.append(out)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m microlm.course")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--only", nargs="*", help="notebook stems or numbers, e.g. 01 or 01_corpus")
+    ap.add_argument("--convert-only", action="store_true", help="only write the .ipynb twins")
+    args = ap.parse_args(argv)
+    if args.convert_only:
+        for py in notebook_sources(args.only):
+            print(to_ipynb(py))
+        return 0
+    try:
+        run(args.profile, args.only)
+    except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
+        print(f"[course] failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

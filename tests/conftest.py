@@ -1,0 +1,49 @@
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from microlm.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tmp_cfg(tmp_path):
+    """A smoke config writing under tmp_path, running in-process."""
+
+    def make(**overrides):
+        base = {"run_dir": str(tmp_path / "runs"), "corpus.workers": 0}
+        base.update(overrides)
+        return load_config("smoke", base)
+
+    return make
+
+
+def write_jsonl(path: Path, texts, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    return path
+
+
+ZH = [
+    "北京是中华人民共和国的首都，也是全国的政治中心和文化中心，拥有三千多年的建城史。",
+    "长江是中国第一大河，全长约六千三百公里，流经青海、西藏、四川、云南等十一个省级行政区。",
+    "机器学习是人工智能的一个分支，它研究如何让计算机从数据中自动学习规律并做出预测。",
+    "今天天气很好，我们一起去公园散步，看到很多人在放风筝，孩子们玩得非常开心。",
+    "这家餐厅的菜味道不错，服务也很周到，就是价格稍微有点贵，下次还会再来的。",
+    "唐诗是中国古典诗歌的高峰，李白和杜甫是其中最著名的两位诗人，被后人称为李杜。",
+]
+
+
+@pytest.fixture
+def zh_docs():
+    return list(ZH)
+
+
+def real_data_available() -> bool:
+    return bool(os.environ.get("MICROLM_DATA"))

@@ -1,0 +1,100 @@
+"""Notebooks: each .py converts cleanly, runs headless under papermill at the smoke profile, passes
+nbval's lax check, and the Jupyter Book builds (and fails on a broken notebook)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jupytext
+import nbformat
+import papermill as pm
+import pytest
+import yaml
+
+from microlm.course import notebook_sources, to_ipynb
+
+from .conftest import REPO
+
+NOTEBOOKS = notebook_sources()
+IDS = [p.stem for p in NOTEBOOKS]
+
+
+def test_notebooks_exist_and_are_in_the_toc():
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    assert [f"notebooks/{s}" for s in IDS] == files
+    assert IDS[:2] == ["00_overview", "01_corpus"]
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
+def test_py_notebook_converts_cleanly(py, tmp_path):
+    nb = jupytext.read(py)
+    nbformat.validate(nb)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "profile" in params[0].source
+    assert any("assert" in c.source for c in nb.cells if c.cell_type == "code")
+    # round trip: py -> ipynb -> py keeps every cell
+    again = jupytext.reads(jupytext.writes(nb, fmt="py:percent"), fmt="py:percent")
+    assert [c.source for c in again.cells] == [c.source for c in nb.cells]
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_under_papermill_at_smoke(py, tmp_path):
+    ipynb = to_ipynb(py)
+    out = tmp_path / ipynb.name
+    pm.execute_notebook(str(ipynb), str(out), parameters={"profile": "smoke"}, kernel_name="python3",
+                        cwd=str(py.parent), progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "smoke" in injected[0].source
+
+
+@pytest.mark.notebooks
+def test_nbval_lax_on_overview(tmp_path):
+    ipynb = to_ipynb(REPO / "notebooks" / "00_overview.py")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider", str(ipynb)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**os.environ, "MICROLM_PROFILE": "smoke"})
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert " passed" in r.stdout
+
+
+def _book(src: os.PathLike, out: os.PathLike, cache: os.PathLike):
+    cfg = yaml.safe_load((REPO / "_config.yml").read_text())
+    cfg["execute"]["cache"] = str(cache)  # never share the smoke cache with the cpu book
+    cfg_path = os.path.join(out, "_config.yml")
+    os.makedirs(out, exist_ok=True)
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    jb = shutil.which("jupyter-book", path=os.path.dirname(sys.executable)) or "jupyter-book"
+    return subprocess.run([jb, "build", str(src), "--config", cfg_path, "--path-output", str(out),
+                           "--builder", "html"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MICROLM_PROFILE": "smoke"})
+
+
+@pytest.mark.book
+def test_book_builds_with_every_chapter(tmp_path):
+    r = _book(REPO, tmp_path / "book", tmp_path / "cache")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    html = tmp_path / "book" / "_build" / "html"
+    for s in IDS:
+        page = (html / "notebooks" / f"{s}.html").read_text(encoding="utf-8")
+        assert "Traceback" not in page
+    assert "checked" in (html / "notebooks" / "01_corpus.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.book
+def test_book_build_fails_on_a_notebook_error(tmp_path):
+    src = tmp_path / "src"
+    (src / "notebooks").mkdir(parents=True)
+    (src / "book").mkdir()
+    (src / "book" / "intro.md").write_text("# Intro\n")
+    (src / "notebooks" / "00_broken.py").write_text("# %% [markdown]\n# # Broken\n\n# %%\nraise RuntimeError('boom')\n")
+    (src / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: notebooks/00_broken\n")
+    r = _book(src, tmp_path / "out", tmp_path / "cache")
+    assert r.returncode != 0
+    assert "boom" in r.stdout + r.stderr
