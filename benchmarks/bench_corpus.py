@@ -18,7 +18,6 @@ Writes ``benchmarks/results/corpus.json``.  Usage: ``python benchmarks/bench_cor
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform

@@ -40,10 +40,3 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (and its waited-for children are not included)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -29,7 +29,7 @@ from microlm.data import clean
 from microlm.data.dedup import Deduplicator, MinHasher
 from microlm.data.sources import Drop, Source, data_root, iter_lines, parse_line, resolve_sources
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open, write_json
+from microlm.io import write_json
 
 STAGE = "corpus"
 # character-length histogram edges (the last bin is open-ended)
@@ -342,4 +342,4 @@ def iter_corpus(path: str | os.PathLike, strip_eos: str | None = None) -> Iterat
             yield t.removesuffix(strip_eos) if strip_eos else t
 
 
-__all__ = ["prepare_pretrain", "iter_corpus", "split_of", "exact_hash", "process_batch", "atomic_open"]
+__all__ = ["prepare_pretrain", "iter_corpus", "split_of", "exact_hash", "process_batch"]
