@@ -35,27 +35,35 @@ sys.path.insert(0, str(REPO))
 from microlm.config import load_config  # noqa: E402
 from microlm.data import clean  # noqa: E402
 from microlm.data.dedup import Deduplicator, MinHasher, estimate_jaccard, jaccard  # noqa: E402
-from microlm.data.sources import data_root, iter_lines, parse_line, resolve_sources  # noqa: E402
+from microlm.data.sources import Drop, data_root, iter_lines, parse_line, resolve_sources  # noqa: E402
 from microlm.io import write_json  # noqa: E402
 
 WORK = REPO / "benchmarks" / "work"
 K, SHINGLE, THRESHOLD = 128, 5, 0.8
 
 
+def real_sources():
+    return resolve_sources(load_config("cpu").data.pretrain, data_root(None))
+
+
+def iter_texts(src):
+    """Parsed (not yet cleaned) texts of one source; unusable lines are skipped."""
+    for _, raw in iter_lines(src, 1 << 22):
+        try:
+            t = parse_line(src.format, raw)
+        except Drop:
+            continue
+        if t:
+            yield t
+
+
 def load_docs(n: int, min_len: int = 80) -> list[str]:
-    cfg = load_config("cpu")
-    srcs = resolve_sources(cfg.data.pretrain, data_root(None))
+    srcs = real_sources()
     per = max(n // len(srcs), 1) * 3
     out = []
     for s in srcs:
         got = 0
-        for _, raw in iter_lines(s, 1 << 22):
-            try:
-                t = parse_line(s.format, raw)
-            except Exception:
-                continue
-            if not t:
-                continue
+        for t in iter_texts(s):
             t = clean.normalize(t)
             if min_len <= len(t) <= 3000:
                 out.append(t)
@@ -233,8 +241,7 @@ def bench_quality(docs: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------
 def make_synthetic(n_target: int, path: Path) -> int:
     """Replicate the real records with small perturbations up to ``n_target`` records."""
-    cfg = load_config("cpu")
-    srcs = resolve_sources(cfg.data.pretrain, data_root(None))
+    srcs = real_sources()
     rng = random.Random(7)
     n = 0
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,13 +249,7 @@ def make_synthetic(n_target: int, path: Path) -> int:
         copy = 0
         while n < n_target:
             for s in srcs:
-                for _, raw in iter_lines(s, 1 << 22):
-                    try:
-                        t = parse_line(s.format, raw)
-                    except Exception:
-                        continue
-                    if not t:
-                        continue
+                for t in iter_texts(s):
                     if copy:
                         # perturb: a few random character edits + a copy tag, like re-crawled pages
                         t = edit(t, 1 + rng.randrange(3), rng) if len(t) > 4 else t
