@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 from microlm.config import load_config  # noqa: E402
 from microlm.data import clean  # noqa: E402
 from microlm.data.dedup import Deduplicator, MinHasher, estimate_jaccard, jaccard  # noqa: E402
-from microlm.data.sources import Drop, data_root, iter_lines, parse_line, resolve_sources  # noqa: E402
+from microlm.data.prepare_pretrain import corpus_sources  # noqa: E402
+from microlm.data.sources import Drop, iter_lines, parse_line  # noqa: E402
 from microlm.io import write_json  # noqa: E402
 
 WORK = REPO / "benchmarks" / "work"
@@ -43,7 +44,7 @@ K, SHINGLE, THRESHOLD = 128, 5, 0.8
 
 
 def real_sources():
-    return resolve_sources(load_config("cpu").data.pretrain, data_root(None))
+    return corpus_sources(load_config("cpu"))
 
 
 def iter_texts(src):

@@ -6,13 +6,11 @@ it (and, in later stages, whatever it depends on) at the chosen profile when it 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
-from microlm.config import Config
-from microlm.data.sources import data_root, resolve_sources
+from microlm.config import Config, stage_config
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
 __all__ = ["corpus", "require", "manifest", "read_manifest", "STAGES"]
@@ -26,21 +24,19 @@ STAGE_VERSIONS = {"corpus": 1}
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
            out_dir: str | Path | None = None) -> Path:
     """Stage A1–A2: ``runs/<profile>/corpus/{train,val}.jsonl`` + ``report.json``."""
-    from microlm.data.prepare_pretrain import prepare_pretrain
+    from microlm.data.prepare_pretrain import corpus_sources, prepare_pretrain
 
     stage_dir = Path(out_dir) if out_dir else cfg.run_path / "corpus"
-    root = None if inputs else data_root(cfg.data.root)
-    sources = resolve_sources(cfg.data.pretrain, root, inputs)
+    sources = corpus_sources(cfg, inputs)
     src_info = [{"path": s.path, "format": s.format, "digest": file_digest(s.path)} for s in sources]
-    conf = {"corpus": dataclasses.asdict(cfg.corpus), "max_records": cfg.data.max_records, "seed": cfg.seed}
+    conf = {"corpus": stage_config(cfg, "corpus"), "max_records": cfg.data.max_records, "seed": cfg.seed}
     fp = fingerprint({"v": STAGE_VERSIONS["corpus"], "config": conf,
                       "inputs": [(i["format"], i["digest"]) for i in src_info]})
     if not force and is_fresh(stage_dir, fp):
         log.info("corpus: up to date (%s), skipped", stage_dir)
         return stage_dir
     started = time.time()
-    report = prepare_pretrain(cfg, stage_dir, inputs=[s.path for s in sources] if inputs else None,
-                              progress=progress)
+    report = prepare_pretrain(cfg, stage_dir, sources=sources, progress=progress)
     metrics = {k: report[k] for k in ("records_in", "records_out", "train_docs", "val_docs", "drops")}
     metrics["records_per_s"] = report["throughput"]["records_per_s"]
     write_manifest(stage_dir, stage="corpus", fp=fp, config=conf, inputs=src_info,

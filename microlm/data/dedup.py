@@ -333,7 +333,6 @@ class Deduplicator:
                     continue
             doc_id = self.n_kept
             self.n_kept += 1
-            match[i] = -1
             if self.exact:
                 local_exact[ek[i]] = doc_id
             if bkeys is not None:

@@ -69,14 +69,13 @@ class BatchResult:
 _W: dict = {}
 
 
-def _init_worker(corpus: dict, seed: int) -> None:
-    c = CorpusConfig(**{k: v for k, v in corpus.items() if k != "dedup"})
-    d = corpus["dedup"]
+def _init_worker(c: CorpusConfig, seed: int) -> None:
+    d = c.dedup
     _W["cfg"] = c
     _W["rules"] = clean.QualityRules(c.min_chars, c.max_chars, c.min_cjk_ratio, c.max_dup_line_ratio,
-                                     c.max_dup_ngram_ratio, d["shingle_size"])
-    _W["near"] = d["near"]
-    _W["hasher"] = MinHasher(d["num_perm"], d["shingle_size"], seed=seed)
+                                     c.max_dup_ngram_ratio, d.shingle_size)
+    _W["near"] = d.near
+    _W["hasher"] = MinHasher(d.num_perm, d.shingle_size, seed=seed)
 
 
 def process_batch(batch: tuple[str, int, list[tuple[int, bytes | None]]]) -> BatchResult:
@@ -154,12 +153,19 @@ def _rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] | None = None,
-                     progress: bool = True) -> dict:
-    """Run the corpus stage into ``out_dir`` (replaced atomically at the end); return the report."""
-    c = cfg.corpus
+def corpus_sources(cfg: Config, inputs: list[str] | None = None) -> list[Source]:
+    """Explicit ``inputs``, else ``data.pretrain`` under the data root, else the embedded corpus."""
     root = None if inputs else data_root(cfg.data.root)
-    sources = resolve_sources(cfg.data.pretrain, root, inputs)
+    return resolve_sources(cfg.data.pretrain, root, inputs)
+
+
+def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] | None = None,
+                     progress: bool = True, sources: list[Source] | None = None) -> dict:
+    """Run the corpus stage into ``out_dir`` (replaced atomically at the end); return the report.
+
+    ``sources`` (already resolved) wins over ``inputs`` (file paths)."""
+    c = cfg.corpus
+    sources = sources or corpus_sources(cfg, inputs)
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -168,7 +174,7 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     dd = c.dedup
     dedup = Deduplicator(exact=dd.exact, near=dd.near, threshold=dd.threshold, num_perm=dd.num_perm,
                          bands=dd.bands, verify=dd.verify, seed=cfg.seed)
-    init_args = (_corpus_dict(cfg), cfg.seed)
+    init_args = (c, cfg.seed)
     t0 = time.perf_counter()
     counts: collections.Counter[str] = collections.Counter()
     per_source = [collections.Counter() for _ in sources]
@@ -313,12 +319,6 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     return report
 
 
-def _corpus_dict(cfg: Config) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg.corpus)
-
-
 def _read_lines(folder: Path, wanted: dict[int, tuple[str, int]]) -> dict[int, str]:
     out: dict[int, str] = {}
     for split in ("train", "val"):
@@ -342,4 +342,4 @@ def iter_corpus(path: str | os.PathLike, strip_eos: str | None = None) -> Iterat
             yield t.removesuffix(strip_eos) if strip_eos else t
 
 
-__all__ = ["prepare_pretrain", "iter_corpus", "split_of", "exact_hash", "process_batch"]
+__all__ = ["prepare_pretrain", "corpus_sources", "iter_corpus", "split_of", "exact_hash", "process_batch"]
