@@ -1,0 +1,13 @@
+"""Stage A3–A4: byte-level BPE written from scratch, the tokenizer, and token memmaps."""
+
+from microlm.tokenizer.bpe import GPT2_PATTERN, PATTERNS, QWEN2_PATTERN, train_bpe
+from microlm.tokenizer.tokenizer import (
+                                         CHAT_TEMPLATE,
+                                         DEFAULT_SPECIAL_TOKENS,
+                                         StreamDecoder,
+                                         Tokenizer,
+                                         render_chat,
+)
+
+__all__ = ["train_bpe", "Tokenizer", "StreamDecoder", "render_chat", "CHAT_TEMPLATE", "GPT2_PATTERN",
+           "QWEN2_PATTERN", "PATTERNS", "DEFAULT_SPECIAL_TOKENS"]

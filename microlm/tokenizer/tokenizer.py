@@ -1,0 +1,345 @@
+"""The byte-level BPE tokenizer (stage A4): encode, decode, stream, chat template, save/load.
+
+Special tokens are *not* recognised in ordinary text: ``encode("<|im_start|>")`` gives the ids of
+the plain characters.  A caller that builds a prompt from trusted parts passes
+``allowed_special={"<|im_start|>", ...}`` (or ``"all"``), as tiktoken does, so a user cannot inject
+control tokens through what they type.  ``render_chat`` does exactly that for ChatML.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from collections.abc import Iterable, Iterator
+from itertools import repeat
+from pathlib import Path
+
+import regex
+
+from microlm.errors import MicroLMError
+from microlm.tokenizer.bpe import GPT2_PATTERN, resolve_pattern, special_regex
+from microlm.tokenizer.bytes_unicode import bytes_to_text, text_to_bytes
+
+__all__ = ["Tokenizer", "StreamDecoder", "CHAT_TEMPLATE", "render_chat", "DEFAULT_SPECIAL_TOKENS"]
+
+DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_NO_RANK = 1 << 62
+
+# ChatML, as a Jinja template for transformers' ``apply_chat_template`` (same text as render_chat)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def render_chat(messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    """ChatML text: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise MicroLMError(f"chat message must be {{'role', 'content'}}, got {m!r}")
+        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+class Tokenizer:
+    """Byte-level BPE over ``vocab: {id: bytes}`` and ``merges: [(bytes, bytes)]`` (in rank order)."""
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                 special_tokens: list[str] | None = None, *, pattern: str = GPT2_PATTERN,
+                 cache_size: int = 100_000):
+        self.vocab: dict[int, bytes] = dict(vocab)
+        self.merges = list(merges)
+        self.pattern = resolve_pattern(pattern)
+        self._pat = regex.compile(self.pattern)
+        self.byte_to_id: dict[bytes, int] = {}
+        for i, b in sorted(self.vocab.items()):
+            self.byte_to_id.setdefault(b, i)
+        # special tokens: reuse their id when their bytes are already in the vocab, else append
+        self.special_tokens: list[str] = list(dict.fromkeys(special_tokens or []))
+        self.special_ids: dict[str, int] = {}
+        for s in self.special_tokens:
+            b = s.encode("utf-8")
+            if b not in self.byte_to_id:
+                i = max(self.vocab, default=-1) + 1
+                self.vocab[i] = b
+                self.byte_to_id[b] = i
+            self.special_ids[s] = self.byte_to_id[b]
+        self._id_special = {i: s for s, i in self.special_ids.items()}
+        missing = [x for x in range(256) if bytes([x]) not in self.byte_to_id]
+        if missing:
+            raise MicroLMError(f"vocab lacks {len(missing)} single bytes (e.g. {missing[0]}); not a byte-level BPE")
+        self._byte_ids = [self.byte_to_id[bytes([x])] for x in range(256)]
+        # pair of ids → (rank, merged id)
+        self._rank: dict[tuple[int, int], int] = {}
+        self._merged: list[int] = []
+        for r, (a, b) in enumerate(self.merges):
+            try:
+                pair = (self.byte_to_id[a], self.byte_to_id[b])
+                m = self.byte_to_id[a + b]
+            except KeyError:
+                raise MicroLMError(f"merge {r} ({a!r}, {b!r}) refers to a token missing from the vocab") from None
+            self._rank.setdefault(pair, r)
+            self._merged.append(m)
+        self._cache: dict[str, list[int]] = {}
+        self._cache_size = cache_size
+        self._special_re_all = special_regex(self.special_tokens)
+        self._max_special = max((len(s) for s in self.special_tokens), default=0)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab) + 1
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.special_ids.get("<|endoftext|>")
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab={len(self.vocab)}, merges={len(self.merges)}, special={self.special_tokens})"
+
+    # ------------------------------------------------------------------ encoding
+    def _allowed(self, allowed_special) -> tuple[set[str], regex.Pattern | None]:
+        if not allowed_special:
+            return set(), None
+        if allowed_special == "all":
+            return set(self.special_tokens), self._special_re_all
+        allowed = set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise MicroLMError(f"allowed_special has tokens this tokenizer does not know: {sorted(unknown)}")
+        return allowed, special_regex(allowed)
+
+    def _merge_loop(self, ids: list[int]) -> list[int]:
+        """Apply merges in rank order: the lowest-ranked adjacent pair, all its occurrences left to
+        right, until no adjacent pair has a merge.  ``ranks[k]`` is the rank of ``(ids[k], ids[k+1])``
+        and is updated only around each merged position."""
+        if len(ids) < 2:
+            return ids
+        rank_get = self._rank.get
+        merged = self._merged
+        ranks = list(map(rank_get, zip(ids, ids[1:], strict=False), repeat(_NO_RANK)))
+        while True:
+            r = min(ranks)
+            if r == _NO_RANK:
+                return ids
+            new = merged[r]
+            i = ranks.index(r)
+            while i >= 0:
+                # ids[i], ids[i+1] → new; the pairs on either side get new ranks
+                ids[i] = new
+                del ids[i + 1]
+                del ranks[i]
+                if i > 0:
+                    ranks[i - 1] = rank_get((ids[i - 1], new), _NO_RANK)
+                if i < len(ranks):
+                    ranks[i] = rank_get((new, ids[i + 1]), _NO_RANK)
+                try:
+                    i = ranks.index(r, i + 1)
+                except ValueError:
+                    i = -1
+            if len(ids) < 2:
+                return ids
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        cached = self._cache.get(chunk)
+        if cached is not None:
+            return cached
+        ids = self._merge_loop([self._byte_ids[x] for x in chunk.encode("utf-8")])
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[chunk] = ids
+        return ids
+
+    def _encode_ordinary(self, text: str, out: list[int]) -> None:
+        enc = self._encode_chunk
+        for chunk in self._pat.findall(text):
+            out.extend(enc(chunk))
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str | None = None) -> list[int]:
+        """Token ids of ``text``.  Special tokens are plain text unless listed in ``allowed_special``
+        (a set of token strings, or ``"all"``)."""
+        if not isinstance(text, str):
+            raise MicroLMError(f"encode expects str, got {type(text).__name__}")
+        _, sre = self._allowed(allowed_special)
+        out: list[int] = []
+        if sre is None:
+            self._encode_ordinary(text, out)
+            return out
+        for k, part in enumerate(sre.split(text)):
+            if k % 2:
+                out.append(self.special_ids[part])
+            elif part:
+                self._encode_ordinary(part, out)
+        return out
+
+    def _safe_cut(self, buf: str, sre: regex.Pattern | None) -> int:
+        """A cut point in ``buf`` such that ``encode(buf[:cut]) + encode(buf[cut:] + more)`` equals
+        ``encode(buf + more)`` for any ``more``: before the second-to-last pre-token of the text after
+        the last complete special token, and never inside a special token that may still be growing."""
+        seg = 0
+        limit = len(buf)
+        first_open = None
+        if sre is not None:
+            limit = len(buf) - (self._max_special - 1)
+            for m in sre.finditer(buf):
+                if m.end() <= limit:
+                    seg = m.end()
+                elif first_open is None:
+                    first_open = m.start()
+        starts = [m.start() + seg for m in self._pat.finditer(buf, seg)] if seg < len(buf) else []
+        bound = min(limit, starts[-2] if len(starts) >= 2 else seg)
+        if first_open is not None:
+            bound = min(bound, first_open)
+        cut = seg
+        for s in starts:
+            if s > bound:
+                break
+            cut = s
+        return cut
+
+    def encode_iterable(self, iterable: Iterable[str] | str | os.PathLike,
+                        allowed_special: Iterable[str] | str | None = None,
+                        chunk_chars: int = 1 << 16) -> Iterator[int]:
+        """Ids of the concatenated strings (e.g. the lines of an open file), exactly those of
+        ``encode`` on the whole text, holding only about ``chunk_chars`` characters at a time.
+        A path (``str`` naming an existing file or ``PathLike``) is opened and read line by line."""
+        if isinstance(iterable, os.PathLike) or (isinstance(iterable, str) and os.path.isfile(iterable)):
+            with open(iterable, encoding="utf-8", errors="replace", newline="") as f:
+                yield from self.encode_iterable(f, allowed_special, chunk_chars)
+            return
+        if isinstance(iterable, str):
+            raise MicroLMError("encode_iterable takes an iterable of strings or a path to a file; "
+                               "use encode() for a single string")
+        _, sre = self._allowed(allowed_special)
+        buf = ""
+        pieces: list[str] = []
+        size = 0
+        for piece in iterable:
+            pieces.append(piece)
+            size += len(piece)
+            if size < chunk_chars:
+                continue
+            buf += "".join(pieces)
+            pieces.clear()
+            cut = self._safe_cut(buf, sre)
+            if cut > 0:
+                yield from self.encode(buf[:cut], allowed_special)
+                buf = buf[cut:]
+            size = len(buf)
+        buf += "".join(pieces)
+        if buf:
+            yield from self.encode(buf, allowed_special)
+
+    # ------------------------------------------------------------------ decoding
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        try:
+            return b"".join([self.vocab[i] for i in ids])
+        except KeyError as e:
+            raise MicroLMError(f"token id {e.args[0]} is not in the vocabulary (size {self.vocab_size})") from None
+        except TypeError:
+            raise MicroLMError("decode expects an iterable of int token ids") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; bytes that are not valid UTF-8 become U+FFFD (never an exception)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+    def id_to_token(self, i: int) -> str:
+        """A printable form of token ``i`` (special tokens as themselves, bytes GPT-2 style)."""
+        return self._id_special.get(i) or bytes_to_text(self.vocab[i])
+
+    # ------------------------------------------------------------------ chat
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
+        """ChatML ids: the template's control tokens are special, message contents are plain text
+        (a ``<|im_end|>`` typed by a user stays characters)."""
+        ids: list[int] = []
+        start, end = self.special_ids["<|im_start|>"], self.special_ids["<|im_end|>"]
+        for m in messages:
+            render_chat([m])  # validates the message shape
+            ids.append(start)
+            ids.extend(self.encode(f"{m['role']}\n{m['content']}"))
+            ids.append(end)
+            ids.extend(self.encode("\n"))
+        if add_generation_prompt:
+            ids.append(start)
+            ids.extend(self.encode("assistant\n"))
+        return ids
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike,
+                   special_tokens: list[str] | None = None, *, pattern: str = GPT2_PATTERN) -> Tokenizer:
+        """GPT-2 style ``vocab.json`` ({token text: id}) and ``merges.txt`` ("a b" per line)."""
+        try:
+            raw = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as e:
+            raise MicroLMError(f"tokenizer file not found: {e.filename}") from None
+        except json.JSONDecodeError as e:
+            raise MicroLMError(f"{vocab_path}: invalid JSON ({e.msg})") from None
+        specials = set(special_tokens or [])
+        vocab = {int(i): (t.encode("utf-8") if t in specials else text_to_bytes(t)) for t, i in raw.items()}
+        merges = []
+        for n, line in enumerate(lines):
+            if not line or line.startswith("#version"):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise MicroLMError(f"{merges_path}:{n + 1}: expected two tokens, got {line!r}")
+            merges.append((text_to_bytes(parts[0]), text_to_bytes(parts[1])))
+        return cls(vocab, merges, special_tokens, pattern=pattern)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """``vocab.json``, ``merges.txt``, ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face)
+        and ``microlm_tokenizer.json`` (pattern and special tokens, for ``Tokenizer.load``)."""
+        from microlm.io import write_json
+        from microlm.tokenizer.bpe import save_vocab_merges
+        from microlm.tokenizer.hf import write_hf_tokenizer
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_vocab_merges(self.vocab, self.merges, out, special_tokens=self.special_tokens)
+        write_json(out / "microlm_tokenizer.json", {"pattern": self.pattern, "special_tokens": self.special_tokens,
+                                                     "vocab_size": self.vocab_size, "merges": len(self.merges)})
+        write_hf_tokenizer(self, out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """A tokenizer folder written by ``save``."""
+        d = Path(path)
+        meta_path = d / "microlm_tokenizer.json"
+        if not meta_path.is_file():
+            raise MicroLMError(f"not a MicroLM tokenizer folder (no microlm_tokenizer.json): {d}")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return cls.from_files(d / "vocab.json", d / "merges.txt", meta["special_tokens"], pattern=meta["pattern"])
+
+
+class StreamDecoder:
+    """Turns ids into text as they arrive, never emitting half a UTF-8 character.
+
+    ``feed(id)`` returns the text completed so far (possibly ``""`` while a character is split
+    across tokens); ``flush()`` returns what is left (an incomplete tail becomes U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int | Iterable[int]) -> str:
+        ids = [token_id] if isinstance(token_id, int) else list(token_id)
+        return self._dec.decode(self.tok.decode_bytes(ids))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
