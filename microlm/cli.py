@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read these files instead of data.pretrain under MICROLM_DATA (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default runs/<profile>/corpus)")
     p.add_argument("--force", action="store_true", help="rebuild even if inputs and config are unchanged")
+
+    p = sub.add_parser("train-tokenizer", help="A3: train the byte-level BPE tokenizer on the corpus train split")
+    _common(p)
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/tokenizer)")
+    p.add_argument("--force", action="store_true", help="retrain even if inputs and config are unchanged")
+
+    p = sub.add_parser("tokenize", help="A4: encode the corpus splits into uint16 token files + index")
+    _common(p)
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/tokens)")
+    p.add_argument("--force", action="store_true", help="re-encode even if inputs are unchanged")
     return ap
 
 
@@ -61,6 +71,24 @@ def _run(args: argparse.Namespace) -> int:
         met = m["metrics"] if m else {}
         print(f"corpus: {out}  records in {met.get('records_in')} → out {met.get('records_out')} "
               f"(train {met.get('train_docs')}, val {met.get('val_docs')}); drops {met.get('drops')}")
+        return 0
+    if args.command == "train-tokenizer":
+        from microlm import stages
+
+        out = stages.tokenizer(cfg, force=args.force, progress=not args.quiet, out_dir=args.out)
+        rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        table = "  ".join(f"{k} {v['chars_per_token']:.3f}" for k, v in rep["compression"].items())
+        print(f"tokenizer: {out}  vocab {rep['vocab_size']}, trained in {rep['train_s']} s; "
+              f"val chars/token: {table}")
+        return 0
+    if args.command == "tokenize":
+        from microlm import stages
+
+        out = stages.tokens(cfg, force=args.force, progress=not args.quiet, out_dir=args.out)
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        sp = meta["splits"]
+        print(f"tokens: {out}  train {sp['train']['tokens']:,} tokens / {sp['train']['docs']:,} docs, "
+              f"val {sp['val']['tokens']:,} / {sp['val']['docs']:,}; {meta['tokens_per_s']:,} tokens/s")
         return 0
     raise AssertionError(args.command)
 

@@ -64,12 +64,33 @@ class CorpusConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """Stage A3: byte-level BPE trained on the corpus stage's train split."""
+
+    vocab_size: int = 6400  # counts the special tokens and the 256 bytes
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    pattern: str = "qwen2"  # a name in microlm.tokenizer.PATTERNS (gpt2 | qwen2) or a regex
+    workers: int = 2  # pre-tokenisation processes
+    compare_hf: bool = True  # also train HF tokenizers' BpeTrainer (MiniMind's recipe) for the report
+
+
+@dataclass
+class TokensConfig:
+    """Stage A4: corpus JSONL → uint16 token files + document index."""
+
+    workers: int = 2
+    batch_docs: int = 256
+
+
+@dataclass
 class Config:
     profile: str = "smoke"
     seed: int = 1234
     run_dir: str | None = None  # default: runs/<profile>
     data: DataConfig = field(default_factory=DataConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
 
     @property
     def run_path(self) -> Path:
@@ -131,6 +152,7 @@ def _type_name(tp: Any) -> str:
 
 def _validate(cfg: Config) -> None:
     c = cfg.corpus
+    t = cfg.tokenizer
     checks = [
         (cfg.profile in PROFILES or cfg.profile.isidentifier(), "profile must be a name"),
         (0 <= c.min_chars <= c.max_chars, "corpus.min_chars must be <= corpus.max_chars"),
@@ -147,10 +169,27 @@ def _validate(cfg: Config) -> None:
         (c.dedup.bands is None or (c.dedup.bands >= 1 and c.dedup.num_perm % c.dedup.bands == 0),
          "corpus.dedup.bands must divide corpus.dedup.num_perm"),
         (cfg.data.max_records is None or cfg.data.max_records >= 1, "data.max_records must be >= 1"),
+        (t.vocab_size >= len(set(t.special_tokens)) + 256,
+         "tokenizer.vocab_size must be >= 256 + the number of special tokens"),
+        (t.vocab_size <= 65536, "tokenizer.vocab_size must be <= 65536 (token files are uint16)"),
+        ("<|endoftext|>" in t.special_tokens, "tokenizer.special_tokens must include <|endoftext|> (EOS)"),
+        (all(t.special_tokens) and len(set(t.special_tokens)) == len(t.special_tokens),
+         "tokenizer.special_tokens must be distinct non-empty strings"),
+        (t.workers >= 1, "tokenizer.workers must be >= 1"),
+        (cfg.tokens.workers >= 1, "tokens.workers must be >= 1"),
+        (cfg.tokens.batch_docs >= 1, "tokens.batch_docs must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    import regex
+
+    from microlm.tokenizer.bpe import resolve_pattern
+
+    try:
+        regex.compile(resolve_pattern(t.pattern))
+    except regex.error as e:
+        raise ConfigError(f"tokenizer.pattern is not a valid regex ({e})") from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

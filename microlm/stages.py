@@ -13,12 +13,12 @@ from pathlib import Path
 from microlm.config import Config, stage_config
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "require", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "require", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 1, "tokens": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -44,7 +44,61 @@ def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None,
     return stage_dir
 
 
-STAGES = {"corpus": corpus}
+def _digests(folder: Path, names: list[str]) -> list[dict]:
+    return [{"path": str(folder / n), "digest": file_digest(folder / n)} for n in names]
+
+
+def tokenizer(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None) -> Path:
+    """Stage A3: ``runs/<profile>/tokenizer/`` — vocab.json, merges.txt, tokenizer.json, report.json."""
+    from microlm.tokenizer.stage import qwen_tokenizer_path, train_tokenizer
+
+    corpus_dir = corpus(cfg, progress=progress)
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "tokenizer"
+    inputs = _digests(corpus_dir, ["train.jsonl", "val.jsonl"])
+    qwen = qwen_tokenizer_path(cfg)
+    conf = {"tokenizer": stage_config(cfg, "tokenizer")}
+    fp = fingerprint({"v": STAGE_VERSIONS["tokenizer"], "config": conf, "inputs": [i["digest"] for i in inputs],
+                      "qwen": file_digest(qwen) if qwen else None})
+    if not force and is_fresh(stage_dir, fp):
+        log.info("tokenizer: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    started = time.time()
+    report = train_tokenizer(cfg, corpus_dir, stage_dir, progress=progress)
+    metrics = {"vocab_size": report["vocab_size"], "train_s": report["train_s"],
+               "peak_rss_mb": report["peak_rss_mb"],
+               "compression": {k: v["chars_per_token"] for k, v in report["compression"].items()}}
+    write_manifest(stage_dir, stage="tokenizer", fp=fp, config=conf, inputs=inputs,
+                   outputs=["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "report.json"],
+                   metrics=metrics, started=started)
+    return stage_dir
+
+
+def tokens(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None) -> Path:
+    """Stage A4: ``runs/<profile>/tokens/{train,val}.{bin,idx}`` + ``meta.json``."""
+    from microlm.tokenizer.stage import tokenize_corpus
+
+    corpus_dir = corpus(cfg, progress=progress)
+    tok_dir = tokenizer(cfg, progress=progress)
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "tokens"
+    inputs = _digests(corpus_dir, ["train.jsonl", "val.jsonl"]) + _digests(tok_dir, ["vocab.json", "merges.txt",
+                                                                                      "microlm_tokenizer.json"])
+    conf = {"tokens": stage_config(cfg, "tokens")}
+    # workers and batch size do not change the bytes written (tested), so only the inputs count
+    fp = fingerprint({"v": STAGE_VERSIONS["tokens"], "inputs": [i["digest"] for i in inputs]})
+    if not force and is_fresh(stage_dir, fp):
+        log.info("tokens: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    started = time.time()
+    meta = tokenize_corpus(cfg, corpus_dir, tok_dir, stage_dir, progress=progress)
+    metrics = {k: meta[k] for k in ("tokens_total", "tokens_per_s", "vocab_size")}
+    metrics["docs"] = {k: v["docs"] for k, v in meta["splits"].items()}
+    write_manifest(stage_dir, stage="tokens", fp=fp, config=conf, inputs=inputs,
+                   outputs=["train.bin", "train.idx", "val.bin", "val.idx", "meta.json"], metrics=metrics,
+                   started=started)
+    return stage_dir
+
+
+STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens}
 
 
 def require(stage: str, cfg: Config, **kw) -> Path:

@@ -29,7 +29,7 @@ from microlm.data import clean
 from microlm.data.dedup import Deduplicator, MinHasher
 from microlm.data.sources import Drop, Source, data_root, iter_lines, parse_line, resolve_sources
 from microlm.errors import MicroLMError
-from microlm.io import write_json
+from microlm.io import replace_dir, write_json
 
 STAGE = "corpus"
 # character-length histogram edges (the last bin is open-ended)
@@ -309,13 +309,7 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     }
     assert n_in == n_out + report["drops_total"], "every record is kept or counted as a drop"
     write_json(tmp_dir / "report.json", report)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
+    replace_dir(tmp_dir, out_dir)
     return report
 
 
