@@ -13,12 +13,12 @@ from pathlib import Path
 from microlm.config import Config, stage_config
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "require", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 1, "tokens": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -44,6 +44,15 @@ def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None,
     return stage_dir
 
 
+def upstream(stage: str, cfg: Config, *, progress: bool = True) -> Path:
+    """An earlier stage's folder: used as it is when it was built (whatever inputs it was given,
+    e.g. ``prepare-pretrain --input``), built at this profile when missing."""
+    folder = cfg.run_path / stage
+    if read_manifest(folder) is not None:
+        return folder
+    return STAGES[stage](cfg, progress=progress)
+
+
 def _digests(folder: Path, names: list[str]) -> list[dict]:
     return [{"path": str(folder / n), "digest": file_digest(folder / n)} for n in names]
 
@@ -52,7 +61,7 @@ def tokenizer(cfg: Config, *, force: bool = False, progress: bool = True, out_di
     """Stage A3: ``runs/<profile>/tokenizer/`` — vocab.json, merges.txt, tokenizer.json, report.json."""
     from microlm.tokenizer.stage import qwen_tokenizer_path, train_tokenizer
 
-    corpus_dir = corpus(cfg, progress=progress)
+    corpus_dir = upstream("corpus", cfg, progress=progress)
     stage_dir = Path(out_dir) if out_dir else cfg.run_path / "tokenizer"
     inputs = _digests(corpus_dir, ["train.jsonl", "val.jsonl"])
     qwen = qwen_tokenizer_path(cfg)
@@ -77,8 +86,8 @@ def tokens(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: 
     """Stage A4: ``runs/<profile>/tokens/{train,val}.{bin,idx}`` + ``meta.json``."""
     from microlm.tokenizer.stage import tokenize_corpus
 
-    corpus_dir = corpus(cfg, progress=progress)
-    tok_dir = tokenizer(cfg, progress=progress)
+    corpus_dir = upstream("corpus", cfg, progress=progress)
+    tok_dir = upstream("tokenizer", cfg, progress=progress)
     stage_dir = Path(out_dir) if out_dir else cfg.run_path / "tokens"
     inputs = _digests(corpus_dir, ["train.jsonl", "val.jsonl"]) + _digests(tok_dir, ["vocab.json", "merges.txt",
                                                                                       "microlm_tokenizer.json"])

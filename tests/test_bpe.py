@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 
 from microlm.errors import MicroLMError
 from microlm.tokenizer import GPT2_PATTERN, QWEN2_PATTERN, train_bpe
-from microlm.tokenizer.bpe import (find_chunk_boundaries, iter_file_texts, pretokenize_counts, special_regex,
-                                   split_on_special, train_bpe_from_counts)
+from microlm.tokenizer.bpe import (
+    find_chunk_boundaries,
+    iter_file_texts,
+    pretokenize_counts,
+    special_regex,
+    split_on_special,
+    train_bpe_from_counts,
+)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

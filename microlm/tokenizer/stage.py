@@ -99,7 +99,7 @@ def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: b
     """Train the MicroLM tokenizer on ``corpus/train.jsonl``; write it (ours + HF files) and
     ``report.json`` with compression on ``corpus/val.jsonl`` beside the baselines."""
     from microlm.tokenizer.bpe import resolve_pattern, train_bpe
-    from microlm.tokenizer.tokenizer import Tokenizer
+    from microlm.tokenizer.tokenizer import Tokenizer, token_text
 
     tc = cfg.tokenizer
     train_path, val_path = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
@@ -150,8 +150,8 @@ def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: b
             "val_docs": len(val_docs),
             "compression": table,
             "hf_ids_equal_on_val_sample": hf_ids_equal,
-            "first_merges": [[a.decode("utf-8", "replace"), b.decode("utf-8", "replace")] for a, b in merges[:20]],
-            "longest_tokens": [b.decode("utf-8", "replace") for b in longest[:20]],
+            "first_merges": [[token_text(a), token_text(b), token_text(a + b)] for a, b in merges[:20]],
+            "longest_tokens": [token_text(b) for b in longest[:20]],
         }
         write_json(tmp / "report.json", report)
     return report

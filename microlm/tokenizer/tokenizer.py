@@ -19,9 +19,9 @@ import regex
 
 from microlm.errors import MicroLMError
 from microlm.tokenizer.bpe import GPT2_PATTERN, resolve_pattern, special_regex
-from microlm.tokenizer.bytes_unicode import bytes_to_text, text_to_bytes
+from microlm.tokenizer.bytes_unicode import text_to_bytes
 
-__all__ = ["Tokenizer", "StreamDecoder", "CHAT_TEMPLATE", "render_chat", "DEFAULT_SPECIAL_TOKENS"]
+__all__ = ["Tokenizer", "StreamDecoder", "token_text", "CHAT_TEMPLATE", "render_chat", "DEFAULT_SPECIAL_TOKENS"]
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _NO_RANK = 1 << 62
@@ -45,6 +45,14 @@ def render_chat(messages: list[dict], *, add_generation_prompt: bool = False) ->
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+def token_text(b: bytes) -> str:
+    """``b`` as text when it is whole UTF-8 characters, else its bytes in hex (``<e4 b8>``)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<" + b.hex(" ") + ">"
 
 
 class Tokenizer:
@@ -256,8 +264,11 @@ class Tokenizer:
         return StreamDecoder(self)
 
     def id_to_token(self, i: int) -> str:
-        """A printable form of token ``i`` (special tokens as themselves, bytes GPT-2 style)."""
-        return self._id_special.get(i) or bytes_to_text(self.vocab[i])
+        """A readable form of token ``i``: special tokens and whole characters as text, a token
+        that is part of a character as its bytes, e.g. ``<e4 b8>``."""
+        if i in self._id_special:
+            return self._id_special[i]
+        return token_text(self.vocab[i])
 
     # ------------------------------------------------------------------ chat
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:

@@ -1,0 +1,150 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · From text to token files (stage A4)
+#
+# Pretraining reads tokens, not text, billions of times over. So the corpus is encoded **once** into
+# flat binary files of `uint16` ids (6,400 < 65,536, two bytes per token) that the trainer maps into
+# memory and samples from without loading them:
+#
+# ```
+# tokens/train.bin   ids of every train document back to back, each ending with <|endoftext|>
+# tokens/train.idx   int64 offsets: document k = bin[idx[k]:idx[k+1]]
+# tokens/val.bin, val.idx, meta.json
+# ```
+#
+# Encoding runs in 2+ processes, batches in file order, so the bytes are the same whatever the
+# process count (tested). A vocabulary that does not fit `uint16` is refused.
+#
+# CLI: `microlm tokenize --profile cpu` · artifact: `runs/<profile>/tokens/`.
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("MICROLM_PROFILE", "cpu")
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from microlm import stages
+from microlm.config import load_config
+from microlm.tokenizer import Tokenizer
+from microlm.tokenizer.memmap import TokenWindows, open_tokens, read_index
+from microlm.tokenizer.stage import read_texts
+
+cfg = load_config(profile)
+tokens_dir = stages.require("tokens", cfg)  # encodes the corpus if missing or stale, else skips
+tok = Tokenizer.load(cfg.run_path / "tokenizer")
+meta = json.loads((tokens_dir / "meta.json").read_text(encoding="utf-8"))
+print(json.dumps(meta, indent=1))
+train = open_tokens(tokens_dir / "train.bin")
+idx = read_index(tokens_dir / "train.bin")
+assert train.dtype == np.uint16 and len(train) == meta["splits"]["train"]["tokens"]
+assert (tokens_dir / "train.bin").stat().st_size == 2 * len(train), "two bytes per token"
+assert idx[0] == 0 and idx[-1] == len(train) and np.all(np.diff(idx) > 0)
+
+# %% [markdown]
+# ## 1 · The layout
+#
+# The first document as stored: its ids, their tokens, and the EOS id (0) that closes it. Every
+# document ends with exactly one EOS, so the model learns where texts stop.
+
+# %%
+first = train[idx[0]:idx[1]]
+print(first[:40].tolist())
+print([tok.id_to_token(int(i)) for i in first[:20]])
+print(repr(tok.decode(first.tolist())[:120]))
+docs_train = read_texts(cfg.run_path / "corpus" / "train.jsonl", limit=50)
+for k in range(min(50, len(idx) - 1)):
+    doc = train[idx[k]:idx[k + 1]].tolist()
+    assert doc[-1] == tok.eos_id and doc.count(tok.eos_id) == 1
+    assert tok.decode(doc[:-1]) == docs_train[k].removesuffix("<|endoftext|>")
+eos_positions = np.flatnonzero(train == tok.eos_id)
+assert np.array_equal(eos_positions + 1, idx[1:]), "EOS exactly at every document end"
+
+# %% [markdown]
+# ## 2 · How long are documents in tokens?
+#
+# The context window of the model (512 tokens for the reference model) is a sampling window, not a
+# document boundary: long documents are seen in pieces, short ones share a window with the next
+# document after an EOS.
+
+# %%
+doc_tokens = np.diff(idx)
+print(f"{len(doc_tokens):,} train docs: median {np.median(doc_tokens):.0f} tokens, "
+      f"90th pct {np.percentile(doc_tokens, 90):.0f}, max {doc_tokens.max():,}")
+fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+ax[0].hist(np.log10(doc_tokens), bins=50)
+ax[0].set_xlabel("log10(tokens per document)")
+ax[0].set_ylabel("documents")
+ax[0].set_title("Tokens per document")
+share = np.cumsum(np.sort(doc_tokens)[::-1]) / doc_tokens.sum()
+ax[1].plot(np.arange(1, len(share) + 1) / len(share), share)
+ax[1].set_xlabel("share of documents (longest first)")
+ax[1].set_ylabel("share of tokens")
+ax[1].set_title("Where the tokens are")
+plt.tight_layout()
+plt.show()
+assert doc_tokens.sum() == len(train)
+
+# %% [markdown]
+# ## 3 · Token lengths and frequencies
+#
+# Left: how many bytes a token spells, over the vocabulary and weighted by use — most tokens in
+# running text are whole Chinese characters (3 bytes). Right: token frequency by rank, the Zipf
+# curve every language shows.
+
+# %%
+sample = np.asarray(train[: min(len(train), 5_000_000)])
+counts = np.bincount(sample, minlength=tok.vocab_size)
+tok_len = np.array([len(tok.vocab[i]) if i >= len(tok.special_tokens) else 0 for i in range(tok.vocab_size)])
+fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+bins = np.arange(0, tok_len.max() + 2) - 0.5
+ax[0].hist(tok_len, bins=bins, alpha=0.6, density=True, label="vocabulary")
+ax[0].hist(tok_len, bins=bins, weights=counts, alpha=0.6, density=True, label="running text")
+ax[0].set_xlabel("bytes per token")
+ax[0].legend()
+ax[0].set_title("Token lengths")
+ranked = np.sort(counts[counts > 0])[::-1]
+ax[1].loglog(np.arange(1, len(ranked) + 1), ranked)
+ax[1].set_xlabel("rank")
+ax[1].set_ylabel("count")
+ax[1].set_title("Token frequency (Zipf)")
+plt.tight_layout()
+plt.show()
+used = (counts > 0).sum()
+print(f"{used:,} of {tok.vocab_size:,} ids occur in the first {len(sample):,} tokens; "
+      f"mean bytes/token in text {np.average(tok_len, weights=counts):.2f}")
+assert counts.sum() == len(sample) and used > 0.5 * tok.vocab_size
+
+# %% [markdown]
+# ## 4 · Sampling training windows
+#
+# `TokenWindows` draws random start positions and returns `x = ids[s : s+T]`, `y = ids[s+1 : s+T+1]`:
+# the target at each position is the next token. It re-opens the memmap for every batch (as
+# nanoGPT does), so memory stays flat however long training runs, and reads only the sampled
+# windows, never the whole file.
+
+# %%
+block = 64 if profile == "smoke" else 256
+windows = TokenWindows(tokens_dir / "train.bin", block_size=block, seed=cfg.seed)
+x, y = windows.batch(4)
+print(x.shape, y.shape)
+print("x:", repr(tok.decode(x[0, :24].tolist())))
+print("y:", repr(tok.decode(y[0, :24].tolist())))
+assert np.array_equal(x[:, 1:], y[:, :-1]), "y is x shifted by one"
+xt, yt = windows.torch_batch(8)
+assert xt.shape == (8, block) and str(xt.dtype) == "torch.int64"
