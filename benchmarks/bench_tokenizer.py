@@ -4,7 +4,8 @@
    and on the whole train split: wall time and peak RSS of ours vs ``tokenizers``' ``BpeTrainer``
    (Rust, multi-threaded) with the same pre-tokenisation — GPT-2's regex (``ByteLevel``, MiniMind's
    recipe) and Qwen2's (``Split`` + ``ByteLevel(use_regex=False)``).  Each run is a fresh process, so
-   RSS is its own (ours: main + the largest pre-tokenisation worker).
+   peak RSS (VmHWM) is its own; ours adds the largest pre-tokenisation worker (an upper bound: pages
+   shared after fork count twice).
 2. **Encoding throughput** (MB/s) on the val split: ours (pure Python, cold cache) vs ``tokenizers``
    single-threaded (``encode`` per document) and batched (``encode_batch``, all threads).
 3. **Streaming memory**: ``encode_iterable`` over a 100 MB file, peak RSS vs the tokenizer's own RSS.
@@ -36,8 +37,17 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 6400
 
 
+def _hwm_mb() -> float:
+    """This process's peak RSS (VmHWM).  Not ``ru_maxrss``: after exec Linux carries over the
+    forking parent's peak, which would charge the benchmark driver's memory to the child."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _rss_mb() -> dict:
-    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    me = _hwm_mb()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"peak_rss_main_mb": round(me, 1), "peak_rss_worker_mb": round(kids, 1),
             "peak_rss_total_mb": round(me + kids, 1)}
