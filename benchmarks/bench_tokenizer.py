@@ -188,16 +188,14 @@ def bench_stream(tok_dir: Path, train: Path, mb: int) -> dict:
     return res
 
 
-def bench_memmap(tok_dir: Path, corpus: Path, quick: bool) -> dict:
-    from microlm.config import load_config
+def bench_memmap(tok_dir: Path, corpus: Path) -> dict:
     from microlm.tokenizer.memmap import write_token_file
 
-    cfg = load_config("cpu")
     out = {}
     for workers in (1, 2):
         t0 = time.perf_counter()
         stats = write_token_file(corpus / "train.jsonl", tok_dir, WORK / f"train_w{workers}.bin",
-                                 workers=workers, batch_docs=cfg.tokens.batch_docs)
+                                 workers=workers, batch_docs=256)
         dt = time.perf_counter() - t0
         out[f"workers_{workers}"] = {"tokens": stats["tokens"], "docs": stats["docs"], "seconds": round(dt, 1),
                                      "tokens_per_s": round(stats["tokens"] / dt)}
@@ -219,6 +217,8 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="10 MB only, 20 MB stream; not for the README")
+    ap.add_argument("--only", nargs="*", choices=["training", "encode", "stream", "memmap"],
+                    help="run these sections and merge them into the existing results file")
     args = ap.parse_args()
     if not os.environ.get("MICROLM_DATA"):
         raise SystemExit("set MICROLM_DATA to the real data bundle (e.g. ../shared/datasets)")
@@ -228,17 +228,23 @@ def main() -> None:
     write_text(iter_docs(corpus / "train.jsonl", every=8), ten)
     full = WORK / "train_full.txt"
     write_text(iter_docs(corpus / "train.jsonl"), full)
-    results: dict = {"host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                              "machine": platform.machine()}, "quick": args.quick, "vocab_size": VOCAB}
+    name = "tokenizer_quick.json" if args.quick else "tokenizer.json"
+    out_path = REPO / "benchmarks" / "results" / name
+    results: dict = json.loads(out_path.read_text()) if args.only and out_path.exists() else {}
+    results.update({"host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                             "machine": platform.machine()}, "quick": args.quick, "vocab_size": VOCAB})
+    sections = args.only or ["training", "encode", "stream", "memmap"]
     inputs = {"10mb": ten} if args.quick else {"10mb": ten, "full": full}
     patterns = {"10mb": ["gpt2", "qwen2"], "full": ["qwen2", "gpt2"]}
-    results["training"] = bench_training(inputs, patterns)
     tok_dir = WORK / ("tok_10mb_qwen2" if args.quick else "tok_full_qwen2")
-    results["encode"] = bench_encode(tok_dir, corpus / "val.jsonl")
-    results["stream"] = bench_stream(tok_dir, corpus / "train.jsonl", 20 if args.quick else 100)
-    results["memmap"] = bench_memmap(tok_dir, corpus, args.quick)
-    name = "tokenizer_quick.json" if args.quick else "tokenizer.json"
-    write_json(REPO / "benchmarks" / "results" / name, results)
+    runs = {"training": lambda: bench_training(inputs, patterns),
+            "encode": lambda: bench_encode(tok_dir, corpus / "val.jsonl"),
+            "stream": lambda: bench_stream(tok_dir, corpus / "train.jsonl", 20 if args.quick else 100),
+            "memmap": lambda: bench_memmap(tok_dir, corpus)}
+    for sec in sections:  # each section compares ours and its baseline within itself; saved as it ends
+        results[sec] = runs[sec]()
+        results.setdefault("measured", {})[sec] = time.strftime("%Y-%m-%d %H:%M")
+        write_json(out_path, results)
     print(f"[bench] wrote benchmarks/results/{name}")
 
 

@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", default=None, help="output folder (default runs/<profile>/tokens)")
     p.add_argument("--force", action="store_true", help="re-encode even if inputs are unchanged")
+
+    p = sub.add_parser("pretrain", help="A5: pretrain the TransformerLM (runs under torchrun for DDP)")
+    _common(p)
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/pretrain)")
+    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many steps (checkpointing as configured); resume later")
     return ap
 
 
@@ -89,6 +97,19 @@ def _run(args: argparse.Namespace) -> int:
         sp = meta["splits"]
         print(f"tokens: {out}  train {sp['train']['tokens']:,} tokens / {sp['train']['docs']:,} docs, "
               f"val {sp['val']['tokens']:,} / {sp['val']['docs']:,}; {meta['tokens_per_s']:,} tokens/s")
+        return 0
+    if args.command == "pretrain":
+        import os
+
+        from microlm import stages
+
+        out = stages.pretrain(cfg, force=args.force, resume=args.resume, progress=not args.quiet,
+                              out_dir=args.out, stop_after=args.stop_after)
+        if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
+            rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            print(f"pretrain: {out}  {rep['params']:,} params, {rep['steps']} steps, val loss "
+                  f"{rep['final_val_loss']}, bpb {rep['final_val_bpb']}, unigram entropy "
+                  f"{rep['unigram_entropy']:.3f}, {rep['tokens_per_s']} tokens/s")
         return 0
     raise AssertionError(args.command)
 

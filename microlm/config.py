@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from microlm.errors import ConfigError
+from microlm.errors import ConfigError, MicroLMError
+from microlm.model.config import ModelConfig
 
 PROFILES = ("smoke", "cpu", "gpu")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +84,33 @@ class TokensConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The training loop shared by pretraining, SFT and LoRA (stage A5 uses section ``pretrain``)."""
+
+    batch_size: int = 32  # sequences per optimizer step, over all processes and micro-steps
+    micro_batch_size: int | None = None  # per process per micro-step; None = batch_size / processes
+    seq_len: int = 256
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases never decay; embeddings only if this is true
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda
+    eval_interval: int = 100
+    eval_batches: int = 10
+    ckpt_interval: int = 100
+    log_interval: int = 10
+    sample_tokens: int = 48  # tokens generated from each prompt at eval points (0 = none)
+    sample_prompts: list[str] = field(default_factory=lambda: ["中国的首都是", "今天天气"])
+
+
+@dataclass
 class Config:
     profile: str = "smoke"
     seed: int = 1234
@@ -91,6 +119,8 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
 
     @property
     def run_path(self) -> Path:
@@ -182,6 +212,16 @@ def _validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    for name in ("pretrain",):
+        _validate_train(name, getattr(cfg, name))
+    try:
+        cfg.model.validate()
+    except MicroLMError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.vocab_size != t.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must equal tokenizer.vocab_size ({t.vocab_size})")
+    if cfg.pretrain.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"pretrain.seq_len ({cfg.pretrain.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     import regex
 
     from microlm.tokenizer.bpe import resolve_pattern
@@ -190,6 +230,28 @@ def _validate(cfg: Config) -> None:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
         raise ConfigError(f"tokenizer.pattern is not a valid regex ({e})") from None
+
+
+def _validate_train(name: str, c: TrainConfig) -> None:
+    checks = [
+        (c.batch_size >= 1, "batch_size must be >= 1"),
+        (c.micro_batch_size is None or 1 <= c.micro_batch_size <= c.batch_size, "micro_batch_size must be in [1, batch_size]"),
+        (c.seq_len >= 2, "seq_len must be >= 2"),
+        (c.max_steps >= 1, "max_steps must be >= 1"),
+        (c.lr > 0 and 0 <= c.min_lr <= c.lr, "need lr > 0 and 0 <= min_lr <= lr"),
+        (0 <= c.warmup_steps <= c.max_steps, "warmup_steps must be in [0, max_steps]"),
+        (c.weight_decay >= 0, "weight_decay must be >= 0"),
+        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+        (c.grad_clip >= 0, "grad_clip must be >= 0"),
+        (c.precision in ("fp32", "bf16"), "precision must be fp32 or bf16"),
+        (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
+        (min(c.eval_interval, c.eval_batches, c.ckpt_interval, c.log_interval) >= 1,
+         "eval_interval, eval_batches, ckpt_interval and log_interval must be >= 1"),
+        (c.sample_tokens >= 0, "sample_tokens must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{name}: {msg}")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 from microlm.config import Config, stage_config
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -107,7 +107,43 @@ def tokens(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: 
     return stage_dir
 
 
-STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens}
+def pretrain(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
+             out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
+    """Stage A5: ``runs/<profile>/pretrain/`` — ``ckpt/`` (safetensors + optimizer + state),
+    ``metrics.jsonl``, ``report.json``, ``curves.png``.  Runs under ``torchrun`` as well."""
+    from microlm.train.dist import setup_distributed
+    from microlm.train.pretrain import pretrain as run_pretrain
+    from microlm.train.trainer import trajectory_config
+
+    tokens_dir = upstream("tokens", cfg, progress=progress)
+    tok_dir = upstream("tokenizer", cfg, progress=progress)
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "pretrain"
+    inputs = _digests(tokens_dir, ["train.bin", "val.bin"]) + _digests(tok_dir, ["vocab.json", "merges.txt"])
+    conf = {"model": stage_config(cfg, "model"), "pretrain": stage_config(cfg, "pretrain"), "seed": cfg.seed}
+    fp = fingerprint({"v": STAGE_VERSIONS["pretrain"], "model": conf["model"], "seed": cfg.seed,
+                      "train": trajectory_config(cfg.pretrain), "inputs": [i["digest"] for i in inputs]})
+    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
+        log.info("pretrain: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    dist = setup_distributed(cfg.pretrain.device)
+    started = time.time()
+    try:
+        report = run_pretrain(cfg, tokens_dir, tok_dir, stage_dir, resume=resume, progress=progress,
+                              stop_after=stop_after, dist=dist)
+        if dist.is_main and stop_after is None:
+            metrics = {k: report[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss",
+                                              "final_val_loss", "final_val_bpb", "unigram_entropy")}
+            write_manifest(stage_dir, stage="pretrain", fp=fp, config=conf, inputs=inputs,
+                           outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"], metrics=metrics,
+                           started=started)
+    finally:
+        from microlm.train.dist import cleanup_distributed
+
+        cleanup_distributed(dist)
+    return stage_dir
+
+
+STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain}
 
 
 def require(stage: str, cfg: Config, **kw) -> Path:

@@ -1,0 +1,268 @@
+"""The MicroLM TransformerLM (stage A5): a small Llama-style decoder, nanoGPT-readable.
+
+token embedding → N × [RMSNorm → causal self-attention (RoPE, optional GQA, SDPA) → residual,
+RMSNorm → SwiGLU MLP → residual] → RMSNorm → LM head.
+
+The reference config ``microlm-31.7m`` (hidden 512, 8 layers, 8 heads of 64, SwiGLU 1365, vocab
+6400, untied embeddings) has exactly 31,724,032 parameters (a test pins it).
+
+A preallocated ``KVCache`` supports a prefill of the prompt and then one-token decode steps; the
+cached and uncached forward passes agree (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microlm.errors import MicroLMError
+from microlm.model.config import MODEL_PRESETS, ModelConfig
+
+__all__ = ["ModelConfig", "TransformerLM", "KVCache", "RMSNorm", "rope_tables", "apply_rope", "MODEL_PRESETS",
+           "count_parameters"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, length: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``position × frequency``, shape ``(length, head_dim / 2)``."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs ``(x[..., :d/2], x[..., d/2:])`` (the Llama/"rotate-half" layout) of
+    ``x: (B, H, T, d)`` by the angles of their positions; ``cos, sin: (T, d/2)``."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: ``(batch, kv_heads, max_len, head_dim)``."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
+                 device=None, dtype=torch.float32):
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0  # tokens already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        end = self.pos + t
+        if end > self.max_len:
+            raise MicroLMError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # q, k and v in one matrix: one GEMM instead of three (rows: q heads, then k heads, then v
+        # heads); the HF export splits it into q_proj / k_proj / v_proj
+        self.qkv_proj = nn.Linear(cfg.dim, (cfg.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
+        if self.n_kv != self.n_heads:  # GQA: each kv head serves n_heads / n_kv query heads
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        drop = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:  # explicit softmax, for the notebook's heatmap
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            weights = att
+            y = att @ v
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, dropout_p=drop)
+        elif t == 1:  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:  # a chunk after a cached prefix: causal within the chunk, full over the prefix
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).contiguous().view(b, t, self.n_heads * self.hd)
+        return self.o_proj(y), weights
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden = cfg.hidden_dim
+        # gate and up in one matrix (rows: gate, then up); split again by the HF export
+        self.gate_up_proj = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        return self.dropout(self.down_proj(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, need_weights=False):
+        a, w = self.attn(self.input_norm(x), cos, sin, cache, layer, need_weights)
+        x = x + a
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, w
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights; the projections that write into the residual stream
+        (``o_proj``, ``down_proj``) scaled by 1/sqrt(2·layers) so the stream's variance stays put."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                need_weights: bool = False, ignore_index: int = -100):
+        """Logits ``(B, T, vocab)``, and the mean cross-entropy when ``targets`` are given
+        (positions equal to ``ignore_index`` do not count).  With ``cache``, ``idx`` continues the
+        cached sequence and the cache advances by ``T``."""
+        b, t = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + t > self.rope_cos.shape[0]:
+            raise MicroLMError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        x = self.drop(self.embed(idx))
+        weights = []
+        for i, layer in enumerate(self.layers):
+            x, w = layer(x, cos, sin, cache, i, need_weights)
+            weights.append(w)
+        if cache is not None:
+            cache.advance(t)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=ignore_index)
+        if need_weights:
+            return logits, loss, weights
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward ≈ 6·N + attention), as in nanoGPT/PaLM."""
+        n = self.num_parameters() - self.embed.weight.numel() * (0 if self.cfg.tie_embeddings else 1)
+        return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 use_cache: bool = True, eos_id: int | None = None, generator: torch.Generator | None = None):
+        """Sample continuations (greedy when ``temperature == 0``)."""
+        self.eval()
+        b, t0 = idx.shape
+        total = t0 + max_new_tokens
+        if total > self.cfg.max_seq_len and use_cache:
+            raise MicroLMError(f"prompt + new tokens = {total} > max_seq_len {self.cfg.max_seq_len}")
+        cache = self.new_cache(b, total) if use_cache else None
+        out = idx
+        nxt = idx
+        done = torch.zeros(b, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, _ = self(nxt, cache=cache)
+            else:
+                logits, _ = self(out[:, -self.cfg.max_seq_len:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            out = torch.cat([out, nxt], dim=1)
+            if eos_id is not None:
+                done |= nxt.squeeze(1) == eos_id
+                if bool(done.all()):
+                    break
+        return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied embedding counts once)."""
+    seen = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n

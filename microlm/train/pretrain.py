@@ -1,0 +1,227 @@
+"""Stage A5: pretrain the TransformerLM on the token files (``microlm pretrain``; ``torchrun`` for DDP)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from microlm.config import Config
+from microlm.errors import MicroLMError
+from microlm.io import write_json
+from microlm.model import TransformerLM
+from microlm.tokenizer.memmap import open_tokens
+from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
+from microlm.train.trainer import Trainer
+
+__all__ = ["WindowBatches", "Evaluator", "Sampler", "pretrain", "unigram_entropy", "check_token_range"]
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+class WindowBatches:
+    """Random next-token windows; the global batch of step ``s`` is a pure function of ``(seed, s)``,
+    split over processes (``rank::world``) and micro-steps, so 1 process × 2 micro-steps and
+    2 processes × 1 see exactly the same rows, and a resumed run sees the batches it would have."""
+
+    def __init__(self, bin_path: str | Path, seq_len: int, batch_size: int, seed: int):
+        self.path = Path(bin_path)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.n = len(open_tokens(self.path))
+        if self.n < seq_len + 2:
+            raise MicroLMError(f"{self.path} has {self.n} tokens; need more than seq_len + 1 = {seq_len + 1}")
+
+    def starts(self, step: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, step]).integers(0, self.n - self.seq_len - 1, self.batch_size)
+
+    def gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        data = open_tokens(self.path)  # re-opened per batch: flat memory, as nanoGPT
+        win = torch.from_numpy(data[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
+        return win[:, :-1], win[:, 1:]
+
+    def get(self, step: int, micro: int, n_micro: int, rank: int, world: int):
+        rows = self.starts(step)[rank::world][micro::n_micro]
+        return self.gather(rows)
+
+
+def unigram_entropy(bin_path: str | Path, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token unigram distribution: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(open_tokens(bin_path)), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def check_token_range(bin_path: str | Path, vocab_size: int) -> int:
+    data = open_tokens(bin_path)
+    top = int(data.max()) if len(data) else 0
+    if top >= vocab_size:
+        raise MicroLMError(f"{bin_path} holds token id {top} >= model.vocab_size {vocab_size}; "
+                           "re-tokenize with this tokenizer or fix model.vocab_size")
+    return top
+
+
+class Evaluator:
+    """Loss, perplexity and bits per byte on fixed val windows (the same windows at every eval)."""
+
+    def __init__(self, bin_path: str | Path, seq_len: int, batch_size: int, n_batches: int, seed: int,
+                 byte_len: np.ndarray, device: str, amp=None):
+        self.src = WindowBatches(bin_path, seq_len, batch_size, seed + EVAL_SEED_OFFSET)
+        self.n_batches = n_batches
+        self.byte_len = torch.from_numpy(byte_len.astype(np.int64))
+        self.device = device
+        self.amp = amp
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict:
+        was = model.training
+        model.eval()
+        nll, n_tok, n_bytes = 0.0, 0, 0
+        for i in range(self.n_batches):
+            x, y = self.src.gather(self.src.starts(i))
+            with self.amp or torch.autocast("cpu", enabled=False):
+                logits, _ = model(x.to(self.device))
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
+                                                     reduction="sum")
+            nll += float(loss)
+            n_tok += y.numel()
+            n_bytes += int(self.byte_len[y].sum())
+        model.train(was)
+        val = nll / n_tok
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
+
+
+class Sampler:
+    """A few continuations of fixed prompts (seeded sampling, so curves and samples are reproducible)."""
+
+    def __init__(self, tokenizer, prompts: list[str], n_tokens: int, device: str, seed: int = 0):
+        self.tok, self.prompts, self.n, self.device, self.seed = tokenizer, prompts, n_tokens, device, seed
+
+    def __call__(self, model: TransformerLM) -> list[str]:
+        out = []
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        for p in self.prompts:
+            ids = torch.tensor([self.tok.encode(p)], device=self.device)
+            n = min(self.n, model.cfg.max_seq_len - ids.shape[1])
+            state = torch.get_rng_state()
+            gen = model.generate(ids, n, temperature=0.8, top_k=20, eos_id=self.tok.eos_id,
+                                 generator=g if self.device == "cpu" else None)
+            torch.set_rng_state(state)  # sampling must not move the training RNG
+            out.append(self.tok.decode(gen[0].tolist()))
+        model.train()
+        return out
+
+
+def byte_lengths(tokenizer) -> np.ndarray:
+    """Bytes of text each id stands for (special tokens: 0), for bits-per-byte."""
+    lens = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for i, b in tokenizer.vocab.items():
+        lens[i] = 0 if i in tokenizer.special_ids.values() else len(b)
+    return lens
+
+
+def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, resume: bool = False,
+             progress: bool = True, stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
+    """Train (or resume) the model of ``cfg.model`` with ``cfg.pretrain``; write ``report.json``."""
+    from microlm.tokenizer import Tokenizer
+
+    tc, mc = cfg.pretrain, cfg.model
+    own_dist = dist is None
+    dist = dist or setup_distributed(tc.device)
+    try:
+        tok = Tokenizer.load(tok_dir)
+        if tok.vocab_size != mc.vocab_size:
+            raise MicroLMError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size is {mc.vocab_size}")
+        train_bin, val_bin = tokens_dir / "train.bin", tokens_dir / "val.bin"
+        for p in (train_bin, val_bin):
+            check_token_range(p, mc.vocab_size)
+        torch.manual_seed(cfg.seed)
+        model = TransformerLM(mc)
+        n_params = model.num_parameters()
+        batches = WindowBatches(train_bin, tc.seq_len, tc.batch_size, cfg.seed)
+        micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" and
+               dist.device.startswith("cuda") else None)
+        evaluator = Evaluator(val_bin, tc.seq_len, micro, tc.eval_batches, cfg.seed, byte_lengths(tok),
+                              dist.device, amp)
+        sampler = Sampler(tok, tc.sample_prompts, tc.sample_tokens, dist.device, cfg.seed) if tc.sample_tokens else None
+        trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed,
+                          run_meta={"model": mc.to_dict()}, evaluate=evaluator, sample=sampler, progress=progress,
+                          flops_per_token=model.flops_per_token(tc.seq_len))
+        t0 = time.time()
+        result = trainer.fit(resume=resume, stop_after=stop_after)
+        seconds = time.time() - t0
+        report = {}
+        if dist.is_main:
+            report = summarize(out_dir, cfg, n_params, train_bin, seconds, result, dist.world_size)
+        return report
+    finally:
+        if own_dist:
+            cleanup_distributed(dist)
+
+
+def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    train, evals = [], []
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                (evals if rec.get("type") == "eval" else train).append(rec)
+    return train, evals
+
+
+def summarize(out_dir: Path, cfg: Config, n_params: int, train_bin: Path, seconds: float, result: dict,
+              world: int) -> dict:
+    train, evals = read_metrics(out_dir)
+    h1 = unigram_entropy(train_bin, cfg.model.vocab_size)
+    tps = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+    last = evals[-1] if evals else {}
+    report = {
+        "params": n_params,
+        "model": cfg.model.to_dict(),
+        "steps": result["steps"],
+        "tokens_seen": result["steps"] * cfg.pretrain.batch_size * cfg.pretrain.seq_len,
+        "seconds_this_run": round(seconds, 1),
+        "tokens_per_s": round(float(np.median(tps)), 1) if tps else None,
+        "processes": world,
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "final_val_loss": last.get("val_loss"),
+        "final_val_bpb": last.get("val_bpb"),
+        "unigram_entropy": h1,
+        "samples": last.get("samples", []),
+        "seed": cfg.seed,
+    }
+    write_json(Path(out_dir) / "report.json", report)
+    plot_curves(out_dir, train, evals, h1)
+    return report
+
+
+def plot_curves(out_dir: Path, train: list[dict], evals: list[dict], h1: float | None = None) -> Path | None:
+    """``curves.png``: train and val loss against tokens seen (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
+    if h1:
+        ax.axhline(h1, color="gray", ls="--", label="unigram entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out_dir) / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
