@@ -6,10 +6,11 @@
    recipe) and Qwen2's (``Split`` + ``ByteLevel(use_regex=False)``).  Each run is a fresh process, so
    peak RSS (VmHWM) is its own; ours adds the largest pre-tokenisation worker (an upper bound: pages
    shared after fork count twice).
-2. **Encoding throughput** (MB/s) on the val split: ours (pure Python, cold cache) vs ``tokenizers``
+2. **Compression** on the val split of the tokenizers trained in (1) with each regex, and Qwen2.5's.
+3. **Encoding throughput** (MB/s) on the val split: ours (pure Python, cold cache) vs ``tokenizers``
    single-threaded (``encode`` per document) and batched (``encode_batch``, all threads).
-3. **Streaming memory**: ``encode_iterable`` over a 100 MB file, peak RSS vs the tokenizer's own RSS.
-4. **Token files** (``microlm tokenize``): tokens/s over the whole corpus with 1 and 2 processes.
+4. **Streaming memory**: ``encode_iterable`` over a 100 MB file, peak RSS vs the tokenizer's own RSS.
+5. **Token files** (``microlm tokenize``): tokens/s over the whole corpus with 1 and 2 processes.
 
 Writes ``benchmarks/results/tokenizer.json``.  Usage: ``python benchmarks/bench_tokenizer.py [--quick]``.
 Needs ``MICROLM_DATA`` (the corpus stage at the cpu profile is built first if missing).
@@ -170,6 +171,28 @@ def bench_encode(tok_dir: Path, val: Path) -> dict:
     return res
 
 
+def bench_compression(corpus: Path, full: bool) -> dict:
+    """Val-split compression of the tokenizers the training section saved (our trainer, each regex)
+    and of Qwen2.5's — the numbers behind the choice of pattern."""
+    from microlm.config import load_config
+    from microlm.tokenizer import Tokenizer
+    from microlm.tokenizer.stage import compression, load_hf_tokenizer, qwen_tokenizer_path, read_texts
+
+    docs = read_texts(corpus / "val.jsonl")
+    out = {}
+    for pattern in ("gpt2", "qwen2"):
+        tok = Tokenizer.load(WORK / f"tok_{'full' if full else '10mb'}_{pattern}")
+        out[f"ours_{pattern}"] = compression(lambda ds, t=tok: [t.encode(d, allowed_special="all") for d in ds], docs)
+    q = qwen_tokenizer_path(load_config("cpu"))
+    if q is not None:
+        hf = load_hf_tokenizer(q)
+        out["qwen2.5"] = compression(lambda ds: [e.ids for e in hf.encode_batch(ds)], docs)
+    out["qwen2_fewer_tokens_than_gpt2"] = round(1 - out["ours_qwen2"]["tokens"] / out["ours_gpt2"]["tokens"], 4)
+    print("[bench] val compression (chars/token): " + ", ".join(
+        f"{k} {v['chars_per_token']}" for k, v in out.items() if isinstance(v, dict)), flush=True)
+    return out
+
+
 def bench_stream(tok_dir: Path, train: Path, mb: int) -> dict:
     path = WORK / f"stream_{mb}mb.txt"
     if not path.exists() or path.stat().st_size < mb * 10**6:
@@ -217,7 +240,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="10 MB only, 20 MB stream; not for the README")
-    ap.add_argument("--only", nargs="*", choices=["training", "encode", "stream", "memmap"],
+    ap.add_argument("--only", nargs="*", choices=["training", "compression", "encode", "stream", "memmap"],
                     help="run these sections and merge them into the existing results file")
     args = ap.parse_args()
     if not os.environ.get("MICROLM_DATA"):
@@ -233,11 +256,12 @@ def main() -> None:
     results: dict = json.loads(out_path.read_text()) if args.only and out_path.exists() else {}
     results.update({"host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "machine": platform.machine()}, "quick": args.quick, "vocab_size": VOCAB})
-    sections = args.only or ["training", "encode", "stream", "memmap"]
+    sections = args.only or ["training", "compression", "encode", "stream", "memmap"]
     inputs = {"10mb": ten} if args.quick else {"10mb": ten, "full": full}
     patterns = {"10mb": ["gpt2", "qwen2"], "full": ["qwen2", "gpt2"]}
     tok_dir = WORK / ("tok_10mb_qwen2" if args.quick else "tok_full_qwen2")
     runs = {"training": lambda: bench_training(inputs, patterns),
+            "compression": lambda: bench_compression(corpus, not args.quick),
             "encode": lambda: bench_encode(tok_dir, corpus / "val.jsonl"),
             "stream": lambda: bench_stream(tok_dir, corpus / "train.jsonl", 20 if args.quick else 100),
             "memmap": lambda: bench_memmap(tok_dir, corpus)}

@@ -218,8 +218,6 @@ def _validate(cfg: Config) -> None:
         cfg.model.validate()
     except MicroLMError as e:
         raise ConfigError(str(e)) from None
-    if cfg.model.vocab_size != t.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must equal tokenizer.vocab_size ({t.vocab_size})")
     if cfg.pretrain.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"pretrain.seq_len ({cfg.pretrain.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     import regex

@@ -32,8 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x · w / sqrt(mean(x²) + eps), computed in fp32; PyTorch's fused kernel does the same sums
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, length: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +95,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(b, t, self.n_heads, self.hd).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        qk, v = self.qkv_proj(x).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
+        # rotate q and k heads in one go, then split them
+        qk = apply_rope(qk.view(b, t, self.n_heads + self.n_kv, self.hd).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
         v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.pos
