@@ -105,12 +105,17 @@ assert np.allclose(scores[40, 40 - np.arange(20)], scores[60, 60 - np.arange(20)
 #
 # Attention weights of every head in the first and last layer on a real sentence (computed with an
 # explicit softmax — the training path uses PyTorch's fused `scaled_dot_product_attention`, and the
-# two agree, as asserted).
+# two agree, as asserted). Axes show the tokens when a Chinese font is installed, else their positions
+# (the list printed below maps positions to tokens).
 
 # %%
+from microlm.plotting import cjk_font
+
 sentence = "中国的首都是北京，北京是一座历史悠久的城市。"
 ids = torch.tensor([tok.encode(sentence)])
-labels = [tok.id_to_token(i) for i in ids[0].tolist()]
+tokens = [tok.id_to_token(i) for i in ids[0].tolist()]
+print(" ".join(f"{k}:{t}" for k, t in enumerate(tokens)))
+labels = tokens if cjk_font() else [str(k) for k in range(len(tokens))]
 with torch.no_grad():
     logits_sdpa, _ = model(ids)
     logits_explicit, _, weights = model(ids, need_weights=True)
