@@ -121,7 +121,8 @@ if ref and ref.get("seed") == cfg.seed and ref["config"] == {"model": cfg.model.
 tps = np.array([r["tokens_per_s"] for r in train[1:]])
 print(f"median {np.median(tps):,.0f} tokens/s, {np.median([r['flops_per_s'] for r in train[1:]]) / 1e9:.1f} "
       f"GFLOP/s (model FLOPs), {report['seconds_this_run']:.0f} s for {report['tokens_seen']:,} tokens")
-assert np.all(tps > 0)
+fpt = model.flops_per_token(cfg.pretrain.seq_len)
+assert all(math.isclose(r["flops_per_s"], r["tokens_per_s"] * fpt, rel_tol=1e-9) for r in train)
 
 # %% [markdown]
 # ## 4 · What it writes, step by step
