@@ -1,0 +1,186 @@
+"""SFT data (stage A6): MiniMind ``{"conversations": [{"role", "content"}, ...]}`` → ChatML ids + loss mask.
+
+Each message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; ``role\\ncontent`` is encoded as one
+piece of plain text (exactly what ``Tokenizer.encode_chat`` and transformers' ``apply_chat_template``
+produce), and the loss is taken **only on assistant tokens, including each ``<|im_end|>``** — the
+model learns to answer and to stop, not to predict the user.  A token that straddles the header
+newline and the first content byte counts as content.
+
+Truncation never cuts inside a turn: a conversation longer than the context keeps its leading whole
+turns as long as one assistant turn survives (counted as ``truncated``); if even the first assistant
+turn does not fit, the record is dropped (``turn_longer_than_context``).
+
+Batches are **padded**, not packed: SFT conversations are short and uneven, and packing several into
+one window would let attention cross conversations unless every batch carried a block-diagonal mask.
+Padding (with ``<|endoftext|>``, label -100) keeps each conversation alone in its row; the cost is
+the padded positions, which the length report shows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from microlm.errors import MicroLMError
+
+__all__ = ["ROLES", "SFTDrop", "parse_conversation", "encode_conversation", "SFTExample", "encode_records",
+           "SFTBatches", "show_mask", "IGNORE"]
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+class SFTDrop(Exception):
+    """A record that cannot be used; ``reason`` is counted in the report."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason if not detail else f"{reason}: {detail}")
+        self.reason = reason
+
+
+def parse_conversation(record: dict | str) -> list[dict]:
+    """Validate one record; return its messages.  Raises ``SFTDrop`` with a reason."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except ValueError:
+            raise SFTDrop("malformed_json") from None
+    conv = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(conv, list) or not conv:
+        raise SFTDrop("missing_conversations")
+    out = []
+    for m in conv:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise SFTDrop("malformed_message")
+        if m["role"] not in ROLES:
+            raise SFTDrop("unknown_role", m["role"])
+        if not m["content"].strip():
+            raise SFTDrop("empty_content", m["role"])
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise SFTDrop("no_assistant_turn")
+    return out
+
+
+def _turn(tok, m: dict) -> tuple[list[int], list[int]]:
+    """Ids and 0/1 loss mask of one ChatML turn."""
+    start, end = tok.special_ids["<|im_start|>"], tok.special_ids["<|im_end|>"]
+    body = tok.encode(f"{m['role']}\n{m['content']}")
+    trained = m["role"] == "assistant"
+    header = len(f"{m['role']}\n".encode())
+    mask, pos = [], 0
+    for i in body:
+        pos += len(tok.vocab[i])
+        mask.append(1 if trained and pos > header else 0)
+    nl = tok.encode("\n")
+    return [start, *body, end, *nl], [0, *mask, 1 if trained else 0, *([0] * len(nl))]
+
+
+def encode_conversation(tok, messages: list[dict], max_len: int) -> tuple[list[int], list[int], bool]:
+    """``(ids, mask, truncated)`` for a validated conversation, at most ``max_len`` tokens."""
+    ids: list[int] = []
+    mask: list[int] = []
+    truncated = False
+    for m in messages:
+        t_ids, t_mask = _turn(tok, m)
+        if len(ids) + len(t_ids) > max_len:
+            truncated = True
+            break
+        ids += t_ids
+        mask += t_mask
+    if not any(mask):
+        raise SFTDrop("turn_longer_than_context", f"first assistant turn does not fit {max_len} tokens")
+    # a dangling user turn after the last kept assistant turn teaches nothing: cut back to it
+    last = max(i for i, v in enumerate(mask) if v)
+    nl = len(tok.encode("\n"))
+    cut = min(len(ids), last + 1 + nl)
+    if cut < len(ids):  # turns after the last assistant answer are dropped too
+        truncated = True
+        ids, mask = ids[:cut], mask[:cut]
+    return ids, mask, truncated
+
+
+@dataclass
+class SFTExample:
+    ids: list[int]
+    mask: list[int]
+
+
+@dataclass
+class SFTReport:
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    drops: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "kept": self.kept, "truncated": self.truncated,
+                "drops": dict(self.drops), "tokens": self.tokens, "trained_tokens": self.trained_tokens}
+
+
+def encode_records(tok, records, max_len: int) -> tuple[list[SFTExample], SFTReport]:
+    """Encode an iterable of records (dicts or JSON lines); bad ones are counted by reason."""
+    rep = SFTReport()
+    out = []
+    for rec in records:
+        rep.records += 1
+        try:
+            ids, mask, truncated = encode_conversation(tok, parse_conversation(rec), max_len)
+        except SFTDrop as d:
+            rep.drops[d.reason] += 1
+            continue
+        rep.kept += 1
+        rep.truncated += int(truncated)
+        rep.tokens += len(ids)
+        rep.trained_tokens += sum(mask)
+        out.append(SFTExample(ids, mask))
+    return out, rep
+
+
+class SFTBatches:
+    """Padded next-token batches of conversations; batch ``s`` is a pure function of ``(seed, s)``
+    (so resume is exact and DDP ranks split one global batch, as in pretraining)."""
+
+    def __init__(self, examples: list[SFTExample], batch_size: int, pad_id: int, seed: int):
+        if not examples:
+            raise MicroLMError("no usable SFT conversations")
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+
+    def rows(self, step: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, step]).integers(0, len(self.examples), self.batch_size)
+
+    def collate(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        exs = [self.examples[int(r)] for r in rows]
+        width = max(len(e.ids) for e in exs) - 1
+        x = torch.full((len(exs), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(exs), width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(exs):
+            n = len(e.ids) - 1
+            x[i, :n] = torch.tensor(e.ids[:-1])
+            tgt = torch.tensor(e.ids[1:])
+            keep = torch.tensor(e.mask[1:], dtype=torch.bool)
+            y[i, :n] = torch.where(keep, tgt, torch.full_like(tgt, IGNORE))
+        return x, y
+
+    def get(self, step: int, micro: int, n_micro: int, rank: int, world: int):
+        return self.collate(self.rows(step)[rank::world][micro::n_micro])
+
+
+def show_mask(tok, ex: SFTExample, trained: str = "[{}]") -> str:
+    """The conversation as text with each run of trained tokens wrapped (default ``[...]``)."""
+    out = []
+    k = 0
+    while k < len(ex.ids):
+        j = k
+        while j < len(ex.ids) and ex.mask[j] == ex.mask[k]:
+            j += 1
+        text = tok.decode_bytes(ex.ids[k:j]).decode("utf-8", "replace")
+        out.append(trained.format(text) if ex.mask[k] else text)
+        k = j
+    return "".join(out)
