@@ -13,8 +13,10 @@ out again; ``apply_lora`` freezes everything that is not an adapter and reports 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from torch import nn
 from microlm.errors import MicroLMError
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_modules", "merge_lora", "unmerge_lora",
-           "lora_report", "logical_projections"]
+           "lora_report", "logical_projections", "adapter_state_dict", "save_adapter", "load_adapter"]
 
 # logical name → (module attribute path inside a layer, slice index within a fused output)
 _ATTN = {"q": ("attn.qkv_proj", 0), "k": ("attn.qkv_proj", 1), "v": ("attn.qkv_proj", 2), "o": ("attn.o_proj", 0)}
@@ -186,3 +188,98 @@ def lora_report(model: nn.Module) -> dict:
     return {"adapter_params": adapters, "trainable_params": trainable, "base_params": base,
             "percent_of_base": round(100 * adapters / base, 4),
             "percent_of_all": round(100 * adapters / total, 4), "modules": len(lora_modules(model))}
+
+
+# ---------------------------------------------------------------------------- PEFT on-disk format
+def _adapted(model) -> list[tuple[str, LoRALinear, int]]:
+    """``(logical name, layer, adapter index)`` for every adapted slice, in a stable order."""
+    out = []
+    for name, (path, k, _, _) in logical_projections(model).items():
+        layer = model.get_submodule(path)
+        if isinstance(layer, LoRALinear) and layer.index[k] >= 0:
+            out.append((name, layer, layer.index[k]))
+    return out
+
+
+def _peft_module(name: str) -> str:
+    from microlm.model.hf_export import LLAMA_PROJ
+
+    layer, _group, proj = name.split(".")[1:4]
+    return f"model.layers.{layer}.{LLAMA_PROJ[proj]}"
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's key names for the Llama-layout export."""
+    out = {}
+    for name, layer, k in _adapted(model):
+        key = f"base_model.model.{_peft_module(name)}"
+        out[f"{key}.lora_A.weight"] = layer.lora_A[k].detach().contiguous().clone()
+        out[f"{key}.lora_B.weight"] = layer.lora_B[k].detach().contiguous().clone()
+    return out
+
+
+def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microlm") -> Path:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
+    loads onto the Llama-layout export of the same base model, plus ``microlm_adapter.json`` (our
+    target patterns and the base model's config, checked by ``load_adapter``)."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from microlm.io import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    modules = sorted({_peft_module(n) for n, _, _ in _adapted(model)})
+    if not modules:
+        raise MicroLMError("the model has no LoRA adapters to save")
+    write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": "^(?:" + "|".join(re.escape(m) for m in modules) + ")$",
+        "base_model_name_or_path": base_model_name, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    })
+    # our own metadata stays out of PEFT's file (PEFT warns about unknown keys)
+    write_json(out / "microlm_adapter.json", {"targets": list(cfg.targets), "base_model": model.cfg.to_dict()})
+    save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def load_adapter(model, folder) -> LoRAConfig:
+    """Add the adapters saved in ``folder`` to ``model`` (which must be the same base model)."""
+    from safetensors.torch import load_file
+
+    from microlm.train.checkpoint import config_diff
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise MicroLMError(f"adapter file missing: {p}")
+    meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    extra = folder / "microlm_adapter.json"
+    info = json.loads(extra.read_text(encoding="utf-8")) if extra.is_file() else {}
+    if info.get("base_model"):
+        diffs = config_diff({"model": info["base_model"]}, {"model": model.cfg.to_dict()})
+        if diffs:
+            raise MicroLMError(f"adapter {folder} was trained on another base model: " + "; ".join(diffs))
+    cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
+                     targets=info.get("targets") or ["q", "k", "v", "o"])
+    apply_lora(model, cfg)
+    weights = load_file(str(w_path))
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise MicroLMError(f"adapter {w_path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, layer, k in _adapted(model):
+            key = f"base_model.model.{_peft_module(name)}"
+            for part, param in (("lora_A", layer.lora_A[k]), ("lora_B", layer.lora_B[k])):
+                t = weights[f"{key}.{part}.weight"]
+                if t.shape != param.shape:
+                    raise MicroLMError(f"adapter tensor {key}.{part} has shape {tuple(t.shape)}, the model needs "
+                                       f"{tuple(param.shape)} (another base model or rank?)")
+                param.copy_(t)
+    return cfg
