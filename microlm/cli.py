@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps (checkpointing as configured); resume later")
+
+    p = sub.add_parser("sft", help="A6: full-parameter SFT from the pretraining checkpoint (torchrun-able)")
+    _common(p)
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/sft)")
+    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="stop after this many steps")
     return ap
 
 
@@ -110,6 +117,19 @@ def _run(args: argparse.Namespace) -> int:
             print(f"pretrain: {out}  {rep['params']:,} params, {rep['steps']} steps, val loss "
                   f"{rep['final_val_loss']}, bpb {rep['final_val_bpb']}, unigram entropy "
                   f"{rep['unigram_entropy']:.3f}, {rep['tokens_per_s']} tokens/s")
+        return 0
+    if args.command == "sft":
+        import os
+
+        from microlm import stages
+
+        out = stages.sft(cfg, force=args.force, resume=args.resume, progress=not args.quiet, out_dir=args.out,
+                         stop_after=args.stop_after)
+        if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
+            rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            d = rep["train_data"]
+            print(f"sft: {out}  {d['kept']:,} conversations ({d['truncated']} truncated, drops {d['drops']}), "
+                  f"{rep['steps']} steps, held-out loss {rep['first_val_loss']:.3f} -> {rep['final_val_loss']:.3f}")
         return 0
     raise AssertionError(args.command)
 

@@ -111,6 +111,22 @@ class TrainConfig:
 
 
 @dataclass
+class SFTDataConfig:
+    """Stage A6 data: MiniMind ``{"conversations"}`` JSONL under the data root (else the embedded set)."""
+
+    files: list[str] = field(default_factory=lambda: ["sft/*.jsonl.gz"])
+    heldout: list[str] = field(default_factory=lambda: ["sft/belle_eval_set.jsonl.gz"])  # never trained on
+    max_records: int | None = None  # training conversations (None = all)
+    val_records: int = 200  # held-out conversations used for the SFT val loss
+    show_answers: int = 5  # held-out questions answered before and after SFT in the report
+
+
+def _sft_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=5e-4, min_lr=5e-5, warmup_steps=20,
+                       eval_interval=100, ckpt_interval=100, sample_tokens=0)
+
+
+@dataclass
 class Config:
     profile: str = "smoke"
     seed: int = 1234
@@ -121,6 +137,8 @@ class Config:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: TrainConfig = field(default_factory=_sft_train)
+    sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
 
     @property
     def run_path(self) -> Path:
@@ -212,14 +230,18 @@ def _validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    for name in ("pretrain",):
+    for name in ("pretrain", "sft"):
         _validate_train(name, getattr(cfg, name))
     try:
         cfg.model.validate()
     except MicroLMError as e:
         raise ConfigError(str(e)) from None
-    if cfg.pretrain.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"pretrain.seq_len ({cfg.pretrain.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    for name in ("pretrain", "sft"):
+        if getattr(cfg, name).seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"{name}.seq_len ({getattr(cfg, name).seq_len}) exceeds model.max_seq_len "
+                              f"({cfg.model.max_seq_len})")
+    if cfg.sft_data.val_records < 1 or (cfg.sft_data.max_records is not None and cfg.sft_data.max_records < 1):
+        raise ConfigError("sft_data.val_records and sft_data.max_records must be >= 1")
     import regex
 
     from microlm.tokenizer.bpe import resolve_pattern

@@ -13,12 +13,12 @@ from pathlib import Path
 from microlm.config import Config, stage_config
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -143,7 +143,47 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False, progress
     return stage_dir
 
 
-STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain}
+def sft(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
+        out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
+    """Stage A6: ``runs/<profile>/sft/`` — full-parameter SFT from ``pretrain/ckpt``."""
+    import glob
+
+    from microlm.data.sources import data_root
+    from microlm.train.dist import cleanup_distributed, setup_distributed
+    from microlm.train.sft import run_sft
+    from microlm.train.trainer import trajectory_config
+
+    pre_dir = upstream("pretrain", cfg, progress=progress)
+    tok_dir = upstream("tokenizer", cfg, progress=progress)
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "sft"
+    root = data_root(cfg.data.root)
+    files = sorted({p for pat in cfg.sft_data.files + cfg.sft_data.heldout for p in glob.glob(str(root / pat))}) \
+        if root else []
+    inputs = _digests(pre_dir / "ckpt", ["model.safetensors"]) + _digests(tok_dir, ["vocab.json", "merges.txt"]) + \
+        [{"path": f, "digest": file_digest(f)} for f in files]
+    conf = {"sft": stage_config(cfg, "sft"), "sft_data": stage_config(cfg, "sft_data"), "seed": cfg.seed}
+    fp = fingerprint({"v": STAGE_VERSIONS["sft"], "train": trajectory_config(cfg.sft), "data": conf["sft_data"],
+                      "seed": cfg.seed, "inputs": [i["digest"] for i in inputs]})
+    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
+        log.info("sft: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    dist = setup_distributed(cfg.sft.device)
+    started = time.time()
+    try:
+        report = run_sft(cfg, pre_dir, tok_dir, stage_dir, resume=resume, progress=progress, stop_after=stop_after,
+                         dist=dist)
+        if dist.is_main and stop_after is None:
+            metrics = {k: report[k] for k in ("steps", "first_val_loss", "final_val_loss", "final_train_loss")}
+            metrics["kept"] = report["train_data"]["kept"]
+            write_manifest(stage_dir, stage="sft", fp=fp, config=conf, inputs=inputs,
+                           outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"], metrics=metrics,
+                           started=started)
+    finally:
+        cleanup_distributed(dist)
+    return stage_dir
+
+
+STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft}
 
 
 def require(stage: str, cfg: Config, **kw) -> Path:

