@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
     p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="stop after this many steps")
+
+    p = sub.add_parser("lora", help="A7: train LoRA adapters on the SFT model (sentiment-instruction task)")
+    _common(p)
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/lora)")
+    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="stop after this many steps")
     return ap
 
 
@@ -130,6 +137,19 @@ def _run(args: argparse.Namespace) -> int:
             d = rep["train_data"]
             print(f"sft: {out}  {d['kept']:,} conversations ({d['truncated']} truncated, drops {d['drops']}), "
                   f"{rep['steps']} steps, held-out loss {rep['first_val_loss']:.3f} -> {rep['final_val_loss']:.3f}")
+        return 0
+    if args.command == "lora":
+        import os
+
+        from microlm import stages
+
+        out = stages.lora(cfg, force=args.force, resume=args.resume, progress=not args.quiet, out_dir=args.out,
+                          stop_after=args.stop_after)
+        if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
+            rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            p, b, a = rep["params"], rep["before"] or {}, rep["after"]
+            print(f"lora: {out}  {p['adapter_params']:,} trainable ({p['percent_of_base']} % of the base); "
+                  f"held-out accuracy {b.get('accuracy')} -> {a['accuracy']:.3f} (majority {a['majority_accuracy']:.3f})")
         return 0
     raise AssertionError(args.command)
 

@@ -121,6 +121,23 @@ class SFTDataConfig:
     show_answers: int = 5  # held-out questions answered before and after SFT in the report
 
 
+@dataclass
+class LoRASection:
+    """Stage A7: LoRA adapters (``microlm/model/lora.py``) trained on the sentiment-instruction task."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    train_records: int = 2000
+    eval_records: int = 200
+
+
+def _lora_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, seq_len=256, max_steps=200, lr=2e-3, min_lr=2e-4, warmup_steps=10,
+                       weight_decay=0.0, eval_interval=50, ckpt_interval=50, sample_tokens=0)
+
+
 def _sft_train() -> TrainConfig:
     return TrainConfig(batch_size=16, seq_len=256, max_steps=300, lr=5e-4, min_lr=5e-5, warmup_steps=20,
                        eval_interval=100, ckpt_interval=100, sample_tokens=0)
@@ -139,6 +156,8 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: TrainConfig = field(default_factory=_sft_train)
     sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
+    lora_train: TrainConfig = field(default_factory=_lora_train)
 
     @property
     def run_path(self) -> Path:
@@ -230,13 +249,15 @@ def _validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "lora_train"):
         _validate_train(name, getattr(cfg, name))
     try:
         cfg.model.validate()
     except MicroLMError as e:
         raise ConfigError(str(e)) from None
-    for name in ("pretrain", "sft"):
+    if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
+        raise ConfigError("lora: need r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target")
+    for name in ("pretrain", "sft", "lora_train"):
         if getattr(cfg, name).seq_len > cfg.model.max_seq_len:
             raise ConfigError(f"{name}.seq_len ({getattr(cfg, name).seq_len}) exceeds model.max_seq_len "
                               f"({cfg.model.max_seq_len})")

@@ -13,12 +13,12 @@ from pathlib import Path
 from microlm.config import Config, stage_config
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 1, "lora": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -183,7 +183,43 @@ def sft(cfg: Config, *, force: bool = False, resume: bool = False, progress: boo
     return stage_dir
 
 
-STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft}
+def lora(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
+         out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
+    """Stage A7: ``runs/<profile>/lora/`` — LoRA adapters on the SFT model (``adapter/`` in PEFT format)."""
+    from microlm.train.dist import cleanup_distributed, setup_distributed
+    from microlm.train.lora import run_lora
+    from microlm.train.trainer import trajectory_config
+
+    base_dir = upstream("sft", cfg, progress=progress)
+    tok_dir = upstream("tokenizer", cfg, progress=progress)
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "lora"
+    inputs = _digests(base_dir / "ckpt", ["model.safetensors"]) + _digests(tok_dir, ["vocab.json", "merges.txt"])
+    conf = {"lora": stage_config(cfg, "lora"), "lora_train": stage_config(cfg, "lora_train"), "seed": cfg.seed}
+    fp = fingerprint({"v": STAGE_VERSIONS["lora"], "lora": conf["lora"], "train": trajectory_config(cfg.lora_train),
+                      "seed": cfg.seed, "inputs": [i["digest"] for i in inputs]})
+    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
+        log.info("lora: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    dist = setup_distributed(cfg.lora_train.device)
+    started = time.time()
+    try:
+        report = run_lora(cfg, base_dir, tok_dir, stage_dir, resume=resume, progress=progress,
+                          stop_after=stop_after, dist=dist)
+        if dist.is_main and stop_after is None:
+            metrics = {"adapter_params": report["params"]["adapter_params"],
+                       "percent_of_base": report["params"]["percent_of_base"],
+                       "accuracy_after": report["after"]["accuracy"],
+                       "accuracy_before": (report["before"] or {}).get("accuracy"),
+                       "majority_accuracy": report["after"]["majority_accuracy"]}
+            write_manifest(stage_dir, stage="lora", fp=fp, config=conf, inputs=inputs,
+                           outputs=["adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"],
+                           metrics=metrics, started=started)
+    finally:
+        cleanup_distributed(dist)
+    return stage_dir
+
+
+STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft, "lora": lora}
 
 
 def require(stage: str, cfg: Config, **kw) -> Path:

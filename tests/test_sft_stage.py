@@ -61,3 +61,36 @@ def test_sft_resume_is_exact(data_dir, tmp_path):  # noqa: F811
     ref, _ = read_metrics(tmp_path / "ref")
     got, _ = read_metrics(tmp_path / "cut")
     assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref]
+
+
+def test_lora_stage_trains_only_adapters_and_saves_a_loadable_adapter(data_dir, tmp_path):  # noqa: F811
+    import torch
+
+    from microlm.model import TransformerLM
+    from microlm.model.lora import LoRAConfig, apply_lora, load_adapter
+    from microlm.train.checkpoint import load_checkpoint
+
+    cfg = sft_cfg(data_dir, sft_root(tmp_path), **{"lora_train.max_steps": 12, "lora_train.seq_len": 256,
+                                                    "model.max_seq_len": 256, "lora_train.batch_size": 4,
+                                                    "lora.train_records": 64, "lora.eval_records": 8})
+    stages.pretrain(cfg, progress=False)
+    stages.sft(cfg, progress=False)
+    out = stages.lora(cfg, progress=False)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["params"]["trainable_params"] == rep["params"]["adapter_params"] > 0
+    assert 0.0 <= rep["after"]["accuracy"] <= 1.0 and rep["before"] is not None
+
+    sft_model = TransformerLM(cfg.model)
+    load_checkpoint(cfg.run_path / "sft" / "ckpt", sft_model, restore_rng=False)
+    trained = TransformerLM(cfg.model)  # what the stage trained: base + adapters, from its checkpoint
+    apply_lora(trained, LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=list(cfg.lora.targets)))
+    load_checkpoint(out / "ckpt", trained, restore_rng=False)
+    sft_w = dict(sft_model.named_parameters())
+    for n, p in trained.named_parameters():
+        if "lora_" not in n:  # only adapters trained: the base weights are still the SFT weights
+            assert torch.equal(p, sft_w[n.replace(".base.", ".")]), n
+    rebuilt = TransformerLM(cfg.model)  # SFT checkpoint + the saved PEFT-format adapter
+    load_checkpoint(cfg.run_path / "sft" / "ckpt", rebuilt, restore_rng=False)
+    load_adapter(rebuilt, out / "adapter")
+    x = torch.randint(0, 400, (1, 16))
+    assert torch.allclose(rebuilt.eval()(x)[0], trained.eval()(x)[0], atol=1e-6)

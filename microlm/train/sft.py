@@ -107,6 +107,9 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         if cfg.sft_data.max_records is not None:
             train_recs = train_recs[: cfg.sft_data.max_records]
         train_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
+        if not train_ex:
+            raise MicroLMError(f"no usable sft training conversations: {train_rep.to_dict()} "
+                               f"(a longer sft.seq_len may help)")
         val_ex, val_rep = encode_records(tok, held_recs[: cfg.sft_data.val_records], tc.seq_len)
         if not val_ex:
             raise MicroLMError("no usable held-out SFT conversations")
