@@ -18,7 +18,7 @@ __all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "require"
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 1, "lora": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 2, "lora": 2}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,

@@ -83,6 +83,7 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
                           run_meta={"model": mc.to_dict(), "stage": "lora", "lora": lcfg.__dict__},
                           evaluate=SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, cfg.seed), tc.eval_batches,
                                                 dist.device))
+        base_eval = trainer.evaluate(trainer.raw_model) if dist.is_main and not resume else None
         t0 = time.time()
         result = trainer.fit(resume=resume, stop_after=stop_after)
         report: dict = {}
@@ -93,6 +94,7 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
             report = {"base": str(base_dir), "params": params, "steps": result["steps"],
                       "seconds_this_run": round(time.time() - t0, 1), "train_data": train_rep.to_dict(),
                       "heldout": len(held), "before": before, "after": after,
+                      "base_val_loss": base_eval["val_loss"] if base_eval else None,
                       "first_val_loss": evals[0]["val_loss"] if evals else None,
                       "final_val_loss": evals[-1]["val_loss"] if evals else None}
             write_json(out_dir / "report.json", report)

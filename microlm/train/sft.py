@@ -125,6 +125,7 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed,
                           run_meta={"model": mc.to_dict(), "stage": "sft"}, evaluate=evaluator, progress=progress,
                           flops_per_token=model.flops_per_token(tc.seq_len))
+        base_eval = trainer.evaluate(trainer.raw_model) if dist.is_main and not resume else None
         t0 = time.time()
         result = trainer.fit(resume=resume, stop_after=stop_after)
         report: dict = {}
@@ -134,6 +135,7 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
             report = {
                 "inputs": files, "train_data": train_rep.to_dict(), "val_data": val_rep.to_dict(),
                 "steps": result["steps"], "seconds_this_run": round(time.time() - t0, 1),
+                "base_val_loss": base_eval["val_loss"] if base_eval else None,
                 "first_val_loss": evals[0]["val_loss"] if evals else None,
                 "final_val_loss": evals[-1]["val_loss"] if evals else None,
                 "final_train_loss": train[-1]["loss"] if train else None,
