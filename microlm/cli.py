@@ -9,6 +9,27 @@ import sys
 
 from microlm.errors import MicroLMError
 
+# training stages share their flags and run under torchrun as well
+TRAINING_STAGES = {
+    "pretrain": "A5: pretrain the TransformerLM (runs under torchrun for DDP)",
+    "sft": "A6: full-parameter SFT from the pretraining checkpoint (torchrun-able)",
+    "lora": "A7: train LoRA adapters on the SFT model (sentiment-instruction task)",
+}
+
+
+def _summary(name: str, out, rep: dict) -> str:
+    if name == "pretrain":
+        return (f"pretrain: {out}  {rep['params']:,} params, {rep['steps']} steps, val loss {rep['final_val_loss']}, "
+                f"bpb {rep['final_val_bpb']}, unigram entropy {rep['unigram_entropy']:.3f}, "
+                f"{rep['tokens_per_s']} tokens/s")
+    if name == "sft":
+        d = rep["train_data"]
+        return (f"sft: {out}  {d['kept']:,} conversations ({d['truncated']} truncated, drops {d['drops']}), "
+                f"{rep['steps']} steps, held-out loss {rep['first_val_loss']:.3f} -> {rep['final_val_loss']:.3f}")
+    p, b, a = rep["params"], rep["before"] or {}, rep["after"]
+    return (f"lora: {out}  {p['adapter_params']:,} trainable ({p['percent_of_base']} % of the base); held-out "
+            f"accuracy {b.get('accuracy')} -> {a['accuracy']:.3f} (majority {a['majority_accuracy']:.3f})")
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--profile", default="cpu", help="smoke | cpu | gpu, or a path to a YAML config")
@@ -41,27 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<profile>/tokens)")
     p.add_argument("--force", action="store_true", help="re-encode even if inputs are unchanged")
 
-    p = sub.add_parser("pretrain", help="A5: pretrain the TransformerLM (runs under torchrun for DDP)")
-    _common(p)
-    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/pretrain)")
-    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
-    p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
-                   help="stop after this many steps (checkpointing as configured); resume later")
-
-    p = sub.add_parser("sft", help="A6: full-parameter SFT from the pretraining checkpoint (torchrun-able)")
-    _common(p)
-    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/sft)")
-    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
-    p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="stop after this many steps")
-
-    p = sub.add_parser("lora", help="A7: train LoRA adapters on the SFT model (sentiment-instruction task)")
-    _common(p)
-    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/lora)")
-    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
-    p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS", help="stop after this many steps")
+    for name, text in TRAINING_STAGES.items():
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--out", default=None, help=f"output folder (default runs/<profile>/{name})")
+        p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+        p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
+        p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                       help="stop after this many steps (checkpointing as configured); resume later")
     return ap
 
 
@@ -112,44 +120,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tokens: {out}  train {sp['train']['tokens']:,} tokens / {sp['train']['docs']:,} docs, "
               f"val {sp['val']['tokens']:,} / {sp['val']['docs']:,}; {meta['tokens_per_s']:,} tokens/s")
         return 0
-    if args.command == "pretrain":
+    if args.command in TRAINING_STAGES:
         import os
 
         from microlm import stages
 
-        out = stages.pretrain(cfg, force=args.force, resume=args.resume, progress=not args.quiet,
-                              out_dir=args.out, stop_after=args.stop_after)
+        out = stages.STAGES[args.command](cfg, force=args.force, resume=args.resume, progress=not args.quiet,
+                                          out_dir=args.out, stop_after=args.stop_after)
         if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
-            rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
-            print(f"pretrain: {out}  {rep['params']:,} params, {rep['steps']} steps, val loss "
-                  f"{rep['final_val_loss']}, bpb {rep['final_val_bpb']}, unigram entropy "
-                  f"{rep['unigram_entropy']:.3f}, {rep['tokens_per_s']} tokens/s")
-        return 0
-    if args.command == "sft":
-        import os
-
-        from microlm import stages
-
-        out = stages.sft(cfg, force=args.force, resume=args.resume, progress=not args.quiet, out_dir=args.out,
-                         stop_after=args.stop_after)
-        if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
-            rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
-            d = rep["train_data"]
-            print(f"sft: {out}  {d['kept']:,} conversations ({d['truncated']} truncated, drops {d['drops']}), "
-                  f"{rep['steps']} steps, held-out loss {rep['first_val_loss']:.3f} -> {rep['final_val_loss']:.3f}")
-        return 0
-    if args.command == "lora":
-        import os
-
-        from microlm import stages
-
-        out = stages.lora(cfg, force=args.force, resume=args.resume, progress=not args.quiet, out_dir=args.out,
-                          stop_after=args.stop_after)
-        if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
-            rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
-            p, b, a = rep["params"], rep["before"] or {}, rep["after"]
-            print(f"lora: {out}  {p['adapter_params']:,} trainable ({p['percent_of_base']} % of the base); "
-                  f"held-out accuracy {b.get('accuracy')} -> {a['accuracy']:.3f} (majority {a['majority_accuracy']:.3f})")
+            print(_summary(args.command, out, json.loads((out / "report.json").read_text(encoding="utf-8"))))
         return 0
     raise AssertionError(args.command)
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from microlm.errors import ConfigError, MicroLMError
-from microlm.model.config import ModelConfig
+from microlm.model.config import LoRAConfig, ModelConfig
 
 PROFILES = ("smoke", "cpu", "gpu")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,13 +122,9 @@ class SFTDataConfig:
 
 
 @dataclass
-class LoRASection:
-    """Stage A7: LoRA adapters (``microlm/model/lora.py``) trained on the sentiment-instruction task."""
+class LoRASection(LoRAConfig):
+    """Stage A7: the adapters (r, alpha, dropout, targets) and the sentiment-instruction task's size."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     train_records: int = 2000
     eval_records: int = 200
 

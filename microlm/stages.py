@@ -107,11 +107,32 @@ def tokens(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: 
     return stage_dir
 
 
+def _training_stage(name: str, cfg: Config, stage_dir: Path, fp: str, conf: dict, inputs: list[dict], *,
+                    device: str, run, metrics, outputs: list[str], force: bool, resume: bool,
+                    stop_after: int | None) -> Path:
+    """The part every training stage shares: skip when fresh, start/stop the process group, run,
+    and (rank 0, finished runs only) write the manifest.  ``run(dist)`` returns the report."""
+    from microlm.train.dist import cleanup_distributed, setup_distributed
+
+    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
+        log.info("%s: up to date (%s), skipped", name, stage_dir)
+        return stage_dir
+    dist = setup_distributed(device)
+    started = time.time()
+    try:
+        report = run(dist)
+        if dist.is_main and stop_after is None:
+            write_manifest(stage_dir, stage=name, fp=fp, config=conf, inputs=inputs, outputs=outputs,
+                           metrics=metrics(report), started=started)
+    finally:
+        cleanup_distributed(dist)
+    return stage_dir
+
+
 def pretrain(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
              out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
     """Stage A5: ``runs/<profile>/pretrain/`` — ``ckpt/`` (safetensors + optimizer + state),
     ``metrics.jsonl``, ``report.json``, ``curves.png``.  Runs under ``torchrun`` as well."""
-    from microlm.train.dist import setup_distributed
     from microlm.train.pretrain import pretrain as run_pretrain
     from microlm.train.trainer import trajectory_config
 
@@ -122,25 +143,14 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False, progress
     conf = {"model": stage_config(cfg, "model"), "pretrain": stage_config(cfg, "pretrain"), "seed": cfg.seed}
     fp = fingerprint({"v": STAGE_VERSIONS["pretrain"], "model": conf["model"], "seed": cfg.seed,
                       "train": trajectory_config(cfg.pretrain), "inputs": [i["digest"] for i in inputs]})
-    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
-        log.info("pretrain: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    dist = setup_distributed(cfg.pretrain.device)
-    started = time.time()
-    try:
-        report = run_pretrain(cfg, tokens_dir, tok_dir, stage_dir, resume=resume, progress=progress,
-                              stop_after=stop_after, dist=dist)
-        if dist.is_main and stop_after is None:
-            metrics = {k: report[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss",
-                                              "final_val_loss", "final_val_bpb", "unigram_entropy")}
-            write_manifest(stage_dir, stage="pretrain", fp=fp, config=conf, inputs=inputs,
-                           outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"], metrics=metrics,
-                           started=started)
-    finally:
-        from microlm.train.dist import cleanup_distributed
-
-        cleanup_distributed(dist)
-    return stage_dir
+    return _training_stage(
+        "pretrain", cfg, stage_dir, fp, conf, inputs, device=cfg.pretrain.device, force=force, resume=resume,
+        stop_after=stop_after,
+        run=lambda dist: run_pretrain(cfg, tokens_dir, tok_dir, stage_dir, resume=resume, progress=progress,
+                                      stop_after=stop_after, dist=dist),
+        metrics=lambda r: {k: r[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss",
+                                             "final_val_loss", "final_val_bpb", "unigram_entropy")},
+        outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"])
 
 
 def sft(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
@@ -149,7 +159,6 @@ def sft(cfg: Config, *, force: bool = False, resume: bool = False, progress: boo
     import glob
 
     from microlm.data.sources import data_root
-    from microlm.train.dist import cleanup_distributed, setup_distributed
     from microlm.train.sft import run_sft
     from microlm.train.trainer import trajectory_config
 
@@ -164,29 +173,19 @@ def sft(cfg: Config, *, force: bool = False, resume: bool = False, progress: boo
     conf = {"sft": stage_config(cfg, "sft"), "sft_data": stage_config(cfg, "sft_data"), "seed": cfg.seed}
     fp = fingerprint({"v": STAGE_VERSIONS["sft"], "train": trajectory_config(cfg.sft), "data": conf["sft_data"],
                       "seed": cfg.seed, "inputs": [i["digest"] for i in inputs]})
-    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
-        log.info("sft: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    dist = setup_distributed(cfg.sft.device)
-    started = time.time()
-    try:
-        report = run_sft(cfg, pre_dir, tok_dir, stage_dir, resume=resume, progress=progress, stop_after=stop_after,
-                         dist=dist)
-        if dist.is_main and stop_after is None:
-            metrics = {k: report[k] for k in ("steps", "first_val_loss", "final_val_loss", "final_train_loss")}
-            metrics["kept"] = report["train_data"]["kept"]
-            write_manifest(stage_dir, stage="sft", fp=fp, config=conf, inputs=inputs,
-                           outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"], metrics=metrics,
-                           started=started)
-    finally:
-        cleanup_distributed(dist)
-    return stage_dir
+    return _training_stage(
+        "sft", cfg, stage_dir, fp, conf, inputs, device=cfg.sft.device, force=force, resume=resume,
+        stop_after=stop_after,
+        run=lambda dist: run_sft(cfg, pre_dir, tok_dir, stage_dir, resume=resume, progress=progress,
+                                 stop_after=stop_after, dist=dist),
+        metrics=lambda r: {**{k: r[k] for k in ("steps", "base_val_loss", "first_val_loss", "final_val_loss",
+                                                 "final_train_loss")}, "kept": r["train_data"]["kept"]},
+        outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"])
 
 
 def lora(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
          out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
     """Stage A7: ``runs/<profile>/lora/`` — LoRA adapters on the SFT model (``adapter/`` in PEFT format)."""
-    from microlm.train.dist import cleanup_distributed, setup_distributed
     from microlm.train.lora import run_lora
     from microlm.train.trainer import trajectory_config
 
@@ -197,26 +196,17 @@ def lora(cfg: Config, *, force: bool = False, resume: bool = False, progress: bo
     conf = {"lora": stage_config(cfg, "lora"), "lora_train": stage_config(cfg, "lora_train"), "seed": cfg.seed}
     fp = fingerprint({"v": STAGE_VERSIONS["lora"], "lora": conf["lora"], "train": trajectory_config(cfg.lora_train),
                       "seed": cfg.seed, "inputs": [i["digest"] for i in inputs]})
-    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
-        log.info("lora: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    dist = setup_distributed(cfg.lora_train.device)
-    started = time.time()
-    try:
-        report = run_lora(cfg, base_dir, tok_dir, stage_dir, resume=resume, progress=progress,
-                          stop_after=stop_after, dist=dist)
-        if dist.is_main and stop_after is None:
-            metrics = {"adapter_params": report["params"]["adapter_params"],
-                       "percent_of_base": report["params"]["percent_of_base"],
-                       "accuracy_after": report["after"]["accuracy"],
-                       "accuracy_before": (report["before"] or {}).get("accuracy"),
-                       "majority_accuracy": report["after"]["majority_accuracy"]}
-            write_manifest(stage_dir, stage="lora", fp=fp, config=conf, inputs=inputs,
-                           outputs=["adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"],
-                           metrics=metrics, started=started)
-    finally:
-        cleanup_distributed(dist)
-    return stage_dir
+    return _training_stage(
+        "lora", cfg, stage_dir, fp, conf, inputs, device=cfg.lora_train.device, force=force, resume=resume,
+        stop_after=stop_after,
+        run=lambda dist: run_lora(cfg, base_dir, tok_dir, stage_dir, resume=resume, progress=progress,
+                                  stop_after=stop_after, dist=dist),
+        metrics=lambda r: {"adapter_params": r["params"]["adapter_params"],
+                           "percent_of_base": r["params"]["percent_of_base"],
+                           "accuracy_before": (r["before"] or {}).get("accuracy"),
+                           "accuracy_after": r["after"]["accuracy"],
+                           "majority_accuracy": r["after"]["majority_accuracy"]},
+        outputs=["adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"])
 
 
 STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft, "lora": lora}

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from microlm.errors import MicroLMError
 
-__all__ = ["ModelConfig", "MODEL_PRESETS"]
+__all__ = ["ModelConfig", "MODEL_PRESETS", "LoRAConfig"]
 
 
 @dataclass
@@ -56,3 +56,17 @@ MODEL_PRESETS = {
     "microlm-cpu": ModelConfig(dim=256, n_layers=4, n_heads=4, hidden_dim=683, max_seq_len=256),
     "microlm-smoke": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=64),
 }
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters: rank, scale ``alpha / r``, dropout, target projection patterns."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r

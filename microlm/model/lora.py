@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microlm.errors import MicroLMError
+from microlm.model.config import LoRAConfig
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_modules", "merge_lora", "unmerge_lora",
            "lora_report", "logical_projections", "adapter_state_dict", "save_adapter", "load_adapter"]
@@ -30,18 +30,6 @@ __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_modules", "merge_lora
 # logical name → (module attribute path inside a layer, slice index within a fused output)
 _ATTN = {"q": ("attn.qkv_proj", 0), "k": ("attn.qkv_proj", 1), "v": ("attn.qkv_proj", 2), "o": ("attn.o_proj", 0)}
 _MLP = {"gate": ("mlp.gate_up_proj", 0), "up": ("mlp.gate_up_proj", 1), "down": ("mlp.down_proj", 0)}
-
-
-@dataclass
-class LoRAConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
 
 def logical_projections(model) -> dict[str, tuple[str, int, int, int]]:

@@ -75,7 +75,7 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
         model = TransformerLM(mc)
         load_checkpoint(base_dir / "ckpt", model, expect={"model": mc.to_dict()}, restore_rng=False)
         before = sentiment_accuracy(model, tok, held) if dist.is_main and not resume else None
-        lcfg = LoRAConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets))
+        lcfg = LoRAConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets))  # without task sizes
         params = apply_lora(model, lcfg)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
         trainer = Trainer(model, tc, out_dir, batches=SFTBatches(train_ex, tc.batch_size, tok.eos_id, cfg.seed),
