@@ -23,7 +23,7 @@ from microlm.model import TransformerLM
 from microlm.model.lora import LoRAConfig, apply_lora, save_adapter
 from microlm.train.checkpoint import load_checkpoint
 from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
-from microlm.train.pretrain import plot_curves, read_metrics
+from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.sft import SFTEvaluator, answer
 from microlm.train.trainer import Trainer
 
@@ -94,9 +94,7 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
             report = {"base": str(base_dir), "params": params, "steps": result["steps"],
                       "seconds_this_run": round(time.time() - t0, 1), "train_data": train_rep.to_dict(),
                       "heldout": len(held), "before": before, "after": after,
-                      "base_val_loss": base_eval["val_loss"] if base_eval else None,
-                      "first_val_loss": evals[0]["val_loss"] if evals else None,
-                      "final_val_loss": evals[-1]["val_loss"] if evals else None}
+                      **loss_fields(train, evals, base_eval)}
             write_json(out_dir / "report.json", report)
             plot_curves(out_dir, train, evals)
         return report

@@ -175,6 +175,14 @@ def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def loss_fields(train: list[dict], evals: list[dict], base_eval: dict | None) -> dict:
+    """Held-out loss before training, at the first and last eval, and the last train loss."""
+    return {"base_val_loss": base_eval["val_loss"] if base_eval else None,
+            "first_val_loss": evals[0]["val_loss"] if evals else None,
+            "final_val_loss": evals[-1]["val_loss"] if evals else None,
+            "final_train_loss": train[-1]["loss"] if train else None}
+
+
 def summarize(out_dir: Path, cfg: Config, n_params: int, train_bin: Path, seconds: float, result: dict,
               world: int) -> dict:
     train, evals = read_metrics(out_dir)

@@ -21,7 +21,7 @@ from microlm.io import write_json
 from microlm.model import TransformerLM
 from microlm.train.checkpoint import load_checkpoint
 from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
-from microlm.train.pretrain import plot_curves, read_metrics
+from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.trainer import Trainer
 
 __all__ = ["sft_records", "SFTEvaluator", "answer", "run_sft"]
@@ -135,10 +135,7 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
             report = {
                 "inputs": files, "train_data": train_rep.to_dict(), "val_data": val_rep.to_dict(),
                 "steps": result["steps"], "seconds_this_run": round(time.time() - t0, 1),
-                "base_val_loss": base_eval["val_loss"] if base_eval else None,
-                "first_val_loss": evals[0]["val_loss"] if evals else None,
-                "final_val_loss": evals[-1]["val_loss"] if evals else None,
-                "final_train_loss": train[-1]["loss"] if train else None,
+                **loss_fields(train, evals, base_eval),
                 "answers": [{"question": q, "before": b, "after": a}
                             for q, b, a in zip(questions, before or [None] * len(questions), after, strict=True)],
                 "padding": "padded to the longest conversation in each batch; loss on assistant tokens only",
