@@ -124,11 +124,14 @@ class SFTReport:
                 "drops": dict(self.drops), "tokens": self.tokens, "trained_tokens": self.trained_tokens}
 
 
-def encode_records(tok, records, max_len: int) -> tuple[list[SFTExample], SFTReport]:
-    """Encode an iterable of records (dicts or JSON lines); bad ones are counted by reason."""
+def encode_records(tok, records, max_len: int, max_kept: int | None = None) -> tuple[list[SFTExample], SFTReport]:
+    """Encode an iterable of records (dicts or JSON lines); bad ones are counted by reason.
+    ``max_kept``: stop once that many conversations are usable (held-out sets: the first N that fit)."""
     rep = SFTReport()
     out = []
     for rec in records:
+        if max_kept is not None and rep.kept >= max_kept:
+            break
         rep.records += 1
         try:
             ids, mask, truncated = encode_conversation(tok, parse_conversation(rec), max_len)

@@ -110,9 +110,10 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         if not train_ex:
             raise MicroLMError(f"no usable sft training conversations: {train_rep.to_dict()} "
                                f"(a longer sft.seq_len may help)")
-        val_ex, val_rep = encode_records(tok, held_recs[: cfg.sft_data.val_records], tc.seq_len)
+        val_ex, val_rep = encode_records(tok, held_recs, tc.seq_len, max_kept=cfg.sft_data.val_records)
         if not val_ex:
-            raise MicroLMError("no usable held-out SFT conversations")
+            raise MicroLMError(f"no usable held-out SFT conversations: {val_rep.to_dict()} "
+                               f"(a longer sft.seq_len may help)")
         torch.manual_seed(cfg.seed)
         model = TransformerLM(mc)
         load_checkpoint(pre_dir / "ckpt", model, expect={"model": mc.to_dict()}, restore_rng=False)
