@@ -104,32 +104,6 @@ def bench_train(name: str, cfg, seq: int, batch: int, rounds: int, steps: int, p
     return res
 
 
-@torch.no_grad()
-def bench_decode(cfg, new_tokens: int, reps: int) -> dict:
-    torch.manual_seed(0)
-    m = TransformerLM(cfg).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, 16))
-    out = {}
-    for use_cache in (True, False):
-        m.generate(prompt, 8, temperature=0, use_cache=use_cache)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            g = m.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
-            times.append(time.perf_counter() - t0)
-        out["cache" if use_cache else "no_cache"] = {"seconds": round(statistics.median(times), 3),
-                                                     "tokens_per_s": round(new_tokens / statistics.median(times), 1)}
-        out.setdefault("tokens", []).append(g[0, 16:].tolist())
-    same = out.pop("tokens")
-    out["identical_tokens"] = same[0] == same[1]
-    out["speedup"] = round(out["no_cache"]["seconds"] / out["cache"]["seconds"], 2)
-    out["new_tokens"] = new_tokens
-    print(f"[bench] decode {new_tokens} tokens: cache {out['cache']['tokens_per_s']} tok/s | no cache "
-          f"{out['no_cache']['tokens_per_s']} tok/s | x{out['speedup']} | identical: {out['identical_tokens']}",
-          flush=True)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -143,8 +117,6 @@ def main() -> None:
                "gemm_peak_gflops": round(peak, 1), "quick": args.quick}
     results["train_31.7m"] = bench_train("microlm-31.7m", MODEL_PRESETS["microlm-31.7m"], 512, 4, rounds, steps, peak)
     results["train_cpu"] = bench_train("microlm-cpu", MODEL_PRESETS["microlm-cpu"], 256, 16, rounds, steps, peak)
-    results["decode_31.7m"] = bench_decode(MODEL_PRESETS["microlm-31.7m"], 64 if args.quick else 256,
-                                           1 if args.quick else 3)
     name = "model_quick.json" if args.quick else "model.json"
     write_json(REPO / "benchmarks" / "results" / name, results)
     print(f"[bench] wrote benchmarks/results/{name}")

@@ -40,6 +40,7 @@ import torch
 from microlm import stages
 from microlm.config import load_config
 from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM
+from microlm.infer import generate_ids
 from microlm.model.transformer import apply_rope, rope_tables
 from microlm.tokenizer import Tokenizer
 from microlm.train.checkpoint import load_checkpoint
@@ -177,11 +178,11 @@ cached = torch.cat(parts, dim=1)
 err = (cached - full).abs().max().item()
 print(f"max |cached − uncached| logit difference: {err:.2e}")
 assert err < 1e-4
-prompt = torch.tensor([tok.encode("中国的首都是")])
-g1 = model.generate(prompt, 24, temperature=0, use_cache=True)
-g2 = model.generate(prompt, 24, temperature=0, use_cache=False)
-print(tok.decode(g1[0].tolist()))
-assert torch.equal(g1, g2), "greedy tokens identical with and without the cache"
+prompt = tok.encode("中国的首都是")
+g1 = generate_ids(model, [prompt], max_new_tokens=24, temperature=0, use_cache=True)[0]
+g2 = generate_ids(model, [prompt], max_new_tokens=24, temperature=0, use_cache=False)[0]
+print(tok.decode(prompt + g1))
+assert g1 == g2, "greedy tokens identical with and without the cache"
 
 # %% [markdown]
 # ## 6 · Why the cache matters: time per generated token

@@ -7,7 +7,7 @@ The reference config ``microlm-31.7m`` (hidden 512, 8 layers, 8 heads of 64, Swi
 6400, untied embeddings) has exactly 31,724,032 parameters (a test pins it).
 
 A preallocated ``KVCache`` supports a prefill of the prompt and then one-token decode steps; the
-cached and uncached forward passes agree (tested).
+cached and uncached forward passes agree (tested).  Decoding loops live in ``microlm.infer``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
+                mask: torch.Tensor | None = None):
         b, t, _ = x.shape
         qk, v = self.qkv_proj(x).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
         # rotate q and k heads in one go, then split them
@@ -112,10 +113,13 @@ class Attention(nn.Module):
         weights = None
         if need_weights:  # explicit softmax, for the notebook's heatmap
             att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if mask is None:
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
             att = att.masked_fill(~mask, float("-inf")).softmax(-1)
             weights = att
             y = att @ v
+        elif mask is not None:  # left-padded batch: (B, 1, T, past + T), True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, dropout_p=drop)
         elif t == 1:  # one new token attends to everything cached
@@ -149,8 +153,8 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, need_weights=False):
-        a, w = self.attn(self.input_norm(x), cos, sin, cache, layer, need_weights)
+    def forward(self, x, cos, sin, cache=None, layer=0, need_weights=False, mask=None):
+        a, w = self.attn(self.input_norm(x), cos, sin, cache, layer, need_weights, mask)
         x = x + a
         x = x + self.mlp(self.post_attn_norm(x))
         return x, w
@@ -185,19 +189,36 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                need_weights: bool = False, ignore_index: int = -100):
+                need_weights: bool = False, ignore_index: int = -100, pad_mask: torch.Tensor | None = None):
         """Logits ``(B, T, vocab)``, and the mean cross-entropy when ``targets`` are given
         (positions equal to ``ignore_index`` do not count).  With ``cache``, ``idx`` continues the
-        cached sequence and the cache advances by ``T``."""
+        cached sequence and the cache advances by ``T``.
+
+        ``pad_mask`` (left-padded batches): ``(B, past + T)`` bool, True for real tokens, covering the
+        cached tokens and ``idx``.  Pads are never attended to and each row's positions count its
+        real tokens only (as ``position_ids = cumsum(attention_mask) - 1`` in transformers), so a
+        padded row computes what it would alone."""
         b, t = idx.shape
         start = cache.pos if cache is not None else 0
         if start + t > self.rope_cos.shape[0]:
             raise MicroLMError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        mask = None
+        if pad_mask is None:
+            cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        else:
+            if pad_mask.shape != (b, start + t):
+                raise MicroLMError(f"pad_mask has shape {tuple(pad_mask.shape)}, expected {(b, start + t)}")
+            pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            causal = torch.ones(t, start + t, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+            # a pad query still sees itself, so no softmax row is empty (no NaN to leak into values)
+            diag = torch.zeros_like(causal)
+            diag[:, start:] = torch.eye(t, dtype=torch.bool, device=idx.device)
+            mask = ((causal & pad_mask[:, None, :]) | diag).unsqueeze(1)
         x = self.drop(self.embed(idx))
         weights = []
         for i, layer in enumerate(self.layers):
-            x, w = layer(x, cos, sin, cache, i, need_weights)
+            x, w = layer(x, cos, sin, cache, i, need_weights, mask)
             weights.append(w)
         if cache is not None:
             cache.advance(t)
@@ -221,40 +242,6 @@ class TransformerLM(nn.Module):
         """Training FLOPs per token (forward + backward ≈ 6·N + attention), as in nanoGPT/PaLM."""
         n = self.num_parameters() - self.embed.weight.numel() * (0 if self.cfg.tie_embeddings else 1)
         return 6 * n + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, eos_id: int | None = None, generator: torch.Generator | None = None):
-        """Sample continuations (greedy when ``temperature == 0``)."""
-        self.eval()
-        b, t0 = idx.shape
-        total = t0 + max_new_tokens
-        if total > self.cfg.max_seq_len and use_cache:
-            raise MicroLMError(f"prompt + new tokens = {total} > max_seq_len {self.cfg.max_seq_len}")
-        cache = self.new_cache(b, total) if use_cache else None
-        out = idx
-        nxt = idx
-        done = torch.zeros(b, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits, _ = self(nxt, cache=cache)
-            else:
-                logits, _ = self(out[:, -self.cfg.max_seq_len:])
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            out = torch.cat([out, nxt], dim=1)
-            if eos_id is not None:
-                done |= nxt.squeeze(1) == eos_id
-                if bool(done.all()):
-                    break
-        return out
 
 
 def count_parameters(model: nn.Module) -> int:

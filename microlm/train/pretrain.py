@@ -102,16 +102,17 @@ class Sampler:
         self.tok, self.prompts, self.n, self.device, self.seed = tokenizer, prompts, n_tokens, device, seed
 
     def __call__(self, model: TransformerLM) -> list[str]:
+        from microlm.infer.generate import GenerationConfig, generate_ids
+
         out = []
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
         for p in self.prompts:
-            ids = torch.tensor([self.tok.encode(p)], device=self.device)
-            n = min(self.n, model.cfg.max_seq_len - ids.shape[1])
-            state = torch.get_rng_state()
-            gen = model.generate(ids, n, temperature=0.8, top_k=20, eos_id=self.tok.eos_id,
-                                 generator=g if self.device == "cpu" else None)
-            torch.set_rng_state(state)  # sampling must not move the training RNG
-            out.append(self.tok.decode(gen[0].tolist()))
+            ids = self.tok.encode(p)
+            n = min(self.n, model.cfg.max_seq_len - len(ids))
+            # its own seeded generator: sampling never moves the training RNG
+            gen = GenerationConfig(max_new_tokens=n, temperature=0.8, top_k=20, top_p=1.0, repetition_penalty=1.0,
+                                   seed=self.seed)
+            new = generate_ids(model, [ids], gen, stop_ids=[self.tok.eos_id], pad_id=self.tok.eos_id)[0]
+            out.append(self.tok.decode(ids + new))
         model.train()
         return out
 

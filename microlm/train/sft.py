@@ -79,19 +79,12 @@ class SFTEvaluator:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
 
 
-@torch.no_grad()
 def answer(model, tok, question: str, max_new: int = 48) -> str:
-    """Greedy ChatML answer, cut at ``<|im_end|>``."""
-    ids = tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
-    ids = ids[-(model.cfg.max_seq_len - max_new):]
-    dev = next(model.parameters()).device
-    out = model.generate(torch.tensor([ids], device=dev), max_new, temperature=0,
-                         eos_id=tok.special_ids["<|im_end|>"])
-    new = out[0, len(ids):].tolist()
-    end = tok.special_ids["<|im_end|>"]
-    if end in new:
-        new = new[:new.index(end)]
-    return tok.decode(new)
+    """Greedy ChatML answer (no repetition penalty), cut at ``<|im_end|>``."""
+    from microlm.infer.generate import generate_text
+
+    return generate_text(model, tok, question, chat=True, temperature=0, repetition_penalty=1.0,
+                         max_new_tokens=min(max_new, model.cfg.max_seq_len - 8), context="truncate").text
 
 
 def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume: bool = False, progress: bool = True,
