@@ -39,8 +39,8 @@ import torch
 
 from microlm import stages
 from microlm.config import load_config
-from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM
 from microlm.infer import generate_ids
+from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM
 from microlm.model.transformer import apply_rope, rope_tables
 from microlm.tokenizer import Tokenizer
 from microlm.train.checkpoint import load_checkpoint
