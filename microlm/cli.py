@@ -70,6 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="train again even if inputs and config are unchanged")
         p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                        help="stop after this many steps (checkpointing as configured); resume later")
+    p = sub.add_parser("export-hf", help="A8: export a model as a transformers/vLLM-loadable Llama folder (runs/<p>/hf)")
+    _common(p)
+    p.add_argument("--source", default="sft", choices=["sft", "pretrain", "lora"],
+                   help="which stage's model (lora: the SFT model with the adapter merged)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<profile>/hf)")
+    p.add_argument("--force", action="store_true", help="export again even if nothing changed")
+
+    p = sub.add_parser("import-hf", help="A8: a Llama-layout Hugging Face folder → our checkpoint + tokenizer")
+    _common(p)
+    p.add_argument("folder", help="Hugging Face model folder (config.json, model*.safetensors, tokenizer.json)")
+    p.add_argument("--out", required=True, help="output folder: <out>/ckpt and <out>/tokenizer")
+
+    p = sub.add_parser("chat", help="A8: chat with a model in the terminal (or stdin → stdout)")
+    _common(p)
+    p.add_argument("--model", default=None,
+                   help="a stage folder (runs/<p>/sft), a checkpoint folder or a Hugging Face folder "
+                        "(default: the profile's sft stage)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the model)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/<p>/lora/adapter)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--device", default="cpu")
+    for flag, typ in (("max-new-tokens", int), ("temperature", float), ("top-k", int), ("top-p", float),
+                      ("repetition-penalty", float), ("seed", int)):
+        p.add_argument(f"--{flag}", type=typ, default=None, help="default: the config's generate section")
+    p.add_argument("--context", choices=["error", "truncate"], default=None)
+    p.add_argument("--json", action="store_true", help="non-interactive: one JSON object per answer")
     return ap
 
 
@@ -130,7 +156,52 @@ def _run(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0 and (out / "report.json").exists():
             print(_summary(args.command, out, json.loads((out / "report.json").read_text(encoding="utf-8"))))
         return 0
+    if args.command == "export-hf":
+        from microlm import stages
+
+        out = stages.hf(cfg, source=args.source, force=args.force, progress=not args.quiet, out_dir=args.out)
+        chk = json.loads((out / "report.json").read_text(encoding="utf-8"))["check"]
+        verdict = (f"transformers {chk['transformers']}: max |Δlogit| {chk['logits_max_abs_diff']:.1e}, greedy "
+                   f"tokens equal {chk['greedy_tokens_equal']}, chat template equal {chk['chat_template_equal']}"
+                   if chk["checked"] else f"not checked ({chk['why']})")
+        print(f"export-hf: {out}  ({args.source}); {verdict}")
+        return 0
+    if args.command == "import-hf":
+        from microlm.model.hf_export import import_checkpoint
+
+        out = import_checkpoint(args.folder, args.out)
+        print(f"import-hf: {out}/ckpt + {out}/tokenizer  (load with microlm.infer.chat.load_model or "
+              f"microlm chat --model {out})")
+        return 0
+    if args.command == "chat":
+        return _chat(args, cfg)
     raise AssertionError(args.command)
+
+
+def _chat(args: argparse.Namespace, cfg) -> int:
+    import dataclasses
+
+    from microlm.infer.chat import ChatSession, load_model, run_chat
+
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+             "context": args.context}
+    gen = dataclasses.replace(cfg.generate, **{k: v for k, v in flags.items() if v is not None}).validate()
+    if args.model is None:
+        from microlm import stages
+
+        model_dir, tok_dir = stages.upstream("sft", cfg), stages.upstream("tokenizer", cfg)
+    else:
+        model_dir, tok_dir = args.model, args.tokenizer
+    model, tok = load_model(model_dir, tokenizer=tok_dir, adapter=args.adapter, device=args.device)
+    # undecodable input bytes become U+FFFD (and a warning) instead of a crash
+    for stream in (sys.stdin,):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8", errors="replace")
+    return run_chat(ChatSession(model, tok, gen, system=args.system), json_lines=args.json,
+                    interactive=False if args.json else None)
 
 
 if __name__ == "__main__":

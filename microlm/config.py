@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from microlm.errors import ConfigError, MicroLMError
+from microlm.infer.config import GenerationConfig
 from microlm.model.config import LoRAConfig, ModelConfig
 
 PROFILES = ("smoke", "cpu", "gpu")
@@ -154,6 +155,7 @@ class Config:
     sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
     lora: LoRASection = field(default_factory=LoRASection)
     lora_train: TrainConfig = field(default_factory=_lora_train)
+    generate: GenerationConfig = field(default_factory=GenerationConfig)  # A8: chat, export defaults
 
     @property
     def run_path(self) -> Path:
@@ -247,10 +249,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(msg)
     for name in ("pretrain", "sft", "lora_train"):
         _validate_train(name, getattr(cfg, name))
-    try:
-        cfg.model.validate()
-    except MicroLMError as e:
-        raise ConfigError(str(e)) from None
+    for section in (cfg.model, cfg.generate):
+        try:
+            section.validate()
+        except MicroLMError as e:
+            raise ConfigError(f"{'model' if section is cfg.model else 'generate'}: {e}") from None
     if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
         raise ConfigError("lora: need r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target")
     for name in ("pretrain", "sft", "lora_train"):

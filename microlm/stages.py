@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 from microlm.config import Config, stage_config
+from microlm.errors import MicroLMError
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "hf", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 2, "lora": 2}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 2, "lora": 2, "hf": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -209,7 +210,50 @@ def lora(cfg: Config, *, force: bool = False, resume: bool = False, progress: bo
         outputs=["adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"])
 
 
-STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft, "lora": lora}
+EXPORT_SOURCES = ("sft", "pretrain", "lora")
+
+
+def hf(cfg: Config, *, source: str = "sft", force: bool = False, progress: bool = True,
+       out_dir: str | Path | None = None) -> Path:
+    """Stage A8: ``runs/<profile>/hf/`` — the ``source`` model (``lora``: the SFT model with the
+    adapter merged) as a transformers/vLLM-loadable Llama folder, checked against ours when
+    transformers is installed (``report.json``)."""
+    from microlm.infer.chat import load_model
+    from microlm.io import write_json
+    from microlm.model.hf_export import export_hf, verify_export
+
+    if source not in EXPORT_SOURCES:
+        raise MicroLMError(f"export source must be one of {EXPORT_SOURCES}, got {source!r}")
+    model_dir = upstream("sft" if source == "lora" else source, cfg, progress=progress)
+    tok_dir = upstream("tokenizer", cfg, progress=progress)
+    adapter = upstream("lora", cfg, progress=progress) / "adapter" if source == "lora" else None
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "hf"
+    inputs = _digests(model_dir / "ckpt", ["model.safetensors"]) + _digests(tok_dir, ["vocab.json", "merges.txt"])
+    if adapter is not None:
+        inputs += _digests(adapter, ["adapter_model.safetensors", "adapter_config.json"])
+    conf = {"source": source, "generate": stage_config(cfg, "generate")}
+    fp = fingerprint({"v": STAGE_VERSIONS["hf"], "config": conf, "inputs": [i["digest"] for i in inputs]})
+    if not force and is_fresh(stage_dir, fp):
+        log.info("hf: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    started = time.time()
+    model, tok = load_model(model_dir, tokenizer=tok_dir, adapter=adapter)
+    export_hf(model, tok, stage_dir, cfg.generate, source={"stage": source, "folder": str(model_dir),
+                                                          "adapter": str(adapter) if adapter else None})
+    check = verify_export(stage_dir, model, tok)
+    write_json(stage_dir / "report.json", {"source": source, "params": model.num_parameters(), "check": check})
+    if check["checked"] and not (check["logits_max_abs_diff"] <= 1e-4 and check["greedy_tokens_equal"]
+                                 and check["chat_template_equal"] and check["tokenizer_ids_equal"]):
+        raise MicroLMError(f"the exported model does not match ours: {check}")
+    write_manifest(stage_dir, stage="hf", fp=fp, config=conf, inputs=inputs, started=started,
+                   outputs=["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                            "generation_config.json", "report.json"],
+                   metrics={k: check.get(k) for k in ("checked", "logits_max_abs_diff", "greedy_tokens_equal")})
+    return stage_dir
+
+
+STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft, "lora": lora,
+          "hf": hf}
 
 
 def require(stage: str, cfg: Config, **kw) -> Path:

@@ -1,5 +1,19 @@
-"""Stage A8: generation, chat and (with ``microlm.model.hf_export``) the Hugging Face export."""
+"""Stage A8: generation, chat and (with ``microlm.model.hf_export``) the Hugging Face export.
 
-from microlm.infer.generate import Generation, GenerationConfig, generate_ids, generate_text, stream_text
+Names are imported lazily, so ``from microlm.infer.config import GenerationConfig`` needs no torch.
+"""
 
-__all__ = ["Generation", "GenerationConfig", "generate_ids", "generate_text", "stream_text"]
+from __future__ import annotations
+
+from importlib import import_module
+
+_WHERE = {"GenerationConfig": "config", "Generation": "generate", "generate_ids": "generate",
+          "generate_text": "generate", "stream_text": "generate", "ChatSession": "chat"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"microlm.infer.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'microlm.infer' has no attribute {name!r}")

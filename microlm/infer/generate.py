@@ -14,54 +14,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.infer.config import GenerationConfig
 
 __all__ = ["GenerationConfig", "Generation", "generate_ids", "generate_text", "stream_text", "process_logits",
            "fit_prompt", "stop_ids_of", "decode_steps"]
-
-CONTEXT_MODES = ("error", "truncate")
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings.  ``temperature == 0`` is greedy; ``top_k = 0`` and ``top_p = 1`` switch
-    those filters off; ``repetition_penalty = 1`` is no penalty.  ``context``: what to do when
-    prompt + ``max_new_tokens`` exceed the model's window — ``"error"``, or ``"truncate"`` (keep
-    the prompt's last tokens: a sliding window over the left side)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_k: int = 50
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # extra stop strings (not part of the output)
-    ignore_eos: bool = False  # keep going past <|im_end|>/<|endoftext|> (benchmarks)
-    use_cache: bool = True
-    context: str = "truncate"
-
-    def validate(self) -> GenerationConfig:
-        checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.context in CONTEXT_MODES, f"context must be one of {CONTEXT_MODES}, got {self.context!r}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise MicroLMError(msg)
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Generation:
@@ -133,11 +94,13 @@ def _choose(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Genera
 
 @torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], gen: GenerationConfig, *, stop_ids: list[int] = (),
-                 pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 pad_id: int = 0, n_ids: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(next ids (B,), finished (B,))`` once per new token.
 
     Prompts of different lengths are left-padded with ``pad_id``; a finished row keeps receiving
-    ``pad_id`` (ignore it).  The caller may stop iterating at any time (stop strings, Ctrl-C).
+    ``pad_id`` (ignore it).  ``n_ids``: the tokenizer's size when the model's vocab is larger
+    (padded embeddings): ids from ``n_ids`` on are never chosen.  The caller may stop iterating at
+    any time (stop strings, Ctrl-C).
     """
     gen.validate()
     model.eval()
@@ -172,7 +135,11 @@ def decode_steps(model, prompts: list[list[int]], gen: GenerationConfig, *, stop
             logits, _ = model(step_in, cache=cache, pad_mask=mask)
         else:
             logits, _ = model(seq, pad_mask=mask)
-        nxt = _choose(process_logits(logits[:, -1, :], gen, seen), gen, generator)
+        last = logits[:, -1, :]
+        if n_ids is not None and n_ids < last.shape[-1]:
+            last = last.clone()
+            last[:, n_ids:] = float("-inf")
+        nxt = _choose(process_logits(last, gen, seen), gen, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if stops.numel():
             done = done | torch.isin(nxt, stops)
@@ -241,7 +208,8 @@ def stream_text(model, tok, prompt, gen: GenerationConfig | None = None, *, chat
     text, shown, new = "", 0, []
     reason, at = "length", None
     t0 = time.perf_counter()
-    for nxt, done in decode_steps(model, [ids], gen, stop_ids=stops, pad_id=tok.eos_id or 0):
+    for nxt, done in decode_steps(model, [ids], gen, stop_ids=stops, pad_id=tok.eos_id or 0,
+                                    n_ids=tok.vocab_size):
         if bool(done[0]):
             reason = "stop"
             break
@@ -301,7 +269,8 @@ def generate_text(model, tok, prompts, gen: GenerationConfig | None = None, *, c
     decs = [tok.stream_decoder() for _ in batch]
     cut_at: list[bool] = [False] * len(batch)
     t0 = time.perf_counter()
-    for nxt, done in decode_steps(model, [p[0] for p in prepared], gen, stop_ids=stops, pad_id=tok.eos_id or 0):
+    for nxt, done in decode_steps(model, [p[0] for p in prepared], gen, stop_ids=stops, pad_id=tok.eos_id or 0,
+                                    n_ids=tok.vocab_size):
         _collect(outs, nxt, done)
         if gen.stop:
             for i, o in enumerate(outs):

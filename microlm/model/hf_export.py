@@ -1,9 +1,15 @@
-"""The Llama-layout view of a TransformerLM: state-dict names, ``LlamaConfig`` and a minimal
-transformers-loadable folder (``config.json`` + ``model.safetensors``).
+"""Stage A8: the Hugging Face view of a TransformerLM, both ways.
+
+``export_hf`` writes a folder that ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` (and
+vLLM) load without custom code: Llama ``config.json``, ``model.safetensors``, ``tokenizer.json``,
+``tokenizer_config.json`` (ChatML chat template), ``generation_config.json`` (both stop ids, our
+sampling defaults).  ``import_hf`` reads such a folder — or any Llama-layout checkpoint with a
+byte-level BPE ``tokenizer.json`` — back into a TransformerLM and our Tokenizer, so it can be
+trained further with our trainer.
 
 Our RoPE uses the same rotate-half layout as Hugging Face's Llama, so weights map one to one; the
 fused ``qkv_proj`` / ``gate_up_proj`` matrices are split into ``q_proj, k_proj, v_proj`` and
-``gate_proj, up_proj``.  (Stage A8 builds the full export — tokenizer, generation config, checks.)
+``gate_proj, up_proj`` (and fused again on import).
 """
 
 from __future__ import annotations
@@ -13,23 +19,27 @@ from pathlib import Path
 
 import torch
 
+from microlm.errors import MicroLMError
 from microlm.model.config import ModelConfig
 
-__all__ = ["llama_config", "to_llama_state_dict", "export_llama", "LLAMA_PROJ"]
+__all__ = ["llama_config", "to_llama_state_dict", "export_llama", "export_hf", "import_hf", "model_config_from_llama",
+           "from_llama_state_dict", "tokenizer_from_hf", "generation_config", "import_checkpoint",
+           "verify_export", "LLAMA_PROJ"]
 
 # our logical projection name → the Llama module that holds it
 LLAMA_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def llama_config(cfg: ModelConfig) -> dict:
+def llama_config(cfg: ModelConfig, eos_id: int = 2, pad_id: int = 0) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-        "mlp_bias": False, "torch_dtype": "float32", "bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0,
+        "mlp_bias": False, "torch_dtype": "float32", "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id,
+        "rope_scaling": None, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
     }
 
 
@@ -65,8 +75,8 @@ def to_llama_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def export_llama(model, out_dir: str | Path) -> Path:
-    """A minimal folder ``LlamaForCausalLM.from_pretrained`` loads (weights + config only)."""
+def export_llama(model, out_dir: str | Path, eos_id: int = 2, pad_id: int = 0) -> Path:
+    """Weights + ``config.json`` only (``LlamaForCausalLM.from_pretrained`` loads it; no tokenizer)."""
     from safetensors.torch import save_file
 
     from microlm.io import write_json
@@ -74,9 +84,191 @@ def export_llama(model, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_llama_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_json(out / "config.json", llama_config(model.cfg))
+    write_json(out / "config.json", llama_config(model.cfg, eos_id, pad_id))
     return out
 
 
-def read_llama_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+def generation_config(tok, gen) -> dict:
+    """``generation_config.json``: stop at ``<|im_end|>`` or ``<|endoftext|>``; our sampling defaults."""
+    from microlm.infer.generate import stop_ids_of
+
+    out = {"bos_token_id": None, "eos_token_id": stop_ids_of(tok), "pad_token_id": tok.eos_id,
+           "max_new_tokens": gen.max_new_tokens, "repetition_penalty": gen.repetition_penalty}
+    if gen.temperature > 0:
+        out.update(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    else:
+        out["do_sample"] = False
+    return out
+
+
+def export_hf(model, tok, out_dir: str | Path, gen=None, *, source: dict | None = None) -> Path:
+    """The full transformers-loadable folder (see the module docstring); LoRA layers are merged
+    into a copy of the weights first.  Replaced atomically."""
+    import copy
+
+    from microlm.infer.config import GenerationConfig
+    from microlm.io import staged_dir, write_json
+    from microlm.model.lora import lora_modules, merge_lora
+    from microlm.tokenizer.hf import write_hf_tokenizer
+
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise MicroLMError(f"tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
+    if lora_modules(model):
+        model = copy.deepcopy(model)
+        merge_lora(model)
+    gen = gen or GenerationConfig()
+    eos = tok.special_ids.get("<|im_end|>", tok.eos_id)
+    with staged_dir(Path(out_dir)) as tmp:
+        export_llama(model, tmp, eos_id=eos, pad_id=tok.eos_id)
+        write_hf_tokenizer(tok, tmp)
+        write_json(tmp / "generation_config.json", generation_config(tok, gen))
+        write_json(tmp / "microlm_export.json", {"model": model.cfg.to_dict(), "source": source or {},
+                                                 "tokenizer": {"pattern": tok.pattern,
+                                                               "special_tokens": tok.special_tokens}})
+    return Path(out_dir)
+
+
+def model_config_from_llama(conf: dict) -> ModelConfig:
+    """Our ModelConfig for a Llama ``config.json``; what we cannot represent is a one-line error."""
+    arch = conf.get("model_type")
+    if arch != "llama":
+        raise MicroLMError(f"only Llama-layout checkpoints can be imported, this one is model_type={arch!r}")
+    unsupported = [k for k in ("attention_bias", "mlp_bias") if conf.get(k)]
+    if conf.get("rope_scaling"):
+        unsupported.append("rope_scaling")
+    if conf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={conf['hidden_act']}")
+    heads = conf["num_attention_heads"]
+    if conf.get("head_dim") not in (None, conf["hidden_size"] // heads):
+        unsupported.append(f"head_dim={conf['head_dim']} != hidden_size / heads")
+    if unsupported:
+        raise MicroLMError(f"Llama features MicroLM does not implement: {', '.join(unsupported)}")
+    return ModelConfig(vocab_size=conf["vocab_size"], dim=conf["hidden_size"], n_layers=conf["num_hidden_layers"],
+                       n_heads=heads, n_kv_heads=conf.get("num_key_value_heads") or heads,
+                       hidden_dim=conf["intermediate_size"], max_seq_len=conf.get("max_position_embeddings", 2048),
+                       rope_theta=float(conf.get("rope_theta", 10000.0)), norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
+                       tie_embeddings=bool(conf.get("tie_word_embeddings", False))).validate()
+
+
+def from_llama_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama names → our names (q/k/v and gate/up fused again); missing tensors are an error."""
+    def take(name):
+        if name not in sd:
+            raise MicroLMError(f"checkpoint lacks tensor {name}")
+        return sd[name]
+
+    out = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else take("lm_head.weight")
+    for i in range(cfg.n_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        out.update({
+            q + "input_norm.weight": take(p + "input_layernorm.weight"),
+            q + "post_attn_norm.weight": take(p + "post_attention_layernorm.weight"),
+            q + "attn.qkv_proj.weight": torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+            q + "attn.o_proj.weight": take(p + "self_attn.o_proj.weight"),
+            q + "mlp.gate_up_proj.weight": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+            q + "mlp.down_proj.weight": take(p + "mlp.down_proj.weight"),
+        })
+    return out
+
+
+def tokenizer_from_hf(folder: str | Path):
+    """Our Tokenizer from a byte-level BPE ``tokenizer.json`` (ours, or e.g. Qwen2's): vocab, merges,
+    the ``Split`` regex and the special (added) tokens."""
+    from microlm.tokenizer import Tokenizer
+    from microlm.tokenizer.bytes_unicode import text_to_bytes
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise MicroLMError(f"no tokenizer.json in {folder}")
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise MicroLMError(f"{path}: only byte-level BPE tokenizers can be imported (model type {model.get('type')!r})")
+    pre = tj.get("pre_tokenizer") or {}
+    splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
+    if not splits:
+        raise MicroLMError(f"{path}: no Split pre-tokenizer regex to reproduce")
+    specials = [t["content"] for t in sorted(tj.get("added_tokens", []), key=lambda t: t["id"]) if t.get("special")]
+    spec_ids = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    vocab = {int(i): (t.encode("utf-8") if t in spec_ids else text_to_bytes(t)) for t, i in model["vocab"].items()}
+    vocab.update({i: s.encode("utf-8") for s, i in spec_ids.items()})
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return Tokenizer(vocab, [(text_to_bytes(a), text_to_bytes(b)) for a, b in merges], specials,
+                     pattern=splits[0]["pattern"]["Regex"])
+
+
+def import_hf(folder: str | Path, *, device: str = "cpu"):
+    """``(TransformerLM, Tokenizer)`` from a transformers Llama folder (fp32 weights)."""
+    from safetensors.torch import load_file
+
+    from microlm.model.transformer import TransformerLM
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise MicroLMError(f"not a Hugging Face model folder (no config.json): {folder}")
+    cfg = model_config_from_llama(json.loads(cfg_path.read_text(encoding="utf-8")))
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise MicroLMError(f"no model*.safetensors in {folder}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    model = TransformerLM(cfg)
+    ours = from_llama_state_dict(sd, cfg)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
+    if missing or unexpected:
+        raise MicroLMError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval(), tokenizer_from_hf(folder)
+
+
+def import_checkpoint(folder: str | Path, out_dir: str | Path) -> Path:
+    """``import_hf`` written as our checkpoint (``<out>/ckpt``, step 0) + ``<out>/tokenizer``, so the
+    trainer (``Trainer``, ``load_checkpoint``) and ``microlm chat --model <out>`` can use it."""
+    from microlm.train.checkpoint import save_checkpoint
+
+    model, tok = import_hf(folder)
+    out = Path(out_dir)
+    save_checkpoint(out / "ckpt", model, None, {"step": 0, "model": model.cfg.to_dict(), "stage": "import-hf",
+                                                "source": str(Path(folder).resolve())})
+    tok.save(out / "tokenizer")
+    return out
+
+
+VERIFY_PROMPTS = ["中国的首都是哪里？", "请写一首关于春天的短诗。", "Hello, how are you? 你好！"]
+
+
+def verify_export(folder: str | Path, model, tok, prompts: list[str] = VERIFY_PROMPTS, new_tokens: int = 32) -> dict:
+    """Load ``folder`` with transformers and compare it with ``model``/``tok``: chat-template text and
+    ids, fp32 logits on each prompt, greedy tokens.  ``{"checked": False}`` without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return {"checked": False, "why": "transformers is not installed"}
+    from microlm.infer.generate import generate_ids
+    from microlm.tokenizer import render_chat
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    worst, same_template, same_ids, same_greedy = 0.0, True, True, True
+    for p in prompts:
+        msgs = [{"role": "user", "content": p}]
+        text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        same_template &= text == render_chat(msgs, add_generation_prompt=True)
+        ids = tok.encode_chat(msgs, add_generation_prompt=True)
+        same_ids &= hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+        x = torch.tensor([ids])
+        n = min(new_tokens, model.cfg.max_seq_len - len(ids))
+        with torch.no_grad():
+            ours = model(x.to(next(model.parameters()).device))[0].float().cpu()
+            theirs = hf_model(x).logits.float()
+            g_hf = hf_model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                     pad_token_id=tok.eos_id, repetition_penalty=1.0)[0, len(ids):].tolist()
+        worst = max(worst, (ours - theirs).abs().max().item())
+        g_ours = generate_ids(model, [ids], max_new_tokens=n, temperature=0, repetition_penalty=1.0,
+                              ignore_eos=True)[0]
+        same_greedy &= g_ours == g_hf
+    return {"checked": True, "transformers": transformers.__version__, "prompts": len(prompts),
+            "logits_max_abs_diff": worst, "greedy_tokens_equal": same_greedy, "greedy_tokens": new_tokens,
+            "chat_template_equal": same_template, "tokenizer_ids_equal": same_ids}
