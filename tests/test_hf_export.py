@@ -13,8 +13,13 @@ from microlm.infer.chat import load_model
 from microlm.infer.config import GenerationConfig
 from microlm.infer.generate import generate_ids
 from microlm.model import ModelConfig, TransformerLM
-from microlm.model.hf_export import (export_hf, import_checkpoint, import_hf, model_config_from_llama,
-                                     verify_export)
+from microlm.model.hf_export import (
+    export_hf,
+    import_checkpoint,
+    import_hf,
+    model_config_from_llama,
+    verify_export,
+)
 from microlm.model.lora import LoRAConfig, apply_lora, lora_modules
 from microlm.tokenizer import Tokenizer, render_chat, train_bpe
 

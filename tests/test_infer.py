@@ -251,5 +251,5 @@ def test_load_model_errors(tok, tmp_path):
 
 def test_ids_beyond_the_tokenizer_are_never_generated(tok):
     m = ScriptedLM([tok.vocab_size + 5], tok.vocab_size + 28)  # the model "prefers" an id with no token
-    g = generate_text(m, tok, "你好", max_new_tokens=10, temperature=0)
+    g = generate_text(m, tok, "你好", max_new_tokens=10, temperature=0, ignore_eos=True)
     assert len(g.ids) == 10 and max(g.ids) < tok.vocab_size
