@@ -253,3 +253,13 @@ def test_ids_beyond_the_tokenizer_are_never_generated(tok):
     m = ScriptedLM([tok.vocab_size + 5], tok.vocab_size + 28)  # the model "prefers" an id with no token
     g = generate_text(m, tok, "你好", max_new_tokens=10, temperature=0, ignore_eos=True)
     assert len(g.ids) == 10 and max(g.ids) < tok.vocab_size
+
+
+def test_repetition_metrics():
+    from microlm.infer.metrics import distinct_n, repeated_ngram_rate, repetition_report
+
+    assert repeated_ngram_rate("的国家的国家的国家", 3) == pytest.approx(4 / 7)  # 7 trigrams, 3 distinct
+    assert repeated_ngram_rate("北京是中国的首都", 4) == 0.0 and repeated_ngram_rate("短", 4) == 0.0
+    assert distinct_n(["ab ab", "abc"], 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
+    rep = repetition_report(["你好你好你好你好", "今天天气很好"])
+    assert rep["answers"] == 2 and rep["repeated_4gram_rate"] == pytest.approx((3 / 5 + 0) / 2)

@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x · w / sqrt(mean(x²) + eps), computed in fp32; PyTorch's fused kernel does the same sums
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts (decode is latency-bound)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
@@ -47,9 +49,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs ``(x[..., :d/2], x[..., d/2:])`` (the Llama/"rotate-half" layout) of
     ``x: (B, H, T, d)`` by the angles of their positions; ``cos, sin: (T, d/2)``."""
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d].float(), x[..., d:].float()
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.type_as(x)
+    if x.dtype != torch.float32:
+        return apply_rope(x.float(), cos, sin).type_as(x)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class KVCache:

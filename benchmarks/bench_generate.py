@@ -1,0 +1,153 @@
+"""Benchmark of stage A8: our decode loop vs transformers ``generate``, KV cache vs none, repetition.
+
+1. Decode tokens/s, greedy, 256 new tokens after a 16-token prompt, batch 1 and 8: our
+   ``generate_ids`` on the 31.7M reference TransformerLM vs ``transformers`` ``generate`` on the
+   same weights exported as a Llama folder (fp32, SDPA, all CPU threads).  Both produce exactly
+   256 tokens (no stop ids); the tokens are compared too.
+2. Our loop with and without the KV cache at 128/256/512 new tokens (batch 1).
+3. Repetition on 50 held-out prompts (BELLE eval questions under ``$MICROLM_DATA``, else the
+   embedded held-out set) with the ``cpu`` profile's SFT model: distinct-1/2 and the repeated
+   4-gram rate of the answers (characters), with the default sampling settings and with the
+   repetition penalty off — needs ``runs/cpu/sft`` (``make course`` or ``microlm sft -p cpu``).
+
+Random weights serve for speed (the time per token does not depend on them).  Writes
+``benchmarks/results/generate.json``.  Usage: ``python benchmarks/bench_generate.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from microlm.infer.generate import generate_ids  # noqa: E402
+from microlm.io import write_json  # noqa: E402
+from microlm.model import MODEL_PRESETS, TransformerLM  # noqa: E402
+from microlm.model.hf_export import export_llama  # noqa: E402
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def bench_vs_hf(cfg, new: int, batches: list[int], reps: int) -> dict:
+    import transformers
+
+    torch.manual_seed(0)
+    ours = TransformerLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        export_llama(ours, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                               attn_implementation="sdpa").eval()
+    res = {}
+    for b in batches:
+        prompt = torch.randint(3, cfg.vocab_size, (b, 16))
+        run_ours = lambda n=new: generate_ids(ours, prompt.tolist(), max_new_tokens=n, temperature=0,
+                                              repetition_penalty=1.0, ignore_eos=True)
+
+        @torch.inference_mode()
+        def run_hf(n=new):
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, eos_token_id=None, pad_token_id=0,
+                               repetition_penalty=1.0)[:, 16:].tolist()
+
+        run_ours(8), run_hf(8)  # warm-up
+        t_ours, g_ours = timed(run_ours, reps)
+        t_hf, g_hf = timed(run_hf, reps)
+        res[f"batch_{b}"] = {"ours_tokens_per_s": round(b * new / t_ours, 1), "hf_tokens_per_s": round(b * new / t_hf, 1),
+                             "speedup": round(t_hf / t_ours, 2), "identical_tokens": g_ours == g_hf}
+        r = res[f"batch_{b}"]
+        print(f"[bench] decode {new} tokens, batch {b}: ours {r['ours_tokens_per_s']} tok/s | transformers "
+              f"{r['hf_tokens_per_s']} tok/s | x{r['speedup']} | identical: {r['identical_tokens']}", flush=True)
+    res["new_tokens"], res["prompt_tokens"], res["transformers"] = new, 16, transformers.__version__
+    return res
+
+
+def bench_cache(cfg, lengths: list[int], reps: int) -> dict:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(lengths) + 16)
+    m = TransformerLM(cfg).eval()
+    prompt = torch.randint(3, cfg.vocab_size, (1, 16)).tolist()
+    out = {}
+    for n in lengths:
+        row = {}
+        for use_cache in (True, False):
+            t, g = timed(lambda c=use_cache, n=n: generate_ids(m, prompt, max_new_tokens=n, temperature=0,
+                                                                repetition_penalty=1.0, ignore_eos=True,
+                                                                use_cache=c), reps)
+            row["cache" if use_cache else "no_cache"] = {"seconds": round(t, 3), "tokens_per_s": round(n / t, 1),
+                                                          "tokens": g[0]}
+        row["identical_tokens"] = row["cache"].pop("tokens") == row["no_cache"].pop("tokens")
+        row["speedup"] = round(row["no_cache"]["seconds"] / row["cache"]["seconds"], 2)
+        out[str(n)] = row
+        print(f"[bench] KV cache, {n} new tokens: {row['cache']['tokens_per_s']} vs {row['no_cache']['tokens_per_s']} "
+              f"tok/s without | x{row['speedup']} | identical: {row['identical_tokens']}", flush=True)
+    return out
+
+
+def bench_repetition(n_prompts: int) -> dict | None:
+    from microlm.config import load_config
+    from microlm.infer.chat import load_model
+    from microlm.infer.generate import generate_text
+    from microlm.infer.metrics import repetition_report
+    from microlm.train.sft import sft_records
+
+    cfg = load_config("cpu")
+    if not (cfg.run_path / "sft" / "ckpt" / "state.json").is_file():
+        print("[bench] repetition: runs/cpu/sft missing (run `make course` first); skipped", flush=True)
+        return None
+    model, tok = load_model(cfg.run_path / "sft", tokenizer=cfg.run_path / "tokenizer")
+    _, held, files = sft_records(cfg)
+    questions = [r["conversations"][0]["content"] for r in held if r.get("conversations")][:n_prompts]
+    out = {"model": "runs/cpu/sft", "prompts": len(questions), "source": [Path(f).name for f in files][-1],
+           "max_new_tokens": cfg.generate.max_new_tokens}
+    for name, gen in (("default", cfg.generate),
+                      ("no_penalty", dataclasses.replace(cfg.generate, repetition_penalty=1.0)),
+                      ("greedy_no_penalty", dataclasses.replace(cfg.generate, temperature=0.0, repetition_penalty=1.0))):
+        gen = dataclasses.replace(gen, seed=cfg.seed)
+        answers = [g.text for i in range(0, len(questions), 10)
+                   for g in generate_text(model, tok, questions[i:i + 10], gen, chat=True)]
+        out[name] = {"settings": {k: getattr(gen, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")},
+                     **repetition_report(answers), "example": answers[0][:120]}
+        r = out[name]
+        print(f"[bench] repetition ({name}): distinct-1 {r['distinct_1']:.3f}, distinct-2 {r['distinct_2']:.3f}, "
+              f"repeated 4-grams {r['repeated_4gram_rate']:.3f}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (a smoke run of the script)")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    reps = 1 if args.quick else 3
+    cfg = MODEL_PRESETS["microlm-31.7m"]
+    results = {"host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+               "model": "microlm-31.7m (random weights)", "quick": args.quick}
+    results["decode_vs_transformers"] = bench_vs_hf(cfg, 32 if args.quick else 256, [1, 8], reps)
+    results["kv_cache"] = bench_cache(cfg, [32, 64] if args.quick else [128, 256, 512], reps)
+    results["repetition"] = bench_repetition(10 if args.quick else 50)
+    name = "generate_quick.json" if args.quick else "generate.json"
+    write_json(REPO / "benchmarks" / "results" / name, results)
+    print(f"[bench] wrote benchmarks/results/{name}")
+
+
+if __name__ == "__main__":
+    main()

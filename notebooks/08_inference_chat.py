@@ -1,0 +1,265 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · Talking to the model: generation, chat, KV cache and the Hugging Face export (stage A8)
+#
+# The SFT model from chapter 06 is finally used the way people use language models: a prompt goes
+# in, text streams out. This chapter opens the decode loop (`microlm/infer/generate.py`), shows what
+# each sampling knob does on one prompt, measures repetition and how the penalty changes it, times
+# the KV cache against recomputing everything, scripts a chat through the same loop as
+# `microlm chat`, and exports the model to a folder `transformers` loads without custom code.
+#
+# CLI: `microlm chat --profile cpu` (add `--adapter runs/cpu/lora/adapter` for the LoRA adapter),
+# `microlm export-hf --profile cpu` · artifact: `runs/<profile>/hf/`.
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("MICROLM_PROFILE", "cpu")
+
+# %%
+import dataclasses
+import io
+import json
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from microlm import stages
+from microlm.config import load_config
+from microlm.infer.chat import ChatSession, load_model, run_chat
+from microlm.infer.generate import generate_ids, generate_text, process_logits, stream_text
+from microlm.infer.metrics import repetition_report
+from microlm.plotting import cjk_font
+
+cfg = load_config(profile)
+sft_dir = stages.require("sft", cfg)
+model, tok = load_model(sft_dir, tokenizer=cfg.run_path / "tokenizer")
+print(f"{model.num_parameters():,} parameters, context {model.cfg.max_seq_len} tokens")
+gen = cfg.generate  # the profile's defaults (configs/<profile>.yaml, section generate); calls override fields
+print(gen)
+assert tok.vocab_size <= model.cfg.vocab_size
+
+# %% [markdown]
+# ## 1 · One loop for everything
+#
+# `generate_text` encodes the prompt (as a ChatML user turn with `chat=True`), runs **one prefill**
+# of the whole prompt through the model — filling the KV cache — and then one-token decode steps.
+# At each step the last position's logits go through the same pipeline as in `transformers`:
+#
+# 1. **repetition penalty** $p$: for every id already in the prompt or the answer, a positive logit
+#    is divided by $p$, a negative one multiplied by $p$ (both make it less likely);
+# 2. **temperature** $T$: logits ÷ $T$ (below 1 sharpens, above 1 flattens; $T=0$ means argmax);
+# 3. **top-k**: keep the $k$ largest logits;
+# 4. **top-p** (nucleus): keep the smallest set of most likely tokens whose probability reaches $p$.
+#
+# Generation stops at `<|im_end|>` (end of a turn), `<|endoftext|>`, a custom stop string or
+# `max_new_tokens`. Several prompts run as one batch, left-padded: pads are masked out of attention
+# and each row's positions count only its real tokens, so a padded row computes exactly what it
+# would alone (a test checks this against `transformers`).
+
+# %%
+prompt = "请介绍一下北京。"
+g = generate_text(model, tok, prompt, gen, chat=True, temperature=0, repetition_penalty=1.0)
+print(f"{g.prompt_tokens} prompt tokens → {len(g.ids)} new ({g.finish_reason}), {g.tokens_per_s:.0f} tokens/s")
+print(g.text)
+assert g.finish_reason in ("stop", "length") and len(g.ids) <= gen.max_new_tokens
+again = generate_text(model, tok, prompt, gen, chat=True, temperature=0, repetition_penalty=1.0)
+assert again.ids == g.ids, "greedy decoding is deterministic"
+
+# %% [markdown]
+# ## 2 · The sampling knobs on one prompt
+#
+# Same prompt, same seed, a small grid. Greedy ($T=0$) ignores top-p; low temperature or a small
+# top-p stay close to greedy; high temperature with a wide nucleus wanders off.
+
+# %%
+grid = [(0.0, 1.0), (0.7, 0.5), (0.7, 0.9), (1.2, 0.9), (1.2, 1.0)]
+texts = {}
+for temperature, top_p in grid:
+    out = generate_text(model, tok, prompt, gen, chat=True, temperature=temperature, top_p=top_p, top_k=0,
+                        repetition_penalty=1.0, seed=cfg.seed, max_new_tokens=min(48, gen.max_new_tokens))
+    texts[(temperature, top_p)] = out.text
+    print(f"T={temperature:<4} top_p={top_p:<4} │ {out.text[:70]!r}")
+greedy_any_p = generate_text(model, tok, prompt, gen, chat=True, temperature=0, top_p=0.3, repetition_penalty=1.0,
+                             max_new_tokens=min(48, gen.max_new_tokens)).text
+assert greedy_any_p == texts[(0.0, 1.0)], "top-p does not change greedy decoding"
+
+# %% [markdown]
+# How many candidates does the nucleus keep? For the first answer token of our prompt, the number
+# of tokens that survive top-p as $p$ grows (at $T=1$): a confident model keeps few even at
+# $p=0.9$; an unsure one keeps hundreds.
+
+# %%
+ids = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+with torch.no_grad():
+    logits = model(torch.tensor([ids]))[0][:, -1, :]
+ps = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+kept = [int((process_logits(logits, dataclasses.replace(gen, temperature=1.0, top_k=0, top_p=p,
+                                                        repetition_penalty=1.0)) > float("-inf")).sum()) for p in ps]
+plt.figure(figsize=(5.5, 3))
+plt.plot(ps, kept, marker="o")
+plt.yscale("log")
+plt.xlabel("top_p")
+plt.ylabel("tokens kept")
+plt.title("nucleus size for the first answer token")
+plt.show()
+print(dict(zip(ps, kept, strict=True)))
+assert kept == sorted(kept) and kept[0] >= 1, "a larger p never keeps fewer tokens"
+
+# %% [markdown]
+# ## 3 · Repetition, and what the penalty does
+#
+# Small models love loops ("的国家的国家的国家…"); it is MiniMind users' most common complaint.
+# Two measures on characters: **distinct-n** (distinct n-grams ÷ all n-grams over all answers;
+# higher is more varied) and the **repeated 4-gram rate** (share of an answer's 4-grams that
+# already appeared earlier in the same answer; 0 = no self-repetition). Greedy decoding on a few
+# questions, with the penalty off and on. (The README has the same measure on 50 held-out
+# prompts with the default sampling settings, from `benchmarks/bench_generate.py`.)
+
+# %%
+questions = ["请介绍一下北京。", "写一首关于春天的诗。", "如何学习机器学习？", "中国有哪些著名的河流？",
+             "给我讲一个故事。", "什么是人工智能？"]
+penalties = [1.0, 1.1, 1.3, 1.6]
+rows = {}
+answers_by_p = {}
+for p in penalties:
+    outs = generate_text(model, tok, questions, gen, chat=True, temperature=0, repetition_penalty=p)
+    answers_by_p[p] = [o.text for o in outs]
+    rows[p] = repetition_report(answers_by_p[p])
+for p, r in rows.items():
+    print(f"penalty {p}: distinct-1 {r['distinct_1']:.3f}  distinct-2 {r['distinct_2']:.3f}  "
+          f"repeated 4-grams {r['repeated_4gram_rate']:.3f}  mean length {r['mean_chars']}")
+print("\nwithout penalty:", answers_by_p[1.0][0][:80])
+print("penalty 1.3:    ", answers_by_p[1.3][0][:80])
+fig, ax = plt.subplots(figsize=(6, 3))
+x = np.arange(len(penalties))
+ax.bar(x - 0.2, [rows[p]["repeated_4gram_rate"] for p in penalties], 0.4, label="repeated 4-gram rate")
+ax.bar(x + 0.2, [rows[p]["distinct_2"] for p in penalties], 0.4, label="distinct-2")
+ax.set_xticks(x, [str(p) for p in penalties])
+ax.set_xlabel("repetition penalty (greedy)")
+ax.legend()
+plt.show()
+assert all(0 <= r["repeated_4gram_rate"] <= 1 and 0 < r["distinct_1"] <= 1 for r in rows.values())
+assert answers_by_p[1.0] != answers_by_p[1.6], "the penalty changes what is generated"
+
+# %% [markdown]
+# ## 4 · Streaming without broken characters
+#
+# A Chinese character is three UTF-8 bytes and a byte-level BPE token may hold only part of one.
+# `stream_text` decodes incrementally and only yields complete characters (and holds back text that
+# could be the start of a stop string), so a terminal never shows `�` in the middle of an answer.
+
+# %%
+deltas = list(stream_text(model, tok, prompt, gen, chat=True, temperature=0, repetition_penalty=1.0))
+print(" | ".join(deltas[:20]))
+assert "".join(deltas) == g.text, "the stream adds up to the same answer"
+assert all(d for d in deltas)
+
+# %% [markdown]
+# ## 5 · What the KV cache buys
+#
+# Without a cache, every step runs the whole sequence through the model again (cost grows with the
+# length); with it, one token per step. Time to generate $n$ tokens both ways (greedy, batch 1; the
+# tokens are identical). The README's table has the 31.7M model at 128/256/512 tokens.
+
+# %%
+room = model.cfg.max_seq_len - 8
+lengths = [n for n in (16, 32, 48, 96, 160, 240) if n <= room]
+start = tok.encode("中国")[:4]
+speed = {"cache": [], "no cache": []}
+for n in lengths:
+    outs = []
+    for name, use_cache in (("cache", True), ("no cache", False)):
+        t0 = time.perf_counter()
+        outs.append(generate_ids(model, [start], max_new_tokens=n, temperature=0, repetition_penalty=1.0,
+                                 ignore_eos=True, use_cache=use_cache)[0])
+        speed[name].append(n / (time.perf_counter() - t0))
+    assert outs[0] == outs[1], "the cache changes the speed, never the tokens"
+plt.figure(figsize=(5.5, 3))
+for name, v in speed.items():
+    plt.plot(lengths, v, marker="o", label=name)
+plt.xlabel("new tokens")
+plt.ylabel("tokens / s")
+plt.legend()
+plt.title("decode speed with and without the KV cache")
+plt.show()
+print({n: f"x{c / u:.1f}" for n, c, u in zip(lengths, speed["cache"], speed["no cache"], strict=True)})
+
+# %% [markdown]
+# ## 6 · A scripted chat
+#
+# `microlm chat` is `run_chat` over a `ChatSession`: the session keeps the history, drops the oldest
+# turns when prompt + answer would not fit the context, and adds a turn only once its answer is
+# complete (Ctrl-C mid-answer leaves the history as it was). The same loop reads a pipe, so it can
+# be scripted — here with `/system`, `/reset` and `/exit`:
+
+# %%
+session = ChatSession(model, tok, dataclasses.replace(gen, seed=cfg.seed,
+                                                     max_new_tokens=min(gen.max_new_tokens, model.cfg.max_seq_len // 4)))
+script = "你好\n/system 你是一个乐于助人的助手。\n你是谁？\n北京是哪个国家的首都？\n/exit\n"
+out, err = io.StringIO(), io.StringIO()
+run_chat(session, io.StringIO(script), out, err, interactive=False)
+for q, a in zip([m for m in session.history if m["role"] == "user"],
+                [m for m in session.history if m["role"] == "assistant"], strict=True):
+    print(f"user> {q['content']}\nassistant> {a['content'][:100]}\n")
+print(err.getvalue())
+assert "error" not in err.getvalue(), err.getvalue()
+assert session.system and len(session.history) == 4, "two turns after /system (which clears the history)"
+assert err.getvalue().count("tokens/s") == 3
+
+# %% [markdown]
+# ## 7 · Joining the ecosystem: the Hugging Face export
+#
+# Our blocks are Llama's blocks (RMSNorm, RoPE in the rotate-half layout, SwiGLU, GQA), so the
+# export only renames tensors and splits our fused `qkv_proj`/`gate_up_proj`. The folder has the
+# Llama `config.json`, `model.safetensors`, our tokenizer as `tokenizer.json` with the ChatML
+# template, and `generation_config.json` with both stop ids — what `transformers`, PEFT and vLLM
+# (chapter D) need. The stage checks the export against our model; here we check it again by hand.
+
+# %%
+hf_dir = stages.require("hf", cfg)
+print(sorted(p.name for p in hf_dir.iterdir()))
+print(json.dumps(json.loads((hf_dir / "report.json").read_text(encoding="utf-8"))["check"], indent=1))
+
+import transformers  # noqa: E402
+
+hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+messages = [{"role": "user", "content": prompt}]
+text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+hf_ids = hf_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+assert hf_ids[0].tolist() == ids, "same template, same ids"
+with torch.no_grad():
+    diff = (model(hf_ids)[0] - hf_model(hf_ids).logits).abs().max().item()
+    n = min(64, model.cfg.max_seq_len - hf_ids.shape[1])
+    theirs = hf_model.generate(hf_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                               repetition_penalty=1.0, pad_token_id=tok.eos_id)[0, hf_ids.shape[1]:].tolist()
+ours = generate_ids(model, [ids], max_new_tokens=n, temperature=0, repetition_penalty=1.0, ignore_eos=True)[0]
+print(f"max |logit difference| {diff:.1e}; greedy {n} tokens identical: {ours == theirs}")
+assert diff <= 1e-4 and ours == theirs
+
+# %% [markdown]
+# And back: `import_hf` reads a Llama-layout folder into our `TransformerLM` and `Tokenizer`
+# (`microlm import-hf DIR --out FOLDER` writes it as our checkpoint, which our trainer continues).
+
+# %%
+from microlm.model.hf_export import import_hf  # noqa: E402
+
+back, back_tok = import_hf(hf_dir)
+same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values(), strict=True))
+print("round trip exact:", same, "| tokenizer ids equal:", back_tok.encode(prompt) == tok.encode(prompt))
+assert same and back_tok.encode(prompt) == tok.encode(prompt)
+cjk_font()  # (a CJK font for plots when one is installed)
