@@ -38,6 +38,7 @@ lint: setup
 bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA for the real bundle)
 	$(BIN)/python benchmarks/bench_corpus.py
 	$(BIN)/python benchmarks/bench_tokenizer.py
+	$(BIN)/python benchmarks/bench_generate.py
 
 clean:
 	rm -rf _build runs notebooks/*.ipynb

@@ -199,3 +199,20 @@ def test_chat_cli_pipe_mode_bad_utf8_and_bad_adapter(exported):
     assert r.returncode == 2 and r.stderr.decode().strip().endswith(f"adapter folder not found: {folder / 'missing'}")
     r = subprocess.run(cmd + ["--top-p", "1.5"], input=b"hi\n", capture_output=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr.decode()
+
+
+def test_import_hf_cli_then_chat_from_the_imported_checkpoint(exported, tmp_path):
+    folder = exported[2]
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "import-hf", str(folder), "--out", str(tmp_path / "imp")],
+                       capture_output=True, cwd=REPO, timeout=120, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "imp" / "ckpt" / "model.safetensors").is_file()
+    assert (tmp_path / "imp" / "tokenizer" / "microlm_tokenizer.json").is_file()
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "chat", "--model", str(tmp_path / "imp"),
+                        "--temperature", "0", "--max-new-tokens", "6", "--json"], input="你好\n",
+                       capture_output=True, cwd=REPO, timeout=120, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["user"] == "你好"
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "import-hf", str(tmp_path / "nothing"), "--out",
+                        str(tmp_path / "x")], capture_output=True, cwd=REPO, timeout=120, text=True)
+    assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr
