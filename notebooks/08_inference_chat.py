@@ -207,9 +207,9 @@ print({n: f"x{c / u:.1f}" for n, c, u in zip(lengths, speed["cache"], speed["no 
 # be scripted — here with `/system`, `/reset` and `/exit`:
 
 # %%
-session = ChatSession(model, tok, dataclasses.replace(gen, seed=cfg.seed,
-                                                     max_new_tokens=min(gen.max_new_tokens, model.cfg.max_seq_len // 4)))
-script = "你好\n/system 你是一个乐于助人的助手。\n你是谁？\n北京是哪个国家的首都？\n/exit\n"
+answer_len = min(gen.max_new_tokens, max(8, (model.cfg.max_seq_len - 64) // 2))  # the smoke model's context is 64
+session = ChatSession(model, tok, dataclasses.replace(gen, seed=cfg.seed, max_new_tokens=answer_len))
+script = "你好\n/system 你是助手。\n你是谁？\n北京在哪里？\n/exit\n"
 out, err = io.StringIO(), io.StringIO()
 run_chat(session, io.StringIO(script), out, err, interactive=False)
 for q, a in zip([m for m in session.history if m["role"] == "user"],
