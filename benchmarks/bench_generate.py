@@ -59,11 +59,11 @@ def bench_vs_hf(cfg, new: int, batches: list[int], reps: int) -> dict:
     res = {}
     for b in batches:
         prompt = torch.randint(3, cfg.vocab_size, (b, 16))
-        run_ours = lambda n=new: generate_ids(ours, prompt.tolist(), max_new_tokens=n, temperature=0,
-                                              repetition_penalty=1.0, ignore_eos=True)
+        run_ours = lambda n=new, prompt=prompt: generate_ids(ours, prompt.tolist(), max_new_tokens=n, temperature=0,
+                                                             repetition_penalty=1.0, ignore_eos=True)
 
         @torch.inference_mode()
-        def run_hf(n=new):
+        def run_hf(n=new, prompt=prompt):
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, eos_token_id=None, pad_token_id=0,
                                repetition_penalty=1.0)[:, 16:].tolist()

@@ -124,6 +124,11 @@ def run_chat(session: ChatSession, inp: TextIO | None = None, out: TextIO | None
     inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     if interactive is None:
         interactive = inp.isatty()
+    if interactive and inp is sys.stdin:
+        try:  # line editing and ↑ history for input()
+            import readline  # noqa: F401
+        except ImportError:
+            pass
     if interactive:
         out.write(f"MicroLM chat — {session.model.num_parameters():,} parameters, context "
                   f"{session.model.cfg.max_seq_len} tokens. {HELP}\n")
