@@ -1,5 +1,6 @@
 """Stage A8: the Hugging Face export and import, and the chat CLI in a real pseudo-terminal."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -216,3 +217,40 @@ def test_import_hf_cli_then_chat_from_the_imported_checkpoint(exported, tmp_path
     r = subprocess.run([sys.executable, "-m", "microlm.cli", "import-hf", str(tmp_path / "nothing"), "--out",
                         str(tmp_path / "x")], capture_output=True, cwd=REPO, timeout=120, text=True)
     assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr
+
+
+def test_ctrl_c_while_streaming_returns_to_the_prompt(exported, tmp_path):
+    """SIGINT through the pseudo-terminal mid-answer: the answer stops, the loop goes on."""
+    pexpect = pytest.importorskip("pexpect")
+    model, tok, _ = exported
+    torch.manual_seed(1)
+    long_ctx = TransformerLM(dataclasses.replace(model.cfg, max_seq_len=8192)).eval()
+    with torch.no_grad():  # a model that never says a stop id: residual dim 0 is a positive constant
+        long_ctx.embed.weight[:, 0] = 1.0  # that no layer writes to, and the stop ids' logits are
+        for layer in long_ctx.layers:  # -100 × that dimension after the final norm
+            layer.attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        for s in ("<|im_end|>", "<|endoftext|>"):
+            long_ctx.lm_head.weight[tok.special_ids[s]] = 0.0
+            long_ctx.lm_head.weight[tok.special_ids[s], 0] = -100.0
+    stops = [tok.special_ids["<|im_end|>"], tok.special_ids["<|endoftext|>"]]
+    ids = tok.encode_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)
+    assert len(generate_ids(long_ctx, [ids], max_new_tokens=300, temperature=1.0, top_k=0, top_p=1.0, seed=1,
+                            stop_ids=stops)[0]) == 300  # it does not stop by itself before the interrupt
+    export_hf(long_ctx, tok, tmp_path / "long")
+    child = pexpect.spawn(sys.executable, ["-m", "microlm.cli", "chat", "--model", str(tmp_path / "long"),
+                                           "--max-new-tokens", "8000", "--temperature", "1.0", "--top-k", "0",
+                                           "--top-p", "1.0", "--seed", "1"],
+                          cwd=str(REPO), encoding="utf-8", timeout=60,
+                          env={"PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+    child.expect("user> ")
+    child.sendline("你好")
+    child.expect("assistant> ")
+    child.expect(r"\S")  # the answer has started streaming
+    child.sendintr()
+    child.expect(r"\[interrupted")
+    child.expect("user> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
