@@ -47,3 +47,18 @@ def zh_docs():
 
 def real_data_available() -> bool:
     return bool(os.environ.get("MICROLM_DATA"))
+
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="session")
+def chat_tok(tmp_path_factory):
+    """A 420-id byte-level BPE (qwen2 pattern, ChatML specials) trained on ZH + chat role words."""
+    from microlm.tokenizer import Tokenizer, train_bpe
+
+    d = tmp_path_factory.mktemp("chattok")
+    (d / "t.txt").write_text("<|endoftext|>".join(ZH * 10 + ["user assistant system 你好 谢谢"] * 10),
+                             encoding="utf-8")
+    vocab, merges = train_bpe(d / "t.txt", 420, CHAT_SPECIALS, workers=1, pattern="qwen2")
+    return Tokenizer(vocab, merges, CHAT_SPECIALS, pattern="qwen2")

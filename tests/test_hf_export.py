@@ -22,21 +22,17 @@ from microlm.model.hf_export import (
     verify_export,
 )
 from microlm.model.lora import LoRAConfig, apply_lora, lora_modules
-from microlm.tokenizer import Tokenizer, render_chat, train_bpe
+from microlm.tokenizer import render_chat
 
 from .conftest import REPO, ZH
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PROMPTS = ["北京是中华人民共和国的首都，也是", "机器学习是人工智能的一个分支", "今天天气很好 hello 123"]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, chat_tok):
     d = tmp_path_factory.mktemp("hfexport")
-    (d / "t.txt").write_text("<|endoftext|>".join(ZH * 10 + ["user assistant system 你好 谢谢"] * 10),
-                             encoding="utf-8")
-    vocab, merges = train_bpe(d / "t.txt", 420, SPECIALS, workers=1, pattern="qwen2")
-    tok = Tokenizer(vocab, merges, SPECIALS, pattern="qwen2")
+    tok = chat_tok
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=448, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=192)
     model = TransformerLM(cfg).eval()
@@ -160,12 +156,23 @@ def test_import_refuses_what_we_do_not_implement(exported, change, msg):
         model_config_from_llama({**conf, **change})
 
 
-def test_chat_cli_two_turns_in_a_pseudo_terminal(exported):
+def spawn_chat(folder, *flags):
     pexpect = pytest.importorskip("pexpect")
-    folder = exported[2]
-    child = pexpect.spawn(sys.executable, ["-m", "microlm.cli", "chat", "--model", str(folder), "--max-new-tokens",
-                                           "12", "--temperature", "0"], cwd=str(REPO), encoding="utf-8", timeout=60,
-                          env={"PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+    return pexpect, pexpect.spawn(sys.executable, ["-m", "microlm.cli", "chat", "--model", str(folder), *flags],
+                                  cwd=str(REPO), encoding="utf-8", timeout=60,
+                                  env={"PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+
+
+def exit_chat(pexpect, child):
+    child.expect("user> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_cli_two_turns_in_a_pseudo_terminal(exported):
+    pexpect, child = spawn_chat(exported[2], "--max-new-tokens", "12", "--temperature", "0")
     child.expect("MicroLM chat")
     child.expect("user> ")
     child.sendline("你好")
@@ -177,11 +184,7 @@ def test_chat_cli_two_turns_in_a_pseudo_terminal(exported):
     child.expect("user> ")
     child.sendline("北京是哪个国家的首都？")
     child.expect(r"tokens/s")
-    child.expect("user> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    exit_chat(pexpect, child)
 
 
 def test_chat_cli_pipe_mode_bad_utf8_and_bad_adapter(exported):
@@ -221,7 +224,6 @@ def test_import_hf_cli_then_chat_from_the_imported_checkpoint(exported, tmp_path
 
 def test_ctrl_c_while_streaming_returns_to_the_prompt(exported, tmp_path):
     """SIGINT through the pseudo-terminal mid-answer: the answer stops, the loop goes on."""
-    pexpect = pytest.importorskip("pexpect")
     model, tok, _ = exported
     torch.manual_seed(1)
     long_ctx = TransformerLM(dataclasses.replace(model.cfg, max_seq_len=8192)).eval()
@@ -238,19 +240,12 @@ def test_ctrl_c_while_streaming_returns_to_the_prompt(exported, tmp_path):
     assert len(generate_ids(long_ctx, [ids], max_new_tokens=300, temperature=1.0, top_k=0, top_p=1.0, seed=1,
                             stop_ids=stops)[0]) == 300  # it does not stop by itself before the interrupt
     export_hf(long_ctx, tok, tmp_path / "long")
-    child = pexpect.spawn(sys.executable, ["-m", "microlm.cli", "chat", "--model", str(tmp_path / "long"),
-                                           "--max-new-tokens", "8000", "--temperature", "1.0", "--top-k", "0",
-                                           "--top-p", "1.0", "--seed", "1"],
-                          cwd=str(REPO), encoding="utf-8", timeout=60,
-                          env={"PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+    pexpect, child = spawn_chat(tmp_path / "long", "--max-new-tokens", "8000", "--temperature", "1.0", "--top-k", "0",
+                                "--top-p", "1.0", "--seed", "1")
     child.expect("user> ")
     child.sendline("你好")
     child.expect("assistant> ")
     child.expect(r"\S")  # the answer has started streaming
     child.sendintr()
     child.expect(r"\[interrupted")
-    child.expect("user> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    exit_chat(pexpect, child)

@@ -11,20 +11,11 @@ from microlm.infer.chat import ChatSession, load_model, run_chat
 from microlm.infer.config import GenerationConfig
 from microlm.infer.generate import fit_prompt, generate_ids, generate_text, process_logits, stream_text
 from microlm.model import ModelConfig, TransformerLM
-from microlm.tokenizer import Tokenizer, train_bpe
-
-from .conftest import ZH
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("infertok")
-    (d / "t.txt").write_text("<|endoftext|>".join(ZH * 10 + ["user assistant system 你好 谢谢"] * 10),
-                             encoding="utf-8")
-    vocab, merges = train_bpe(d / "t.txt", 420, SPECIALS, workers=1, pattern="qwen2")
-    return Tokenizer(vocab, merges, SPECIALS, pattern="qwen2")
+def tok(chat_tok):
+    return chat_tok
 
 
 def tiny(tok, max_seq_len=160, seed=0):

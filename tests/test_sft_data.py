@@ -14,20 +14,11 @@ from microlm.data.sft import (
     parse_conversation,
     show_mask,
 )
-from microlm.tokenizer import Tokenizer, train_bpe
-
-from .conftest import ZH
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sfttok")
-    (d / "t.txt").write_text("<|endoftext|>".join(ZH * 10 + ["user assistant system 你好 谢谢"] * 10),
-                             encoding="utf-8")
-    vocab, merges = train_bpe(d / "t.txt", 420, SPECIALS, workers=1, pattern="qwen2")
-    return Tokenizer(vocab, merges, SPECIALS, pattern="qwen2")
+def tok(chat_tok):
+    return chat_tok
 
 
 CONV = [{"role": "system", "content": "你是一个有用的助手。"},
