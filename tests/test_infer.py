@@ -184,6 +184,8 @@ def test_context_window_handling(tok):
         generate_text(m, tok, "你好", max_new_tokens=64)
     with pytest.raises(MicroLMError, match="no prompts"):
         generate_text(m, tok, [])
+    with pytest.raises(MicroLMError, match="empty prompt"):
+        generate_ids(m, [[5, 6], []], max_new_tokens=4)
 
 
 def test_special_token_text_in_a_prompt_stays_text(tok):

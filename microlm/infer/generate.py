@@ -106,6 +106,8 @@ def decode_steps(model, prompts: list[list[int]], gen: GenerationConfig, *, stop
     model.eval()
     dev = next(model.parameters()).device
     b = len(prompts)
+    if not b or not all(prompts):
+        raise MicroLMError("empty prompt: every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     if longest + gen.max_new_tokens > model.cfg.max_seq_len:
         raise MicroLMError(f"prompt of {longest} tokens + max_new_tokens={gen.max_new_tokens} exceeds the model's "
