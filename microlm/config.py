@@ -122,6 +122,29 @@ class SFTDataConfig:
     show_answers: int = 5  # held-out questions answered before and after SFT in the report
 
 
+def _ie_sources() -> dict[str, str]:
+    return {
+        "ie/instructie_examples.jsonl": "instructie",
+        "ie/iepile_raw/deepke_*_sample.json.gz": "iepile_sample",
+        "ie/re_raw/ske2019_sample/*_data.json.gz": "duie_spo",
+        "ie/re_raw/cmeie_dev/CMeIE_dev.json.gz": "cmeie",
+        "ie/re_raw/deepke_re_standard/[tv]*.csv.gz": "deepke_csv",
+        "ie/re_raw/thunlp_finre/[tv]*.txt.gz": "finre",
+        "ie/re_raw/thunlp_sanwen/[tv]*.txt.gz": "sanwen",
+        "ie/re_raw/crownpku_people_relation/t*.txt.gz": "people_tsv",
+    }
+
+
+@dataclass
+class IEDataConfig:
+    """Stages B1–B2: which files feed the IE pipeline (glob under the data root → format) and how
+    relations the map does not know are handled (kept under ``unmapped_topic``; null = dropped)."""
+
+    sources: dict[str, str] = field(default_factory=_ie_sources)
+    unmapped_topic: str | None = "其他"
+    keep_samples: int = 3  # examples kept per drop/issue reason in the stats files
+
+
 @dataclass
 class LoRASection(LoRAConfig):
     """Stage A7: the adapters (r, alpha, dropout, targets) and the sentiment-instruction task's size."""
@@ -156,6 +179,7 @@ class Config:
     lora: LoRASection = field(default_factory=LoRASection)
     lora_train: TrainConfig = field(default_factory=_lora_train)
     generate: GenerationConfig = field(default_factory=GenerationConfig)  # A8: chat, export defaults
+    ie_data: IEDataConfig = field(default_factory=IEDataConfig)  # B1–B2
 
     @property
     def run_path(self) -> Path:

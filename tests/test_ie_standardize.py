@@ -95,3 +95,30 @@ def test_swap_entries_and_unknown_formats(tmp_path):
     assert recs[0].relation[0]["head"] == "李治" and recs[0].relation[0]["tail"] == "李世民"
     with pytest.raises(MicroLMError, match="unknown IE format"):
         run(tmp_path / "p.txt", "brat")
+
+
+def test_step_01_writes_records_and_stats_and_names_missing_sources(tmp_cfg, tmp_path):
+    from microlm.ie.pipeline import run_step
+
+    root = tmp_path / "data" / "ie" / "re_raw" / "thunlp_finre"
+    root.mkdir(parents=True)
+    (root / "train.txt").write_text("甲公司\t乙公司\t收购\t甲公司收购了乙公司。\n\n甲公司\t乙公司\tunknown\t甲乙无关。\n",
+                                    encoding="utf-8")
+    (root / "relation2id.txt").write_text("unknown 0\n", encoding="utf-8")
+    cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/thunlp_finre/[tv]*.txt": "finre"}})
+    stats = run_step(cfg, 1)
+    lines = (cfg.run_path / "ie_data" / "01_standardized.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["text"] for x in lines] == ["甲公司收购了乙公司。"]
+    saved = json.loads((cfg.run_path / "ie_data" / "01_standardize_stats.json").read_text(encoding="utf-8"))
+    assert saved["records"] == stats["records"] == 1 and saved["by_source"] == {"thunlp_finre": 1}
+    assert saved["issues"]["counts"] == {"relation_unmapped_kept": 1, "relation_dropped:unknown": 1,
+                                         "no_usable_triple": 1}
+    assert saved["files"][0]["file"] == "train.txt"  # relation2id.txt is not a data file
+    bad = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/nothing/*.json": "finre"}})
+    with pytest.raises(MicroLMError, match="matches no file"):
+        run_step(bad, 1)
+    bad = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/*/*.txt": "brat"}})
+    with pytest.raises(MicroLMError, match="unknown format 'brat'"):
+        run_step(bad, 1)
+    with pytest.raises(MicroLMError, match="not built yet"):
+        run_step(cfg, 3)

@@ -16,7 +16,7 @@ Formats: InstructIE JSON lines (``{id?, cate, text, relation}``; zh/en), IEPile/
 (``sentence,relation,head,head_offset,tail,tail_offset``), DuIE/SKE ``spo_list`` and CMeIE
 (``object: {"@value"}``), and ``head<TAB>tail<TAB>relation<TAB>sentence`` TSV (FinRE, SanWen,
 crownpku; FinRE's two directions of one fact, ``X`` and ``被X``, collapse into one triple).
-(Step 01 so far: the adapters and the mapping; the ``ie-data`` CLI and steps 02–06 follow.)
+(Driven by ``microlm/ie/pipeline.py``; steps 02–06 follow.)
 """
 
 from __future__ import annotations
@@ -68,9 +68,12 @@ class Issues:
 
     def add(self, reason: str, where: str, what) -> None:
         self.counts[reason] += 1
+        self.add_sample(reason, {"at": where, "sample": str(what)[:200]})
+
+    def add_sample(self, reason: str, sample: dict) -> None:
         s = self.samples.setdefault(reason, [])
         if len(s) < self.keep:
-            s.append({"at": where, "sample": str(what)[:200]})
+            s.append(sample)
 
     def to_dict(self) -> dict:
         return {"counts": dict(self.counts.most_common()), "samples": self.samples}

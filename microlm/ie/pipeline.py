@@ -1,0 +1,91 @@
+"""Stages B1–B2: the InstructIE data pipeline, steps 01–06 (``microlm ie-data --step N``).
+
+Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
+and a stats file beside it.  Built so far: 01 standardize (``microlm/ie/standardize.py``); steps
+02–06 (filter, stratify, derive, sample, render) follow.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from microlm.config import Config
+from microlm.errors import MicroLMError
+from microlm.io import atomic_open, write_json
+
+__all__ = ["STEPS", "ie_sources", "step_standardize", "run_step"]
+
+STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
+
+
+def ie_sources(cfg: Config) -> list[tuple[Path, str, str]]:
+    """``(file, format, source name)`` for every file matched by ``ie_data.sources`` under the data
+    root; the source name is the file's folder (or its stem for files directly under ``ie/``)."""
+    from microlm.data.sources import data_root
+
+    root = data_root(cfg.data.root)
+    if root is None:
+        raise MicroLMError("no IE data: set MICROLM_DATA to the dataset bundle (the embedded IE set is not "
+                           "written yet)")
+    from microlm.ie.standardize import ADAPTERS
+
+    out = []
+    for pattern, fmt in cfg.ie_data.sources.items():
+        if fmt not in ADAPTERS:
+            raise MicroLMError(f"ie_data.sources: unknown format {fmt!r} for {pattern!r} (known: {', '.join(ADAPTERS)})")
+        files = sorted(glob.glob(str(root / pattern)))
+        if not files:
+            raise MicroLMError(f"ie_data.sources: {pattern!r} matches no file under {root}")
+        for f in files:
+            p = Path(f)
+            name = p.parent.name if p.parent.name not in ("ie", "re_raw", "iepile_raw") else p.name.split(".")[0]
+            out.append((p, fmt, name))
+    return out
+
+
+def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, str]] | None = None) -> dict:
+    """01: every source file → ``01_standardized.jsonl`` (``IERecord`` per line) and
+    ``01_standardize_stats.json`` (records and triples per source and topic, issues by reason with
+    samples, per file)."""
+    from microlm.ie.standardize import Issues, RelationMap, standardize_file
+
+    t0 = time.time()
+    sources = sources if sources is not None else ie_sources(cfg)
+    rmap = RelationMap(unmapped_topic=cfg.ie_data.unmapped_topic)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_file, by_topic, by_source = [], Counter(), Counter()
+    all_issues = Issues(keep=cfg.ie_data.keep_samples)
+    n = 0
+    with atomic_open(out_dir / "01_standardized.jsonl") as f:
+        for path, fmt, name in sources:
+            issues = Issues(keep=cfg.ie_data.keep_samples)
+            recs = standardize_file(path, fmt, name, rmap, issues)
+            for r in recs:
+                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+                by_topic[r.cate] += 1
+                by_source[name] += 1
+            n += len(recs)
+            for reason, c in issues.counts.items():
+                all_issues.counts[reason] += c
+                for s in issues.samples.get(reason, []):
+                    all_issues.add_sample(reason, s)
+            per_file.append({"file": path.name, "source": name, "format": fmt, "records": len(recs),
+                             "triples": sum(len(r.relation) for r in recs), "issues": issues.to_dict()})
+    stats = {"step": "01_standardize", "records": n, "by_topic": dict(by_topic.most_common()),
+             "by_source": dict(by_source.most_common()), "issues": all_issues.to_dict(), "files": per_file,
+             "unmapped_topic": cfg.ie_data.unmapped_topic, "seconds": round(time.time() - t0, 2)}
+    write_json(out_dir / "01_standardize_stats.json", stats)
+    return stats
+
+
+def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
+    out_dir = out_dir or cfg.run_path / "ie_data"
+    if step == 1:
+        return step_standardize(cfg, out_dir)
+    if step in STEPS:
+        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; step 01 is")
+    raise MicroLMError(f"ie-data steps are 1–6, got {step}")
