@@ -143,6 +143,11 @@ class IEDataConfig:
     sources: dict[str, str] = field(default_factory=_ie_sources)
     unmapped_topic: str | None = "其他"
     keep_samples: int = 3  # examples kept per drop/issue reason in the stats files
+    schema: list[str] = field(default_factory=lambda: ["ie/instructie_schema_zh.json", "ie/instructie_schema_en.json"])
+    min_text_chars: int = 5
+    max_text_chars: int = 512
+    max_entity_chars: int = 64
+    near_dup_threshold: float | None = 0.9  # Jaccard of character 5-grams between texts; null = no near-dup check
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Stages B1–B2: the InstructIE data pipeline, steps 01–06 (``microlm ie-data --step N``).
 
 Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
-and a stats file beside it.  Built so far: 01 standardize (``microlm/ie/standardize.py``); steps
-02–06 (filter, stratify, derive, sample, render) follow.
+and a stats file beside it; a step whose input is missing runs the step before it.  Built so far:
+01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``); steps 03–06
+(stratify, derive, sample, render) follow.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, write_json
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "run_step"]
+__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -82,10 +83,69 @@ def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, 
     return stats
 
 
+def read_records(path: Path):
+    from microlm.ie.standardize import IERecord
+
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield IERecord(**json.loads(line))
+
+
+def _require(out_dir: Path, name: str, step: int, cfg: Config) -> Path:
+    """An earlier step's output, produced first when it is missing."""
+    path = out_dir / name
+    if not path.is_file():
+        run_step(cfg, step, out_dir)
+    return path
+
+
+def step_filter(cfg: Config, out_dir: Path) -> dict:
+    """02: ``01_standardized.jsonl`` → ``02_filtered.jsonl`` + ``02_filter_stats.json`` (records in and
+    out by source and topic, drops by reason with samples)."""
+    from microlm.data.sources import data_root
+    from microlm.ie.filter import filter_records, load_schema
+    from microlm.ie.standardize import Issues
+
+    t0 = time.time()
+    src = _require(out_dir, "01_standardized.jsonl", 1, cfg)
+    root = data_root(cfg.data.root)
+    if root is None:
+        raise MicroLMError("no IE schema: set MICROLM_DATA to the dataset bundle")
+    d = cfg.ie_data
+    schema = load_schema(root / p for p in d.schema)
+    issues = Issues(keep=d.keep_samples)
+    before_topic, before_source = Counter(), Counter()
+
+    def counted():
+        for r in read_records(src):
+            before_topic[r.cate] += 1
+            before_source[r.source] += 1
+            yield r
+
+    kept = filter_records(counted(), schema, extra_topic=d.unmapped_topic, min_chars=d.min_text_chars,
+                          max_chars=d.max_text_chars, max_entity_chars=d.max_entity_chars,
+                          near_threshold=d.near_dup_threshold, issues=issues, seed=cfg.seed)
+    with atomic_open(out_dir / "02_filtered.jsonl") as f:
+        for r in kept:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    after_topic, after_source = Counter(r.cate for r in kept), Counter(r.source for r in kept)
+    stats = {"step": "02_filter", "records_in": sum(before_topic.values()), "records": len(kept),
+             "triples": sum(len(r.relation) for r in kept),
+             "by_topic": {k: {"in": v, "out": after_topic.get(k, 0)} for k, v in before_topic.most_common()},
+             "by_source": {k: {"in": v, "out": after_source.get(k, 0)} for k, v in before_source.most_common()},
+             "issues": issues.to_dict(), "config": {k: getattr(d, k) for k in (
+                 "min_text_chars", "max_text_chars", "max_entity_chars", "near_dup_threshold", "unmapped_topic")},
+             "seconds": round(time.time() - t0, 2)}
+    write_json(out_dir / "02_filter_stats.json", stats)
+    return stats
+
+
 def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
     out_dir = out_dir or cfg.run_path / "ie_data"
     if step == 1:
         return step_standardize(cfg, out_dir)
+    if step == 2:
+        return step_filter(cfg, out_dir)
     if step in STEPS:
-        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; step 01 is")
+        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–02 are")
     raise MicroLMError(f"ie-data steps are 1–6, got {step}")

@@ -1,0 +1,122 @@
+"""Stage B1, step 02 (filter): drop what cannot be trained on, and say why.
+
+Per triple: empty or overlong head/tail, head or tail not found in the text, relation not in the
+topic's schema (test + train relation lists of ``instructie_schema_zh/en.json``), the same triple
+twice.  Per record: topic not in the schema (the extra topic for unmapped relations passes),
+text too short or too long, no triple left, the same text already taken
+from another source (exact), or a near-duplicate of a kept text (MinHash over character 5-grams, keep-first, the
+corpus stage's deduplicator).  Every drop is counted by reason with samples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from microlm.errors import MicroLMError
+from microlm.ie.standardize import IERecord, Issues
+
+__all__ = ["load_schema", "filter_records"]
+
+
+def load_schema(paths: Iterable[str | Path]) -> dict[str, set[str]]:
+    """``{topic: {relation, ...}}`` from InstructIE schema files (``relations`` ∪ ``relations_train``)."""
+    out: dict[str, set[str]] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise MicroLMError(f"IE schema file not found: {p}")
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise MicroLMError(f"{p}: invalid JSON ({e})") from None
+        for topic, spec in raw.items():
+            if topic.startswith("_") or not isinstance(spec, dict):
+                continue
+            rels = [r.get("relation") for key in ("relations", "relations_train") for r in spec.get(key, [])
+                    if isinstance(r, dict)]
+            out.setdefault(topic, set()).update(r for r in rels if isinstance(r, str) and r)
+    if not out:
+        raise MicroLMError("the IE schema files define no topics")
+    return out
+
+
+def _clean_triples(rec: IERecord, allowed: set[str] | None, max_entity: int, issues: Issues,
+                   where: str) -> list[dict]:
+    kept, seen = [], set()
+    for t in rec.relation:
+        head, tail = (t.get("head") or "").strip(), (t.get("tail") or "").strip()
+        reason = None
+        if not head or not tail:
+            reason = "empty_entity"
+        elif len(head) > max_entity or len(tail) > max_entity:
+            reason = "entity_too_long"
+        elif head not in rec.text:
+            reason = "head_not_in_text"
+        elif tail not in rec.text:
+            reason = "tail_not_in_text"
+        elif allowed is not None and t["relation"] not in allowed:
+            reason = "relation_not_in_schema"
+        elif (head, t["relation"], tail) in seen:
+            reason = "duplicate_triple"
+        if reason:
+            issues.add(reason, where, t)
+            continue
+        seen.add((head, t["relation"], tail))
+        kept.append({**t, "head": head, "tail": tail})
+    return kept
+
+
+def filter_records(records: Iterable[IERecord], schema: dict[str, set[str]], *, extra_topic: str | None,
+                   min_chars: int, max_chars: int, max_entity_chars: int, near_threshold: float | None,
+                   issues: Issues, seed: int = 0, batch: int = 2048) -> list[IERecord]:
+    """Keep-first filtering of records in order (see the module docstring); a text already taken
+    from another source is an exact duplicate, the same text under several topics of one source is not."""
+    from microlm.data.dedup import Deduplicator, MinHasher
+
+    owner: dict[str, str] = {}  # text id → the source that supplied it first
+    kept: list[IERecord] = []
+    for rec in records:
+        where = f"{rec.source}:{rec.id}"
+        if rec.cate not in schema and rec.cate != extra_topic:
+            issues.add("topic_not_in_schema", where, rec.cate)
+            continue
+        n = len(rec.text)
+        if n < min_chars or n > max_chars:
+            issues.add("text_too_short" if n < min_chars else "text_too_long", where, rec.text)
+            continue
+        first = owner.get(rec.id)
+        if first is not None and first != rec.source:
+            issues.add("duplicate_text", where, rec.text)
+            continue
+        allowed = None if rec.cate == extra_topic else schema[rec.cate]
+        triples = _clean_triples(rec, allowed, max_entity_chars, issues, where)
+        if not triples:
+            issues.add("no_triple_left", where, rec.text)
+            continue
+        owner.setdefault(rec.id, rec.source)
+        kept.append(IERecord(rec.id, rec.cate, rec.text, triples, rec.source))
+    if near_threshold is None:
+        return kept
+    # near-duplicate texts, keep-first, over the distinct texts in order (batched)
+    texts: dict[str, str] = {}
+    for r in kept:
+        texts.setdefault(r.id, r.text)
+    ids = list(texts)
+    hasher = MinHasher(128, 5, seed=seed)
+    dedup = Deduplicator(exact=False, near=True, threshold=near_threshold, num_perm=128, seed=seed)
+    dropped: set[str] = set()
+    for b in range(0, len(ids), batch):
+        chunk = ids[b:b + batch]
+        dec = dedup.process(np.zeros(len(chunk), dtype=np.uint64), hasher.signatures([texts[i] for i in chunk]))
+        dropped.update(i for i, k in zip(chunk, dec.keep, strict=True) if not k)
+    out = []
+    for r in kept:
+        if r.id in dropped:
+            issues.add("near_duplicate_text", f"{r.source}:{r.id}", r.text)
+        else:
+            out.append(r)
+    return out
