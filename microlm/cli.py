@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ie-data", help="B1–B2: the InstructIE data pipeline, one step at a time")
     _common(p)
-    p.add_argument("--step", type=int, required=True, metavar="N", help="1 standardize, 2 filter (3–6 follow)")
+    p.add_argument("--step", type=int, required=True, metavar="N", help="1 standardize, 2 filter, 3 stratify (4–6 follow)")
     p.add_argument("--out", default=None, help="output folder (default runs/<profile>/ie_data)")
 
     p = sub.add_parser("chat", help="A8: chat with a model in the terminal (or stdin → stdout)")
@@ -187,8 +187,9 @@ def _run(args: argparse.Namespace) -> int:
 
         st = run_step(cfg, args.step, Path(args.out) if args.out else None)
         top = ", ".join(f"{k} {v['out'] if isinstance(v, dict) else v}" for k, v in list(st["by_topic"].items())[:6])
-        print(f"ie-data {st['step']}: {st['records']:,} records ({top}, …); issues "
-              f"{sum(st['issues']['counts'].values()):,} in {len(st['issues']['counts'])} reasons; {st['seconds']} s")
+        issues = st.get("issues", {}).get("counts", {})
+        extra = f"; {sum(issues.values()):,} issues in {len(issues)} reasons" if issues else ""
+        print(f"ie-data {st['step']}: {st['records']:,} records ({top}, …){extra}; {st['seconds']} s")
         return 0
     raise AssertionError(args.command)
 

@@ -148,6 +148,7 @@ class IEDataConfig:
     max_text_chars: int = 512
     max_entity_chars: int = 64
     near_dup_threshold: float | None = 0.9  # Jaccard of character 5-grams between texts; null = no near-dup check
+    rare_relation_triples: int = 20  # relations with fewer triples are listed as the long tail
 
 
 @dataclass

@@ -94,3 +94,26 @@ def test_step_02_runs_step_01_when_needed_and_writes_stats(tmp_cfg, tmp_path):
     assert [k["text"] for k in kept] == ["《静夜思》是李白写的诗。"]
     assert stats["by_topic"] == {"作品": {"in": 2, "out": 1}} and stats["by_source"] == {"src": {"in": 2, "out": 1}}
     assert stats["issues"]["counts"] == {"tail_not_in_text": 1, "no_triple_left": 1}
+
+
+def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
+    from microlm.ie.pipeline import run_step
+
+    ie = tmp_path / "data" / "ie"
+    (ie / "re_raw" / "src").mkdir(parents=True)
+    (ie / "schema.json").write_text(json.dumps({"作品": {"relations": [{"relation": "作者"}, {"relation": "导演"}]},
+                                                "人物": {"relations": [{"relation": "配偶"}]}}, ensure_ascii=False),
+                                    encoding="utf-8")
+    spo = lambda s, p, o: {"predicate": p, "subject": s, "object": o}
+    lines = [{"text": f"《书{i}》是作家{i}写的书。", "spo_list": [spo(f"书{i}", "作者", f"作家{i}")]} for i in range(3)]
+    lines.append({"text": "《电影甲》由导演乙执导，原著作者丙。", "spo_list": [spo("电影甲", "作者", "丙"), spo("电影甲", "导演", "导演乙")]})
+    (ie / "re_raw" / "src" / "d.json").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines),
+                                                 encoding="utf-8")
+    cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/src/*.json": "duie_spo"},
+                     "ie_data.schema": ["ie/schema.json"], "ie_data.rare_relation_triples": 2})
+    stats = run_step(cfg, 3)
+    rows = [json.loads(x) for x in (cfg.run_path / "ie_data" / "03_stratified.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["stratum"] for r in rows] == ["作品:作者"] * 3 + ["作品:导演"]  # 导演 (1 triple) is rarer than 作者 (4)
+    assert stats["relations"] == {"作品": {"作者": 4, "导演": 1}}
+    assert stats["rare_relations"] == {"作品:导演": 1} and stats["schema_topics_without_records"] == ["人物"]
+    assert stats["by_source_topic"] == {"src|作品": 4} and stats["imbalance_max_over_min_topic"] == 1.0

@@ -2,8 +2,8 @@
 
 Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
 and a stats file beside it; a step whose input is missing runs the step before it.  Built so far:
-01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``); steps 03–06
-(stratify, derive, sample, render) follow.
+01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03 stratify;
+steps 04–06 (derive, sample, render) follow.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, write_json
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "read_records", "run_step"]
+__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -140,12 +140,56 @@ def step_filter(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
+def step_stratify(cfg: Config, out_dir: Path) -> dict:
+    """03: statistics by topic × relation × source, and a stratum per record — its topic and its
+    rarest relation (by triples of that topic), so sampling can reach the long tail.
+    ``02_filtered.jsonl`` → ``03_stratified.jsonl`` (+ ``stratum``) and ``03_stratify_stats.json``."""
+    from microlm.data.sources import data_root
+    from microlm.ie.filter import load_schema
+
+    t0 = time.time()
+    src = _require(out_dir, "02_filtered.jsonl", 2, cfg)
+    rel_count: Counter = Counter()
+    topic_records, source_topic = Counter(), Counter()
+    for r in read_records(src):
+        topic_records[r.cate] += 1
+        source_topic[(r.source, r.cate)] += 1
+        for t in r.relation:
+            rel_count[(r.cate, t["relation"])] += 1
+    strata: Counter = Counter()
+    with atomic_open(out_dir / "03_stratified.jsonl") as f:
+        for r in read_records(src):
+            rarest = min((t["relation"] for t in r.relation), key=lambda x: (rel_count[(r.cate, x)], x))
+            stratum = f"{r.cate}:{rarest}"
+            strata[stratum] += 1
+            f.write(json.dumps({**r.to_dict(), "stratum": stratum}, ensure_ascii=False) + "\n")
+    root = data_root(cfg.data.root)
+    schema = load_schema(root / p for p in cfg.ie_data.schema) if root else {}
+    relations: dict[str, dict[str, int]] = {}
+    for (topic, rel), c in rel_count.most_common():
+        relations.setdefault(topic, {})[rel] = c
+    present = [c for t, c in topic_records.items() if c and t != cfg.ie_data.unmapped_topic]  # schema topics
+    rare = cfg.ie_data.rare_relation_triples
+    stats = {"step": "03_stratify", "records": sum(topic_records.values()),
+             "by_topic": dict(topic_records.most_common()), "relations": relations,
+             "by_source_topic": {f"{s}|{t}": c for (s, t), c in source_topic.most_common()},
+             "strata": len(strata), "largest_strata": dict(strata.most_common(10)),
+             "imbalance_max_over_min_topic": round(max(present) / min(present), 1) if present else None,
+             "schema_topics_without_records": sorted(t for t in schema if t not in topic_records),
+             "rare_relations": {f"{t}:{r}": c for (t, r), c in rel_count.items() if c < rare},
+             "seconds": round(time.time() - t0, 2)}
+    write_json(out_dir / "03_stratify_stats.json", stats)
+    return stats
+
+
 def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
     out_dir = out_dir or cfg.run_path / "ie_data"
     if step == 1:
         return step_standardize(cfg, out_dir)
     if step == 2:
         return step_filter(cfg, out_dir)
+    if step == 3:
+        return step_stratify(cfg, out_dir)
     if step in STEPS:
-        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–02 are")
+        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–03 are")
     raise MicroLMError(f"ie-data steps are 1–6, got {step}")
