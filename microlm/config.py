@@ -149,6 +149,8 @@ class IEDataConfig:
     max_entity_chars: int = 64
     near_dup_threshold: float | None = 0.9  # Jaccard of character 5-grams between texts; null = no near-dup check
     rare_relation_triples: int = 20  # relations with fewer triples are listed as the long tail
+    split_num: int = 4  # relations per instruction (IEPile); absent ones are answered with []
+    shuffle_variants: int = 0  # extra copies with the schema relations in another order
 
 
 @dataclass

@@ -8,7 +8,7 @@ from microlm.errors import MicroLMError
 from microlm.ie.filter import filter_records, load_schema
 from microlm.ie.standardize import IERecord, Issues, record_id
 
-SCHEMA = {"人物": {"出生地点", "配偶"}, "作品": {"作者"}}
+SCHEMA = {"人物": ["出生地点", "配偶"], "作品": ["作者"]}
 
 
 def rec(text, triples, cate="人物", source="a"):
@@ -66,7 +66,7 @@ def test_schema_loader(tmp_path):
     p.write_text(json.dumps({"_doc": "x", "人物": {"relations": [{"relation": "配偶"}],
                                                  "relations_train": [{"relation": "死亡地点"}, "bad"]}},
                             ensure_ascii=False), encoding="utf-8")
-    assert load_schema([p]) == {"人物": {"配偶", "死亡地点"}}
+    assert load_schema([p]) == {"人物": ["配偶", "死亡地点"]}
     with pytest.raises(MicroLMError, match="not found"):
         load_schema([tmp_path / "missing.json"])
     (tmp_path / "bad.json").write_text("{", encoding="utf-8")
@@ -117,3 +117,8 @@ def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
     assert stats["relations"] == {"作品": {"作者": 4, "导演": 1}}
     assert stats["rare_relations"] == {"作品:导演": 1} and stats["schema_topics_without_records"] == ["人物"]
     assert stats["by_source_topic"] == {"src|作品": 4} and stats["imbalance_max_over_min_topic"] == 1.0
+    stats = run_step(cfg, 4)  # derive: 作品's pool is its schema (作者, 导演) → one chunk per record
+    exs = [json.loads(x) for x in (cfg.run_path / "ie_data" / "04_derived.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert stats["examples"] == 4 and [json.loads(e["instruction"])["schema"] for e in exs] == [["作者", "导演"]] * 4
+    assert json.loads(exs[0]["output"]) == {"作者": [{"subject": "书0", "object": "作家0"}], "导演": []}
+    assert stats["empty_output_share"] == 0.0

@@ -22,9 +22,10 @@ from microlm.ie.standardize import IERecord, Issues
 __all__ = ["load_schema", "filter_records"]
 
 
-def load_schema(paths: Iterable[str | Path]) -> dict[str, set[str]]:
-    """``{topic: {relation, ...}}`` from InstructIE schema files (``relations`` ∪ ``relations_train``)."""
-    out: dict[str, set[str]] = {}
+def load_schema(paths: Iterable[str | Path]) -> dict[str, list[str]]:
+    """``{topic: [relation, ...]}`` from InstructIE schema files: ``relations`` then the train-only
+    ``relations_train``, in file order, each once."""
+    out: dict[str, list[str]] = {}
     for p in paths:
         p = Path(p)
         if not p.is_file():
@@ -38,7 +39,8 @@ def load_schema(paths: Iterable[str | Path]) -> dict[str, set[str]]:
                 continue
             rels = [r.get("relation") for key in ("relations", "relations_train") for r in spec.get(key, [])
                     if isinstance(r, dict)]
-            out.setdefault(topic, set()).update(r for r in rels if isinstance(r, str) and r)
+            known = out.setdefault(topic, [])
+            known.extend(r for r in dict.fromkeys(rels) if isinstance(r, str) and r and r not in known)
     if not out:
         raise MicroLMError("the IE schema files define no topics")
     return out
@@ -70,13 +72,14 @@ def _clean_triples(rec: IERecord, allowed: set[str] | None, max_entity: int, iss
     return kept
 
 
-def filter_records(records: Iterable[IERecord], schema: dict[str, set[str]], *, extra_topic: str | None,
+def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *, extra_topic: str | None,
                    min_chars: int, max_chars: int, max_entity_chars: int, near_threshold: float | None,
                    issues: Issues, seed: int = 0, batch: int = 2048) -> list[IERecord]:
     """Keep-first filtering of records in order (see the module docstring); a text already taken
     from another source is an exact duplicate, the same text under several topics of one source is not."""
     from microlm.data.dedup import Deduplicator, MinHasher
 
+    allowed_of = {t: set(rels) for t, rels in schema.items()}
     owner: dict[str, str] = {}  # text id → the source that supplied it first
     kept: list[IERecord] = []
     for rec in records:
@@ -92,7 +95,7 @@ def filter_records(records: Iterable[IERecord], schema: dict[str, set[str]], *, 
         if first is not None and first != rec.source:
             issues.add("duplicate_text", where, rec.text)
             continue
-        allowed = None if rec.cate == extra_topic else schema[rec.cate]
+        allowed = None if rec.cate == extra_topic else allowed_of[rec.cate]
         triples = _clean_triples(rec, allowed, max_entity_chars, issues, where)
         if not triples:
             issues.add("no_triple_left", where, rec.text)

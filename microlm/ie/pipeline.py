@@ -2,8 +2,8 @@
 
 Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
 and a stats file beside it; a step whose input is missing runs the step before it.  Built so far:
-01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03 stratify;
-steps 04–06 (derive, sample, render) follow.
+01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03 stratify, 04 derive
+(``microlm/ie/derive.py``); steps 05–06 (sample, render) follow.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, write_json
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "read_records", "run_step"]
+__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -102,17 +102,13 @@ def _require(out_dir: Path, name: str, step: int, cfg: Config) -> Path:
 def step_filter(cfg: Config, out_dir: Path) -> dict:
     """02: ``01_standardized.jsonl`` → ``02_filtered.jsonl`` + ``02_filter_stats.json`` (records in and
     out by source and topic, drops by reason with samples)."""
-    from microlm.data.sources import data_root
-    from microlm.ie.filter import filter_records, load_schema
+    from microlm.ie.filter import filter_records
     from microlm.ie.standardize import Issues
 
     t0 = time.time()
     src = _require(out_dir, "01_standardized.jsonl", 1, cfg)
-    root = data_root(cfg.data.root)
-    if root is None:
-        raise MicroLMError("no IE schema: set MICROLM_DATA to the dataset bundle")
     d = cfg.ie_data
-    schema = load_schema(root / p for p in d.schema)
+    schema = _schema(cfg)
     issues = Issues(keep=d.keep_samples)
     before_topic, before_source = Counter(), Counter()
 
@@ -144,9 +140,6 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
     """03: statistics by topic × relation × source, and a stratum per record — its topic and its
     rarest relation (by triples of that topic), so sampling can reach the long tail.
     ``02_filtered.jsonl`` → ``03_stratified.jsonl`` (+ ``stratum``) and ``03_stratify_stats.json``."""
-    from microlm.data.sources import data_root
-    from microlm.ie.filter import load_schema
-
     t0 = time.time()
     src = _require(out_dir, "02_filtered.jsonl", 2, cfg)
     rel_count: Counter = Counter()
@@ -163,8 +156,7 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
             stratum = f"{r.cate}:{rarest}"
             strata[stratum] += 1
             f.write(json.dumps({**r.to_dict(), "stratum": stratum}, ensure_ascii=False) + "\n")
-    root = data_root(cfg.data.root)
-    schema = load_schema(root / p for p in cfg.ie_data.schema) if root else {}
+    schema = _schema(cfg)
     relations: dict[str, dict[str, int]] = {}
     for (topic, rel), c in rel_count.most_common():
         relations.setdefault(topic, {})[rel] = c
@@ -182,6 +174,57 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
+def _schema(cfg: Config) -> dict[str, list[str]]:
+    from microlm.data.sources import data_root
+    from microlm.ie.filter import load_schema
+
+    root = data_root(cfg.data.root)
+    if root is None:
+        raise MicroLMError("no IE schema: set MICROLM_DATA to the dataset bundle")
+    return load_schema(root / p for p in cfg.ie_data.schema)
+
+
+def step_derive(cfg: Config, out_dir: Path) -> dict:
+    """04: ``03_stratified.jsonl`` → ``04_derived.jsonl``: schema-conditioned instruction/output pairs
+    (``microlm/ie/derive.py``) + ``04_derive_stats.json``."""
+    from microlm.ie.derive import derive_examples
+
+    t0 = time.time()
+    src = _require(out_dir, "03_stratified.jsonl", 3, cfg)
+    schema = _schema(cfg)
+    extra_pools: dict[str, dict[str, None]] = {}  # source → relations it uses under the extra topic
+    for r in read_records_raw(src):
+        if r["cate"] not in schema:
+            pool = extra_pools.setdefault(r["source"], {})
+            pool.update(dict.fromkeys(sorted(t["relation"] for t in r["relation"])))
+
+    def pool_of(r: dict) -> list[str]:
+        return schema[r["cate"]] if r["cate"] in schema else sorted(extra_pools[r["source"]])
+
+    d = cfg.ie_data
+    n, empty, by_topic, positives = 0, 0, Counter(), 0
+    with atomic_open(out_dir / "04_derived.jsonl") as f:
+        for ex in derive_examples(read_records_raw(src), pool_of, split_num=d.split_num,
+                                  shuffle_variants=d.shuffle_variants, seed=cfg.seed):
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+            n += 1
+            empty += ex["positives"] == 0
+            positives += ex["positives"]
+            by_topic[ex["cate"]] += 1
+    stats = {"step": "04_derive", "records": n, "examples": n, "by_topic": dict(by_topic.most_common()),
+             "empty_output_share": round(empty / max(n, 1), 4), "positive_pairs": positives,
+             "split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
+             "extra_topic_pools": {k: len(v) for k, v in extra_pools.items()}, "seconds": round(time.time() - t0, 2)}
+    write_json(out_dir / "04_derive_stats.json", stats)
+    return stats
+
+
+def read_records_raw(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
 def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
     out_dir = out_dir or cfg.run_path / "ie_data"
     if step == 1:
@@ -190,6 +233,8 @@ def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
         return step_filter(cfg, out_dir)
     if step == 3:
         return step_stratify(cfg, out_dir)
+    if step == 4:
+        return step_derive(cfg, out_dir)
     if step in STEPS:
-        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–03 are")
+        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–04 are")
     raise MicroLMError(f"ie-data steps are 1–6, got {step}")
