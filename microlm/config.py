@@ -151,6 +151,9 @@ class IEDataConfig:
     rare_relation_triples: int = 20  # relations with fewer triples are listed as the long tail
     split_num: int = 4  # relations per instruction (IEPile); absent ones are answered with []
     shuffle_variants: int = 0  # extra copies with the schema relations in another order
+    val_fraction: float = 0.05  # of the texts of each stratum (strata with < 3 texts go to train)
+    test_fraction: float = 0.05
+    eval_prompts: int = 40  # fixed evaluation prompts drawn from test, round-robin over topics
 
 
 @dataclass

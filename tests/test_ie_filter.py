@@ -122,3 +122,6 @@ def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
     assert stats["examples"] == 4 and [json.loads(e["instruction"])["schema"] for e in exs] == [["作者", "导演"]] * 4
     assert json.loads(exs[0]["output"]) == {"作者": [{"subject": "书0", "object": "作家0"}], "导演": []}
     assert stats["empty_output_share"] == 0.0
+    stats = run_step(cfg, 5)  # sample: 4 texts in 2 strata (< 3 texts in 导演's) → all train; no eval prompt
+    assert stats["splits"]["train"]["texts"] == 4 and stats["texts_shared_between_splits"] == 0
+    assert stats["eval_prompts"] == {"n": 0, "by_topic": {}, "short_by": cfg.ie_data.eval_prompts}

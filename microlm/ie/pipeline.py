@@ -3,7 +3,7 @@
 Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
 and a stats file beside it; a step whose input is missing runs the step before it.  Built so far:
 01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03 stratify, 04 derive
-(``microlm/ie/derive.py``); steps 05–06 (sample, render) follow.
+(``microlm/ie/derive.py``), 05 sample (``microlm/ie/sample.py``); step 06 (render) follows.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, write_json
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "read_records", "run_step"]
+__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -219,6 +219,51 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
+def step_sample(cfg: Config, out_dir: Path) -> dict:
+    """05: ``04_derived.jsonl`` → ``05_{train,val,test}.jsonl`` (split by text, stratified) and
+    ``05_eval_prompts.jsonl`` (the fixed evaluation prompts with gold answers) + ``05_sample_stats.json``."""
+    from microlm.ie.sample import assign_splits, pick_eval_prompts
+
+    t0 = time.time()
+    src = _require(out_dir, "04_derived.jsonl", 4, cfg)
+    d = cfg.ie_data
+    strata: dict[str, str] = {}
+    for e in read_records_raw(src):
+        strata.setdefault(e["record_id"], e["stratum"] or e["cate"])
+    split_of = assign_splits(strata, d.val_fraction, d.test_fraction, cfg.seed)
+    counts: dict[str, Counter] = {k: Counter() for k in ("train", "val", "test")}
+    texts: dict[str, set] = {k: set() for k in counts}
+    test_examples = []
+    with atomic_open(out_dir / "05_train.jsonl") as ftr, atomic_open(out_dir / "05_val.jsonl") as fva, \
+            atomic_open(out_dir / "05_test.jsonl") as fte:
+        files = {"train": ftr, "val": fva, "test": fte}
+        for e in read_records_raw(src):
+            split = split_of[e["record_id"]]
+            files[split].write(json.dumps(e, ensure_ascii=False) + "\n")
+            counts[split][e["cate"]] += 1
+            texts[split].add(e["record_id"])
+            if split == "test":
+                test_examples.append(e)
+    shared = (texts["train"] & texts["val"]) | (texts["train"] & texts["test"]) | (texts["val"] & texts["test"])
+    if shared:  # by construction impossible; a broken invariant must not pass silently
+        raise MicroLMError(f"{len(shared)} texts are in more than one split")
+    prompts = pick_eval_prompts(test_examples, d.eval_prompts, d.unmapped_topic, cfg.seed)
+    with atomic_open(out_dir / "05_eval_prompts.jsonl") as f:
+        for e in prompts:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    stats = {"step": "05_sample", "records": sum(sum(c.values()) for c in counts.values()),
+             "by_topic": dict(sum(counts.values(), Counter()).most_common()),
+             "splits": {k: {"examples": sum(c.values()), "texts": len(texts[k]), "by_topic": dict(c.most_common())}
+                        for k, c in counts.items()},
+             "texts_shared_between_splits": 0,
+             "eval_prompts": {"n": len(prompts), "by_topic": dict(Counter(e["cate"] for e in prompts).most_common())},
+             "seed": cfg.seed, "seconds": round(time.time() - t0, 2)}
+    if len(prompts) < d.eval_prompts:
+        stats["eval_prompts"]["short_by"] = d.eval_prompts - len(prompts)
+    write_json(out_dir / "05_sample_stats.json", stats)
+    return stats
+
+
 def read_records_raw(path: Path):
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -235,6 +280,8 @@ def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
         return step_stratify(cfg, out_dir)
     if step == 4:
         return step_derive(cfg, out_dir)
+    if step == 5:
+        return step_sample(cfg, out_dir)
     if step in STEPS:
-        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–04 are")
+        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–05 are")
     raise MicroLMError(f"ie-data steps are 1–6, got {step}")

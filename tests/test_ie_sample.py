@@ -1,0 +1,31 @@
+"""Stage B1 step 05: splits by text, stratified, and the fixed evaluation prompts."""
+
+from collections import Counter
+
+from microlm.ie.sample import assign_splits, pick_eval_prompts
+
+
+def test_splits_are_stratified_deterministic_and_small_strata_train_only():
+    strata = {f"a{i}": "人物:配偶" for i in range(200)} | {f"b{i}": "作品:作者" for i in range(40)} | \
+        {"c0": "生物:学名", "c1": "生物:学名"}
+    s = assign_splits(strata, 0.1, 0.05, seed=3)
+    assert s == assign_splits(strata, 0.1, 0.05, seed=3) and s != assign_splits(strata, 0.1, 0.05, seed=4)
+    per = Counter((k[0], v) for k, v in s.items())
+    assert per[("a", "test")] == 10 and per[("a", "val")] == 20 and per[("a", "train")] == 170
+    assert per[("b", "test")] == 2 and per[("b", "val")] == 4
+    assert s["c0"] == s["c1"] == "train"
+
+
+def test_eval_prompts_round_robin_over_topics_one_per_text_and_never_empty():
+    ex = []
+    for t, n in (("人物", 30), ("作品", 3), ("其他", 10)):
+        for i in range(n):
+            ex.append({"id": f"{t}{i}-0", "record_id": f"{t}{i}", "cate": t, "positives": 1})
+            ex.append({"id": f"{t}{i}-1", "record_id": f"{t}{i}", "cate": t, "positives": 0})
+    picked = pick_eval_prompts(ex, 12, extra_topic="其他", seed=0)
+    assert len(picked) == 12 and all(e["positives"] > 0 for e in picked)
+    assert len({e["record_id"] for e in picked}) == 12
+    assert [e["cate"] for e in picked[:3]] == ["人物", "作品", "其他"]  # schema topics first, extra topic last
+    assert Counter(e["cate"] for e in picked) == {"人物": 5, "作品": 3, "其他": 4}
+    assert pick_eval_prompts(ex, 12, extra_topic="其他", seed=0) == picked
+    assert len(pick_eval_prompts(ex[:4], 40, extra_topic="其他", seed=0)) == 2  # fewer available: all of them
