@@ -121,4 +121,6 @@ def test_step_01_writes_records_and_stats_and_names_missing_sources(tmp_cfg, tmp
     with pytest.raises(MicroLMError, match="unknown format 'brat'"):
         run_step(bad, 1)
     with pytest.raises(MicroLMError, match="not built yet"):
-        run_step(cfg, 3)
+        run_step(cfg, 6)
+    with pytest.raises(MicroLMError, match="steps are 1–6"):
+        run_step(cfg, 7)
