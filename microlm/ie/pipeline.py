@@ -18,7 +18,8 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, write_json
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "read_records", "run_step"]
+__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "read_jsonl", "read_records",
+           "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -83,12 +84,19 @@ def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, 
     return stats
 
 
-def read_records(path: Path):
-    from microlm.ie.standardize import IERecord
-
+def read_jsonl(path: Path):
+    """The rows of a step's JSONL output, as dicts."""
     with open(path, encoding="utf-8") as f:
         for line in f:
-            yield IERecord(**json.loads(line))
+            yield json.loads(line)
+
+
+def read_records(path: Path):
+    """The rows of a step's JSONL output as ``IERecord`` (extra keys such as ``stratum`` are ignored)."""
+    from microlm.ie.standardize import IERecord
+
+    for d in read_jsonl(path):
+        yield IERecord(d["id"], d["cate"], d["text"], d["relation"], d["source"])
 
 
 def _require(out_dir: Path, name: str, step: int, cfg: Config) -> Path:
@@ -193,7 +201,7 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     src = _require(out_dir, "03_stratified.jsonl", 3, cfg)
     schema = _schema(cfg)
     extra_pools: dict[str, dict[str, None]] = {}  # source → relations it uses under the extra topic
-    for r in read_records_raw(src):
+    for r in read_jsonl(src):
         if r["cate"] not in schema:
             pool = extra_pools.setdefault(r["source"], {})
             pool.update(dict.fromkeys(sorted(t["relation"] for t in r["relation"])))
@@ -204,7 +212,7 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     d = cfg.ie_data
     n, empty, by_topic, positives = 0, 0, Counter(), 0
     with atomic_open(out_dir / "04_derived.jsonl") as f:
-        for ex in derive_examples(read_records_raw(src), pool_of, split_num=d.split_num,
+        for ex in derive_examples(read_jsonl(src), pool_of, split_num=d.split_num,
                                   shuffle_variants=d.shuffle_variants, seed=cfg.seed):
             f.write(json.dumps(ex, ensure_ascii=False) + "\n")
             n += 1
@@ -228,7 +236,7 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     src = _require(out_dir, "04_derived.jsonl", 4, cfg)
     d = cfg.ie_data
     strata: dict[str, str] = {}
-    for e in read_records_raw(src):
+    for e in read_jsonl(src):
         strata.setdefault(e["record_id"], e["stratum"] or e["cate"])
     split_of = assign_splits(strata, d.val_fraction, d.test_fraction, cfg.seed)
     counts: dict[str, Counter] = {k: Counter() for k in ("train", "val", "test")}
@@ -237,7 +245,7 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     with atomic_open(out_dir / "05_train.jsonl") as ftr, atomic_open(out_dir / "05_val.jsonl") as fva, \
             atomic_open(out_dir / "05_test.jsonl") as fte:
         files = {"train": ftr, "val": fva, "test": fte}
-        for e in read_records_raw(src):
+        for e in read_jsonl(src):
             split = split_of[e["record_id"]]
             files[split].write(json.dumps(e, ensure_ascii=False) + "\n")
             counts[split][e["cate"]] += 1
@@ -262,12 +270,6 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
         stats["eval_prompts"]["short_by"] = d.eval_prompts - len(prompts)
     write_json(out_dir / "05_sample_stats.json", stats)
     return stats
-
-
-def read_records_raw(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
 
 
 def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
