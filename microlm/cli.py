@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ie-data", help="B1–B2: the InstructIE data pipeline, one step at a time")
     _common(p)
-    p.add_argument("--step", type=int, required=True, metavar="N", help="1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample (6 follows)")
+    p.add_argument("--step", type=int, required=True, metavar="N", help="1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample, 6 render")
     p.add_argument("--out", default=None, help="output folder (default runs/<profile>/ie_data)")
 
     p = sub.add_parser("chat", help="A8: chat with a model in the terminal (or stdin → stdout)")

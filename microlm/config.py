@@ -151,9 +151,13 @@ class IEDataConfig:
     rare_relation_triples: int = 20  # relations with fewer triples are listed as the long tail
     split_num: int = 4  # relations per instruction (IEPile); absent ones are answered with []
     shuffle_variants: int = 0  # extra copies with the schema relations in another order
+    max_empty_chunks: int | None = 1  # all-empty chunks kept per record and variant (null = all)
     val_fraction: float = 0.05  # of the texts of each stratum (strata with < 3 texts go to train)
     test_fraction: float = 0.05
     eval_prompts: int = 40  # fixed evaluation prompts drawn from test, round-robin over topics
+    embedded: bool = True  # add the project-written InstructIE records (data/ie/embedded_zh.jsonl)
+    cutoff_tokens: int = 1024  # step 06: examples longer than this under the Qwen2.5 tokenizer are dropped
+    token_sample: int = 0  # step 06: train examples measured per tokenizer (0 = all; val/test/prompts always all)
 
 
 @dataclass

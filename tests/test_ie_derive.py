@@ -33,3 +33,24 @@ def test_shuffled_variants_are_reproducible_permutations_and_english_topics_get_
     e = next(derive_examples([en], lambda r: ["spouse"], split_num=4, shuffle_variants=0, seed=0))
     assert json.loads(e["instruction"])["instruction"] == INSTRUCTIONS["en"]
     assert json.loads(e["output"]) == {"spouse": [{"subject": "Li Bai", "object": "Xu"}]}
+
+
+def test_empty_chunks_are_capped_per_record_deterministically_and_counted():
+    pool = POOL + ["死亡日期", "墓地", "籍贯", "职务", "别名", "作品"]  # 12 relations → 3 chunks of 4
+    skipped = [0]
+    exs = list(derive_examples([REC], lambda r: pool, split_num=4, shuffle_variants=0, seed=0, max_empty_chunks=1,
+                               skipped=skipped))
+    full = list(derive_examples([REC], lambda r: pool, split_num=4, shuffle_variants=0, seed=0))
+    assert len(full) == 3 and sum(e["positives"] == 0 for e in full) == 1  # 出生地点 in chunk 0, 配偶 in chunk 1
+    assert exs == full and skipped == [0]  # one empty chunk: nothing to cap
+    many = [f"r{i}" for i in range(20)]
+    skipped = [0]
+    exs = list(derive_examples([REC], lambda r: POOL + many, split_num=4, shuffle_variants=1, seed=0,
+                               max_empty_chunks=1, skipped=skipped))
+    for v in (0, 1):
+        mine = [e for e in exs if e["variant"] == v]
+        assert sum(e["positives"] == 0 for e in mine) == 1  # one empty chunk kept per variant
+        assert sum(e["positives"] for e in mine) == 2  # every chunk with a gold pair kept
+    uncapped = list(derive_examples([REC], lambda r: POOL + many, split_num=4, shuffle_variants=1, seed=0))
+    assert skipped[0] == len(uncapped) - len(exs) == sum(e["positives"] == 0 for e in uncapped) - 2
+    assert all(e in uncapped for e in exs)  # the cap only leaves examples out

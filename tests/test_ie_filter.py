@@ -86,7 +86,7 @@ def test_step_02_runs_step_01_when_needed_and_writes_stats(tmp_cfg, tmp_path):
     (ie / "re_raw" / "src" / "d.json").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines),
                                                  encoding="utf-8")
     cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/src/*.json": "duie_spo"},
-                     "ie_data.schema": ["ie/schema.json"]})
+                     "ie_data.schema": ["ie/schema.json"], "ie_data.embedded": False})
     stats = run_step(cfg, 2)
     folder = cfg.run_path / "ie_data"
     assert (folder / "01_standardized.jsonl").is_file()
@@ -110,7 +110,8 @@ def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
     (ie / "re_raw" / "src" / "d.json").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines),
                                                  encoding="utf-8")
     cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/src/*.json": "duie_spo"},
-                     "ie_data.schema": ["ie/schema.json"], "ie_data.rare_relation_triples": 2})
+                     "ie_data.schema": ["ie/schema.json"], "ie_data.rare_relation_triples": 2,
+                     "ie_data.embedded": False})
     stats = run_step(cfg, 3)
     rows = [json.loads(x) for x in (cfg.run_path / "ie_data" / "03_stratified.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stratum"] for r in rows] == ["作品:作者"] * 3 + ["作品:导演"]  # 导演 (1 triple) is rarer than 作者 (4)

@@ -29,3 +29,13 @@ def test_eval_prompts_round_robin_over_topics_one_per_text_and_never_empty():
     assert Counter(e["cate"] for e in picked) == {"人物": 5, "作品": 3, "其他": 4}
     assert pick_eval_prompts(ex, 12, extra_topic="其他", seed=0) == picked
     assert len(pick_eval_prompts(ex[:4], 40, extra_topic="其他", seed=0)) == 2  # fewer available: all of them
+
+
+def test_small_topics_of_rare_relations_still_reach_test_and_strata_are_proportional():
+    strata = {f"t{i}": f"天文对象:r{i}" for i in range(21)}  # 21 texts, every stratum of one text
+    strata |= {f"x{i}": "人物:配偶" for i in range(100)} | {f"y{i}": "人物:父母" for i in range(100)}
+    s = assign_splits(strata, 0.05, 0.05, seed=0)
+    per = Counter((k[0], v) for k, v in s.items())
+    assert per[("t", "test")] == 1 and per[("t", "val")] == 1 and per[("t", "train")] == 19
+    assert per[("x", "test")] == per[("y", "test")] == 5  # 10 for the topic, split evenly over its strata
+    assert per[("x", "val")] + per[("y", "val")] == 10 and abs(per[("x", "val")] - per[("y", "val")]) <= 1

@@ -5,7 +5,9 @@ each chunk becomes one example whose instruction is a JSON string ``{"instructio
 "input"}`` and whose expected output is a JSON string ``{"<relation>": [{"subject", "object"}],
 ...}`` over exactly the chunk's relations — relations absent from the text get ``[]``, so the
 model learns to say "nothing" as well as to extract (IEPile, Gui et al. 2024).  ``shuffle_variants``
-adds copies with the relations in another order.  The relation pool of a schema topic is its
+adds copies with the relations in another order.  ``max_empty_chunks`` caps the all-empty chunks
+per record and variant (IEPile samples its negatives too; ``None`` keeps them all) — the kept ones are
+drawn by a seeded hash, so the cap is deterministic.  The relation pool of a schema topic is its
 schema; the pool of the extra topic (unmapped relations) is what that source uses under it.
 """
 
@@ -36,9 +38,11 @@ def _lang(topic: str) -> str:
 
 
 def derive_examples(records: Iterable[dict], pool_of: Callable[[dict], list[str]], *, split_num: int,
-                    shuffle_variants: int, seed: int) -> Iterator[dict]:
+                    shuffle_variants: int, seed: int, max_empty_chunks: int | None = None,
+                    skipped: list[int] | None = None) -> Iterator[dict]:
     """One example per (record, chunk, variant); ``records`` are stratified record dicts and
-    ``pool_of(record)`` is the ordered relation list its instructions draw from."""
+    ``pool_of(record)`` is the ordered relation list its instructions draw from; the number of empty
+    chunks left out by ``max_empty_chunks`` is added to ``skipped[0]`` when a list is given."""
     for r in records:
         pool = pool_of(r)
         gold: dict[str, list[dict]] = {}
@@ -53,7 +57,17 @@ def derive_examples(records: Iterable[dict], pool_of: Callable[[dict], list[str]
             rng.shuffle(order)
             orders.append(order)
         for v, order in enumerate(orders):
-            for c, rels in enumerate(chunk(order, split_num)):
+            chunks = chunk(order, split_num)
+            empty = [c for c, rels in enumerate(chunks) if not any(rel in gold for rel in rels)]
+            if max_empty_chunks is not None and len(empty) > max_empty_chunks:
+                drop = set(empty) - set(rng.sample(empty, max_empty_chunks))
+                if skipped is not None:
+                    skipped[0] += len(drop)
+            else:
+                drop = set()
+            for c, rels in enumerate(chunks):
+                if c in drop:
+                    continue
                 instruction = {"instruction": INSTRUCTIONS[_lang(r["cate"])], "schema": rels, "input": r["text"]}
                 output = {rel: gold.get(rel, []) for rel in rels}
                 yield {"id": f"{r['id']}-{r['cate']}-{v}-{c}", "record_id": r["id"], "cate": r["cate"],

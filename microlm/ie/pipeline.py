@@ -3,7 +3,7 @@
 Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
 and a stats file beside it; a step whose input is missing runs the step before it.  Built so far:
 01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03 stratify, 04 derive
-(``microlm/ie/derive.py``), 05 sample (``microlm/ie/sample.py``); step 06 (render) follows.
+(``microlm/ie/derive.py``), 05 sample (``microlm/ie/sample.py``), 06 render (``microlm/ie/render.py``).
 """
 
 from __future__ import annotations
@@ -18,25 +18,26 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, write_json
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "read_jsonl", "read_records",
-           "run_step"]
+__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
+           "render_counters", "read_jsonl", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
 
+EMBEDDED = "microlm_embedded"  # source name of the project-written records
+
+
 def ie_sources(cfg: Config) -> list[tuple[Path, str, str]]:
     """``(file, format, source name)`` for every file matched by ``ie_data.sources`` under the data
-    root; the source name is the file's folder (or its stem for files directly under ``ie/``)."""
+    root (the source name is the file's folder, or its stem for files directly under ``ie/``), then
+    the project-written InstructIE records when ``ie_data.embedded`` (the only source without a data
+    root)."""
     from microlm.data.sources import data_root
+    from microlm.ie.standardize import ADAPTERS, EMBEDDED_RECORDS
 
     root = data_root(cfg.data.root)
-    if root is None:
-        raise MicroLMError("no IE data: set MICROLM_DATA to the dataset bundle (the embedded IE set is not "
-                           "written yet)")
-    from microlm.ie.standardize import ADAPTERS
-
     out = []
-    for pattern, fmt in cfg.ie_data.sources.items():
+    for pattern, fmt in (cfg.ie_data.sources.items() if root is not None else ()):
         if fmt not in ADAPTERS:
             raise MicroLMError(f"ie_data.sources: unknown format {fmt!r} for {pattern!r} (known: {', '.join(ADAPTERS)})")
         files = sorted(glob.glob(str(root / pattern)))
@@ -46,6 +47,10 @@ def ie_sources(cfg: Config) -> list[tuple[Path, str, str]]:
             p = Path(f)
             name = p.parent.name if p.parent.name not in ("ie", "re_raw", "iepile_raw") else p.name.split(".")[0]
             out.append((p, fmt, name))
+    if cfg.ie_data.embedded:
+        out.append((EMBEDDED_RECORDS, "instructie", EMBEDDED))
+    if not out:
+        raise MicroLMError("no IE data: set MICROLM_DATA to the dataset bundle or keep ie_data.embedded: true")
     return out
 
 
@@ -183,12 +188,15 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
 
 
 def _schema(cfg: Config) -> dict[str, list[str]]:
+    """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``."""
     from microlm.data.sources import data_root
     from microlm.ie.filter import load_schema
 
+    from microlm.ie.standardize import EMBEDDED_SCHEMA
+
     root = data_root(cfg.data.root)
-    if root is None:
-        raise MicroLMError("no IE schema: set MICROLM_DATA to the dataset bundle")
+    if root is None:  # no bundle: the project's own schema (the relations its records use)
+        return load_schema([EMBEDDED_SCHEMA])
     return load_schema(root / p for p in cfg.ie_data.schema)
 
 
@@ -210,10 +218,11 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
         return schema[r["cate"]] if r["cate"] in schema else sorted(extra_pools[r["source"]])
 
     d = cfg.ie_data
-    n, empty, by_topic, positives = 0, 0, Counter(), 0
+    n, empty, by_topic, positives, skipped = 0, 0, Counter(), 0, [0]
     with atomic_open(out_dir / "04_derived.jsonl") as f:
         for ex in derive_examples(read_jsonl(src), pool_of, split_num=d.split_num,
-                                  shuffle_variants=d.shuffle_variants, seed=cfg.seed):
+                                  shuffle_variants=d.shuffle_variants, seed=cfg.seed,
+                                  max_empty_chunks=d.max_empty_chunks, skipped=skipped):
             f.write(json.dumps(ex, ensure_ascii=False) + "\n")
             n += 1
             empty += ex["positives"] == 0
@@ -222,6 +231,7 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     stats = {"step": "04_derive", "records": n, "examples": n, "by_topic": dict(by_topic.most_common()),
              "empty_output_share": round(empty / max(n, 1), 4), "positive_pairs": positives,
              "split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
+             "max_empty_chunks": d.max_empty_chunks, "empty_chunks_left_out": skipped[0],
              "extra_topic_pools": {k: len(v) for k, v in extra_pools.items()}, "seconds": round(time.time() - t0, 2)}
     write_json(out_dir / "04_derive_stats.json", stats)
     return stats
@@ -272,6 +282,81 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
+def render_counters(cfg: Config) -> list:
+    """Step 06's tokenizers: Qwen2.5 (``$MICROLM_DATA/tokenizers/qwen2.5``, when there) and this
+    profile's MicroLM tokenizer (``runs/<p>/tokenizer``, built when missing)."""
+    from microlm.ie.render import TokenCounter
+    from microlm.stages import upstream
+    from microlm.tokenizer import Tokenizer
+    from microlm.tokenizer.stage import load_hf_tokenizer, qwen_tokenizer_path
+
+    out = []
+    qwen = qwen_tokenizer_path(cfg)
+    if qwen is not None:
+        out.append(TokenCounter.hf("qwen2.5", load_hf_tokenizer(qwen)))
+    out.append(TokenCounter.microlm(Tokenizer.load(upstream("tokenizer", cfg))))
+    return out
+
+
+def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch: int = 2048) -> dict:
+    """06: ``05_{train,val,test,eval_prompts}.jsonl`` → ``06_*.jsonl`` chat lines (``messages``, and
+    ``tokens`` per tokenizer where measured) + ``06_render_stats.json``.  Examples over
+    ``cutoff_tokens`` under Qwen2.5 are dropped and counted; evaluation prompts are never dropped
+    (the set stays fixed) — their over-cutoff count is reported."""
+    import xxhash
+
+    from microlm.ie.render import dumps, length_summary, render_example
+
+    t0 = time.time()
+    d = cfg.ie_data
+    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, cfg) for s in ("train", "val", "test", "eval_prompts")}
+    counters = counters if counters is not None else render_counters(cfg)
+    limits = {"qwen2.5": {"cutoff": d.cutoff_tokens}, "microlm": {"context": cfg.model.max_seq_len}}
+    splits, tokens, by_topic = {}, {}, Counter()
+    for split, src in inputs.items():
+        n_in = sum(1 for _ in open(src, encoding="utf-8"))
+        sample = d.token_sample if split == "train" and 0 < d.token_sample < n_in else 0
+        lengths: dict[str, list[int]] = {c.name: [] for c in counters}
+        kept = dropped = measured = 0
+        prompt_only = split == "eval_prompts"
+
+        def flush(buf: list[dict], f) -> None:
+            nonlocal kept, dropped, measured
+            todo = [ln for ln in buf if not sample or
+                    xxhash.xxh64_intdigest(f"{cfg.seed}:{ln['id']}".encode()) % n_in < sample]
+            for c in counters:
+                for ln, n in zip(todo, c.count(todo), strict=True):
+                    ln.setdefault("tokens", {})[c.name] = n
+                    lengths[c.name].append(n)
+            measured += len(todo)
+            for ln in buf:
+                if not prompt_only and ln.get("tokens", {}).get("qwen2.5", 0) > d.cutoff_tokens:
+                    dropped += 1
+                    continue
+                kept += 1
+                by_topic[ln["cate"]] += not prompt_only
+                f.write(dumps(ln))
+
+        with atomic_open(out_dir / f"06_{split}.jsonl") as f:
+            buf: list[dict] = []
+            for e in read_jsonl(src):
+                buf.append(render_example(e, prompt_only=prompt_only))
+                if len(buf) >= batch:
+                    flush(buf, f)
+                    buf = []
+            flush(buf, f)
+        splits[split] = {"in": n_in, "out": kept, "dropped_over_cutoff": dropped, "measured": measured}
+        tokens[split] = {c.name: length_summary(lengths[c.name], limits.get(c.name, {})) for c in counters}
+    stats = {"step": "06_render", "records": sum(splits[k]["out"] for k in ("train", "val", "test")),
+             "by_topic": dict(by_topic.most_common()), "splits": splits, "tokens": tokens,
+             "tokenizers": [c.name for c in counters], "cutoff_tokens": d.cutoff_tokens,
+             "cutoff_applied": any(c.name == "qwen2.5" for c in counters),
+             "microlm_context": cfg.model.max_seq_len, "token_sample": d.token_sample,
+             "seconds": round(time.time() - t0, 2)}
+    write_json(out_dir / "06_render_stats.json", stats)
+    return stats
+
+
 def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
     out_dir = out_dir or cfg.run_path / "ie_data"
     if step == 1:
@@ -284,6 +369,6 @@ def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
         return step_derive(cfg, out_dir)
     if step == 5:
         return step_sample(cfg, out_dir)
-    if step in STEPS:
-        raise MicroLMError(f"ie-data step {step:02d} ({STEPS[step]}) is not built yet; steps 01–05 are")
+    if step == 6:
+        return step_render(cfg, out_dir)
     raise MicroLMError(f"ie-data steps are 1–6, got {step}")

@@ -1,8 +1,11 @@
 """Stage B1, step 05 (sample): stratified train/val/test and the fixed evaluation prompts.
 
-Splits are made over *texts* (record ids), never over examples, so no text is in two splits;
-within each stratum the texts are ordered by a seeded hash and cut by the configured fractions, so
-every stratum with enough texts is represented in each split.  The evaluation prompts are drawn
+Splits are made over *texts* (record ids), never over examples, so no text is in two splits.
+Within each topic the texts are ordered by stratum and then by a seeded hash, and cut by systematic
+sampling: every ``1/fraction``-th text goes to test, then likewise to val over the rest.  A topic
+gets ``round(n × fraction)`` texts in each split (a 21-text topic still reaches test), and the
+strata inside it are represented in proportion (topics of fewer than 3 texts stay in train).
+The evaluation prompts are drawn
 from the test split, round-robin over topics (schema topics first, then the extra topic), each
 with at least one gold pair, and saved with their gold answers.
 """
@@ -21,19 +24,25 @@ def _key(seed: int, text_id: str) -> int:
     return xxhash.xxh64_intdigest(f"{seed}:{text_id}".encode())
 
 
+def _systematic(ids: list[str], fraction: float) -> set[str]:
+    """Every ``1/fraction``-th id of an ordered list (``round(len × fraction)`` of them)."""
+    return {t for i, t in enumerate(ids) if math.floor((i + 1) * fraction + 0.5) > math.floor(i * fraction + 0.5)}
+
+
 def assign_splits(strata: dict[str, str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """``{text id: "train" | "val" | "test"}`` from ``{text id: stratum}``."""
-    by_stratum: dict[str, list[str]] = defaultdict(list)
+    """``{text id: "train" | "val" | "test"}`` from ``{text id: stratum}`` (``"<topic>:<relation>"``)."""
+    by_topic: dict[str, list[str]] = defaultdict(list)
     for tid, s in strata.items():
-        by_stratum[s].append(tid)
+        by_topic[s.split(":")[0]].append(tid)
     out = {}
-    for _, ids in sorted(by_stratum.items()):
-        ids.sort(key=lambda t: _key(seed, t))
+    for _, ids in sorted(by_topic.items()):
+        ids.sort(key=lambda t: (strata[t], _key(seed, t)))
         n = len(ids)
-        n_test = math.floor(n * test_fraction + 0.5) if n >= 3 else 0
-        n_val = math.floor(n * val_fraction + 0.5) if n >= 3 else 0
-        for i, tid in enumerate(ids):
-            out[tid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        test = _systematic(ids, test_fraction) if n >= 3 else set()
+        rest = [t for t in ids if t not in test]
+        val = _systematic(rest, val_fraction * n / len(rest)) if n >= 3 and rest else set()
+        for tid in ids:
+            out[tid] = "test" if tid in test else "val" if tid in val else "train"
     return out
 
 

@@ -38,6 +38,8 @@ from microlm.errors import MicroLMError
 __all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", "ADAPTERS", "standardize_file"]
 
 RELATION_MAP = REPO_ROOT / "data" / "ie" / "relation_map.json"
+EMBEDDED_RECORDS = REPO_ROOT / "data" / "ie" / "embedded_zh.jsonl"  # project-written, ≥ 21 per topic
+EMBEDDED_SCHEMA = REPO_ROOT / "data" / "ie" / "embedded_schema_zh.json"  # the relations those records use
 TRIPLE_KEYS = ("head", "head_type", "relation", "tail", "tail_type")
 
 

@@ -1,0 +1,96 @@
+"""Stage B2, step 06 (render): derived examples → chat-format JSONL for Qwen2.5 and MicroLM.
+
+Both models use ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``), so one file serves both: each
+line holds ``messages`` (system, user = the instruction JSON string, assistant = the expected output
+JSON string) that ``Tokenizer.encode_chat`` and Qwen2.5's ``apply_chat_template`` turn into the same
+text.  A system message is always given, because Qwen2.5's template otherwise inserts its own
+("You are Qwen, created by Alibaba Cloud…") and the two models would see different prompts.
+
+Token lengths are measured per example under every tokenizer given (``TokenCounter``); an example
+longer than the cutoff under the *target* tokenizer is dropped and counted — a cut-off answer would
+teach the model to stop in the middle of a JSON string.  Lengths under the other tokenizers are
+reported (e.g. how many examples exceed MicroLM's context), not acted on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from microlm.tokenizer.tokenizer import render_chat
+
+__all__ = ["SYSTEM_PROMPTS", "to_messages", "render_example", "TokenCounter", "length_summary"]
+
+SYSTEM_PROMPTS = {
+    "zh": "你是一个信息抽取助手。请按照用户给出的schema从input中抽取关系三元组，只输出JSON字符串。",
+    "en": "You are an information extraction assistant. Extract the relation triples of the given schema from "
+          "the input and answer with a JSON string only.",
+}
+
+
+def to_messages(example: dict, *, with_answer: bool = True) -> list[dict]:
+    """``[system, user, (assistant)]`` of a derived example (``instruction``/``output`` JSON strings)."""
+    lang = "en" if example["cate"].isascii() else "zh"
+    msgs = [{"role": "system", "content": SYSTEM_PROMPTS[lang]}, {"role": "user", "content": example["instruction"]}]
+    if with_answer:
+        msgs.append({"role": "assistant", "content": example["output"]})
+    return msgs
+
+
+def render_example(example: dict, *, prompt_only: bool = False) -> dict:
+    """One chat line: ids and topic kept for tracing; an evaluation prompt carries its gold answer
+    instead of the assistant turn."""
+    out = {k: example[k] for k in ("id", "record_id", "cate", "source")}
+    out["messages"] = to_messages(example, with_answer=not prompt_only)
+    if prompt_only:
+        out["gold"] = example["output"]
+    return out
+
+
+class TokenCounter:
+    """Token lengths of chat lines under one tokenizer: ``count(lines) → [n, ...]`` where ``n`` is
+    the length of the whole rendered conversation (prompts: with the generation prompt)."""
+
+    def __init__(self, name: str, count_batch: Callable[[list[list[dict]], bool], list[int]]):
+        self.name, self._count = name, count_batch
+
+    def count(self, lines: list[dict]) -> list[int]:
+        if not lines:
+            return []
+        prompt = "gold" in lines[0]
+        return self._count([ln["messages"] for ln in lines], prompt)
+
+    @classmethod
+    def microlm(cls, tokenizer) -> TokenCounter:
+        """Our tokenizer (``microlm.tokenizer.Tokenizer``): ``encode_chat`` per conversation."""
+        return cls("microlm", lambda convs, prompt: [
+            len(tokenizer.encode_chat(m, add_generation_prompt=prompt)) for m in convs])
+
+    @classmethod
+    def hf(cls, name: str, tokenizer) -> TokenCounter:
+        """A Hugging Face ``tokenizers.Tokenizer`` whose added tokens include the ChatML markers:
+        the rendered ChatML text is encoded in one batch (the markers match as special tokens)."""
+        def count(convs: list[list[dict]], prompt: bool) -> list[int]:
+            texts = [render_chat(m, add_generation_prompt=prompt) for m in convs]
+            return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return cls(name, count)
+
+
+def length_summary(lengths: Iterable[int], limits: dict[str, int]) -> dict:
+    """Count, mean, percentiles, max and the number over each named limit."""
+    a = np.fromiter(lengths, dtype=np.int64)
+    if a.size == 0:
+        return {"n": 0}
+    out = {"n": int(a.size), "mean": round(float(a.mean()), 1),
+           **{f"p{q}": int(np.percentile(a, q)) for q in (50, 90, 99)}, "max": int(a.max())}
+    for name, lim in limits.items():
+        out[f"over_{name}"] = int((a > lim).sum())
+    out["histogram"] = {"edges": [int(x) for x in np.histogram_bin_edges(a, bins=20)],
+                        "counts": [int(x) for x in np.histogram(a, bins=20)[0]]}
+    return out
+
+
+def dumps(line: dict) -> str:
+    return json.dumps(line, ensure_ascii=False) + "\n"

@@ -1,0 +1,113 @@
+"""Stage B2 step 06 (render): chat lines both ChatML templates read the same, token lengths, cutoff;
+the project-written records that let every topic run without the bundle."""
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import jinja2
+
+from microlm.ie.render import SYSTEM_PROMPTS, TokenCounter, length_summary, render_example, to_messages
+from microlm.tokenizer.hf import hf_tokenizer_config, hf_tokenizer_json
+from microlm.tokenizer.tokenizer import render_chat
+
+from .conftest import REPO
+
+EX = {"id": "a-人物-0-0", "record_id": "a", "cate": "人物", "source": "s",
+      "instruction": json.dumps({"instruction": "抽取", "schema": ["配偶"], "input": "李白的妻子是许氏。"}, ensure_ascii=False),
+      "output": json.dumps({"配偶": [{"subject": "李白", "object": "许氏"}]}, ensure_ascii=False)}
+
+
+def _templates(chat_tok) -> dict[str, str]:
+    """Qwen2.5's chat template (from the bundle, when there) and the one our tokenizer export writes."""
+    out = {"microlm": hf_tokenizer_config(chat_tok)["chat_template"]}
+    qwen = Path(os.environ.get("MICROLM_DATA", "/nonexistent")) / "tokenizers" / "qwen2.5" / "tokenizer_config.json"
+    if qwen.is_file():
+        out["qwen2.5"] = json.loads(qwen.read_text(encoding="utf-8"))["chat_template"]
+    return out
+
+
+def test_chat_lines_render_identically_under_both_chatml_templates(chat_tok):
+    line = render_example(EX)
+    assert [m["role"] for m in line["messages"]] == ["system", "user", "assistant"]
+    assert line["messages"][0]["content"] == SYSTEM_PROMPTS["zh"] and line["messages"][2]["content"] == EX["output"]
+    prompt = render_example(EX, prompt_only=True)
+    assert [m["role"] for m in prompt["messages"]] == ["system", "user"] and prompt["gold"] == EX["output"]
+    assert to_messages({**EX, "cate": "Person"})[0]["content"] == SYSTEM_PROMPTS["en"]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    for name, template in _templates(chat_tok).items():
+        t = env.from_string(template)
+        assert t.render(messages=line["messages"], add_generation_prompt=False) == render_chat(line["messages"]), name
+        assert t.render(messages=prompt["messages"], add_generation_prompt=True) == \
+            render_chat(prompt["messages"], add_generation_prompt=True), name
+    # without a system message Qwen2.5 inserts its own: that is why every line carries one
+    if "qwen2.5" in _templates(chat_tok):
+        bare = env.from_string(_templates(chat_tok)["qwen2.5"]).render(messages=line["messages"][1:])
+        assert "Qwen" in bare and "Qwen" not in render_chat(line["messages"])
+
+
+def test_token_counters_agree_with_the_tokenizers(chat_tok):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(json.dumps(hf_tokenizer_json(chat_tok)))
+    lines = [render_example(EX), render_example({**EX, "output": "{}"})]
+    ours = TokenCounter.microlm(chat_tok).count(lines)
+    theirs = TokenCounter.hf("hf", hf).count(lines)
+    assert ours == [len(chat_tok.encode_chat(ln["messages"])) for ln in lines] == theirs  # same BPE, same ids
+    assert ours[0] > ours[1]
+    p = [render_example(EX, prompt_only=True)]
+    assert TokenCounter.microlm(chat_tok).count(p) == [len(chat_tok.encode_chat(p[0]["messages"], add_generation_prompt=True))]
+    s = length_summary([10, 20, 30, 40], {"cutoff": 25})
+    assert s["n"] == 4 and s["max"] == 40 and s["over_cutoff"] == 2 and sum(s["histogram"]["counts"]) == 4
+    assert length_summary([], {}) == {"n": 0}
+
+
+def test_step_06_on_the_embedded_records_drops_over_cutoff_and_keeps_prompts(tmp_cfg, monkeypatch, chat_tok):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from microlm.ie.pipeline import run_step, step_render
+
+    monkeypatch.delenv("MICROLM_DATA", raising=False)  # the project-written records and schema alone
+    cfg = tmp_cfg(**{"ie_data.cutoff_tokens": 400, "ie_data.token_sample": 0})
+    out = cfg.run_path / "ie_data"
+    s5 = run_step(cfg, 5)  # runs 01–04 first
+    assert s5["eval_prompts"]["n"] == 12 and len(s5["eval_prompts"]["by_topic"]) == 12  # one per topic
+    qwen_like = TokenCounter.hf("qwen2.5", HFTokenizer.from_str(json.dumps(hf_tokenizer_json(chat_tok))))
+    stats = step_render(cfg, out, counters=[qwen_like, TokenCounter.microlm(chat_tok)])
+    for split in ("train", "val", "test"):
+        rows = [json.loads(x) for x in (out / f"06_{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        sp = stats["splits"][split]
+        assert sp["in"] == s5["splits"][split]["examples"] == sp["out"] + sp["dropped_over_cutoff"] == len(rows) + sp["dropped_over_cutoff"]
+        assert all(r["tokens"]["qwen2.5"] <= 400 for r in rows)
+        assert all(r["tokens"]["microlm"] == len(chat_tok.encode_chat(r["messages"])) for r in rows[:20])
+        assert stats["tokens"][split]["qwen2.5"]["over_cutoff"] == sp["dropped_over_cutoff"]
+    assert sum(stats["splits"][k]["dropped_over_cutoff"] for k in ("train", "val", "test")) > 0  # the tiny BPE is long-winded
+    prompts = [json.loads(x) for x in (out / "06_eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(prompts) == 12 and all("gold" in p and p["messages"][-1]["role"] == "user" for p in prompts)
+    assert stats["splits"]["eval_prompts"]["dropped_over_cutoff"] == 0  # the fixed set is never cut
+    cfg2 = tmp_cfg(**{"ie_data.token_sample": 50})
+    stats2 = step_render(cfg2, out, counters=[TokenCounter.microlm(chat_tok)])
+    assert 20 <= stats2["splits"]["train"]["measured"] <= 90 < stats2["splits"]["train"]["in"]
+    assert stats2["splits"]["val"]["measured"] == stats2["splits"]["val"]["in"]  # only train is sampled
+    assert not stats2["cutoff_applied"] and stats2["splits"]["train"]["out"] == stats2["splits"]["train"]["in"]
+
+
+def test_embedded_records_cover_all_12_topics_and_pass_every_filter(tmp_cfg, monkeypatch):
+    from microlm.ie.filter import load_schema
+    from microlm.ie.pipeline import run_step
+    from microlm.ie.standardize import EMBEDDED_RECORDS, EMBEDDED_SCHEMA
+
+    rows = [json.loads(x) for x in EMBEDDED_RECORDS.read_text(encoding="utf-8").splitlines()]
+    by_topic = Counter(r["cate"] for r in rows)
+    schema = load_schema([EMBEDDED_SCHEMA])
+    assert len(by_topic) == 12 and min(by_topic.values()) >= 20 and set(by_topic) == set(schema)
+    real = Path(os.environ.get("MICROLM_DATA", "/nonexistent")) / "ie" / "instructie_schema_zh.json"
+    monkeypatch.delenv("MICROLM_DATA", raising=False)
+    stats = run_step(tmp_cfg(), 2)
+    assert stats["records_in"] == stats["records"] == len(rows) and stats["issues"]["counts"] == {}
+    for p in (real, REPO / ".." / "shared" / "datasets" / "ie" / "instructie_schema_zh.json"):
+        if p.is_file():  # the relation names are InstructIE's: the records also pass the full schema
+            full = load_schema([p])
+            assert all(t["relation"] in full[r["cate"]] for r in rows for t in r["relation"])
+            break
