@@ -148,6 +148,7 @@ class IEDataConfig:
     max_text_chars: int = 512
     max_entity_chars: int = 64
     near_dup_threshold: float | None = 0.9  # Jaccard of character 5-grams between texts; null = no near-dup check
+    workers: int = 2  # processes computing MinHash signatures in step 02 (1 = none)
     rare_relation_triples: int = 20  # relations with fewer triples are listed as the long tail
     split_num: int = 4  # relations per instruction (IEPile); absent ones are answered with []
     shuffle_variants: int = 0  # extra copies with the schema relations in another order
@@ -157,7 +158,7 @@ class IEDataConfig:
     eval_prompts: int = 40  # fixed evaluation prompts drawn from test, round-robin over topics
     embedded: bool = True  # add the project-written InstructIE records (data/ie/embedded_zh.jsonl)
     cutoff_tokens: int = 1024  # step 06: examples longer than this under the Qwen2.5 tokenizer are dropped
-    token_sample: int = 0  # step 06: train examples measured per tokenizer (0 = all; val/test/prompts always all)
+    token_sample: int = 0  # step 06: examples measured per split and tokenizer (0 = all; eval prompts always all)
 
 
 @dataclass

@@ -54,3 +54,17 @@ def test_empty_chunks_are_capped_per_record_deterministically_and_counted():
     uncapped = list(derive_examples([REC], lambda r: POOL + many, split_num=4, shuffle_variants=1, seed=0))
     assert skipped[0] == len(uncapped) - len(exs) == sum(e["positives"] == 0 for e in uncapped) - 2
     assert all(e in uncapped for e in exs)  # the cap only leaves examples out
+
+
+def test_instruction_and_output_strings_are_exactly_json_dumps():
+    from microlm.ie.derive import _instruction_json, _output_json
+
+    odd = ['配"偶', "tab\there", "换行\n", "emoji 😀", "back\\slash", "\u2028sep", "控制\x01"]
+    for text in odd + ["普通文本。"]:
+        rels = [text, "配偶", "父母"]
+        assert _instruction_json(INSTRUCTIONS["zh"], rels, text) == json.dumps(
+            {"instruction": INSTRUCTIONS["zh"], "schema": rels, "input": text}, ensure_ascii=False)
+        gold = {"配偶": [{"subject": text, "object": "许氏"}, {"subject": "a", "object": text}], text: []}
+        assert _output_json(rels, gold) == json.dumps({r: gold.get(r, []) for r in rels}, ensure_ascii=False)
+    assert _output_json([], {}) == "{}" and _instruction_json("i", [], "t") == json.dumps(
+        {"instruction": "i", "schema": [], "input": "t"}, ensure_ascii=False)

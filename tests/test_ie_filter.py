@@ -18,9 +18,9 @@ def rec(text, triples, cate="人物", source="a"):
 
 def run(records, near=None, **kw):
     issues = Issues()
-    out = filter_records(records, SCHEMA, extra_topic="其他", min_chars=kw.get("min_chars", 5),
+    out = list(filter_records(records, SCHEMA, extra_topic="其他", min_chars=kw.get("min_chars", 5),
                          max_chars=kw.get("max_chars", 200), max_entity_chars=kw.get("max_entity", 10),
-                         near_threshold=near, issues=issues)
+                         near_threshold=near, issues=issues))
     return out, issues
 
 
@@ -126,3 +126,20 @@ def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
     stats = run_step(cfg, 5)  # sample: 4 texts in 2 strata (< 3 texts in 导演's) → all train; no eval prompt
     assert stats["splits"]["train"]["texts"] == 4 and stats["texts_shared_between_splits"] == 0
     assert stats["eval_prompts"] == {"n": 0, "by_topic": {}, "short_by": cfg.ie_data.eval_prompts}
+
+
+def test_signatures_in_worker_processes_give_the_same_decisions_across_batches():
+    from .conftest import ZH
+
+    records = []
+    for i, t in enumerate(ZH * 3):  # each text three times: exact repeats (same source) and edited copies
+        text = t if i < len(ZH) else t[:-3] + "，是吧。" if i < 2 * len(ZH) else t
+        records.append(rec(text, [(t[:2], "配偶", t[2:4])], source=f"s{i % 2}"))
+    out = {}
+    for workers in (1, 2):
+        issues = Issues()
+        out[workers] = list(filter_records(records, SCHEMA, extra_topic="其他", min_chars=5, max_chars=400,
+                                           max_entity_chars=10, near_threshold=0.7, issues=issues, batch=4,
+                                           workers=workers)), issues.counts
+    assert [r.id for r in out[1][0]] == [r.id for r in out[2][0]] and out[1][1] == out[2][1]
+    assert out[1][1]["near_duplicate_text"] > 0 and len(out[1][0]) < len(records)

@@ -89,7 +89,7 @@ def test_step_06_on_the_embedded_records_drops_over_cutoff_and_keeps_prompts(tmp
     cfg2 = tmp_cfg(**{"ie_data.token_sample": 50})
     stats2 = step_render(cfg2, out, counters=[TokenCounter.microlm(chat_tok)])
     assert 20 <= stats2["splits"]["train"]["measured"] <= 90 < stats2["splits"]["train"]["in"]
-    assert stats2["splits"]["val"]["measured"] == stats2["splits"]["val"]["in"]  # only train is sampled
+    assert stats2["splits"]["eval_prompts"]["measured"] == stats2["splits"]["eval_prompts"]["in"]  # never sampled
     assert not stats2["cutoff_applied"] and stats2["splits"]["train"]["out"] == stats2["splits"]["train"]["in"]
 
 
@@ -111,3 +111,19 @@ def test_embedded_records_cover_all_12_topics_and_pass_every_filter(tmp_cfg, mon
             full = load_schema([p])
             assert all(t["relation"] in full[r["cate"]] for r in rows for t in r["relation"])
             break
+
+
+def test_worker_processes_write_byte_identical_files(tmp_cfg, tmp_path, monkeypatch, chat_tok):
+    from microlm.ie.pipeline import run_step, step_render
+
+    monkeypatch.delenv("MICROLM_DATA", raising=False)
+    files = {}
+    for workers in (1, 2):
+        cfg = tmp_cfg(**{"ie_data.workers": workers, "ie_data.token_sample": 40, "ie_data.cutoff_tokens": 350})
+        out = tmp_path / f"w{workers}"
+        run_step(cfg, 5, out)
+        stats = step_render(cfg, out, counters=[TokenCounter.microlm(chat_tok)], batch=16)  # many chunks
+        stats.pop("seconds")
+        files[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("0[46]_*.jsonl"))}, stats
+    assert files[1][0] == files[2][0] and len(files[1][0]) == 5
+    assert files[1][1] == files[2][1]

@@ -13,7 +13,7 @@ RMAP = RelationMap()
 
 def run(path, fmt, rmap=RMAP):
     issues = Issues()
-    return standardize_file(path, fmt, "test", rmap, issues), issues
+    return list(standardize_file(path, fmt, "test", rmap, issues)), issues
 
 
 def test_instructie_records_keep_their_topic_and_bad_lines_are_counted(tmp_path):

@@ -29,6 +29,38 @@ INSTRUCTIONS = {
 }
 
 
+_str = json.encoder.encode_basestring  # the stdlib's own string encoder (ensure_ascii=False)
+
+
+_memo: dict = {}  # JSON fragments of instructions and relation lists (a few hundred distinct ones)
+
+
+def _instruction_json(instruction: str, rels: list[str], text: str) -> str:
+    """``json.dumps({"instruction", "schema", "input"}, ensure_ascii=False)``, built from parts (the
+    pipeline writes one per example; a test pins the equality)."""
+    key = (instruction, *rels)
+    head = _memo.get(key)
+    if head is None:
+        head = _memo[key] = f'{{"instruction": {_str(instruction)}, "schema": [{", ".join(map(_str, rels))}], "input": '
+    return head + _str(text) + "}"
+
+
+def _output_json(rels: list[str], gold: dict[str, list[dict]]) -> str:
+    """``json.dumps({rel: [{"subject", "object"}, ...]}, ensure_ascii=False)`` over ``rels``."""
+    parts = []
+    for rel in rels:
+        pairs = gold.get(rel)
+        if not pairs:
+            part = _memo.get(rel)
+            if part is None:
+                part = _memo[rel] = f"{_str(rel)}: []"
+            parts.append(part)
+            continue
+        inner = ", ".join(f'{{"subject": {_str(p["subject"])}, "object": {_str(p["object"])}}}' for p in pairs)
+        parts.append(f"{_str(rel)}: [{inner}]")
+    return "{" + ", ".join(parts) + "}"
+
+
 def chunk(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -58,7 +90,7 @@ def derive_examples(records: Iterable[dict], pool_of: Callable[[dict], list[str]
             orders.append(order)
         for v, order in enumerate(orders):
             chunks = chunk(order, split_num)
-            empty = [c for c, rels in enumerate(chunks) if not any(rel in gold for rel in rels)]
+            empty = [c for c, rels in enumerate(chunks) if gold.keys().isdisjoint(rels)]
             if max_empty_chunks is not None and len(empty) > max_empty_chunks:
                 drop = set(empty) - set(rng.sample(empty, max_empty_chunks))
                 if skipped is not None:
@@ -68,10 +100,8 @@ def derive_examples(records: Iterable[dict], pool_of: Callable[[dict], list[str]
             for c, rels in enumerate(chunks):
                 if c in drop:
                     continue
-                instruction = {"instruction": INSTRUCTIONS[_lang(r["cate"])], "schema": rels, "input": r["text"]}
-                output = {rel: gold.get(rel, []) for rel in rels}
                 yield {"id": f"{r['id']}-{r['cate']}-{v}-{c}", "record_id": r["id"], "cate": r["cate"],
                        "stratum": r.get("stratum"), "source": r["source"], "variant": v, "chunk": c,
-                       "instruction": json.dumps(instruction, ensure_ascii=False),
-                       "output": json.dumps(output, ensure_ascii=False),
-                       "positives": sum(len(x) for x in output.values())}
+                       "instruction": _instruction_json(INSTRUCTIONS[_lang(r["cate"])], rels, r["text"]),
+                       "output": _output_json(rels, gold),
+                       "positives": 0 if c in empty else sum(len(gold.get(rel, ())) for rel in rels)}

@@ -11,7 +11,7 @@ corpus stage's deduplicator).  Every drop is counted by reason with samples.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +72,65 @@ def _clean_triples(rec: IERecord, allowed: set[str] | None, max_entity: int, iss
     return kept
 
 
+_HASHER = None  # a worker process's MinHasher
+
+
+def _init_worker(seed: int) -> None:
+    global _HASHER
+    from microlm.data.dedup import MinHasher
+
+    _HASHER = MinHasher(128, 5, seed=seed)
+
+
+def _signatures(texts: list[str]) -> np.ndarray:
+    return _HASHER.signatures(texts)
+
+
 def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *, extra_topic: str | None,
                    min_chars: int, max_chars: int, max_entity_chars: int, near_threshold: float | None,
-                   issues: Issues, seed: int = 0, batch: int = 2048) -> list[IERecord]:
-    """Keep-first filtering of records in order (see the module docstring); a text already taken
-    from another source is an exact duplicate, the same text under several topics of one source is not."""
+                   issues: Issues, seed: int = 0, batch: int = 2048, workers: int = 1) -> Iterator[IERecord]:
+    """Keep-first filtering of records in order (see the module docstring), streamed in batches
+    (memory: the text ids seen and the near-duplicate index, not the records); a text already
+    taken from another source is an exact duplicate, the same text under several topics of one
+    source is not.  ``workers`` > 1 computes the MinHash signatures of the next batches in that
+    many processes while this one filters and queries the index — the decisions are the same."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
     from microlm.data.dedup import Deduplicator, MinHasher
 
     allowed_of = {t: set(rels) for t, rels in schema.items()}
     owner: dict[str, str] = {}  # text id → the source that supplied it first
-    kept: list[IERecord] = []
+    near_keep: dict[str, bool] = {}  # text id → passed the near-duplicate check
+    hasher = MinHasher(128, 5, seed=seed)
+    dedup = Deduplicator(exact=False, near=True, threshold=near_threshold or 1.0, num_perm=128, seed=seed)
+
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(seed,)) \
+        if workers > 1 and near_threshold is not None else None
+    submitted: set[str] = set()
+    pending: deque = deque()  # (records, new text ids, their signatures or a future of them), in order
+
+    def submit(buf: list[IERecord]) -> None:
+        new = [] if near_threshold is None else list(dict.fromkeys(r.id for r in buf if r.id not in submitted))
+        submitted.update(new)
+        text_of = {r.id: r.text for r in buf}
+        texts = [text_of[i] for i in new]
+        sigs = pool.submit(_signatures, texts) if pool is not None and new else hasher.signatures(texts) if new else None
+        pending.append((buf, new, sigs))
+
+    def near_pass() -> Iterator[IERecord]:
+        buf, new, sigs = pending.popleft()
+        if new:
+            sigs = sigs.result() if pool is not None else sigs
+            dec = dedup.process(np.zeros(len(new), dtype=np.uint64), sigs)
+            near_keep.update(zip(new, map(bool, dec.keep), strict=True))
+        for r in buf:
+            if near_threshold is None or near_keep[r.id]:
+                yield r
+            else:
+                issues.add("near_duplicate_text", f"{r.source}:{r.id}", r.text)
+
+    buf: list[IERecord] = []
     for rec in records:
         where = f"{rec.source}:{rec.id}"
         if rec.cate not in schema and rec.cate != extra_topic:
@@ -101,25 +150,14 @@ def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *,
             issues.add("no_triple_left", where, rec.text)
             continue
         owner.setdefault(rec.id, rec.source)
-        kept.append(IERecord(rec.id, rec.cate, rec.text, triples, rec.source))
-    if near_threshold is None:
-        return kept
-    # near-duplicate texts, keep-first, over the distinct texts in order (batched)
-    texts: dict[str, str] = {}
-    for r in kept:
-        texts.setdefault(r.id, r.text)
-    ids = list(texts)
-    hasher = MinHasher(128, 5, seed=seed)
-    dedup = Deduplicator(exact=False, near=True, threshold=near_threshold, num_perm=128, seed=seed)
-    dropped: set[str] = set()
-    for b in range(0, len(ids), batch):
-        chunk = ids[b:b + batch]
-        dec = dedup.process(np.zeros(len(chunk), dtype=np.uint64), hasher.signatures([texts[i] for i in chunk]))
-        dropped.update(i for i, k in zip(chunk, dec.keep, strict=True) if not k)
-    out = []
-    for r in kept:
-        if r.id in dropped:
-            issues.add("near_duplicate_text", f"{r.source}:{r.id}", r.text)
-        else:
-            out.append(r)
-    return out
+        buf.append(IERecord(rec.id, rec.cate, rec.text, triples, rec.source))
+        if len(buf) >= batch:
+            submit(buf)
+            buf = []
+            while len(pending) > (workers if pool is not None else 0):
+                yield from near_pass()
+    submit(buf)
+    while pending:
+        yield from near_pass()
+    if pool is not None:
+        pool.shutdown()

@@ -9,14 +9,13 @@ and a stats file beside it; a step whose input is missing runs the step before i
 from __future__ import annotations
 
 import glob
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 from microlm.config import Config
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open, write_json
+from microlm.io import atomic_open, json_line, parse_json_line, write_json
 
 __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
            "render_counters", "read_jsonl", "read_records", "run_step"]
@@ -70,18 +69,20 @@ def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, 
     with atomic_open(out_dir / "01_standardized.jsonl") as f:
         for path, fmt, name in sources:
             issues = Issues(keep=cfg.ie_data.keep_samples)
-            recs = standardize_file(path, fmt, name, rmap, issues)
-            for r in recs:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+            n_file = n_triples = 0
+            for r in standardize_file(path, fmt, name, rmap, issues):
+                f.write(json_line(r.to_dict()))
                 by_topic[r.cate] += 1
-                by_source[name] += 1
-            n += len(recs)
+                n_file += 1
+                n_triples += len(r.relation)
+            by_source[name] += n_file
+            n += n_file
             for reason, c in issues.counts.items():
                 all_issues.counts[reason] += c
                 for s in issues.samples.get(reason, []):
                     all_issues.add_sample(reason, s)
-            per_file.append({"file": path.name, "source": name, "format": fmt, "records": len(recs),
-                             "triples": sum(len(r.relation) for r in recs), "issues": issues.to_dict()})
+            per_file.append({"file": path.name, "source": name, "format": fmt, "records": n_file,
+                             "triples": n_triples, "issues": issues.to_dict()})
     stats = {"step": "01_standardize", "records": n, "by_topic": dict(by_topic.most_common()),
              "by_source": dict(by_source.most_common()), "issues": all_issues.to_dict(), "files": per_file,
              "unmapped_topic": cfg.ie_data.unmapped_topic, "seconds": round(time.time() - t0, 2)}
@@ -93,7 +94,13 @@ def read_jsonl(path: Path):
     """The rows of a step's JSONL output, as dicts."""
     with open(path, encoding="utf-8") as f:
         for line in f:
-            yield json.loads(line)
+            yield parse_json_line(line)
+
+
+def _lines_and_rows(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line, parse_json_line(line)
 
 
 def read_records(path: Path):
@@ -133,13 +140,18 @@ def step_filter(cfg: Config, out_dir: Path) -> dict:
 
     kept = filter_records(counted(), schema, extra_topic=d.unmapped_topic, min_chars=d.min_text_chars,
                           max_chars=d.max_text_chars, max_entity_chars=d.max_entity_chars,
-                          near_threshold=d.near_dup_threshold, issues=issues, seed=cfg.seed)
+                          near_threshold=d.near_dup_threshold, issues=issues, seed=cfg.seed,
+                          workers=d.workers)
+    after_topic, after_source, n_kept, n_triples = Counter(), Counter(), 0, 0
     with atomic_open(out_dir / "02_filtered.jsonl") as f:
         for r in kept:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-    after_topic, after_source = Counter(r.cate for r in kept), Counter(r.source for r in kept)
-    stats = {"step": "02_filter", "records_in": sum(before_topic.values()), "records": len(kept),
-             "triples": sum(len(r.relation) for r in kept),
+            f.write(json_line(r.to_dict()))
+            after_topic[r.cate] += 1
+            after_source[r.source] += 1
+            n_kept += 1
+            n_triples += len(r.relation)
+    stats = {"step": "02_filter", "records_in": sum(before_topic.values()), "records": n_kept,
+             "triples": n_triples,
              "by_topic": {k: {"in": v, "out": after_topic.get(k, 0)} for k, v in before_topic.most_common()},
              "by_source": {k: {"in": v, "out": after_source.get(k, 0)} for k, v in before_source.most_common()},
              "issues": issues.to_dict(), "config": {k: getattr(d, k) for k in (
@@ -157,18 +169,19 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
     src = _require(out_dir, "02_filtered.jsonl", 2, cfg)
     rel_count: Counter = Counter()
     topic_records, source_topic = Counter(), Counter()
-    for r in read_records(src):
-        topic_records[r.cate] += 1
-        source_topic[(r.source, r.cate)] += 1
-        for t in r.relation:
-            rel_count[(r.cate, t["relation"])] += 1
+    for r in read_jsonl(src):
+        topic_records[r["cate"]] += 1
+        source_topic[(r["source"], r["cate"])] += 1
+        for t in r["relation"]:
+            rel_count[(r["cate"], t["relation"])] += 1
     strata: Counter = Counter()
     with atomic_open(out_dir / "03_stratified.jsonl") as f:
-        for r in read_records(src):
-            rarest = min((t["relation"] for t in r.relation), key=lambda x: (rel_count[(r.cate, x)], x))
-            stratum = f"{r.cate}:{rarest}"
+        for line, r in _lines_and_rows(src):
+            cate = r["cate"]
+            rarest = min((t["relation"] for t in r["relation"]), key=lambda x: (rel_count[(cate, x)], x))
+            stratum = f"{cate}:{rarest}"
             strata[stratum] += 1
-            f.write(json.dumps({**r.to_dict(), "stratum": stratum}, ensure_ascii=False) + "\n")
+            f.write(line.rstrip()[:-1] + ',"stratum":' + json_line(stratum)[:-1] + "}\n")  # the row + its stratum
     schema = _schema(cfg)
     relations: dict[str, dict[str, int]] = {}
     for (topic, rel), c in rel_count.most_common():
@@ -191,7 +204,6 @@ def _schema(cfg: Config) -> dict[str, list[str]]:
     """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``."""
     from microlm.data.sources import data_root
     from microlm.ie.filter import load_schema
-
     from microlm.ie.standardize import EMBEDDED_SCHEMA
 
     root = data_root(cfg.data.root)
@@ -200,11 +212,57 @@ def _schema(cfg: Config) -> dict[str, list[str]]:
     return load_schema(root / p for p in cfg.ie_data.schema)
 
 
+_WORK: dict = {}  # what the forked workers of ``_in_order`` need (set before the pool starts)
+
+
+def _batches(rows, size: int):
+    buf = []
+    for r in rows:
+        buf.append(r)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _in_order(fn, chunks, workers: int):
+    """``fn(chunk)`` for each chunk, in order: in ``workers`` forked processes (which see ``_WORK``)
+    when > 1, with at most ``2 × workers`` chunks in flight, so memory stays flat."""
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        yield from map(fn, chunks)
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(ex.submit(fn, c))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _derive_chunk(rows: list[dict]) -> tuple[str, dict]:
+    from microlm.ie.derive import derive_examples
+
+    skipped, lines = [0], []
+    st = {"n": 0, "empty": 0, "positives": 0, "by_topic": Counter()}
+    for ex in derive_examples(rows, _WORK["pool_of"], skipped=skipped, **_WORK["kw"]):
+        lines.append(json_line(ex))
+        st["empty"] += ex["positives"] == 0
+        st["positives"] += ex["positives"]
+        st["by_topic"][ex["cate"]] += 1
+    st["n"], st["skipped"] = len(lines), skipped[0]
+    return "".join(lines), st
+
+
 def step_derive(cfg: Config, out_dir: Path) -> dict:
     """04: ``03_stratified.jsonl`` → ``04_derived.jsonl``: schema-conditioned instruction/output pairs
     (``microlm/ie/derive.py``) + ``04_derive_stats.json``."""
-    from microlm.ie.derive import derive_examples
-
     t0 = time.time()
     src = _require(out_dir, "03_stratified.jsonl", 3, cfg)
     schema = _schema(cfg)
@@ -218,20 +276,22 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
         return schema[r["cate"]] if r["cate"] in schema else sorted(extra_pools[r["source"]])
 
     d = cfg.ie_data
-    n, empty, by_topic, positives, skipped = 0, 0, Counter(), 0, [0]
+    _WORK.clear()
+    _WORK.update(pool_of=pool_of, kw={"split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
+                                      "seed": cfg.seed, "max_empty_chunks": d.max_empty_chunks})
+    n, empty, by_topic, positives, skipped = 0, 0, Counter(), 0, 0
     with atomic_open(out_dir / "04_derived.jsonl") as f:
-        for ex in derive_examples(read_jsonl(src), pool_of, split_num=d.split_num,
-                                  shuffle_variants=d.shuffle_variants, seed=cfg.seed,
-                                  max_empty_chunks=d.max_empty_chunks, skipped=skipped):
-            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-            n += 1
-            empty += ex["positives"] == 0
-            positives += ex["positives"]
-            by_topic[ex["cate"]] += 1
+        for text, st in _in_order(_derive_chunk, _batches(read_jsonl(src), 1000), d.workers):
+            f.write(text)
+            n += st["n"]
+            empty += st["empty"]
+            positives += st["positives"]
+            skipped += st["skipped"]
+            by_topic.update(st["by_topic"])
     stats = {"step": "04_derive", "records": n, "examples": n, "by_topic": dict(by_topic.most_common()),
              "empty_output_share": round(empty / max(n, 1), 4), "positive_pairs": positives,
              "split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
-             "max_empty_chunks": d.max_empty_chunks, "empty_chunks_left_out": skipped[0],
+             "max_empty_chunks": d.max_empty_chunks, "empty_chunks_left_out": skipped,
              "extra_topic_pools": {k: len(v) for k, v in extra_pools.items()}, "seconds": round(time.time() - t0, 2)}
     write_json(out_dir / "04_derive_stats.json", stats)
     return stats
@@ -255,9 +315,9 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     with atomic_open(out_dir / "05_train.jsonl") as ftr, atomic_open(out_dir / "05_val.jsonl") as fva, \
             atomic_open(out_dir / "05_test.jsonl") as fte:
         files = {"train": ftr, "val": fva, "test": fte}
-        for e in read_jsonl(src):
+        for line, e in _lines_and_rows(src):
             split = split_of[e["record_id"]]
-            files[split].write(json.dumps(e, ensure_ascii=False) + "\n")
+            files[split].write(line)  # the row as derived, not re-encoded
             counts[split][e["cate"]] += 1
             texts[split].add(e["record_id"])
             if split == "test":
@@ -268,7 +328,7 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     prompts = pick_eval_prompts(test_examples, d.eval_prompts, d.unmapped_topic, cfg.seed)
     with atomic_open(out_dir / "05_eval_prompts.jsonl") as f:
         for e in prompts:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+            f.write(json_line(e))
     stats = {"step": "05_sample", "records": sum(sum(c.values()) for c in counts.values()),
              "by_topic": dict(sum(counts.values(), Counter()).most_common()),
              "splits": {k: {"examples": sum(c.values()), "texts": len(texts[k]), "by_topic": dict(c.most_common())}
@@ -298,14 +358,43 @@ def render_counters(cfg: Config) -> list:
     return out
 
 
-def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch: int = 2048) -> dict:
-    """06: ``05_{train,val,test,eval_prompts}.jsonl`` → ``06_*.jsonl`` chat lines (``messages``, and
-    ``tokens`` per tokenizer where measured) + ``06_render_stats.json``.  Examples over
-    ``cutoff_tokens`` under Qwen2.5 are dropped and counted; evaluation prompts are never dropped
-    (the set stays fixed) — their over-cutoff count is reported."""
+def _render_chunk(rows: list[dict]) -> tuple[str, dict, dict, Counter]:
+    """Render, measure (all, or the lines a seeded hash samples), drop over the cutoff under
+    Qwen2.5 (evaluation prompts never); the kept lines as text + counts."""
     import xxhash
 
-    from microlm.ie.render import dumps, length_summary, render_example
+    from microlm.ie.render import render_example
+
+    w = _WORK
+    seed, n_in, k = w["sample"]
+    buf = [render_example(e, prompt_only=w["prompt_only"]) for e in rows]
+    todo = [ln for ln in buf if not k or xxhash.xxh64_intdigest(f"{seed}:{ln['id']}".encode()) % n_in < k]
+    lengths: dict[str, list[int]] = {}
+    for c in w["counters"]:
+        lengths[c.name] = c.count(todo)
+        for ln, n in zip(todo, lengths[c.name], strict=True):
+            ln.setdefault("tokens", {})[c.name] = n
+    counts = {"out": 0, "dropped_over_cutoff": 0, "measured": len(todo)}
+    by_topic: Counter = Counter()
+    lines = []
+    for ln in buf:
+        if not w["prompt_only"] and ln.get("tokens", {}).get("qwen2.5", 0) > w["cutoff"]:
+            counts["dropped_over_cutoff"] += 1
+            continue
+        counts["out"] += 1
+        by_topic[ln["cate"]] += not w["prompt_only"]
+        lines.append(json_line(ln))
+    return "".join(lines), counts, lengths, by_topic
+
+
+def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch: int = 1000) -> dict:
+    """06: ``05_{train,val,test,eval_prompts}.jsonl`` → ``06_*.jsonl`` chat lines (``messages``, and
+    ``tokens`` per tokenizer where measured) + ``06_render_stats.json``.  Examples over
+    ``cutoff_tokens`` under Qwen2.5 are dropped and counted; evaluation prompts are always measured
+    and never dropped (the set stays fixed) — their over-cutoff count is reported.  With
+    ``token_sample`` > 0, about that many examples per split are measured (a seeded hash picks
+    them) and only those can be dropped: the statistics are then estimates, as the file says."""
+    from microlm.ie.render import length_summary
 
     t0 = time.time()
     d = cfg.ie_data
@@ -315,37 +404,20 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
     splits, tokens, by_topic = {}, {}, Counter()
     for split, src in inputs.items():
         n_in = sum(1 for _ in open(src, encoding="utf-8"))
-        sample = d.token_sample if split == "train" and 0 < d.token_sample < n_in else 0
+        sample = d.token_sample if split != "eval_prompts" and 0 < d.token_sample < n_in else 0
         lengths: dict[str, list[int]] = {c.name: [] for c in counters}
-        kept = dropped = measured = 0
-        prompt_only = split == "eval_prompts"
-
-        def flush(buf: list[dict], f) -> None:
-            nonlocal kept, dropped, measured
-            todo = [ln for ln in buf if not sample or
-                    xxhash.xxh64_intdigest(f"{cfg.seed}:{ln['id']}".encode()) % n_in < sample]
-            for c in counters:
-                for ln, n in zip(todo, c.count(todo), strict=True):
-                    ln.setdefault("tokens", {})[c.name] = n
-                    lengths[c.name].append(n)
-            measured += len(todo)
-            for ln in buf:
-                if not prompt_only and ln.get("tokens", {}).get("qwen2.5", 0) > d.cutoff_tokens:
-                    dropped += 1
-                    continue
-                kept += 1
-                by_topic[ln["cate"]] += not prompt_only
-                f.write(dumps(ln))
-
+        splits[split] = {"in": n_in, "out": 0, "dropped_over_cutoff": 0, "measured": 0}
+        _WORK.clear()
+        _WORK.update(counters=counters, sample=(cfg.seed, n_in, sample), prompt_only=split == "eval_prompts",
+                     cutoff=d.cutoff_tokens)
         with atomic_open(out_dir / f"06_{split}.jsonl") as f:
-            buf: list[dict] = []
-            for e in read_jsonl(src):
-                buf.append(render_example(e, prompt_only=prompt_only))
-                if len(buf) >= batch:
-                    flush(buf, f)
-                    buf = []
-            flush(buf, f)
-        splits[split] = {"in": n_in, "out": kept, "dropped_over_cutoff": dropped, "measured": measured}
+            for text, counts, lens, topics in _in_order(_render_chunk, _batches(read_jsonl(src), batch), d.workers):
+                f.write(text)
+                for k, v in counts.items():
+                    splits[split][k] += v
+                for name, v in lens.items():
+                    lengths[name].extend(v)
+                by_topic.update(topics)
         tokens[split] = {c.name: length_summary(lengths[c.name], limits.get(c.name, {})) for c in counters}
     stats = {"step": "06_render", "records": sum(splits[k]["out"] for k in ("train", "val", "test")),
              "by_topic": dict(by_topic.most_common()), "splits": splits, "tokens": tokens,

@@ -14,7 +14,6 @@ reported (e.g. how many examples exceed MicroLM's context), not acted on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -92,5 +91,3 @@ def length_summary(lengths: Iterable[int], limits: dict[str, int]) -> dict:
     return out
 
 
-def dumps(line: dict) -> str:
-    return json.dumps(line, ensure_ascii=False) + "\n"

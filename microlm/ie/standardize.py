@@ -21,19 +21,21 @@ crownpku; FinRE's two directions of one fact, ``X`` and ``被X``, collapse into 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 
 from microlm.config import REPO_ROOT
 from microlm.errors import MicroLMError
+from microlm.io import parse_json_line
 
 __all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", "ADAPTERS", "standardize_file"]
 
@@ -57,7 +59,8 @@ class IERecord:
     source: str
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSONL row (shallow: the triples are shared, not copied)."""
+        return {"id": self.id, "cate": self.cate, "text": self.text, "relation": self.relation, "source": self.source}
 
 
 @dataclass
@@ -100,25 +103,40 @@ class RelationMap:
         return (self.unmapped_topic, rel, False) if self.unmapped_topic else None
 
 
-def read_text_lines(path: str | Path, issues: Issues) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` of a text file (gzip by magic bytes): UTF-8 if the whole file decodes,
-    else GB18030 (counted as ``encoding_gb18030``), else UTF-8 with U+FFFD (counted)."""
-    path = Path(path)
+def _open_bytes(path: Path):
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _decodes(path: Path, encoding: str) -> bool:
+    """Whether the whole file decodes, checked in 1 MiB pieces (nothing kept)."""
+    dec = codecs.getincrementaldecoder(encoding)()
     try:
-        text = raw.decode("utf-8-sig")
+        with _open_bytes(path) as f:
+            while piece := f.read(1 << 20):
+                dec.decode(piece)
+            dec.decode(b"", final=True)
     except UnicodeDecodeError:
-        try:
-            text = raw.decode("gb18030")
-            issues.add("encoding_gb18030", path.name, "file decoded as GB18030")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            issues.add("encoding_undecodable", path.name, "bytes replaced by U+FFFD")
-    for n, line in enumerate(io.StringIO(text), 1):
-        yield n, line.rstrip("\r\n")
+        return False
+    return True
+
+
+def read_text_lines(path: str | Path, issues: Issues) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file (gzip by magic bytes), streamed: UTF-8 if the whole
+    file decodes, else GB18030 (counted as ``encoding_gb18030``), else UTF-8 with U+FFFD (counted)."""
+    path = Path(path)
+    if _decodes(path, "utf-8"):
+        encoding, errors = "utf-8-sig", "strict"
+    elif _decodes(path, "gb18030"):
+        encoding, errors = "gb18030", "strict"
+        issues.add("encoding_gb18030", path.name, "file decoded as GB18030")
+    else:
+        encoding, errors = "utf-8", "replace"
+        issues.add("encoding_undecodable", path.name, "bytes replaced by U+FFFD")
+    with _open_bytes(path) as raw, io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline="\n") as f:
+        for n, line in enumerate(f, 1):
+            yield n, line.rstrip("\r\n")
 
 
 def _triple(head, rel, tail, head_type="", tail_type="") -> dict:
@@ -164,12 +182,13 @@ class _Builder:
 
 
 def _json_lines(path, issues) -> Iterator[tuple[str, dict]]:
+    name = Path(path).name
     for n, line in read_text_lines(path, issues):
         if not line.strip():
             continue
-        where = f"{Path(path).name}:{n}"
+        where = f"{name}:{n}"
         try:
-            obj = json.loads(line)
+            obj = parse_json_line(line)
         except ValueError:
             issues.add("malformed_json", where, line)
             continue
@@ -246,8 +265,9 @@ def adapt_deepke_csv(path, b: _Builder) -> Iterator[IERecord]:
     if [h.strip() for h in header] != want:
         b.issues.add("csv_unexpected_header", Path(path).name, header)
         return
+    fname = Path(path).name
     for n, row in enumerate(reader, 2):
-        where = f"{Path(path).name}:{n}"
+        where = f"{fname}:{n}"
         if len(row) != 6:
             b.issues.add("malformed_csv_row", where, row)
             continue
@@ -271,10 +291,11 @@ def adapt_tsv(path, b: _Builder, *, passive_prefix: str | None = None) -> Iterat
     is folded into it (counted as ``direction_collapsed``)."""
     grouped: dict[str, dict[tuple, dict]] = {}
     first_at: dict[str, str] = {}
+    fname = Path(path).name
     for n, line in read_text_lines(path, b.issues):
         if not line.strip():
             continue
-        where = f"{Path(path).name}:{n}"
+        where = f"{fname}:{n}"
         parts = line.split("\t")
         if len(parts) != 4:
             b.issues.add("malformed_tsv_row", where, line)
@@ -308,10 +329,10 @@ ADAPTERS = {
 }
 
 
-def standardize_file(path: str | Path, fmt: str, source: str, rmap: RelationMap, issues: Issues) -> list[IERecord]:
-    """All records of one file in format ``fmt`` (a key of ``ADAPTERS``)."""
+def standardize_file(path: str | Path, fmt: str, source: str, rmap: RelationMap, issues: Issues) -> Iterator[IERecord]:
+    """The records of one file in format ``fmt`` (a key of ``ADAPTERS``), streamed (the CSV/TSV
+    formats group rows by sentence, so they hold their file's facts until the end)."""
     if fmt not in ADAPTERS:
         raise MicroLMError(f"unknown IE format {fmt!r} (known: {', '.join(ADAPTERS)})")
     fn, family, kw = ADAPTERS[fmt]
-    b = _Builder(source, rmap, family or "", issues)
-    return list(fn(path, b, **kw))
+    return fn(path, _Builder(source, rmap, family or "", issues), **kw)
