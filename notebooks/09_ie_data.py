@@ -1,0 +1,292 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · Relation-extraction data: from seven upstream formats to chat examples (stages B1–B2)
+#
+# Pipeline B fine-tunes Qwen2.5-1.5B to answer an extraction request with JSON. Whether that works
+# is decided here, in the data: real relation-extraction sets come in many formats with many
+# defects (GB18030 files, a fact stored twice in two directions, heads that are not in the
+# sentence, relations no schema knows). The pipeline turns all of them into one record type,
+# filters with a counted reason for every drop, balances topics and relations, derives IEPile-style
+# **schema-conditioned instructions** (the relation list is part of the prompt, and relations that
+# are absent must be answered with `[]`), samples train/val/test by *text*, fixes 40 evaluation
+# prompts, and renders chat lines that Qwen2.5 and MicroLM read through the same ChatML template.
+#
+# | step | module | output (`runs/<profile>/ie_data/`) |
+# |---|---|---|
+# | 01 standardize | `microlm/ie/standardize.py` | `01_standardized.jsonl` |
+# | 02 filter | `microlm/ie/filter.py` | `02_filtered.jsonl` |
+# | 03 stratify | `microlm/ie/pipeline.py` | `03_stratified.jsonl` |
+# | 04 derive | `microlm/ie/derive.py` | `04_derived.jsonl` |
+# | 05 sample | `microlm/ie/sample.py` | `05_{train,val,test,eval_prompts}.jsonl` |
+# | 06 render | `microlm/ie/render.py` | `06_{train,val,test,eval_prompts}.jsonl` |
+#
+# Each step also writes `0N_*_stats.json`. CLI: `microlm ie-data --profile cpu --step N` (a step
+# whose input is missing runs the one before it). Data: `$MICROLM_DATA/ie` (≈40k real labelled
+# sentences: DuIE/SKE, DeepKE CSV, CMeIE, FinRE, SanWen, a people-relation TSV, IEPile samples,
+# InstructIE examples) plus 255 InstructIE-format records written for this course
+# (`data/ie/embedded_zh.jsonl`, ≥ 21 per topic), which alone run the pipeline on a fresh machine.
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("MICROLM_PROFILE", "cpu")
+
+# %%
+import json
+import time
+from collections import Counter
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from microlm.config import load_config
+from microlm.data.sources import data_root
+from microlm.ie import TOPICS_EN
+from microlm.ie.pipeline import STEPS, ie_sources, read_jsonl, run_step
+from microlm.plotting import cjk_font
+from microlm.tokenizer.tokenizer import render_chat
+
+cfg = load_config(profile)
+out = cfg.run_path / "ie_data"
+cjk = cjk_font() is not None
+real = data_root(cfg.data.root) is not None
+print(f"profile {profile}; real data: {real}; output {out}")
+stats = {}
+for step, name in STEPS.items():
+    t0 = time.time()
+    stats[name] = run_step(cfg, step, out)
+    print(f"{step:02d} {name:<11} {stats[name]['records']:>9,} rows  {time.time() - t0:6.1f} s")
+assert all((out / f).is_file() for f in ("01_standardized.jsonl", "02_filtered.jsonl", "03_stratified.jsonl",
+                                          "04_derived.jsonl", "05_eval_prompts.jsonl", "06_train.jsonl"))
+
+
+def label(topic: str) -> str:
+    """The topic as drawn: Chinese with a CJK font, else its InstructIE English name; topics of the
+    English schema (the bundle's English InstructIE example) are marked [en]."""
+    return topic if cjk and not topic.isascii() else TOPICS_EN.get(topic, f"{topic} [en]")
+
+
+# %% [markdown]
+# ## 01 · Standardize: one record type for every format
+#
+# Each source file goes through an adapter (`ADAPTERS` in `standardize.py`) into
+# `{id, cate, text, relation: [{head, head_type, relation, tail, tail_type}], source}`. The `id` is a
+# hash of the text, so the same sentence from two sources gets the same id. Relation names are
+# mapped onto the InstructIE topic schemas by a table kept as data (`data/ie/relation_map.json`);
+# relations no topic takes (FinRE's 股权, SanWen's Located …) are kept under the extra topic
+# `其他` (or dropped, with `ie_data.unmapped_topic: null`) — counted either way. Everything odd in
+# the input is counted with a sample: malformed lines, other encodings, unknown labels, offsets
+# that do not match the text.
+
+# %%
+s1 = stats["standardize"]
+print(f"{len(ie_sources(cfg))} files → {s1['records']:,} records")
+for f in s1["files"]:
+    top = ", ".join(f"{k} {v}" for k, v in list(f["issues"]["counts"].items())[:3])
+    print(f"  {f['source']:<26} {f['format']:<14} {f['records']:>7,} records {f['triples']:>7,} triples  {top}")
+print("\nissues (all files):")
+for reason, c in s1["issues"]["counts"].items():
+    sample = s1["issues"]["samples"].get(reason, [{}])[0]
+    print(f"  {reason:<40} {c:>7,}   e.g. {sample.get('at', '')}: {str(sample.get('sample', ''))[:50]}")
+assert s1["records"] == sum(f["records"] for f in s1["files"]) > 0
+assert s1["by_source"].get("microlm_embedded", 0) == (255 if cfg.ie_data.embedded else 0)
+
+# %% [markdown]
+# ## 02 · Filter: every drop has a reason
+#
+# Per triple: empty or overlong entities, a head or tail that is not in the text, a relation not in
+# its topic's schema, the same triple twice. Per record: topic not in the schema, text too short or
+# too long, nothing left, the same text already taken from another source, or a **near-duplicate**
+# of a kept text (MinHash over character 5-grams at Jaccard ≥ 0.9, the corpus stage's
+# deduplicator). The picture below follows the records through the six steps; the bars on the right
+# are the drops of step 02 by reason.
+
+# %%
+s2 = stats["filter"]
+flow = [("sources", s1["records"]), ("02 kept", s2["records"]),
+        ("04 examples", stats["derive"]["examples"]), ("05 train", stats["sample"]["splits"]["train"]["examples"]),
+        ("06 train", stats["render"]["splits"]["train"]["out"])]
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.8))
+a1.bar([f[0] for f in flow], [f[1] for f in flow], color=["#888", "#4a7", "#47a", "#47a", "#a74"])
+for i, (_, v) in enumerate(flow):
+    a1.text(i, v, f"{v:,}", ha="center", va="bottom", fontsize=8)
+a1.set_title("record flow (records → chunked examples)")
+a1.set_ylabel("rows")
+drops = s2["issues"]["counts"]
+if drops:
+    a2.barh(list(drops)[::-1], list(drops.values())[::-1], color="#c55")
+    a2.set_xscale("log")
+a2.set_title(f"step 02 drops by reason ({sum(drops.values()):,} in all)")
+plt.tight_layout()
+plt.show()
+for reason, samples in s2["issues"]["samples"].items():
+    print(f"{reason}: {str(samples[0]['sample'])[:90]}")
+assert s2["records"] <= s2["records_in"] == s1["records"]
+assert all(v["out"] <= v["in"] for v in s2["by_topic"].values())
+
+# %% [markdown]
+# ## 03 · Stratify: how unbalanced is the data?
+#
+# Relation-extraction sets are dominated by a few topics and, inside a topic, by a few relations.
+# Each record gets a **stratum** — its topic and its *rarest* relation — so the splits of step 05
+# reach the long tail too. The heatmap shows triples per topic × relation (the 12 most frequent
+# relations of each topic); the right panel ranks relations by frequency.
+
+# %%
+s3 = stats["stratify"]
+topics = list(s3["by_topic"])
+rels = s3["relations"]
+top_rel = sorted({r for t in topics for r in list(rels.get(t, {}))[:12]})
+grid = np.array([[rels.get(t, {}).get(r, 0) for r in top_rel] for t in topics], dtype=float)
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+im = a1.imshow(np.log10(grid + 1), aspect="auto", cmap="viridis")
+a1.set_yticks(range(len(topics)), [label(t) for t in topics], fontsize=7)
+a1.set_xticks(range(len(top_rel)), top_rel if cjk else range(len(top_rel)), fontsize=6, rotation=90)
+a1.set_xlabel("relation" + ("" if cjk else " (index, names below)"))
+a1.set_title("triples per topic × relation (log10)")
+fig.colorbar(im, ax=a1)
+freq = sorted((c for t in rels.values() for c in t.values()), reverse=True)
+a2.loglog(range(1, len(freq) + 1), freq, ".")
+a2.axhline(cfg.ie_data.rare_relation_triples, color="r", lw=0.8, ls="--")
+a2.set_title(f"long tail: {len(s3['rare_relations'])} relations < {cfg.ie_data.rare_relation_triples} triples",
+             fontsize=9)
+a2.set_xlabel("rank")
+plt.tight_layout()
+plt.show()
+if not cjk:
+    print("relations:", ", ".join(f"{i}={r}" for i, r in enumerate(top_rel)))
+print("records per topic:", {label(t): c for t, c in s3["by_topic"].items()})
+missing = s3["schema_topics_without_records"]
+print("zh schema topics with no record:", [t for t in missing if not t.isascii()] or "none")
+print("en schema topics with no record:", len([t for t in missing if t.isascii()]), "of 12 (English data: 1 example)")
+assert not [t for t in missing if not t.isascii()] or not cfg.ie_data.embedded
+print(f"max/min records per topic: {s3['imbalance_max_over_min_topic']}; strata: {s3['strata']}")
+assert sum(s3["by_topic"].values()) == s2["records"]
+
+# %% [markdown]
+# ## 04 · Derive: schema-conditioned instructions
+#
+# The model is not asked "extract everything": it gets the text **and** a list of at most
+# `split_num` relations, and must answer a JSON object with exactly those keys — `[]` for a
+# relation the text does not express (IEPile, Gui et al. 2024). A topic's relation list is cut into
+# chunks, so one record becomes several examples; chunks with no gold pair teach the model to say
+# "nothing", and `max_empty_chunks` keeps at most that many per record (IEPile also samples its
+# negatives), which stops 75 % of the examples from being empty.
+
+# %%
+s4 = stats["derive"]
+rec = next(r for r in read_jsonl(out / "03_stratified.jsonl") if r["source"] == "microlm_embedded" or real)
+exs = [e for e in read_jsonl(out / "04_derived.jsonl") if e["record_id"] == rec["id"]]
+print(rec["text"])
+for e in exs:
+    ins, ans = json.loads(e["instruction"]), json.loads(e["output"])
+    print(f"  chunk {e['chunk']}: schema {ins['schema']} → {ans}")
+    assert list(ans) == ins["schema"] and ins["input"] == rec["text"]
+print(f"{s4['examples']:,} examples from {s3['records']:,} records; empty outputs {s4['empty_output_share']:.1%}; "
+      f"{s4['empty_chunks_left_out']:,} empty chunks left out")
+assert 0 < s4["empty_output_share"] < 0.75
+assert {p["subject"] for e in exs for v in json.loads(e["output"]).values() for p in v} <= \
+    {t["head"] for t in rec["relation"]}
+
+# %% [markdown]
+# ## 05 · Sample: splits by text, and 40 fixed evaluation prompts
+#
+# Splits are drawn over **texts**, never over examples (the chunks of one sentence must not sit in
+# train and test at once). Inside each topic the texts are ordered by stratum and then by a seeded
+# hash, and every 20th goes to test — so every topic with ≥ 3 texts, however rare its relations,
+# reaches val and test. The 40 evaluation prompts come from test, round-robin over the topics (the
+# extra topic last), each with at least one gold pair, saved with their gold answers: the same 40
+# prompts score all four models in chapter 11.
+
+# %%
+s5 = stats["sample"]
+ids = {k: {e["record_id"] for e in read_jsonl(out / f"05_{k}.jsonl")} for k in ("train", "val", "test")}
+assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
+prompts = list(read_jsonl(out / "05_eval_prompts.jsonl"))
+by_t = Counter(p["cate"] for p in prompts)
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.bar([label(t) for t in by_t], list(by_t.values()), color="#47a")
+ax.set_title(f"{len(prompts)} evaluation prompts by topic (seed {cfg.seed})")
+plt.xticks(rotation=45, ha="right", fontsize=7)
+plt.tight_layout()
+plt.show()
+print({k: (v["texts"], v["examples"]) for k, v in s5["splits"].items()}, "(texts, examples)")
+assert len(prompts) == min(cfg.ie_data.eval_prompts, len(prompts)) and all(p["positives"] > 0 for p in prompts)
+assert len({p["record_id"] for p in prompts}) == len(prompts)
+if real or cfg.ie_data.embedded:
+    assert len(by_t) >= 12  # every InstructIE topic (the project-written records guarantee it)
+
+# %% [markdown]
+# ## 06 · Render: one chat line for two templates
+#
+# A chat line holds `messages`: a system prompt, the user turn (the instruction JSON string) and the
+# assistant turn (the answer JSON string). MicroLM's `encode_chat` and Qwen2.5's
+# `apply_chat_template` produce the same ChatML text from it — the system message is always given,
+# because Qwen2.5's template otherwise inserts "You are Qwen, created by Alibaba Cloud…". Token
+# lengths are counted under both tokenizers: an example longer than `cutoff_tokens` under Qwen2.5 is
+# dropped (a cut answer would teach broken JSON), and the MicroLM column shows how many examples fit
+# its context. Below: one evaluation prompt before and after rendering.
+
+# %%
+s6 = stats["render"]
+before = prompts[0]
+after = next(read_jsonl(out / "06_eval_prompts.jsonl"))
+print("derived:", json.dumps({k: before[k] for k in ("instruction", "output")}, ensure_ascii=False)[:400])
+print("\nrendered (generation prompt added, gold kept aside):")
+print(render_chat(after["messages"], add_generation_prompt=True))
+print("gold:", after["gold"], "\ntokens:", after.get("tokens"))
+assert after["id"] == before["id"] and after["gold"] == before["output"]
+assert after["messages"][1]["content"] == before["instruction"]
+
+# %%
+names = s6["tokenizers"]
+fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 3.2), squeeze=False)
+for ax, name in zip(axes[0], names, strict=True):
+    h = s6["tokens"]["train"][name]
+    if h["n"]:
+        edges, counts = h["histogram"]["edges"], h["histogram"]["counts"]
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#47a")
+        lim = cfg.ie_data.cutoff_tokens if name == "qwen2.5" else cfg.model.max_seq_len
+        ax.axvline(lim, color="r", ls="--", lw=1)
+        over = h.get("over_cutoff", h.get("over_context", 0))
+        ax.set_title(f"{name}: median {h['p50']}, p99 {h['p99']} tokens; {over:,} over {lim}", fontsize=9)
+    ax.set_xlabel("tokens per training example")
+plt.tight_layout()
+plt.show()
+for split in ("train", "val", "test", "eval_prompts"):
+    sp = s6["splits"][split]
+    print(f"{split:<12} in {sp['in']:>8,}  out {sp['out']:>8,}  dropped over cutoff {sp['dropped_over_cutoff']:,}  "
+          f"measured {sp['measured']:,}")
+assert s6["splits"]["eval_prompts"]["out"] == len(prompts)
+assert all(s6["splits"][k]["out"] + s6["splits"][k]["dropped_over_cutoff"] == s6["splits"][k]["in"]
+           for k in ("train", "val", "test"))
+assert "microlm" in names and ("qwen2.5" in names) == real
+
+# %% [markdown]
+# ## Records per source, in → out, by topic
+#
+# The table the README carries: records each source supplied (step 01) and kept (step 02), by
+# topic. The project-written records fill the five topics the upstream sets do not cover
+# (人造物件, 自然科学, 运输, 事件, 天文对象).
+
+# %%
+by_src_topic_in, by_src_topic_out = Counter(), Counter()
+for r in read_jsonl(out / "01_standardized.jsonl"):
+    by_src_topic_in[(r["source"], r["cate"])] += 1
+for r in read_jsonl(out / "02_filtered.jsonl"):
+    by_src_topic_out[(r["source"], r["cate"])] += 1
+print("| source | topic | in | out |\n|---|---|---|---|")
+for (src, t), c in sorted(by_src_topic_in.items(), key=lambda kv: (kv[0][0], -kv[1])):
+    print(f"| {src} | {t} | {c:,} | {by_src_topic_out[(src, t)]:,} |")
+assert sum(by_src_topic_out.values()) == s2["records"]
