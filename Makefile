@@ -39,6 +39,7 @@ bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA fo
 	$(BIN)/python benchmarks/bench_corpus.py
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_ie_data.py
 
 clean:
 	rm -rf _build runs notebooks/*.ipynb
