@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ie-data", help="B1–B2: the InstructIE data pipeline, one step at a time")
     _common(p)
-    p.add_argument("--step", type=int, required=True, metavar="N", help="1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample, 6 render")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="run one step: 1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample, 6 render "
+                        "(default: all six as a stage, skipped when nothing changed)")
+    p.add_argument("--force", action="store_true", help="without --step: run again even if nothing changed")
     p.add_argument("--out", default=None, help="output folder (default runs/<profile>/ie_data)")
 
     p = sub.add_parser("chat", help="A8: chat with a model in the terminal (or stdin → stdout)")
@@ -185,6 +188,13 @@ def _run(args: argparse.Namespace) -> int:
 
         from microlm.ie.pipeline import run_step
 
+        if args.step is None:
+            from microlm import stages
+
+            folder = stages.ie_data(cfg, force=args.force, progress=not args.quiet, out_dir=args.out)
+            m = stages.read_manifest(folder)
+            print(f"ie-data: {folder} — {m['metrics'] if m else ''}")
+            return 0
         st = run_step(cfg, args.step, Path(args.out) if args.out else None)
         top = ", ".join(f"{k} {v['out'] if isinstance(v, dict) else v}" for k, v in list(st["by_topic"].items())[:6])
         issues = st.get("issues", {}).get("counts", {})

@@ -132,6 +132,7 @@ def _ie_sources() -> dict[str, str]:
         "ie/re_raw/thunlp_finre/[tv]*.txt.gz": "finre",
         "ie/re_raw/thunlp_sanwen/[tv]*.txt.gz": "sanwen",
         "ie/re_raw/crownpku_people_relation/t*.txt.gz": "people_tsv",
+        "ie/re_raw/percent4_people_relation/*.xlsx.gz": "people_xlsx",
     }
 
 

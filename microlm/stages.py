@@ -14,12 +14,12 @@ from microlm.config import Config, stage_config
 from microlm.errors import MicroLMError
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "hf", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "hf", "ie_data", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 2, "lora": 2, "hf": 1}
+STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 2, "lora": 2, "hf": 1, "ie_data": 1}
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -252,8 +252,41 @@ def hf(cfg: Config, *, source: str = "sft", force: bool = False, progress: bool 
     return stage_dir
 
 
+def ie_data(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None) -> Path:
+    """Stages B1–B2: ``runs/<profile>/ie_data/`` — steps 01–06 of ``microlm/ie/pipeline.py``
+    (``microlm ie-data --step N`` runs one step without a manifest)."""
+    from microlm.ie.pipeline import STEPS, ie_sources, run_step, schema_paths
+    from microlm.ie.standardize import RELATION_MAP
+    from microlm.tokenizer.stage import qwen_tokenizer_path
+
+    tok_dir = upstream("tokenizer", cfg, progress=progress)  # step 06 counts tokens with it
+    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "ie_data"
+    files = [p for p, _, _ in ie_sources(cfg)] + schema_paths(cfg) + [RELATION_MAP]
+    qwen = qwen_tokenizer_path(cfg)
+    inputs = [{"path": str(p), "digest": file_digest(p)} for p in files + ([qwen] if qwen else [])]
+    inputs += _digests(tok_dir, ["vocab.json", "merges.txt"])
+    conf = {"ie_data": stage_config(cfg, "ie_data"), "microlm_context": cfg.model.max_seq_len, "seed": cfg.seed}
+    fp = fingerprint({"v": STAGE_VERSIONS["ie_data"], "config": conf, "inputs": [i["digest"] for i in inputs]})
+    if not force and is_fresh(stage_dir, fp):
+        log.info("ie_data: up to date (%s), skipped", stage_dir)
+        return stage_dir
+    started = time.time()
+    stats = {}
+    for step in STEPS:
+        stats[step] = run_step(cfg, step, stage_dir)
+        log.info("ie_data %s: %s rows, %s s", stats[step]["step"], stats[step]["records"], stats[step]["seconds"])
+    outs = [f"06_{s}.jsonl" for s in ("train", "val", "test", "eval_prompts")] + ["05_eval_prompts.jsonl"]
+    write_manifest(stage_dir, stage="ie_data", fp=fp, config=conf, inputs=inputs, started=started,
+                   outputs=outs + sorted(p.name for p in stage_dir.glob("0?_*_stats.json")),
+                   metrics={"records_in": stats[1]["records"], "records_kept": stats[2]["records"],
+                            "examples": stats[4]["examples"],
+                            "train_examples": stats[6]["splits"]["train"]["out"],
+                            "eval_prompts": stats[6]["splits"]["eval_prompts"]["out"]})
+    return stage_dir
+
+
 STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft, "lora": lora,
-          "hf": hf}
+          "hf": hf, "ie_data": ie_data}
 
 
 def require(stage: str, cfg: Config, **kw) -> Path:

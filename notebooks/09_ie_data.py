@@ -31,8 +31,9 @@
 # | 05 sample | `microlm/ie/sample.py` | `05_{train,val,test,eval_prompts}.jsonl` |
 # | 06 render | `microlm/ie/render.py` | `06_{train,val,test,eval_prompts}.jsonl` |
 #
-# Each step also writes `0N_*_stats.json`. CLI: `microlm ie-data --profile cpu --step N` (a step
-# whose input is missing runs the one before it). Data: `$MICROLM_DATA/ie` (≈40k real labelled
+# Each step also writes `0N_*_stats.json`. CLI: `microlm ie-data --profile cpu` runs the six as one
+# stage (with a manifest, skipped when nothing changed); `--step N` runs one step (a step whose
+# input is missing runs the one before it). Data: `$MICROLM_DATA/ie` (≈40k real labelled
 # sentences: DuIE/SKE, DeepKE CSV, CMeIE, FinRE, SanWen, a people-relation TSV, IEPile samples,
 # InstructIE examples) plus 255 InstructIE-format records written for this course
 # (`data/ie/embedded_zh.jsonl`, ≥ 21 per topic), which alone run the pipeline on a fresh machine.
@@ -50,23 +51,24 @@ from collections import Counter
 import matplotlib.pyplot as plt
 import numpy as np
 
+from microlm import stages
 from microlm.config import load_config
 from microlm.data.sources import data_root
 from microlm.ie import TOPICS_EN
-from microlm.ie.pipeline import STEPS, ie_sources, read_jsonl, run_step
+from microlm.ie.pipeline import STEPS, ie_sources, read_jsonl
 from microlm.plotting import cjk_font
 from microlm.tokenizer.tokenizer import render_chat
 
 cfg = load_config(profile)
-out = cfg.run_path / "ie_data"
+t0 = time.time()
+out = stages.require("ie_data", cfg)  # all six steps (skipped when nothing changed), like `microlm ie-data`
 cjk = cjk_font() is not None
 real = data_root(cfg.data.root) is not None
-print(f"profile {profile}; real data: {real}; output {out}")
+print(f"profile {profile}; real data: {real}; output {out} ({time.time() - t0:.1f} s)")
 stats = {}
 for step, name in STEPS.items():
-    t0 = time.time()
-    stats[name] = run_step(cfg, step, out)
-    print(f"{step:02d} {name:<11} {stats[name]['records']:>9,} rows  {time.time() - t0:6.1f} s")
+    stats[name] = json.loads((out / f"{step:02d}_{name}_stats.json").read_text(encoding="utf-8"))
+    print(f"{step:02d} {name:<11} {stats[name]['records']:>9,} rows  {stats[name]['seconds']:6.1f} s")
 assert all((out / f).is_file() for f in ("01_standardized.jsonl", "02_filtered.jsonl", "03_stratified.jsonl",
                                           "04_derived.jsonl", "05_eval_prompts.jsonl", "06_train.jsonl"))
 

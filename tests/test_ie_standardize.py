@@ -123,3 +123,63 @@ def test_step_01_writes_records_and_stats_and_names_missing_sources(tmp_cfg, tmp
         run_step(bad, 1)
     with pytest.raises(MicroLMError, match="steps are 1–6"):
         run_step(cfg, 7)
+
+
+def _xlsx(path, rows, inline_row=None):
+    """A minimal .xlsx (shared strings; one row with an inline string and a numeric cell), gzipped."""
+    import io
+    import zipfile
+    from xml.sax.saxutils import escape
+
+    strings = sorted({c for r in rows for c in r if c})
+    idx = {s: i for i, s in enumerate(strings)}
+    ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
+    sst = f'<sst {ns}>' + "".join(f"<si><t>{escape(s)}</t></si>" for s in strings) + "</sst>"
+    xml_rows = []
+    for n, r in enumerate(rows, 1):
+        cells = "".join(f'<c r="{"ABCD"[i]}{n}" t="s"><v>{idx[c]}</v></c>' for i, c in enumerate(r) if c)
+        xml_rows.append(f'<row r="{n}">{cells}</row>')
+    if inline_row:
+        n = len(rows) + 1
+        a, b_, rel, text = inline_row
+        xml_rows.append(f'<row r="{n}"><c r="A{n}" t="inlineStr"><is><t>{a}</t></is></c><c r="B{n}" t="inlineStr">'
+                        f'<is><t>{b_}</t></is></c><c r="C{n}" t="inlineStr"><is><t>{rel}</t></is></c>'
+                        f'<c r="D{n}" t="inlineStr"><is><r><t>{text[:3]}</t></r><r><t>{text[3:]}</t></r></is></c></row>')
+    sheet = f'<worksheet {ns}><sheetData>{"".join(xml_rows)}</sheetData></worksheet>'
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("xl/sharedStrings.xml", sst)
+        z.writestr("xl/worksheets/sheet1.xml", sheet)
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    return path
+
+
+def test_people_xlsx_reads_the_unmasked_table_and_counts_bad_rows(tmp_path):
+    from microlm.ie.standardize import read_xlsx_rows
+
+    rows = [["人物1", "人物2", "关系", "文本"],
+            ["韩庚", "卢靖姗", "夫妻", "韩庚和卢靖姗结婚了。"],
+            ["韩庚", "卢靖姗", "夫妻", "韩庚和卢靖姗结婚了。"],  # the same fact twice
+            ["曹操", "刘备", "unknown", "曹操与刘备煮酒论英雄。"],
+            ["张三", "", "师生", "张三是老师。"],  # a missing cell
+            ["周杰伦", "方文山", "合作", "周杰伦和方文山合作了很多歌。"]]
+    p = _xlsx(tmp_path / "t.xlsx.gz", rows, inline_row=("梁思成", "林徽因", "夫妻", "梁思成与林徽因是夫妻。"))
+    got = list(read_xlsx_rows(p))
+    assert got[0] == rows[0] and got[4] == ["张三", "", "师生", "张三是老师。"]
+    assert got[-1] == ["梁思成", "林徽因", "夫妻", "梁思成与林徽因是夫妻。"]  # inline rich-text runs joined
+    recs, iss = run(p, "people_xlsx")
+    assert [r.text for r in recs] == ["韩庚和卢靖姗结婚了。", "周杰伦和方文山合作了很多歌。", "梁思成与林徽因是夫妻。"]
+    assert recs[0].cate == "人物" and [t["relation"] for t in recs[0].relation] == ["配偶"]
+    assert recs[1].cate == "其他" and recs[1].relation[0]["relation"] == "合作"  # kept under the extra topic
+    assert iss.counts["duplicate_triple"] == 1 and iss.counts["malformed_xlsx_row"] == 1
+    assert iss.counts["relation_dropped:unknown"] == 1
+    bad = _xlsx(tmp_path / "b.xlsx.gz", [["a", "b", "c", "d"], ["1", "2", "3", "4"]])
+    recs, iss = run(bad, "people_xlsx")
+    assert recs == [] and iss.counts == {"xlsx_unexpected_header": 1}
+    (tmp_path / "z.xlsx").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip
+    with pytest.raises(MicroLMError, match="no worksheet"):
+        list(read_xlsx_rows(tmp_path / "z.xlsx"))
+    (tmp_path / "n.xlsx").write_bytes(b"not a zip at all")
+    for f in ("z.xlsx", "n.xlsx"):  # the pipeline counts an unreadable file, it does not stop
+        recs, iss = run(tmp_path / f, "people_xlsx")
+        assert recs == [] and list(iss.counts) == ["unreadable_xlsx"]

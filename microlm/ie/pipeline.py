@@ -18,7 +18,7 @@ from microlm.errors import MicroLMError
 from microlm.io import atomic_open, json_line, parse_json_line, write_json
 
 __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
-           "render_counters", "read_jsonl", "read_records", "run_step"]
+           "render_counters", "schema_paths", "read_jsonl", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -200,16 +200,20 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
-def _schema(cfg: Config) -> dict[str, list[str]]:
-    """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``."""
+def schema_paths(cfg: Config) -> list[Path]:
+    """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``
+    (the project's own schema: the relations its records use)."""
     from microlm.data.sources import data_root
-    from microlm.ie.filter import load_schema
     from microlm.ie.standardize import EMBEDDED_SCHEMA
 
     root = data_root(cfg.data.root)
-    if root is None:  # no bundle: the project's own schema (the relations its records use)
-        return load_schema([EMBEDDED_SCHEMA])
-    return load_schema(root / p for p in cfg.ie_data.schema)
+    return [EMBEDDED_SCHEMA] if root is None else [root / p for p in cfg.ie_data.schema]
+
+
+def _schema(cfg: Config) -> dict[str, list[str]]:
+    from microlm.ie.filter import load_schema
+
+    return load_schema(schema_paths(cfg))
 
 
 _WORK: dict = {}  # what the forked workers of ``_in_order`` need (set before the pool starts)

@@ -37,7 +37,8 @@ from microlm.config import REPO_ROOT
 from microlm.errors import MicroLMError
 from microlm.io import parse_json_line
 
-__all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", "ADAPTERS", "standardize_file"]
+__all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", "read_xlsx_rows", "ADAPTERS",
+           "standardize_file"]
 
 RELATION_MAP = REPO_ROOT / "data" / "ie" / "relation_map.json"
 EMBEDDED_RECORDS = REPO_ROOT / "data" / "ie" / "embedded_zh.jsonl"  # project-written, ≥ 21 per topic
@@ -285,22 +286,14 @@ def adapt_deepke_csv(path, b: _Builder) -> Iterator[IERecord]:
         yield from b.records(sent, triples, first_at[sent])
 
 
-def adapt_tsv(path, b: _Builder, *, passive_prefix: str | None = None) -> Iterator[IERecord]:
-    """``head<TAB>tail<TAB>relation<TAB>sentence`` (blank lines ignored); rows of one sentence are
-    grouped.  ``passive_prefix`` (FinRE: "被"): ``被X(a, b)`` is the same fact as ``X(b, a)`` and
-    is folded into it (counted as ``direction_collapsed``)."""
+def _group_facts(rows: Iterator[tuple[str, str, str, str, str]], b: _Builder,
+                 passive_prefix: str | None) -> Iterator[IERecord]:
+    """``(where, head, tail, relation, sentence)`` rows → one record per sentence (its facts in
+    order).  ``passive_prefix`` (FinRE: "被"): ``被X(a, b)`` is the same fact as ``X(b, a)`` and is
+    folded into it (counted as ``direction_collapsed``)."""
     grouped: dict[str, dict[tuple, dict]] = {}
     first_at: dict[str, str] = {}
-    fname = Path(path).name
-    for n, line in read_text_lines(path, b.issues):
-        if not line.strip():
-            continue
-        where = f"{fname}:{n}"
-        parts = line.split("\t")
-        if len(parts) != 4:
-            b.issues.add("malformed_tsv_row", where, line)
-            continue
-        head, tail, rel, sent = parts
+    for where, head, tail, rel, sent in rows:
         if passive_prefix and rel.startswith(passive_prefix) and len(rel) > len(passive_prefix):
             head, tail, rel = tail, head, rel[len(passive_prefix):]
             passive = True
@@ -317,6 +310,86 @@ def adapt_tsv(path, b: _Builder, *, passive_prefix: str | None = None) -> Iterat
         yield from b.records(sent, list(facts.values()), first_at[sent])
 
 
+def adapt_tsv(path, b: _Builder, *, passive_prefix: str | None = None) -> Iterator[IERecord]:
+    """``head<TAB>tail<TAB>relation<TAB>sentence`` (blank lines ignored); rows of one sentence are
+    grouped (``_group_facts``)."""
+    fname = Path(path).name
+
+    def rows():
+        for n, line in read_text_lines(path, b.issues):
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != 4:
+                b.issues.add("malformed_tsv_row", f"{fname}:{n}", line)
+                continue
+            yield (f"{fname}:{n}", *parts)
+
+    return _group_facts(rows(), b, passive_prefix)
+
+
+_XLSX = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+
+
+def read_xlsx_rows(path: str | Path) -> Iterator[list[str]]:
+    """The first sheet of an .xlsx file (gzip allowed) as lists of cell strings — shared strings,
+    inline strings and numbers; a missing cell is ``""``.  Standard library only (zip + XML)."""
+    import re
+    import xml.etree.ElementTree as ET
+    import zipfile
+
+    with _open_bytes(Path(path)) as f:
+        z = zipfile.ZipFile(io.BytesIO(f.read()))
+    shared = []
+    if "xl/sharedStrings.xml" in z.namelist():
+        for si in ET.fromstring(z.read("xl/sharedStrings.xml")).iter(f"{_XLSX}si"):
+            shared.append("".join(t.text or "" for t in si.iter(f"{_XLSX}t")))
+    sheets = sorted(n for n in z.namelist() if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n))
+    if not sheets:
+        raise MicroLMError(f"{Path(path).name}: no worksheet in the .xlsx file")
+    for row in ET.fromstring(z.read(sheets[0])).iter(f"{_XLSX}row"):
+        cells: dict[int, str] = {}
+        for c in row.iter(f"{_XLSX}c"):
+            col = 0
+            for ch in re.match(r"[A-Z]+", c.get("r", "A")).group():
+                col = col * 26 + ord(ch) - 64
+            v = c.find(f"{_XLSX}v")
+            if c.get("t") == "s" and v is not None:
+                cells[col - 1] = shared[int(v.text)]
+            elif c.get("t") == "inlineStr":
+                cells[col - 1] = "".join(t.text or "" for t in c.iter(f"{_XLSX}t"))
+            elif v is not None:
+                cells[col - 1] = v.text or ""
+        yield [cells.get(i, "") for i in range(max(cells) + 1)] if cells else []
+
+
+def adapt_people_xlsx(path, b: _Builder) -> Iterator[IERecord]:
+    """percent4's person-relation table: sheet rows ``人物1, 人物2, 关系, 文本`` (the unmasked source of
+    its train/test.txt, whose entities are masked with #)."""
+    import zipfile
+    from xml.etree.ElementTree import ParseError
+
+    fname = Path(path).name
+    it = read_xlsx_rows(path)
+    try:
+        header = next(it, None)
+    except (MicroLMError, zipfile.BadZipFile, ParseError, KeyError, ValueError) as e:
+        b.issues.add("unreadable_xlsx", fname, str(e))
+        return iter(())
+    if header is None or [h.strip() for h in header[:4]] != ["人物1", "人物2", "关系", "文本"]:
+        b.issues.add("xlsx_unexpected_header", fname, header)
+        return iter(())
+
+    def rows():
+        for n, row in enumerate(it, 2):
+            if len(row) < 4 or not all(x.strip() for x in row[:4]):
+                b.issues.add("malformed_xlsx_row", f"{fname}:{n}", row)
+                continue
+            yield f"{fname}:{n}", row[0].strip(), row[1].strip(), row[2].strip(), row[3].strip()
+
+    return _group_facts(rows(), b, None)
+
+
 ADAPTERS = {
     "instructie": (adapt_instructie, None, {}),
     "iepile_sample": (adapt_iepile_sample, "duie", {}),
@@ -326,6 +399,7 @@ ADAPTERS = {
     "finre": (adapt_tsv, "finre", {"passive_prefix": "被"}),
     "sanwen": (adapt_tsv, "sanwen", {}),
     "people_tsv": (adapt_tsv, "people", {}),
+    "people_xlsx": (adapt_people_xlsx, "people", {}),
 }
 
 
