@@ -15,7 +15,7 @@ from pathlib import Path
 
 from microlm.config import Config
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open, json_line, parse_json_line, write_json
+from microlm.io import atomic_open, batched, json_line, parse_json_line, write_json
 
 __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
            "render_counters", "schema_paths", "read_jsonl", "read_records", "run_step"]
@@ -219,17 +219,6 @@ def _schema(cfg: Config) -> dict[str, list[str]]:
 _WORK: dict = {}  # what the forked workers of ``_in_order`` need (set before the pool starts)
 
 
-def _batches(rows, size: int):
-    buf = []
-    for r in rows:
-        buf.append(r)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
 def _in_order(fn, chunks, workers: int):
     """``fn(chunk)`` for each chunk, in order: in ``workers`` forked processes (which see ``_WORK``)
     when > 1, with at most ``2 × workers`` chunks in flight, so memory stays flat."""
@@ -285,7 +274,7 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
                                       "seed": cfg.seed, "max_empty_chunks": d.max_empty_chunks})
     n, empty, by_topic, positives, skipped = 0, 0, Counter(), 0, 0
     with atomic_open(out_dir / "04_derived.jsonl") as f:
-        for text, st in _in_order(_derive_chunk, _batches(read_jsonl(src), 1000), d.workers):
+        for text, st in _in_order(_derive_chunk, batched(read_jsonl(src), 1000), d.workers):
             f.write(text)
             n += st["n"]
             empty += st["empty"]
@@ -415,7 +404,7 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
         _WORK.update(counters=counters, sample=(cfg.seed, n_in, sample), prompt_only=split == "eval_prompts",
                      cutoff=d.cutoff_tokens)
         with atomic_open(out_dir / f"06_{split}.jsonl") as f:
-            for text, counts, lens, topics in _in_order(_render_chunk, _batches(read_jsonl(src), batch), d.workers):
+            for text, counts, lens, topics in _in_order(_render_chunk, batched(read_jsonl(src), batch), d.workers):
                 f.write(text)
                 for k, v in counts.items():
                     splits[split][k] += v
@@ -434,17 +423,8 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
 
 
 def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
-    out_dir = out_dir or cfg.run_path / "ie_data"
-    if step == 1:
-        return step_standardize(cfg, out_dir)
-    if step == 2:
-        return step_filter(cfg, out_dir)
-    if step == 3:
-        return step_stratify(cfg, out_dir)
-    if step == 4:
-        return step_derive(cfg, out_dir)
-    if step == 5:
-        return step_sample(cfg, out_dir)
-    if step == 6:
-        return step_render(cfg, out_dir)
-    raise MicroLMError(f"ie-data steps are 1–6, got {step}")
+    """Step ``step`` (1–6) into ``out_dir`` (default ``runs/<profile>/ie_data``); its stats."""
+    fns = {1: step_standardize, 2: step_filter, 3: step_stratify, 4: step_derive, 5: step_sample, 6: step_render}
+    if step not in fns:
+        raise MicroLMError(f"ie-data steps are 1–6, got {step}")
+    return fns[step](cfg, out_dir or cfg.run_path / "ie_data")

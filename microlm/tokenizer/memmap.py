@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open
+from microlm.io import atomic_open, batched
 
 __all__ = ["DTYPE", "check_vocab_fits", "encode_documents", "write_token_file", "TokenWindows",
            "read_index", "open_tokens"]
@@ -74,16 +74,8 @@ def _encode_batch(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _batches(path: Path, batch_docs: int) -> Iterator[list[bytes]]:
-    batch: list[bytes] = []
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                batch.append(line)
-                if len(batch) >= batch_docs:
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
+        yield from batched((line for line in f if line.strip()), batch_docs)
 
 
 def encode_documents(jsonl: str | os.PathLike, tok_dir: str | os.PathLike, *, workers: int = 2,
