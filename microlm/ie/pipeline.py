@@ -396,7 +396,8 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
     limits = {"qwen2.5": {"cutoff": d.cutoff_tokens}, "microlm": {"context": cfg.model.max_seq_len}}
     splits, tokens, by_topic = {}, {}, Counter()
     for split, src in inputs.items():
-        n_in = sum(1 for _ in open(src, encoding="utf-8"))
+        with open(src, encoding="utf-8") as f:
+            n_in = sum(1 for _ in f)
         sample = d.token_sample if split != "eval_prompts" and 0 < d.token_sample < n_in else 0
         lengths: dict[str, list[int]] = {c.name: [] for c in counters}
         splits[split] = {"in": n_in, "out": 0, "dropped_over_cutoff": 0, "measured": 0}
