@@ -10,6 +10,7 @@ corpus stage's deduplicator).  Every drop is counted by reason with samples.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from microlm.errors import MicroLMError
 from microlm.ie.standardize import IERecord, Issues
+from microlm.io import batched, ordered_map
 
 __all__ = ["load_schema", "filter_records"]
 
@@ -72,18 +74,16 @@ def _clean_triples(rec: IERecord, allowed: set[str] | None, max_entity: int, iss
     return kept
 
 
-_HASHER = None  # a worker process's MinHasher
-
-
-def _init_worker(seed: int) -> None:
-    global _HASHER
+@functools.lru_cache(maxsize=4)
+def _hasher(seed: int):
     from microlm.data.dedup import MinHasher
 
-    _HASHER = MinHasher(128, 5, seed=seed)
+    return MinHasher(128, 5, seed=seed)
 
 
-def _signatures(texts: list[str]) -> np.ndarray:
-    return _HASHER.signatures(texts)
+def _signatures(job: tuple[int, list[str]]) -> np.ndarray | None:
+    seed, texts = job
+    return _hasher(seed).signatures(texts) if texts else None
 
 
 def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *, extra_topic: str | None,
@@ -95,33 +95,50 @@ def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *,
     source is not.  ``workers`` > 1 computes the MinHash signatures of the next batches in that
     many processes while this one filters and queries the index — the decisions are the same."""
     from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
 
-    from microlm.data.dedup import Deduplicator, MinHasher
+    from microlm.data.dedup import Deduplicator
 
     allowed_of = {t: set(rels) for t, rels in schema.items()}
     owner: dict[str, str] = {}  # text id → the source that supplied it first
-    near_keep: dict[str, bool] = {}  # text id → passed the near-duplicate check
-    hasher = MinHasher(128, 5, seed=seed)
-    dedup = Deduplicator(exact=False, near=True, threshold=near_threshold or 1.0, num_perm=128, seed=seed)
 
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(seed,)) \
-        if workers > 1 and near_threshold is not None else None
+    def rule_passed() -> Iterator[IERecord]:
+        for rec in records:
+            where = f"{rec.source}:{rec.id}"
+            if rec.cate not in schema and rec.cate != extra_topic:
+                issues.add("topic_not_in_schema", where, rec.cate)
+                continue
+            n = len(rec.text)
+            if n < min_chars or n > max_chars:
+                issues.add("text_too_short" if n < min_chars else "text_too_long", where, rec.text)
+                continue
+            first = owner.get(rec.id)
+            if first is not None and first != rec.source:
+                issues.add("duplicate_text", where, rec.text)
+                continue
+            allowed = None if rec.cate == extra_topic else allowed_of[rec.cate]
+            triples = _clean_triples(rec, allowed, max_entity_chars, issues, where)
+            if not triples:
+                issues.add("no_triple_left", where, rec.text)
+                continue
+            owner.setdefault(rec.id, rec.source)
+            yield IERecord(rec.id, rec.cate, rec.text, triples, rec.source)
+
     submitted: set[str] = set()
-    pending: deque = deque()  # (records, new text ids, their signatures or a future of them), in order
+    pending: deque = deque()  # (records, their new text ids), in the order of the signature jobs
 
-    def submit(buf: list[IERecord]) -> None:
-        new = [] if near_threshold is None else list(dict.fromkeys(r.id for r in buf if r.id not in submitted))
-        submitted.update(new)
-        text_of = {r.id: r.text for r in buf}
-        texts = [text_of[i] for i in new]
-        sigs = pool.submit(_signatures, texts) if pool is not None and new else hasher.signatures(texts) if new else None
-        pending.append((buf, new, sigs))
+    def jobs():
+        for buf in batched(rule_passed(), batch):
+            new = [] if near_threshold is None else list(dict.fromkeys(r.id for r in buf if r.id not in submitted))
+            submitted.update(new)
+            text_of = {r.id: r.text for r in buf}
+            pending.append((buf, new))
+            yield seed, [text_of[i] for i in new]
 
-    def near_pass() -> Iterator[IERecord]:
-        buf, new, sigs = pending.popleft()
+    near_keep: dict[str, bool] = {}  # text id → passed the near-duplicate check
+    dedup = Deduplicator(exact=False, near=True, threshold=near_threshold or 1.0, num_perm=128, seed=seed)
+    for sigs in ordered_map(_signatures, jobs(), workers if near_threshold is not None else 1):
+        buf, new = pending.popleft()
         if new:
-            sigs = sigs.result() if pool is not None else sigs
             dec = dedup.process(np.zeros(len(new), dtype=np.uint64), sigs)
             near_keep.update(zip(new, map(bool, dec.keep), strict=True))
         for r in buf:
@@ -129,35 +146,3 @@ def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *,
                 yield r
             else:
                 issues.add("near_duplicate_text", f"{r.source}:{r.id}", r.text)
-
-    buf: list[IERecord] = []
-    for rec in records:
-        where = f"{rec.source}:{rec.id}"
-        if rec.cate not in schema and rec.cate != extra_topic:
-            issues.add("topic_not_in_schema", where, rec.cate)
-            continue
-        n = len(rec.text)
-        if n < min_chars or n > max_chars:
-            issues.add("text_too_short" if n < min_chars else "text_too_long", where, rec.text)
-            continue
-        first = owner.get(rec.id)
-        if first is not None and first != rec.source:
-            issues.add("duplicate_text", where, rec.text)
-            continue
-        allowed = None if rec.cate == extra_topic else allowed_of[rec.cate]
-        triples = _clean_triples(rec, allowed, max_entity_chars, issues, where)
-        if not triples:
-            issues.add("no_triple_left", where, rec.text)
-            continue
-        owner.setdefault(rec.id, rec.source)
-        buf.append(IERecord(rec.id, rec.cate, rec.text, triples, rec.source))
-        if len(buf) >= batch:
-            submit(buf)
-            buf = []
-            while len(pending) > (workers if pool is not None else 0):
-                yield from near_pass()
-    submit(buf)
-    while pending:
-        yield from near_pass()
-    if pool is not None:
-        pool.shutdown()

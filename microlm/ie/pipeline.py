@@ -15,7 +15,7 @@ from pathlib import Path
 
 from microlm.config import Config
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open, batched, json_line, parse_json_line, write_json
+from microlm.io import atomic_open, batched, json_line, ordered_map, parse_json_line, write_json
 
 __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
            "render_counters", "schema_paths", "read_jsonl", "read_records", "run_step"]
@@ -216,27 +216,7 @@ def _schema(cfg: Config) -> dict[str, list[str]]:
     return load_schema(schema_paths(cfg))
 
 
-_WORK: dict = {}  # what the forked workers of ``_in_order`` need (set before the pool starts)
-
-
-def _in_order(fn, chunks, workers: int):
-    """``fn(chunk)`` for each chunk, in order: in ``workers`` forked processes (which see ``_WORK``)
-    when > 1, with at most ``2 × workers`` chunks in flight, so memory stays flat."""
-    import multiprocessing as mp
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-
-    if workers <= 1 or "fork" not in mp.get_all_start_methods():
-        yield from map(fn, chunks)
-        return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-        pending: deque = deque()
-        for c in chunks:
-            pending.append(ex.submit(fn, c))
-            if len(pending) > 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+_WORK: dict = {}  # what the forked workers of ``ordered_map`` need (set before the pool starts)
 
 
 def _derive_chunk(rows: list[dict]) -> tuple[str, dict]:
@@ -274,7 +254,7 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
                                       "seed": cfg.seed, "max_empty_chunks": d.max_empty_chunks})
     n, empty, by_topic, positives, skipped = 0, 0, Counter(), 0, 0
     with atomic_open(out_dir / "04_derived.jsonl") as f:
-        for text, st in _in_order(_derive_chunk, batched(read_jsonl(src), 1000), d.workers):
+        for text, st in ordered_map(_derive_chunk, batched(read_jsonl(src), 1000), d.workers):
             f.write(text)
             n += st["n"]
             empty += st["empty"]
@@ -405,7 +385,7 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
         _WORK.update(counters=counters, sample=(cfg.seed, n_in, sample), prompt_only=split == "eval_prompts",
                      cutoff=d.cutoff_tokens)
         with atomic_open(out_dir / f"06_{split}.jsonl") as f:
-            for text, counts, lens, topics in _in_order(_render_chunk, batched(read_jsonl(src), batch), d.workers):
+            for text, counts, lens, topics in ordered_map(_render_chunk, batched(read_jsonl(src), batch), d.workers):
                 f.write(text)
                 for k, v in counts.items():
                     splits[split][k] += v
