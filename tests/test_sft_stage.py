@@ -32,7 +32,7 @@ def sft_cfg(run_dir, root, **extra):
     o = overrides(run_dir, **{"data.root": str(root), "sft.max_steps": 30, "sft.seq_len": 48,
                               "sft.batch_size": 8, "sft.lr": 0.003, "sft.log_interval": 1, "sft.eval_interval": 10,
                               "sft.ckpt_interval": 10, "sft_data.max_records": None, "sft_data.val_records": 5,
-                              "sft_data.show_answers": 2, **extra})
+                              "sft_data.show_answers": 2, "sft_data.tasks": [], **extra})
     return load_config("smoke", o)
 
 
@@ -78,7 +78,10 @@ def test_lora_stage_trains_only_adapters_and_saves_a_loadable_adapter(data_dir, 
     out = stages.lora(cfg, progress=False)
     rep = json.loads((out / "report.json").read_text())
     assert rep["params"]["trainable_params"] == rep["params"]["adapter_params"] > 0
-    assert 0.0 <= rep["after"]["accuracy"] <= 1.0 and rep["before"] is not None
+    assert rep["task"] == "orgs" and rep["heldout"] == 8
+    for sc in (rep["before"], rep["after"], *rep["baselines"].values()):
+        assert sc["n"] == 8 and 0.0 <= sc["f1"] <= 1.0 and 0.0 <= sc["exact_match"] <= 1.0
+    assert rep["baselines"]["empty"]["f1"] == 0.0 and rep["baselines"]["lookup"]["f1"] > 0.5
 
     sft_model = TransformerLM(cfg.model)
     load_checkpoint(cfg.run_path / "sft" / "ckpt", sft_model, restore_rng=False)

