@@ -124,7 +124,7 @@ class SFTDataConfig:
     tasks: list[str] = field(default_factory=lambda: ["places", "persons"])  # derived tasks (microlm/data/tasks.py)
     task_records: int = 1500  # training conversations per derived task
     task_eval: int = 100  # held-out conversations per derived task, scored before and after SFT
-    min_task_share: float = 0.3  # at least this share of sampled training conversations are task ones
+    min_task_share: float = 0.85  # at least this share of sampled conversations are task ones (short answers)
 
 
 def _ie_sources() -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Recorded reference curves name a data source the course can have, and are chosen by data and dtype."""
 
+import gzip
 import json
 
 from microlm import stages
@@ -47,7 +48,7 @@ def test_find_reference_matches_data_and_precision(monkeypatch, tmp_path):
     assert find_reference(cfg, "cccc") is None  # the user's own data: no reference, nothing asserted
     bf16 = load_config("cpu", {"pretrain.precision": "bf16"})
     assert find_reference(bf16, "aaaa") is None  # another dtype is another curve
-    other_steps = load_config("cpu", {"pretrain.max_steps": 10})
+    other_steps = load_config("cpu", {"pretrain.max_steps": 900})
     assert find_reference(other_steps, "aaaa") is None
 
 
@@ -59,7 +60,8 @@ def test_the_data_fingerprint_separates_the_sources(monkeypatch, tmp_path):
     # the cleaning config is part of the data fingerprint
     assert stages.corpus_fingerprint(load_config("cpu", {"corpus.min_chars": 5}))[0] != emb
     (tmp_path / "pretrain").mkdir()
-    (tmp_path / "pretrain" / "mine.jsonl").write_text('{"text": "我的数据"}\n', encoding="utf-8")
+    with gzip.open(tmp_path / "pretrain" / "mine.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "我的数据，不是课程的数据"}\n')
     monkeypatch.setenv("MICROLM_DATA", str(tmp_path))
     mine = stages.corpus_fingerprint(load_config("cpu"))[0]
     assert mine != emb
