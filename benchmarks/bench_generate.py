@@ -110,9 +110,9 @@ def bench_cache(cfg, lengths: list[int], reps: int) -> dict:
 
 def bench_repetition(n_prompts: int) -> dict | None:
     from microlm.config import load_config
-    from microlm.infer.chat import load_model
     from microlm.infer.generate import generate_text
     from microlm.infer.metrics import repetition_report
+    from microlm.model import load_model
     from microlm.train.sft import sft_records
 
     cfg = load_config("cpu")

@@ -38,12 +38,13 @@ import json, resource, sys, time
 from pathlib import Path
 from microlm.config import load_config
 from microlm.ie.pipeline import run_step
+from microlm.stages import upstream
 cfg = load_config("cpu", json.loads(sys.argv[1]))
 out = Path(sys.argv[2])
 steps = {}
 for s in range(1, 7):
     t0 = time.time()
-    st = run_step(cfg, s, out)
+    st = run_step(cfg, s, out, tokenizer_dir=upstream("tokenizer", cfg))
     steps[st["step"]] = {"seconds": round(time.time() - t0, 2), "records": st["records"],
                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 print(json.dumps(steps))

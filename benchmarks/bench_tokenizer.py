@@ -10,7 +10,7 @@
 3. **Encoding throughput** (MB/s) on the val split: ours (pure Python, cold cache) vs ``tokenizers``
    single-threaded (``encode`` per document) and batched (``encode_batch``, all threads).
 4. **Streaming memory**: ``encode_iterable`` over a 100 MB file, peak RSS vs the tokenizer's own RSS.
-5. **Token files** (``microlm tokenize``): tokens/s over the whole corpus with 1 and 2 processes.
+5. **Token files** (``microlm tokens``): tokens/s over the whole corpus with 1 and 2 processes.
 
 Writes ``benchmarks/results/tokenizer.json``.  Usage: ``python benchmarks/bench_tokenizer.py [--quick]``.
 Needs ``MICROLM_DATA`` (the corpus stage at the cpu profile is built first if missing).
@@ -152,7 +152,7 @@ def bench_encode(tok_dir: Path, val: Path) -> dict:
     mb = sum(len(d.encode()) for d in docs) / 1e6
     tok = Tokenizer.load(tok_dir)
     t0 = time.perf_counter()
-    ours = [tok.encode(d, allowed_special="all") for d in docs]
+    ours = [tok.encode(d) for d in docs]
     t_ours = time.perf_counter() - t0
     hf = HFTokenizer.from_file(str(tok_dir / "tokenizer.json"))
     t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def bench_compression(corpus: Path, full: bool) -> dict:
     out = {}
     for pattern in ("gpt2", "qwen2"):
         tok = Tokenizer.load(WORK / f"tok_{'full' if full else '10mb'}_{pattern}")
-        out[f"ours_{pattern}"] = compression(lambda ds, t=tok: [t.encode(d, allowed_special="all") for d in ds], docs)
+        out[f"ours_{pattern}"] = compression(lambda ds, t=tok: [t.encode(d) for d in ds], docs)
     q = qwen_tokenizer_path(load_config("cpu"))
     if q is not None:
         hf = load_hf_tokenizer(q)

@@ -47,7 +47,7 @@ def main() -> None:
     out = {
         **reference_key(cfg, corpus["fingerprint"]),
         "source": source,
-        "data_inputs": [{"name": Path(i["path"]).name, "format": i["format"], "digest": i["digest"]}
+        "data_inputs": [{"name": Path(i["path"]).name, "digest": i["digest"]}
                         for i in corpus["inputs"]],
         "pretrain": {k: v for k, v in cfg.pretrain.__dict__.items()},
         "eval_steps": [r["step"] for r in evals],

@@ -16,15 +16,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
+from microlm.data.tasks import TASKS
 from microlm.errors import ConfigError, MicroLMError
+from microlm.ie.formats import IE_FORMATS
 from microlm.infer.config import GenerationConfig
 from microlm.model.config import LoRAConfig, ModelConfig
+from microlm.tokenizer.bpe import resolve_pattern
 
 PROFILES = ("smoke", "cpu", "gpu")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (shipped data, notebooks)
 CONFIG_DIR = REPO_ROOT / "configs"
+ENV_RUNS = "MICROLM_RUNS"
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The nearest folder at or above ``start`` (default: the working directory) that holds a
+    ``configs/`` folder and a ``pyproject.toml`` or ``_config.yml`` — the course checkout, whether the
+    CLI runs at its root or papermill/Jupyter Book/JupyterLab run a notebook in ``notebooks/``."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "configs").is_dir() and ((d / "pyproject.toml").is_file() or (d / "_config.yml").is_file()):
+            return d
+    return None
+
+
+def runs_root() -> Path:
+    """Where stage folders go: ``$MICROLM_RUNS``, else ``<project root>/runs``, else ``./runs`` —
+    never inside the installed package."""
+    env = os.environ.get(ENV_RUNS)
+    if env:
+        return Path(env).resolve()
+    return (project_root() or Path.cwd()) / "runs"
 
 
 @dataclass
@@ -167,14 +192,12 @@ class IEDataConfig:
     token_sample: int = 0  # step 06: examples measured per split and tokenizer (0 = all; eval prompts always all)
 
 
-@dataclass
-class LoRASection(LoRAConfig):
-    """Stage A7: the adapters (r, alpha, dropout, targets) and the task they learn: a derived task
-    (``microlm/data/tasks.py``) that SFT never saw (not in ``sft_data.tasks``)."""
-
-    task: str = "orgs"
-    train_records: int = 2000
-    eval_records: int = 100
+def trajectory_config(c: TrainConfig) -> dict:
+    """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
+    must match; logging, eval and checkpoint intervals do not count)."""
+    keys = ("batch_size", "seq_len", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
+            "decay_embeddings", "beta1", "beta2", "grad_clip", "precision")
+    return {k: getattr(c, k) for k in keys}
 
 
 def _lora_train() -> TrainConfig:
@@ -188,6 +211,37 @@ def _sft_train() -> TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Stage A6: full-parameter SFT — its data (``sft.data``) and its training loop (``sft.train``)."""
+
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=_sft_train)
+
+
+@dataclass
+class LoRASection(LoRAConfig):
+    """Stage A7: the adapters (r, alpha, dropout, targets), the task they learn — a derived task
+    (``microlm/data/tasks.py``) that SFT never saw (not in ``sft.data.tasks``) — and the training loop
+    (``lora.train``)."""
+
+    task: str = "orgs"
+    train_records: int = 2000
+    eval_records: int = 100
+    train: TrainConfig = field(default_factory=_lora_train)
+
+
+EXPORT_SOURCES = ("sft", "pretrain", "lora")
+
+
+@dataclass
+class HFConfig:
+    """Stage A8 export: which stage's model becomes the Hugging Face folder (``lora``: the SFT model
+    with the adapter merged).  Sampling defaults for ``generation_config.json`` come from ``generate``."""
+
+    source: str = "sft"
+
+
+@dataclass
 class Config:
     profile: str = "smoke"
     seed: int = 1234
@@ -198,19 +252,19 @@ class Config:
     tokens: TokensConfig = field(default_factory=TokensConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
-    sft: TrainConfig = field(default_factory=_sft_train)
-    sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRASection = field(default_factory=LoRASection)
-    lora_train: TrainConfig = field(default_factory=_lora_train)
+    hf: HFConfig = field(default_factory=HFConfig)
     generate: GenerationConfig = field(default_factory=GenerationConfig)  # A8: chat, export defaults
     ie_data: IEDataConfig = field(default_factory=IEDataConfig)  # B1–B2
 
     @property
     def run_path(self) -> Path:
+        """``run_dir`` when set (relative to the project root), else ``runs_root()/<profile>``."""
         if self.run_dir:
             p = Path(self.run_dir)
-            return p if p.is_absolute() else REPO_ROOT / p
-        return REPO_ROOT / "runs" / self.profile
+            return p if p.is_absolute() else (project_root() or Path.cwd()) / p
+        return runs_root() / self.profile
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,8 +349,11 @@ def _validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    for name in ("pretrain", "sft", "lora_train"):
-        _validate_train(name, getattr(cfg, name))
+    trains = {"pretrain": cfg.pretrain, "sft.train": cfg.sft.train, "lora.train": cfg.lora.train}
+    for name, tc in trains.items():
+        _validate_train(name, tc)
+        if tc.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"{name}.seq_len ({tc.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
     for section in (cfg.model, cfg.generate):
         try:
             section.validate()
@@ -304,34 +361,55 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{'model' if section is cfg.model else 'generate'}: {e}") from None
     if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1 or not cfg.lora.targets:
         raise ConfigError("lora: need r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target")
-    for name in ("pretrain", "sft", "lora_train"):
-        if getattr(cfg, name).seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"{name}.seq_len ({getattr(cfg, name).seq_len}) exceeds model.max_seq_len "
-                              f"({cfg.model.max_seq_len})")
-    if cfg.sft_data.val_records < 1 or (cfg.sft_data.max_records is not None and cfg.sft_data.max_records < 1):
-        raise ConfigError("sft_data.val_records and sft_data.max_records must be >= 1")
-    from microlm.data.tasks import TASKS
-
-    for task in [*cfg.sft_data.tasks, cfg.lora.task]:
+    sd = cfg.sft.data
+    if sd.val_records < 1 or (sd.max_records is not None and sd.max_records < 1):
+        raise ConfigError("sft.data.val_records and sft.data.max_records must be >= 1")
+    for task in [*sd.tasks, cfg.lora.task]:
         if task not in TASKS:
             raise ConfigError(f"unknown derived task {task!r} (known: {', '.join(TASKS)})")
-    if cfg.lora.task in cfg.sft_data.tasks:
-        raise ConfigError(f"lora.task {cfg.lora.task!r} is also in sft_data.tasks: the adapter must learn a task "
+    if cfg.lora.task in sd.tasks:
+        raise ConfigError(f"lora.task {cfg.lora.task!r} is also in sft.data.tasks: the adapter must learn a task "
                           f"the SFT model has not seen")
-    if not 0.0 <= cfg.sft_data.min_task_share < 1.0:
-        raise ConfigError("sft_data.min_task_share must be in [0, 1)")
-    if cfg.sft_data.task_records < 0 or cfg.sft_data.task_eval < 1 or cfg.lora.train_records < 1 \
-            or cfg.lora.eval_records < 1:
-        raise ConfigError("sft_data.task_records must be >= 0; sft_data.task_eval, lora.train_records and "
+    if not 0.0 <= sd.min_task_share < 1.0:
+        raise ConfigError("sft.data.min_task_share must be in [0, 1)")
+    if sd.task_records < 0 or sd.task_eval < 1 or cfg.lora.train_records < 1 or cfg.lora.eval_records < 1:
+        raise ConfigError("sft.data.task_records must be >= 0; sft.data.task_eval, lora.train_records and "
                           "lora.eval_records >= 1")
-    import regex
-
-    from microlm.tokenizer.bpe import resolve_pattern
-
+    if cfg.hf.source not in EXPORT_SOURCES:
+        raise ConfigError(f"hf.source must be one of {', '.join(EXPORT_SOURCES)}, got {cfg.hf.source!r}")
+    _validate_ie_data(cfg.ie_data)
     try:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
         raise ConfigError(f"tokenizer.pattern is not a valid regex ({e})") from None
+
+
+def _validate_ie_data(c: IEDataConfig) -> None:
+    checks = [
+        (bool(c.sources), "sources must name at least one glob"),
+        (all(f in IE_FORMATS for f in c.sources.values()),
+         f"sources: unknown format(s) {sorted(set(c.sources.values()) - set(IE_FORMATS))} "
+         f"(known: {', '.join(IE_FORMATS)})"),
+        (c.unmapped_topic is None or bool(c.unmapped_topic.strip()), "unmapped_topic must be a name or null"),
+        (c.keep_samples >= 0, "keep_samples must be >= 0"),
+        (bool(c.schema), "schema must list at least one file"),
+        (1 <= c.min_text_chars <= c.max_text_chars, "need 1 <= min_text_chars <= max_text_chars"),
+        (c.max_entity_chars >= 1, "max_entity_chars must be >= 1"),
+        (c.near_dup_threshold is None or 0.0 < c.near_dup_threshold < 1.0, "near_dup_threshold must be in (0, 1) or null"),
+        (c.workers >= 1, "workers must be >= 1"),
+        (c.rare_relation_triples >= 0, "rare_relation_triples must be >= 0"),
+        (c.split_num >= 1, "split_num must be >= 1"),
+        (c.shuffle_variants >= 0, "shuffle_variants must be >= 0"),
+        (c.max_empty_chunks is None or c.max_empty_chunks >= 0, "max_empty_chunks must be >= 0 or null"),
+        (0.0 <= c.val_fraction < 1.0 and 0.0 <= c.test_fraction < 1.0 and c.val_fraction + c.test_fraction < 1.0,
+         "val_fraction and test_fraction must be in [0, 1) and leave room for train"),
+        (c.eval_prompts >= 1, "eval_prompts must be >= 1"),
+        (c.cutoff_tokens >= 1, "cutoff_tokens must be >= 1"),
+        (c.token_sample >= 0, "token_sample must be >= 0 (0 = all)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"ie_data.{msg}")
 
 
 def _validate_train(name: str, c: TrainConfig) -> None:
@@ -369,7 +447,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 def resolve_config_path(profile_or_path: str | os.PathLike) -> Path:
     s = str(profile_or_path)
     if s in PROFILES or (os.sep not in s and not s.endswith((".yaml", ".yml"))):
-        path = CONFIG_DIR / f"{s}.yaml"
+        root = project_root()  # a project's own configs/ first, then the ones shipped with the code
+        local = root / "configs" / f"{s}.yaml" if root else None
+        path = local if local is not None and local.is_file() else CONFIG_DIR / f"{s}.yaml"
     else:
         path = Path(s)
     if not path.is_file():
@@ -390,10 +470,14 @@ def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[st
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:
         _set_path(raw, key, value)
+    if isinstance(raw.get("model"), dict) and "vocab_size" in raw["model"]:
+        raise ConfigError(f"{path.name}: model.vocab_size is not a setting — the model takes the tokenizer's "
+                          f"(set tokenizer.vocab_size)")
     try:
         cfg = _build(Config, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{path.name}: {e}") from None
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size  # one number: the model's embedding = the tokenizer's ids
     _validate(cfg)
     return cfg
 

@@ -14,14 +14,33 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from microlm.io import read_json, write_json
 
+if TYPE_CHECKING:
+    from microlm.config import Config
+
 MANIFEST = "manifest.json"
+
+
+@dataclass
+class StageRun:
+    """What a stage's ``build`` function gets from the registry (``microlm.stages``): the config, its
+    output folder, its upstream stages' folders, the stage's CLI options and (training stages) the
+    process group."""
+
+    name: str
+    cfg: Config
+    out: Path
+    up: dict[str, Path]
+    progress: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    dist: Any = None  # microlm.train.dist.DistInfo for training stages
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -58,11 +77,12 @@ def is_fresh(stage_dir: str | os.PathLike, fp: str) -> bool:
 
 
 def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config: dict, inputs: list[dict],
-                   outputs: list[str], metrics: dict, started: float) -> dict:
+                   outputs: list[str], metrics: dict, started: float, upstream: dict | None = None) -> dict:
     m = {
         "stage": stage,
         "fingerprint": fp,
         "config": config,
+        "upstream": upstream or {},
         "inputs": inputs,
         "outputs": outputs,
         "metrics": metrics,

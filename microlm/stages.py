@@ -1,308 +1,372 @@
-"""The stage graph: each stage knows its inputs, fingerprints them, and is skipped when unchanged.
+"""The stage registry: every stage of the course declared once.
 
-Notebooks and the CLI call the same functions: ``corpus(cfg)`` returns the stage folder, building
-it (and, in later stages, whatever it depends on) at the chosen profile when it is missing or stale.
+A :class:`Stage` names its upstream stages, the config it depends on, the function that builds it,
+the files it writes, its notebook, its CLI verb and a one-line summary of its manifest.  Everything
+stages have in common is done here, once: resolving (and building) upstream stages, fingerprinting
+config + upstream + input files, skipping a stage whose fingerprint is unchanged, ``--force``,
+``--out``, the process group of training stages, and the manifest.  The CLI (``microlm <stage>``),
+``microlm stages``, the notebooks (``stages.require("sft", cfg)``) and the tests all go through it.
+
+Adding a stage = its module (a ``build(run) -> metrics`` function) + one entry in ``REGISTRY`` + its
+config section.  A stage's folder, config section and registry name are the same word.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from microlm.config import Config, stage_config
+from microlm.config import Config, stage_config, trajectory_config
 from microlm.errors import MicroLMError
-from microlm.runs import file_digest, fingerprint, is_fresh, read_manifest, write_manifest
+from microlm.runs import StageRun, file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
-__all__ = ["corpus", "corpus_fingerprint", "tokenizer", "tokens", "pretrain", "sft", "lora", "hf", "ie_data", "require", "upstream", "manifest", "read_manifest", "STAGES"]
+__all__ = ["Stage", "Option", "REGISTRY", "STAGES", "get_stage", "stage_dir", "build", "require", "upstream",
+           "manifest", "status", "current_fingerprint", "data_fingerprint", "register", "stage_table",
+           "course_map_markdown"]
 
 log = logging.getLogger("microlm")
 
-# bump when a stage's code changes what it writes, so old artifacts are rebuilt
-STAGE_VERSIONS = {"corpus": 2, "tokenizer": 2, "tokens": 1, "pretrain": 1, "sft": 3, "lora": 3, "hf": 1, "ie_data": 1}
+
+@dataclass(frozen=True)
+class Option:
+    """A stage-specific CLI option (``--input``, ``--source``, ``--step``, ``--resume``, ...).
+
+    ``partial``: when given, the stage always runs and writes no manifest unless its build says it
+    finished (``--stop-after``, ``--step``); ``run``: when given, the stage runs even if fresh."""
+
+    name: str
+    help: str
+    type: Any = str
+    default: Any = None
+    many: bool = False  # repeatable (a list)
+    flag: bool = False  # store_true
+    choices: tuple | None = None
+    partial: bool = False
+    run: bool = False
 
 
-def corpus_fingerprint(cfg: Config, sources=None) -> tuple[str, dict, list[dict]]:
-    """``(fingerprint, config, inputs)`` of the corpus stage — the **data fingerprint** of everything
-    trained on it: source contents, cleaning config, code version.  ``sources`` default: what the
-    config resolves to here (``MICROLM_DATA`` or the embedded corpus)."""
-    from microlm.data.prepare_pretrain import corpus_sources
-
-    sources = corpus_sources(cfg) if sources is None else sources
-    src_info = [{"path": s.path, "format": s.format, "digest": file_digest(s.path)} for s in sources]
-    conf = {"corpus": stage_config(cfg, "corpus"), "max_records": cfg.data.max_records, "seed": cfg.seed}
-    fp = fingerprint({"v": STAGE_VERSIONS["corpus"], "config": conf,
-                      "inputs": [(i["format"], i["digest"]) for i in src_info]})
-    return fp, conf, src_info
+TRAINING_OPTIONS = (
+    Option("resume", "continue from the folder's last checkpoint", flag=True, run=True),
+    Option("stop_after", "stop after this many steps (checkpointing as configured); resume later", type=int,
+           partial=True),
+)
 
 
-def corpus(cfg: Config, *, force: bool = False, inputs: list[str] | None = None, progress: bool = True,
-           out_dir: str | Path | None = None) -> Path:
-    """Stage A1–A2: ``runs/<profile>/corpus/{train,val}.jsonl`` + ``report.json``."""
-    from microlm.data.prepare_pretrain import corpus_sources, prepare_pretrain
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the course (see the module docstring)."""
 
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "corpus"
-    sources = corpus_sources(cfg, inputs)
-    fp, conf, src_info = corpus_fingerprint(cfg, sources)
-    if not force and is_fresh(stage_dir, fp):
-        log.info("corpus: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    started = time.time()
-    report = prepare_pretrain(cfg, stage_dir, sources=sources, progress=progress)
-    metrics = {k: report[k] for k in ("records_in", "records_out", "train_docs", "val_docs", "drops")}
-    metrics["records_per_s"] = report["throughput"]["records_per_s"]
-    write_manifest(stage_dir, stage="corpus", fp=fp, config=conf, inputs=src_info,
-                   outputs=["train.jsonl", "val.jsonl", "report.json"], metrics=metrics, started=started)
-    return stage_dir
+    name: str  # = artifact folder = config section = CLI verb (``-`` and ``_`` alike)
+    part: str  # the course map's label, e.g. "A5"
+    help: str  # one line, the CLI's help
+    build: str  # "module:function" taking a StageRun, returning the manifest metrics (None: not finished)
+    outputs: tuple[str, ...]  # files the folder holds when the stage finished (relative)
+    upstream: tuple[str, ...] = ()  # every stage it may read (the course map)
+    needs: Callable[[Config, dict], tuple[str, ...]] | None = None  # the ones this run reads; default: upstream
+    sections: tuple[str, ...] = ()  # config sections it reads (recorded in the manifest)
+    key: Callable[[Config, dict], dict] | None = None  # what is fingerprinted; default: the sections
+    inputs: Callable[[Config, dict], list] | None = None  # files outside the run folder it reads
+    notebook: str | None = None
+    aliases: tuple[str, ...] = ()  # the seed's script names, still accepted by the CLI
+    options: tuple[Option, ...] = ()
+    train: str | None = None  # the config path of its training loop (training stages run under torchrun)
+    summary: Callable[[dict], str] | None = None  # one line from the manifest's metrics
+    version: int = 1  # bump when the stage's code changes what it writes
+
+    @property
+    def all_options(self) -> tuple[Option, ...]:
+        return self.options + (TRAINING_OPTIONS if self.train else ())
+
+    def upstream_of(self, cfg: Config, options: dict) -> tuple[str, ...]:
+        return self.needs(cfg, options) if self.needs else self.upstream
+
+    def config_key(self, cfg: Config, options: dict) -> dict:
+        if self.key is not None:
+            return self.key(cfg, options)
+        return {s: stage_config(cfg, s) for s in self.sections}
+
+    def builder(self) -> Callable[[StageRun], dict | None]:
+        module, _, fn = self.build.partition(":")
+        return getattr(importlib.import_module(module), fn)
 
 
-def upstream(stage: str, cfg: Config, *, progress: bool = True) -> Path:
+REGISTRY: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add ``stage`` to the registry (after its upstream stages); returns it."""
+    missing = [u for u in stage.upstream if u not in REGISTRY]
+    if missing:
+        raise MicroLMError(f"stage {stage.name!r}: upstream {missing} not registered before it")
+    REGISTRY[stage.name] = stage
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called ``name`` (``-``/``_`` alike, aliases accepted); a one-line error otherwise."""
+    key = name.replace("-", "_")
+    for st in REGISTRY.values():
+        if key == st.name or key in (a.replace("-", "_") for a in st.aliases):
+            return st
+    raise MicroLMError(f"unknown stage {name!r} (stages: {', '.join(REGISTRY)})")
+
+
+def stage_dir(cfg: Config, name: str) -> Path:
+    """The folder of stage ``name`` at this profile (``runs/<profile>/<stage>``); not built."""
+    return cfg.run_path / get_stage(name).name
+
+
+def manifest(name: str, cfg: Config) -> dict | None:
+    return read_manifest(stage_dir(cfg, name))
+
+
+def _digests(paths: list) -> list[dict]:
+    return [{"path": str(p), "digest": file_digest(p)} for p in paths]
+
+
+def _fingerprint(st: Stage, cfg: Config, up: dict[str, dict | None], options: dict) -> tuple[str, dict, list[dict]]:
+    conf = st.config_key(cfg, options)
+    inputs = _digests(st.inputs(cfg, options)) if st.inputs else []
+    ups = {u: (m or {}).get("fingerprint") for u, m in up.items()}
+    fp = fingerprint({"v": st.version, "config": conf, "upstream": ups, "inputs": [i["digest"] for i in inputs]})
+    return fp, conf, inputs
+
+
+def current_fingerprint(name: str, cfg: Config, **options) -> str:
+    """The fingerprint stage ``name`` would have now (its upstream as built)."""
+    st = get_stage(name)
+    options = _with_defaults(st, options)
+    return _fingerprint(st, cfg, {u: manifest(u, cfg) for u in st.upstream_of(cfg, options)}, options)[0]
+
+
+def data_fingerprint(cfg: Config, inputs: list[str] | None = None) -> str:
+    """The **data fingerprint**: the corpus stage's fingerprint (source contents, cleaning config,
+    code version) — what recorded reference curves are keyed by.  ``inputs``: explicit files."""
+    return current_fingerprint("corpus", cfg, input=inputs)
+
+
+def status(name: str, cfg: Config) -> str:
+    """``missing`` (never finished here), ``stale`` (config, upstream or inputs changed, or an output
+    is gone) or ``fresh``."""
+    m = manifest(name, cfg)
+    if m is None:
+        return "missing"
+    return "fresh" if is_fresh(stage_dir(cfg, name), current_fingerprint(name, cfg)) else "stale"
+
+
+def upstream(name: str, cfg: Config, *, progress: bool = True) -> Path:
     """An earlier stage's folder: used as it is when it was built (whatever inputs it was given,
-    e.g. ``prepare-pretrain --input``), built at this profile when missing."""
-    folder = cfg.run_path / stage
+    e.g. ``microlm corpus --input``), built at this profile when missing."""
+    folder = stage_dir(cfg, name)
     if read_manifest(folder) is not None:
         return folder
-    return STAGES[stage](cfg, progress=progress)
+    return build(name, cfg, progress=progress)
 
 
-def _digests(folder: Path, names: list[str]) -> list[dict]:
-    return [{"path": str(folder / n), "digest": file_digest(folder / n)} for n in names]
-
-
-def tokenizer(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None) -> Path:
-    """Stage A3: ``runs/<profile>/tokenizer/`` — vocab.json, merges.txt, tokenizer.json, report.json."""
-    from microlm.tokenizer.stage import qwen_tokenizer_path, train_tokenizer
-
-    corpus_dir = upstream("corpus", cfg, progress=progress)
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "tokenizer"
-    inputs = _digests(corpus_dir, ["train.jsonl", "val.jsonl"])
-    qwen = qwen_tokenizer_path(cfg)
-    conf = {"tokenizer": stage_config(cfg, "tokenizer")}
-    fp = fingerprint({"v": STAGE_VERSIONS["tokenizer"], "config": conf, "inputs": [i["digest"] for i in inputs],
-                      "qwen": file_digest(qwen) if qwen else None})
-    if not force and is_fresh(stage_dir, fp):
-        log.info("tokenizer: up to date (%s), skipped", stage_dir)
-        return stage_dir
+def build(name: str, cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None,
+          **options) -> Path:
+    """Stage ``name``'s folder, built (with whatever upstream is missing) unless it is fresh."""
+    st = get_stage(name)
+    options = _with_defaults(st, options)
+    ups = {u: upstream(u, cfg, progress=progress) for u in st.upstream_of(cfg, options)}
+    folder = Path(out_dir) if out_dir else stage_dir(cfg, st.name)
+    fp, conf, inputs = _fingerprint(st, cfg, {u: read_manifest(p) for u, p in ups.items()}, options)
+    must_run = force or any(options.get(o.name) not in (None, False, []) for o in st.all_options if o.partial or o.run)
+    if not must_run and is_fresh(folder, fp):
+        log.info("%s: up to date (%s), skipped", st.name, folder)
+        return folder
+    run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options)
     started = time.time()
-    report = train_tokenizer(cfg, corpus_dir, stage_dir, progress=progress)
-    metrics = {"vocab_size": report["vocab_size"], "train_s": report["train_s"],
-               "peak_rss_mb": report["peak_rss_mb"],
-               "compression": {k: v["chars_per_token"] for k, v in report["compression"].items()}}
-    write_manifest(stage_dir, stage="tokenizer", fp=fp, config=conf, inputs=inputs,
-                   outputs=["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "report.json"],
-                   metrics=metrics, started=started)
-    return stage_dir
+    if st.train:
+        from microlm.train.dist import distributed  # torch: only training stages need it
+
+        device = _lookup(cfg, st.train).device
+        with distributed(device) as dist:
+            run = dataclasses.replace(run, dist=dist)
+            metrics = st.builder()(run)
+            main = dist.is_main
+    else:
+        metrics, main = st.builder()(run), True
+    if metrics is not None and main:
+        write_manifest(folder, stage=st.name, fp=fp, config=conf, inputs=inputs, outputs=list(st.outputs),
+                       metrics=metrics, started=started,
+                       upstream={u: {"path": str(p), "fingerprint": (read_manifest(p) or {}).get("fingerprint")}
+                                 for u, p in ups.items()})
+    return folder
 
 
-def tokens(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None) -> Path:
-    """Stage A4: ``runs/<profile>/tokens/{train,val}.{bin,idx}`` + ``meta.json``."""
-    from microlm.tokenizer.stage import tokenize_corpus
-
-    corpus_dir = upstream("corpus", cfg, progress=progress)
-    tok_dir = upstream("tokenizer", cfg, progress=progress)
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "tokens"
-    inputs = _digests(corpus_dir, ["train.jsonl", "val.jsonl"]) + _digests(tok_dir, ["vocab.json", "merges.txt",
-                                                                                      "microlm_tokenizer.json"])
-    conf = {"tokens": stage_config(cfg, "tokens")}
-    # workers and batch size do not change the bytes written (tested), so only the inputs count
-    fp = fingerprint({"v": STAGE_VERSIONS["tokens"], "inputs": [i["digest"] for i in inputs]})
-    if not force and is_fresh(stage_dir, fp):
-        log.info("tokens: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    started = time.time()
-    meta = tokenize_corpus(cfg, corpus_dir, tok_dir, stage_dir, progress=progress)
-    metrics = {k: meta[k] for k in ("tokens_total", "tokens_per_s", "vocab_size")}
-    metrics["docs"] = {k: v["docs"] for k, v in meta["splits"].items()}
-    write_manifest(stage_dir, stage="tokens", fp=fp, config=conf, inputs=inputs,
-                   outputs=["train.bin", "train.idx", "val.bin", "val.idx", "meta.json"], metrics=metrics,
-                   started=started)
-    return stage_dir
+def _with_defaults(st: Stage, options: dict) -> dict:
+    known = {o.name for o in st.all_options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise MicroLMError(f"stage {st.name}: unknown option(s) {unknown} (known: {sorted(known) or 'none'})")
+    return {**{o.name: o.default for o in st.all_options}, **options}
 
 
-def _training_stage(name: str, cfg: Config, stage_dir: Path, fp: str, conf: dict, inputs: list[dict], *,
-                    device: str, run, metrics, outputs: list[str], force: bool, resume: bool,
-                    stop_after: int | None) -> Path:
-    """The part every training stage shares: skip when fresh, start/stop the process group, run,
-    and (rank 0, finished runs only) write the manifest.  ``run(dist)`` returns the report."""
-    from microlm.train.dist import cleanup_distributed, setup_distributed
-
-    if not force and not resume and stop_after is None and is_fresh(stage_dir, fp):
-        log.info("%s: up to date (%s), skipped", name, stage_dir)
-        return stage_dir
-    dist = setup_distributed(device)
-    started = time.time()
-    try:
-        report = run(dist)
-        if dist.is_main and stop_after is None:
-            write_manifest(stage_dir, stage=name, fp=fp, config=conf, inputs=inputs, outputs=outputs,
-                           metrics=metrics(report), started=started)
-    finally:
-        cleanup_distributed(dist)
-    return stage_dir
+def require(name: str, cfg: Config, **kw) -> Path:
+    """The folder of ``name`` at this profile, built if missing or stale (what notebooks call)."""
+    return build(name, cfg, **kw)
 
 
-def pretrain(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
-             out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
-    """Stage A5: ``runs/<profile>/pretrain/`` — ``ckpt/`` (safetensors + optimizer + state),
-    ``metrics.jsonl``, ``report.json``, ``curves.png``.  Runs under ``torchrun`` as well."""
-    from microlm.train.pretrain import pretrain as run_pretrain
-    from microlm.train.trainer import trajectory_config
-
-    tokens_dir = upstream("tokens", cfg, progress=progress)
-    tok_dir = upstream("tokenizer", cfg, progress=progress)
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "pretrain"
-    inputs = _digests(tokens_dir, ["train.bin", "val.bin"]) + _digests(tok_dir, ["vocab.json", "merges.txt"])
-    conf = {"model": stage_config(cfg, "model"), "pretrain": stage_config(cfg, "pretrain"), "seed": cfg.seed}
-    fp = fingerprint({"v": STAGE_VERSIONS["pretrain"], "model": conf["model"], "seed": cfg.seed,
-                      "train": trajectory_config(cfg.pretrain), "inputs": [i["digest"] for i in inputs]})
-    return _training_stage(
-        "pretrain", cfg, stage_dir, fp, conf, inputs, device=cfg.pretrain.device, force=force, resume=resume,
-        stop_after=stop_after,
-        run=lambda dist: run_pretrain(cfg, tokens_dir, tok_dir, stage_dir, resume=resume, progress=progress,
-                                      stop_after=stop_after, dist=dist),
-        metrics=lambda r: {k: r[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss",
-                                             "final_val_loss", "final_val_bpb", "unigram_entropy")},
-        outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"])
+def _lookup(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
-def sft(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
-        out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
-    """Stage A6: ``runs/<profile>/sft/`` — full-parameter SFT from ``pretrain/ckpt``."""
-    import glob
-
-    from microlm.data.sources import data_root
-    from microlm.train.sft import run_sft
-    from microlm.train.trainer import trajectory_config
-
-    pre_dir = upstream("pretrain", cfg, progress=progress)
-    tok_dir = upstream("tokenizer", cfg, progress=progress)
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "sft"
-    root = data_root(cfg.data.root)
-    files = sorted({p for pat in cfg.sft_data.files + cfg.sft_data.heldout for p in glob.glob(str(root / pat))}) \
-        if root else []
-    inputs = _digests(pre_dir / "ckpt", ["model.safetensors"]) + _digests(tok_dir, ["vocab.json", "merges.txt"]) + \
-        [{"path": f, "digest": file_digest(f)} for f in files]
-    conf = {"sft": stage_config(cfg, "sft"), "sft_data": stage_config(cfg, "sft_data"), "seed": cfg.seed}
-    fp = fingerprint({"v": STAGE_VERSIONS["sft"], "train": trajectory_config(cfg.sft), "data": conf["sft_data"],
-                      "seed": cfg.seed, "inputs": [i["digest"] for i in inputs]})
-    return _training_stage(
-        "sft", cfg, stage_dir, fp, conf, inputs, device=cfg.sft.device, force=force, resume=resume,
-        stop_after=stop_after,
-        run=lambda dist: run_sft(cfg, pre_dir, tok_dir, stage_dir, resume=resume, progress=progress,
-                                 stop_after=stop_after, dist=dist),
-        metrics=lambda r: {**{k: r[k] for k in ("steps", "base_val_loss", "first_val_loss", "final_val_loss",
-                                                 "final_train_loss")}, "kept": r["train_data"]["kept"]},
-        outputs=["ckpt/model.safetensors", "metrics.jsonl", "report.json"])
+def stage_table(cfg: Config | None = None) -> list[dict]:
+    """The course map: one row per stage (with its status at ``cfg``'s profile when given)."""
+    rows = []
+    for st in REGISTRY.values():
+        row = {"part": st.part, "stage": st.name, "cli": f"microlm {st.name.replace('_', '-')}",
+               "config": ", ".join(st.sections) or "—", "folder": f"runs/<profile>/{st.name}",
+               "notebook": st.notebook or "—", "upstream": ", ".join(st.upstream) or "—"}
+        if cfg is not None:
+            row["status"] = status(st.name, cfg)
+        rows.append(row)
+    return rows
 
 
-def lora(cfg: Config, *, force: bool = False, resume: bool = False, progress: bool = True,
-         out_dir: str | Path | None = None, stop_after: int | None = None) -> Path:
-    """Stage A7: ``runs/<profile>/lora/`` — LoRA adapters on the SFT model (``adapter/`` in PEFT format)."""
-    from microlm.train.lora import run_lora
-    from microlm.train.trainer import trajectory_config
-
-    base_dir = upstream("sft", cfg, progress=progress)
-    tok_dir = upstream("tokenizer", cfg, progress=progress)
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "lora"
-    inputs = _digests(base_dir / "ckpt", ["model.safetensors"]) + _digests(tok_dir, ["vocab.json", "merges.txt"])
-    conf = {"lora": stage_config(cfg, "lora"), "lora_train": stage_config(cfg, "lora_train"), "seed": cfg.seed}
-    fp = fingerprint({"v": STAGE_VERSIONS["lora"], "lora": conf["lora"], "train": trajectory_config(cfg.lora_train),
-                      "seed": cfg.seed, "inputs": [i["digest"] for i in inputs]})
-    return _training_stage(
-        "lora", cfg, stage_dir, fp, conf, inputs, device=cfg.lora_train.device, force=force, resume=resume,
-        stop_after=stop_after,
-        run=lambda dist: run_lora(cfg, base_dir, tok_dir, stage_dir, resume=resume, progress=progress,
-                                  stop_after=stop_after, dist=dist),
-        metrics=lambda r: {"adapter_params": r["params"]["adapter_params"],
-                           "percent_of_base": r["params"]["percent_of_base"],
-                           "task": r["task"], "f1_before": r["before"]["f1"], "f1_after": r["after"]["f1"],
-                           "exact_match_after": r["after"]["exact_match"]},
-        outputs=["adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"])
+def course_map_markdown() -> str:
+    """The course map as a Markdown table — the README and the book carry exactly this (tested);
+    ``microlm stages --markdown`` prints it."""
+    lines = ["| part | stage | notebook | CLI | config | artifacts in `runs/<profile>/<stage>/` |",
+             "|---|---|---|---|---|---|"]
+    for st in REGISTRY.values():
+        verbs = f"`microlm {st.name.replace('_', '-')}`" + (f" (alias `{'`, `'.join(st.aliases)}`)" if st.aliases else "")
+        lines.append(f"| {st.part} | **{st.name}** — {st.help} | `{st.notebook}` | {verbs} | "
+                     f"{', '.join(f'`{c}`' for c in st.sections)} | {', '.join(f'`{o}`' for o in st.outputs)} |")
+    return "\n".join(lines)
 
 
-EXPORT_SOURCES = ("sft", "pretrain", "lora")
+# --------------------------------------------------------------------------- the stages of the course
+
+def _corpus_inputs(cfg: Config, options: dict) -> list:
+    from microlm.data.prepare_pretrain import corpus_sources
+
+    return [s.path for s in corpus_sources(cfg, options.get("input"))]
 
 
-def hf(cfg: Config, *, source: str = "sft", force: bool = False, progress: bool = True,
-       out_dir: str | Path | None = None) -> Path:
-    """Stage A8: ``runs/<profile>/hf/`` — the ``source`` model (``lora``: the SFT model with the
-    adapter merged) as a transformers/vLLM-loadable Llama folder, checked against ours when
-    transformers is installed (``report.json``)."""
-    from microlm.infer.chat import load_model
-    from microlm.io import write_json
-    from microlm.model.hf_export import export_hf, verify_export
+def _sft_inputs(cfg: Config, options: dict) -> list:
+    from microlm.train.sft import sft_files
 
-    if source not in EXPORT_SOURCES:
-        raise MicroLMError(f"export source must be one of {EXPORT_SOURCES}, got {source!r}")
-    model_dir = upstream("sft" if source == "lora" else source, cfg, progress=progress)
-    tok_dir = upstream("tokenizer", cfg, progress=progress)
-    adapter = upstream("lora", cfg, progress=progress) / "adapter" if source == "lora" else None
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "hf"
-    inputs = _digests(model_dir / "ckpt", ["model.safetensors"]) + _digests(tok_dir, ["vocab.json", "merges.txt"])
-    if adapter is not None:
-        inputs += _digests(adapter, ["adapter_model.safetensors", "adapter_config.json"])
-    conf = {"source": source, "generate": stage_config(cfg, "generate")}
-    fp = fingerprint({"v": STAGE_VERSIONS["hf"], "config": conf, "inputs": [i["digest"] for i in inputs]})
-    if not force and is_fresh(stage_dir, fp):
-        log.info("hf: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    started = time.time()
-    model, tok = load_model(model_dir, tokenizer=tok_dir, adapter=adapter)
-    export_hf(model, tok, stage_dir, cfg.generate, source={"stage": source, "folder": str(model_dir),
-                                                          "adapter": str(adapter) if adapter else None})
-    check = verify_export(stage_dir, model, tok)
-    write_json(stage_dir / "report.json", {"source": source, "params": model.num_parameters(), "check": check})
-    if check["checked"] and not (check["logits_max_abs_diff"] <= 1e-4 and check["greedy_tokens_equal"]
-                                 and check["chat_template_equal"] and check["tokenizer_ids_equal"]):
-        raise MicroLMError(f"the exported model does not match ours: {check}")
-    write_manifest(stage_dir, stage="hf", fp=fp, config=conf, inputs=inputs, started=started,
-                   outputs=["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                            "generation_config.json", "report.json"],
-                   metrics={k: check.get(k) for k in ("checked", "logits_max_abs_diff", "greedy_tokens_equal")})
-    return stage_dir
+    return sft_files(cfg)
 
 
-def ie_data(cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None) -> Path:
-    """Stages B1–B2: ``runs/<profile>/ie_data/`` — steps 01–06 of ``microlm/ie/pipeline.py``
-    (``microlm ie-data --step N`` runs one step without a manifest)."""
-    from microlm.ie.pipeline import STEPS, ie_sources, run_step, schema_paths
-    from microlm.ie.standardize import RELATION_MAP
+def _qwen(cfg: Config) -> list:
     from microlm.tokenizer.stage import qwen_tokenizer_path
 
-    tok_dir = upstream("tokenizer", cfg, progress=progress)  # step 06 counts tokens with it
-    stage_dir = Path(out_dir) if out_dir else cfg.run_path / "ie_data"
-    files = [p for p, _, _ in ie_sources(cfg)] + schema_paths(cfg) + [RELATION_MAP]
-    qwen = qwen_tokenizer_path(cfg)
-    inputs = [{"path": str(p), "digest": file_digest(p)} for p in files + ([qwen] if qwen else [])]
-    inputs += _digests(tok_dir, ["vocab.json", "merges.txt"])
-    conf = {"ie_data": stage_config(cfg, "ie_data"), "microlm_context": cfg.model.max_seq_len, "seed": cfg.seed}
-    fp = fingerprint({"v": STAGE_VERSIONS["ie_data"], "config": conf, "inputs": [i["digest"] for i in inputs]})
-    if not force and is_fresh(stage_dir, fp):
-        log.info("ie_data: up to date (%s), skipped", stage_dir)
-        return stage_dir
-    started = time.time()
-    stats = {}
-    for step in STEPS:
-        stats[step] = run_step(cfg, step, stage_dir)
-        log.info("ie_data %s: %s rows, %s s", stats[step]["step"], stats[step]["records"], stats[step]["seconds"])
-    outs = [f"06_{s}.jsonl" for s in ("train", "val", "test", "eval_prompts")] + ["05_eval_prompts.jsonl"]
-    write_manifest(stage_dir, stage="ie_data", fp=fp, config=conf, inputs=inputs, started=started,
-                   outputs=outs + sorted(p.name for p in stage_dir.glob("0?_*_stats.json")),
-                   metrics={"records_in": stats[1]["records"], "records_kept": stats[2]["records"],
-                            "examples": stats[4]["examples"],
-                            "train_examples": stats[6]["splits"]["train"]["out"],
-                            "eval_prompts": stats[6]["splits"]["eval_prompts"]["out"]})
-    return stage_dir
+    q = qwen_tokenizer_path(cfg)
+    return [q] if q else []
 
 
-STAGES = {"corpus": corpus, "tokenizer": tokenizer, "tokens": tokens, "pretrain": pretrain, "sft": sft, "lora": lora,
-          "hf": hf, "ie_data": ie_data}
+def _ie_inputs(cfg: Config, options: dict) -> list:
+    from microlm.ie.pipeline import ie_sources, schema_paths
+    from microlm.ie.standardize import RELATION_MAP
+
+    return [p for p, _, _ in ie_sources(cfg)] + schema_paths(cfg) + [RELATION_MAP] + _qwen(cfg)
 
 
-def require(stage: str, cfg: Config, **kw) -> Path:
-    """The folder of ``stage`` at this profile, built if missing or stale (for notebooks)."""
-    return STAGES[stage](cfg, **kw)
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
-def manifest(stage: str, cfg: Config) -> dict | None:
-    return read_manifest(cfg.run_path / stage)
+register(Stage(
+    "corpus", "A1–A2", "clean · dedup · split · EOS the pretraining corpus",
+    build="microlm.data.prepare_pretrain:build", outputs=("train.jsonl", "val.jsonl", "report.json"),
+    sections=("corpus",), key=lambda cfg, o: {"corpus": stage_config(cfg, "corpus"),
+                                              "max_records": cfg.data.max_records, "seed": cfg.seed},
+    inputs=_corpus_inputs, notebook="01_corpus", aliases=("prepare-pretrain",), version=2,
+    options=(Option("input", "read these files instead of data.pretrain under MICROLM_DATA", many=True),),
+    summary=lambda m: (f"records in {m['records_in']:,} → out {m['records_out']:,} (train {m['train_docs']:,}, "
+                       f"val {m['val_docs']:,}); drops {m['drops']}; {m['records_per_s']:,} records/s")))
+
+register(Stage(
+    "tokenizer", "A3", "train the byte-level BPE tokenizer on the corpus train split",
+    build="microlm.tokenizer.stage:build", upstream=("corpus",), sections=("tokenizer",),
+    key=lambda cfg, o: {"tokenizer": stage_config(cfg, "tokenizer"),
+                        "qwen": [file_digest(q) for q in _qwen(cfg)]},
+    outputs=("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "report.json"),
+    notebook="02_bpe_from_scratch", aliases=("train-tokenizer",), version=2,
+    summary=lambda m: (f"vocab {m['vocab_size']}, trained in {m['train_s']} s; val chars/token: "
+                       + "  ".join(f"{k} {v:.3f}" for k, v in m["compression"].items()))))
+
+register(Stage(
+    "tokens", "A4", "encode the corpus splits into uint16 token files + index",
+    build="microlm.tokenizer.stage:build_tokens", upstream=("corpus", "tokenizer"), sections=("tokens",),
+    key=lambda cfg, o: {},  # workers and batch size do not change the bytes written (tested)
+    outputs=("train.bin", "train.idx", "val.bin", "val.idx", "meta.json"), notebook="03_tokens",
+    aliases=("tokenize",),
+    summary=lambda m: (f"{m['tokens_total']:,} tokens, docs {m['docs']}; {m['tokens_per_s']:,} tokens/s")))
+
+register(Stage(
+    "pretrain", "A5", "pretrain the TransformerLM (runs under torchrun for DDP)",
+    build="microlm.train.pretrain:build", upstream=("tokenizer", "tokens"), sections=("model", "pretrain"),
+    key=lambda cfg, o: {"model": stage_config(cfg, "model"), "seed": cfg.seed, "train": trajectory_config(cfg.pretrain)},
+    outputs=("ckpt/model.safetensors", "metrics.jsonl", "report.json"), notebook="05_pretrain",
+    train="pretrain",
+    summary=lambda m: (f"{m['params']:,} params, {m['steps']} steps, val loss {_pct(m['final_val_loss'])}, "
+                       f"bpb {_pct(m['final_val_bpb'])}, unigram entropy {_pct(m['unigram_entropy'])}, "
+                       f"{m['tokens_per_s']} tokens/s")))
+
+register(Stage(
+    "sft", "A6", "full-parameter SFT from the pretraining checkpoint (torchrun-able)",
+    build="microlm.train.sft:build", upstream=("tokenizer", "pretrain"), sections=("sft",),
+    key=lambda cfg, o: {"data": stage_config(cfg, "sft")["data"], "seed": cfg.seed,
+                        "train": trajectory_config(cfg.sft.train)},
+    inputs=_sft_inputs, outputs=("ckpt/model.safetensors", "metrics.jsonl", "report.json"), notebook="06_sft",
+    train="sft.train", version=3,
+    summary=lambda m: (f"{m['kept']:,} conversations, {m['steps']} steps, held-out loss {_pct(m['base_val_loss'])} "
+                       f"-> {_pct(m['final_val_loss'])}; "
+                       + ", ".join(f"{t} F1 {b:.2f} -> {a:.2f}" for t, (b, a) in m.get("task_f1", {}).items()))))
+
+register(Stage(
+    "lora", "A7", "train LoRA adapters on the SFT model (a derived task SFT never saw: lora.task)",
+    build="microlm.train.lora:build", upstream=("tokenizer", "sft"), sections=("lora",),
+    key=lambda cfg, o: {"lora": {k: v for k, v in stage_config(cfg, "lora").items() if k != "train"},
+                        "seed": cfg.seed, "train": trajectory_config(cfg.lora.train)},
+    outputs=("adapter/adapter_model.safetensors", "metrics.jsonl", "report.json"), notebook="07_lora_math",
+    train="lora.train", version=3,
+    summary=lambda m: (f"{m['adapter_params']:,} trainable ({m['percent_of_base']} % of the base); held-out "
+                       f"{m['task']}: F1 {m['f1_before']:.3f} -> {m['f1_after']:.3f}, exact match "
+                       f"{m['exact_match_before']:.3f} -> {m['exact_match_after']:.3f}")))
+
+register(Stage(
+    "hf", "A8", "export a model as a transformers/vLLM-loadable Llama folder",
+    build="microlm.infer.export:build", upstream=("tokenizer", "pretrain", "sft", "lora"),
+    needs=lambda cfg, o: ("tokenizer",) + {"pretrain": ("pretrain",), "sft": ("sft",),
+                                           "lora": ("sft", "lora")}[o.get("source") or cfg.hf.source],
+    sections=("hf", "generate"),
+    key=lambda cfg, o: {"source": o.get("source") or cfg.hf.source, "generate": stage_config(cfg, "generate")},
+    outputs=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+             "report.json"),
+    notebook="08_inference_chat", aliases=("export-hf",),
+    options=(Option("source", "which stage's model (default hf.source; lora: the SFT model with the adapter "
+                    "merged)", choices=("sft", "pretrain", "lora")),),
+    summary=lambda m: (f"({m['source']}) " + (f"transformers: max |Δlogit| {m['logits_max_abs_diff']:.1e}, greedy "
+                                              f"tokens equal {m['greedy_tokens_equal']}" if m["checked"]
+                                              else "not checked (no transformers)"))))
+
+register(Stage(
+    "ie_data", "B1–B2", "the InstructIE data pipeline: standardize, filter, stratify, derive, sample, render",
+    build="microlm.ie.pipeline:build", upstream=("tokenizer",), sections=("ie_data",),
+    key=lambda cfg, o: {"ie_data": stage_config(cfg, "ie_data"), "microlm_context": cfg.model.max_seq_len,
+                        "seed": cfg.seed},
+    inputs=_ie_inputs, outputs=tuple(f"06_{s}.jsonl" for s in ("train", "val", "test", "eval_prompts"))
+    + ("05_eval_prompts.jsonl",) + tuple(f"0{n}_{step}_stats.json" for n, step in
+                                        enumerate(("standardize", "filter", "stratify", "derive", "sample", "render"), 1)),
+    notebook="09_ie_data",
+    options=(Option("step", "run one step: 1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample, 6 render "
+                    "(default: all six as a stage, skipped when nothing changed)", type=int, partial=True),),
+    summary=lambda m: (f"{m['records_in']:,} records in, {m['records_kept']:,} kept, {m['examples']:,} examples; "
+                       f"train {m['train_examples']:,}, eval prompts {m['eval_prompts']}")))
+
+STAGES = REGISTRY  # the name the notebooks and tests used first
+

@@ -48,26 +48,22 @@ print(f"profile: {cfg.profile}   run folder: {cfg.run_path}")
 # %% [markdown]
 # ## The stage map
 #
-# One name per concept, everywhere: module, notebook, CLI and artifact folder.
-#
-# | # | stage | notebook | CLI | artifact under `runs/<profile>/` |
-# |---|---|---|---|---|
-# | A1–A2 | corpus: clean · dedup · split · EOS | `01_corpus` | `microlm prepare-pretrain` | `corpus/{train,val}.jsonl` + `report.json` |
-# | A3 | byte-level BPE, vocab 6400 | `02_bpe_from_scratch` | `microlm train-tokenizer` | `tokenizer/` |
-# | A4 | text → ids → memmap | `03_tokens` | `microlm tokenize` | `tokens/{train,val}.bin` |
-# | A5 | TransformerLM pretraining (31.7M) | `04_attention_kv_cache`, `05_pretrain` | `microlm pretrain` | `pretrain/` |
-# | A6 | full-parameter SFT | `06_sft` | `microlm sft` | `sft/` |
-# | A7 | LoRA (0.83 % trainable) | `07_lora_math` | `microlm lora` | `lora/` |
-# | A8 | generate · chat · KV cache · HF export | `08_inference_chat` | `microlm chat`, `microlm export-hf` | `hf/` |
-# | B1–B2 | IE data: standardize → … → render | `09_ie_data` | `microlm ie-data` | `ie_data/` |
-# | B3 | Qwen2.5 + PEFT LoRA | `10_qwen_lora` | `microlm ie-train` | `ie_lora/` |
-# | B4 | evaluation | `11_ie_eval` | `microlm ie-eval` | `eval/` |
-# | B5 | merge adapter → HF dir | `10_qwen_lora` | `microlm ie-export` | `ie_merged/` |
-# | B6 | vLLM serve · smoke · bench · soak | `12_vllm` | `microlm serve` … | `serve/` |
-#
-# Stages that exist so far are the ones with a notebook in the table of contents; the rest land
-# stage by stage. Every stage writes a `manifest.json` (config, input fingerprints, metrics,
-# timings) and is skipped when neither its inputs nor its config changed.
+# One name per concept, everywhere: a stage's name is its artifact folder `runs/<profile>/<stage>/`,
+# its config section and its CLI verb (`microlm <stage>`). The stages are declared once, in the
+# registry `microlm/stages.py`; the table below is read from it, with each stage's status at this
+# profile: *missing* (never built here), *stale* (its config, an upstream stage or an input file
+# changed since) or *fresh*. Every stage writes a `manifest.json` (config, upstream fingerprints, input
+# digests, metrics, timings) and is skipped when it is fresh. Still to come: B3–B5 (Qwen2.5 + PEFT
+# LoRA, evaluation, merge) and B6 (vLLM serving).
+
+# %%
+from microlm import stages
+from microlm.cli import format_table
+
+table = stages.stage_table(cfg)
+print(format_table(table))
+assert [r["stage"] for r in table] == list(stages.REGISTRY)
+assert all(r["status"] in ("missing", "stale", "fresh") for r in table)
 
 # %% [markdown]
 # ## Where the data comes from

@@ -25,7 +25,7 @@
 # 4. **deduplicate**: exact (hash of the normalized text) and near (MinHash + LSH), keep the first;
 # 5. **split** train/val by a hash of the document, and append the **EOS** marker.
 #
-# CLI: `microlm prepare-pretrain --profile cpu` · artifact: `runs/<profile>/corpus/`.
+# CLI: `microlm corpus --profile cpu` · artifact: `runs/<profile>/corpus/`.
 
 # %% tags=["parameters"]
 import os

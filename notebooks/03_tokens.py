@@ -26,7 +26,7 @@
 # Encoding runs in 2+ processes, batches in file order, so the bytes are the same whatever the
 # process count (tested). A vocabulary that does not fit `uint16` is refused.
 #
-# CLI: `microlm tokenize --profile cpu` · artifact: `runs/<profile>/tokens/`.
+# CLI: `microlm tokens --profile cpu` · artifact: `runs/<profile>/tokens/`.
 
 # %% tags=["parameters"]
 import os
@@ -47,7 +47,7 @@ from microlm.tokenizer.stage import read_texts
 
 cfg = load_config(profile)
 tokens_dir = stages.require("tokens", cfg)  # encodes the corpus if missing or stale, else skips
-tok = Tokenizer.load(cfg.run_path / "tokenizer")
+tok = Tokenizer.load(stages.stage_dir(cfg, "tokenizer"))
 meta = json.loads((tokens_dir / "meta.json").read_text(encoding="utf-8"))
 print(json.dumps(meta, indent=1))
 train = open_tokens(tokens_dir / "train.bin")
@@ -67,7 +67,7 @@ first = train[idx[0]:idx[1]]
 print(first[:40].tolist())
 print([tok.id_to_token(int(i)) for i in first[:20]])
 print(repr(tok.decode(first.tolist())[:120]))
-docs_train = read_texts(cfg.run_path / "corpus" / "train.jsonl", limit=50)
+docs_train = read_texts(stages.stage_dir(cfg, "corpus") / "train.jsonl", limit=50)
 for k in range(min(50, len(idx) - 1)):
     doc = train[idx[k]:idx[k + 1]].tolist()
     assert doc[-1] == tok.eos_id and doc.count(tok.eos_id) == 1

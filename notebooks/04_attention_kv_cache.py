@@ -40,17 +40,13 @@ import torch
 from microlm import stages
 from microlm.config import load_config
 from microlm.infer import generate_ids
-from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM
+from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM, load_model
 from microlm.model.transformer import apply_rope, rope_tables
-from microlm.tokenizer import Tokenizer
-from microlm.train.checkpoint import load_checkpoint
 
 cfg = load_config(profile)
 pre_dir = stages.require("pretrain", cfg)
-tok = Tokenizer.load(cfg.run_path / "tokenizer")
-model = TransformerLM(cfg.model)
-load_checkpoint(pre_dir / "ckpt", model, expect={"model": cfg.model.to_dict()}, restore_rng=False)
-model.eval()
+model, tok = load_model(pre_dir, tokenizer=stages.stage_dir(cfg, "tokenizer"))  # the one loader, eval mode
+assert model.cfg == cfg.model
 print(f"{cfg.model}\n{model.num_parameters():,} parameters")
 
 # %% [markdown]

@@ -50,7 +50,7 @@ from microlm.train.pretrain import read_metrics
 
 cfg = load_config(profile)
 sft_dir = stages.require("sft", cfg)
-tok = Tokenizer.load(cfg.run_path / "tokenizer")
+tok = Tokenizer.load(stages.stage_dir(cfg, "tokenizer"))
 report = json.loads((sft_dir / "report.json").read_text(encoding="utf-8"))
 print(json.dumps({k: report[k] for k in ("train_data", "val_data", "steps", "first_val_loss", "final_val_loss")},
                  ensure_ascii=False, indent=1))
@@ -67,7 +67,7 @@ assert d["records"] == d["kept"] + sum(d["drops"].values()), "every record is ke
 conv = [{"role": "system", "content": "你是一个有用的助手。"},
         {"role": "user", "content": "北京是哪个国家的首都？"},
         {"role": "assistant", "content": "北京是中国的首都。"}]
-ids, mask, _ = encode_conversation(tok, conv, cfg.sft.seq_len)
+ids, mask, _ = encode_conversation(tok, conv, cfg.sft.train.seq_len)
 print(render_chat(conv))
 print(show_mask(tok, SFTExample(ids, mask)))
 print([tok.id_to_token(i) for i in ids][:24])

@@ -36,9 +36,8 @@ import torch
 
 from microlm import stages
 from microlm.config import load_config
-from microlm.model import MODEL_PRESETS, TransformerLM
+from microlm.model import MODEL_PRESETS, TransformerLM, load_model
 from microlm.model.lora import LoRAConfig, apply_lora, lora_modules, merge_lora, unmerge_lora
-from microlm.train.checkpoint import load_checkpoint
 from microlm.train.pretrain import read_metrics
 
 cfg = load_config(profile)
@@ -82,14 +81,12 @@ assert rep8["adapter_params"] == 262_144 and f"{rep8['percent_of_base']:.2f}" ==
 # by construction). Most of the full update's energy sits in a few directions — the bet LoRA makes.
 
 # %%
-pre, sft = TransformerLM(cfg.model), TransformerLM(cfg.model)
-load_checkpoint(cfg.run_path / "pretrain" / "ckpt", pre, restore_rng=False)
-load_checkpoint(cfg.run_path / "sft" / "ckpt", sft, restore_rng=False)
+tok_dir = stages.stage_dir(cfg, "tokenizer")
+pre, _ = load_model(stages.stage_dir(cfg, "pretrain"), tokenizer=tok_dir)
+sft, _ = load_model(stages.stage_dir(cfg, "sft"), tokenizer=tok_dir)
 q = cfg.model.dim
 full_delta = (sft.layers[0].attn.qkv_proj.weight - pre.layers[0].attn.qkv_proj.weight)[:q].detach()
-lora_model = TransformerLM(cfg.model)
-apply_lora(lora_model, LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, targets=list(cfg.lora.targets)))
-load_checkpoint(lora_dir / "ckpt", lora_model, restore_rng=False)
+lora_model, _ = load_model(stages.stage_dir(cfg, "sft"), tokenizer=tok_dir, adapter=lora_dir / "adapter")
 layer = lora_model.layers[0].attn.qkv_proj
 lora_delta = layer.delta_weight(layer.index[0]).detach()
 s_full = torch.linalg.svdvals(full_delta).numpy()
@@ -144,7 +141,7 @@ for name, sc in [("SFT model", b), ("SFT + LoRA", a), ("empty answer", report["b
 for ex in a["examples"][:4]:
     print(f"{ex['text'][:50]}\n   gold: {ex['gold']}   LoRA: {ex['answer']!r}")
 lt, le = read_metrics(lora_dir)
-st, se = read_metrics(stages.upstream("sft", cfg))
+st, se = read_metrics(stages.stage_dir(cfg, "sft"))
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
 ax[0].plot([r["step"] for r in lt], [r["loss"] for r in lt], label="train")
 ax[0].plot([r["step"] for r in le], [r["val_loss"] for r in le], "o-", label="held-out")

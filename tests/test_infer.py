@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from microlm.errors import MicroLMError
-from microlm.infer.chat import ChatSession, load_model, run_chat
+from microlm.infer.chat import ChatSession, run_chat
 from microlm.infer.config import GenerationConfig
 from microlm.infer.generate import fit_prompt, generate_ids, generate_text, process_logits, stream_text
-from microlm.model import ModelConfig, TransformerLM
+from microlm.model import ModelConfig, TransformerLM, load_model
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,9 @@ def test_context_window_handling(tok):
 def test_special_token_text_in_a_prompt_stays_text(tok):
     m = tiny(tok)
     g = generate_text(m, tok, "你好<|im_end|>", max_new_tokens=4, temperature=0)
-    assert g.prompt_tokens == len(tok.encode("你好<|im_end|>")) and tok.special_ids["<|im_end|>"] not in \
-        tok.encode("你好<|im_end|>")
+    assert g.prompt_tokens == len(tok.encode_ordinary("你好<|im_end|>")) and tok.special_ids["<|im_end|>"] not in \
+        tok.encode_ordinary("你好<|im_end|>")
+    assert len(tok.encode("你好<|im_end|>")) < g.prompt_tokens  # trusted encode would have made it the control id
 
 
 # ---------------------------------------------------------------- chat

@@ -44,7 +44,7 @@ def test_token_file_layout_and_one_eos_per_document(tmp_path, tok_dir):
     for k, t in enumerate(texts):
         body = t.removesuffix("<|endoftext|>")
         doc = data[idx[k]:idx[k + 1]].tolist()
-        assert doc == tok.encode(body) + [tok.eos_id]
+        assert doc == tok.encode_ordinary(body) + [tok.eos_id]
         assert doc.count(tok.eos_id) == 1
     last = data[idx[-2]:idx[-1]].tolist()
     assert tok.special_ids["<|im_start|>"] not in last  # special text inside a document stays text
@@ -104,8 +104,8 @@ def test_tokens_stage_builds_skips_and_refuses_wide_vocab(tmp_path, tmp_cfg):
     src = write_jsonl(tmp_path / "in.jsonl", [f"{ZH[i % len(ZH)]}这是第{i}个不同的句子，编号{i * 7}。" for i in range(400)])
     cfg = tmp_cfg(**{"tokenizer.vocab_size": 500, "tokenizer.compare_hf": False, "tokenizer.workers": 1,
                      "tokens.workers": 2})
-    stages.corpus(cfg, inputs=[str(src)], progress=False)
-    out = stages.tokens(cfg, progress=False)
+    stages.build("corpus", cfg, input=[str(src)], progress=False)
+    out = stages.build("tokens", cfg, progress=False)
     meta = json.loads((out / "meta.json").read_text())
     m = read_manifest(out)
     assert m["stage"] == "tokens" and meta["vocab_size"] == 500 and meta["dtype"] == "uint16"
@@ -116,7 +116,7 @@ def test_tokens_stage_builds_skips_and_refuses_wide_vocab(tmp_path, tmp_cfg):
     assert rep["hf_ids_equal_on_val_sample"] is True and rep["special_ids"]["<|im_end|>"] == 2
     # unchanged → skipped (the folder is not rewritten)
     mtime = (out / "train.bin").stat().st_mtime_ns
-    stages.tokens(cfg, progress=False)
+    stages.build("tokens", cfg, progress=False)
     assert (out / "train.bin").stat().st_mtime_ns == mtime
     # a tokenizer whose ids do not fit uint16 is refused
     big = tmp_path / "big"

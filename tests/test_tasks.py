@@ -47,7 +47,7 @@ def test_corpus_stage_leaves_the_heldout_paragraphs_out(tmp_path, monkeypatch):
     held = [x for x in lines if x in keys]
     assert held, "the first 3,000 paragraphs hold some held-out ones"
     cfg = load_config("smoke", {"run_dir": str(tmp_path), "corpus.workers": 0})
-    out = stages.corpus(cfg, progress=False, inputs=None)
+    out = stages.build("corpus", cfg, progress=False)
     rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert rep["drops"]["heldout_task"] == len(held)
     kept = [json.loads(x)["text"] for split in ("train", "val")

@@ -1,4 +1,4 @@
-"""Stage A1–A2 — ``microlm prepare-pretrain``: raw records → clean, deduplicated, split corpus.
+"""Stage A1–A2 — ``microlm corpus``: raw records → clean, deduplicated, split corpus.
 
 Streaming and bounded in memory: lines are read in batches, cleaned and signed by worker processes
 (order preserved), and the main process keeps only the dedup index — fixed-size numbers per kept
@@ -31,6 +31,7 @@ from microlm.data.sources import Drop, Source, data_root, iter_lines, parse_line
 from microlm.data.tasks import heldout_paragraph_keys
 from microlm.errors import MicroLMError
 from microlm.io import replace_dir, write_json
+from microlm.runs import StageRun
 
 STAGE = "corpus"
 # character-length histogram edges (the last bin is open-ended)
@@ -203,7 +204,7 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
         _init_worker(*init_args)
         results = map(process_batch, _batches(sources, cfg))
 
-    bar = tqdm(desc="prepare-pretrain", unit="rec", disable=not progress, mininterval=1.0, smoothing=0.1)
+    bar = tqdm(desc="corpus", unit="rec", disable=not progress, mininterval=1.0, smoothing=0.1)
     try:
         with open(tmp_dir / "train.jsonl", "w", encoding="utf-8") as f_train, \
              open(tmp_dir / "val.jsonl", "w", encoding="utf-8") as f_val:
@@ -316,6 +317,14 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     write_json(tmp_dir / "report.json", report)
     replace_dir(tmp_dir, out_dir)
     return report
+
+
+def build(run: StageRun) -> dict:
+    """The ``corpus`` stage (registry entry in ``microlm.stages``): its manifest metrics."""
+    report = prepare_pretrain(run.cfg, run.out, inputs=run.options.get("input"), progress=run.progress)
+    metrics = {k: report[k] for k in ("records_in", "records_out", "train_docs", "val_docs", "drops")}
+    metrics["records_per_s"] = report["throughput"]["records_per_s"]
+    return metrics
 
 
 def _read_lines(folder: Path, wanted: dict[int, tuple[str, int]]) -> dict[int, str]:

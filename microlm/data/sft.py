@@ -1,8 +1,8 @@
 """SFT data (stage A6): MiniMind ``{"conversations": [{"role", "content"}, ...]}`` → ChatML ids + loss mask.
 
 Each message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; ``role\\ncontent`` is encoded as one
-piece of plain text (exactly what ``Tokenizer.encode_chat`` and transformers' ``apply_chat_template``
-produce), and the loss is taken **only on assistant tokens, including each ``<|im_end|>``** — the
+piece of plain text with ``encode_ordinary`` (a ``<|im_end|>`` inside a sample stays characters;
+otherwise exactly what ``Tokenizer.encode_chat`` and transformers' ``apply_chat_template`` produce), and the loss is taken **only on assistant tokens, including each ``<|im_end|>``** — the
 model learns to answer and to stop, not to predict the user.  A token that straddles the header
 newline and the first content byte counts as content.
 
@@ -69,14 +69,14 @@ def parse_conversation(record: dict | str) -> list[dict]:
 def _turn(tok, m: dict) -> tuple[list[int], list[int]]:
     """Ids and 0/1 loss mask of one ChatML turn."""
     start, end = tok.special_ids["<|im_start|>"], tok.special_ids["<|im_end|>"]
-    body = tok.encode(f"{m['role']}\n{m['content']}")
+    body = tok.encode_ordinary(f"{m['role']}\n{m['content']}")
     trained = m["role"] == "assistant"
     header = len(f"{m['role']}\n".encode())
     mask, pos = [], 0
     for i in body:
         pos += len(tok.vocab[i])
         mask.append(1 if trained and pos > header else 0)
-    nl = tok.encode("\n")
+    nl = tok.encode_ordinary("\n")
     return [start, *body, end, *nl], [0, *mask, 1 if trained else 0, *([0] * len(nl))]
 
 
@@ -96,7 +96,7 @@ def encode_conversation(tok, messages: list[dict], max_len: int) -> tuple[list[i
         raise SFTDrop("turn_longer_than_context", f"first assistant turn does not fit {max_len} tokens")
     # a dangling user turn after the last kept assistant turn teaches nothing: cut back to it
     last = max(i for i, v in enumerate(mask) if v)
-    nl = len(tok.encode("\n"))
+    nl = len(tok.encode_ordinary("\n"))
     cut = min(len(ids), last + 1 + nl)
     if cut < len(ids):  # turns after the last assistant answer are dropped too
         truncated = True

@@ -9,6 +9,7 @@ and a stats file beside it; a step whose input is missing runs the step before i
 from __future__ import annotations
 
 import glob
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,9 +17,13 @@ from pathlib import Path
 from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, batched, json_line, ordered_map, parse_json_line, write_json
+from microlm.runs import StageRun
+
+log = logging.getLogger("microlm")
 
 __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
-           "render_counters", "schema_paths", "read_jsonl", "read_records", "run_step"]
+           "render_counters", "schema_paths", "read_jsonl", "read_records", "run_step",
+           "build"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 
@@ -315,11 +320,10 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
-def render_counters(cfg: Config) -> list:
-    """Step 06's tokenizers: Qwen2.5 (``$MICROLM_DATA/tokenizers/qwen2.5``, when there) and this
-    profile's MicroLM tokenizer (``runs/<p>/tokenizer``, built when missing)."""
+def render_counters(cfg: Config, tokenizer_dir: Path) -> list:
+    """Step 06's tokenizers: Qwen2.5 (``$MICROLM_DATA/tokenizers/qwen2.5``, when there) and the
+    MicroLM tokenizer in ``tokenizer_dir`` (the ``tokenizer`` stage's folder)."""
     from microlm.ie.render import TokenCounter
-    from microlm.stages import upstream
     from microlm.tokenizer import Tokenizer
     from microlm.tokenizer.stage import load_hf_tokenizer, qwen_tokenizer_path
 
@@ -327,7 +331,7 @@ def render_counters(cfg: Config) -> list:
     qwen = qwen_tokenizer_path(cfg)
     if qwen is not None:
         out.append(TokenCounter.hf("qwen2.5", load_hf_tokenizer(qwen)))
-    out.append(TokenCounter.microlm(Tokenizer.load(upstream("tokenizer", cfg))))
+    out.append(TokenCounter.microlm(Tokenizer.load(tokenizer_dir)))
     return out
 
 
@@ -360,7 +364,8 @@ def _render_chunk(rows: list[dict]) -> tuple[str, dict, dict, Counter]:
     return "".join(lines), counts, lengths, by_topic
 
 
-def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch: int = 1000) -> dict:
+def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch: int = 1000, *,
+                tokenizer_dir: Path | None = None) -> dict:
     """06: ``05_{train,val,test,eval_prompts}.jsonl`` → ``06_*.jsonl`` chat lines (``messages``, and
     ``tokens`` per tokenizer where measured) + ``06_render_stats.json``.  Examples over
     ``cutoff_tokens`` under Qwen2.5 are dropped and counted; evaluation prompts are always measured
@@ -372,7 +377,11 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
     t0 = time.time()
     d = cfg.ie_data
     inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, cfg) for s in ("train", "val", "test", "eval_prompts")}
-    counters = counters if counters is not None else render_counters(cfg)
+    if counters is None:
+        if tokenizer_dir is None:
+            raise MicroLMError("step 06 counts tokens with the MicroLM tokenizer: give its folder "
+                               "(`microlm ie-data --step 6` builds the tokenizer stage first)")
+        counters = render_counters(cfg, tokenizer_dir)
     limits = {"qwen2.5": {"cutoff": d.cutoff_tokens}, "microlm": {"context": cfg.model.max_seq_len}}
     splits, tokens, by_topic = {}, {}, Counter()
     for split, src in inputs.items():
@@ -403,9 +412,30 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
     return stats
 
 
-def run_step(cfg: Config, step: int, out_dir: Path | None = None) -> dict:
-    """Step ``step`` (1–6) into ``out_dir`` (default ``runs/<profile>/ie_data``); its stats."""
-    fns = {1: step_standardize, 2: step_filter, 3: step_stratify, 4: step_derive, 5: step_sample, 6: step_render}
-    if step not in fns:
+def run_step(cfg: Config, step: int, out_dir: Path | None = None, *, tokenizer_dir: Path | None = None) -> dict:
+    """Step ``step`` (1–6) into ``out_dir`` (default ``runs/<profile>/ie_data``); its stats.  Step 6
+    needs ``tokenizer_dir``, the MicroLM tokenizer it measures lengths with."""
+    fns = {1: step_standardize, 2: step_filter, 3: step_stratify, 4: step_derive, 5: step_sample}
+    if step not in (*fns, 6):
         raise MicroLMError(f"ie-data steps are 1–6, got {step}")
-    return fns[step](cfg, out_dir or cfg.run_path / "ie_data")
+    out_dir = out_dir or cfg.run_path / "ie_data"
+    if step == 6:
+        return step_render(cfg, out_dir, tokenizer_dir=tokenizer_dir)
+    return fns[step](cfg, out_dir)
+
+
+def build(run: StageRun) -> dict | None:
+    """The ``ie_data`` stage (registry entry in ``microlm.stages``): all six steps and the manifest
+    metrics, or (option ``step``) one step and no manifest."""
+    only = run.options.get("step")
+    stats = {}
+    for step in [only] if only is not None else STEPS:
+        st = stats[step] = run_step(run.cfg, step, run.out, tokenizer_dir=run.up["tokenizer"])
+        issues = st.get("issues", {}).get("counts", {})
+        extra = f"; {sum(issues.values()):,} issues in {len(issues)} reasons" if issues else ""
+        log.info("ie_data %s: %s records%s; %s s", st["step"], f"{st['records']:,}", extra, st["seconds"])
+    if only is not None:
+        return None
+    return {"records_in": stats[1]["records"], "records_kept": stats[2]["records"], "examples": stats[4]["examples"],
+            "train_examples": stats[6]["splits"]["train"]["out"],
+            "eval_prompts": stats[6]["splits"]["eval_prompts"]["out"]}

@@ -43,7 +43,6 @@ __all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", 
 RELATION_MAP = REPO_ROOT / "data" / "ie" / "relation_map.json"
 EMBEDDED_RECORDS = REPO_ROOT / "data" / "ie" / "embedded_zh.jsonl"  # project-written, ≥ 21 per topic
 EMBEDDED_SCHEMA = REPO_ROOT / "data" / "ie" / "embedded_schema_zh.json"  # the relations those records use
-TRIPLE_KEYS = ("head", "head_type", "relation", "tail", "tail_type")
 
 
 def record_id(text: str) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from microlm.errors import MicroLMError
 from microlm.infer.config import GenerationConfig
+from microlm.tokenizer import stop_ids_of
 
 __all__ = ["GenerationConfig", "Generation", "generate_ids", "generate_text", "stream_text", "process_logits",
            "fit_prompt", "stop_ids_of", "decode_steps"]
@@ -40,11 +41,6 @@ class Generation:
     @property
     def tokens_per_s(self) -> float:
         return len(self.ids) / self.seconds if self.seconds > 0 else 0.0
-
-
-def stop_ids_of(tok) -> list[int]:
-    """The ids that end a generation: ``<|im_end|>`` (end of a chat turn) and ``<|endoftext|>``."""
-    return [tok.special_ids[s] for s in ("<|im_end|>", "<|endoftext|>") if s in tok.special_ids]
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, context_len: int, mode: str) -> tuple[list[int], int]:
@@ -181,8 +177,8 @@ def _prepare(model, tok, prompt, gen: GenerationConfig, chat: bool) -> tuple[lis
         raise MicroLMError("empty prompt: give at least one character of text")
     elif chat:
         ids = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    else:
-        ids = tok.encode(prompt)
+    else:  # raw text is untrusted: "<|im_end|>" in it stays characters (encode_ordinary)
+        ids = tok.encode_ordinary(prompt)
     return fit_prompt(ids, gen.max_new_tokens, model.cfg.max_seq_len, gen.context)
 
 
@@ -257,6 +253,8 @@ def generate_text(model, tok, prompts, gen: GenerationConfig | None = None, *, c
     """Generate for one prompt (→ ``Generation``) or a list of prompts (→ list, one batch).
 
     Each prompt is text (``chat=True``: wrapped as a user message) or a list of chat messages.
+    Text is encoded as plain characters (``encode_ordinary``): special-token strings a user types
+    stay text; control tokens come only from the chat template.
     ``overrides`` are ``GenerationConfig`` fields, e.g. ``temperature=0, max_new_tokens=64``.
     """
     gen = _gen_config(gen, overrides)

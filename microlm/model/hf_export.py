@@ -14,22 +14,26 @@ fused ``qkv_proj`` / ``gate_up_proj`` matrices are split into ``q_proj, k_proj, 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from microlm.errors import MicroLMError
+from microlm.io import staged_dir, write_json
+from microlm.model.checkpoint import save_checkpoint
 from microlm.model.config import ModelConfig
+from microlm.model.lora import LLAMA_PROJ, LoRALinear, lora_modules, merge_lora
+from microlm.model.transformer import TransformerLM
+from microlm.tokenizer import Tokenizer, stop_ids_of
+from microlm.tokenizer.bytes_unicode import text_to_bytes
+from microlm.tokenizer.hf import write_hf_tokenizer
 
 __all__ = ["llama_config", "to_llama_state_dict", "export_llama", "export_hf", "import_hf", "model_config_from_llama",
            "from_llama_state_dict", "tokenizer_from_hf", "generation_config", "import_checkpoint",
-           "verify_export", "LLAMA_PROJ"]
-
-# our logical projection name → the Llama module that holds it
-LLAMA_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
+           "LLAMA_PROJ"]
 
 def llama_config(cfg: ModelConfig, eos_id: int = 2, pad_id: int = 0) -> dict:
     return {
@@ -45,8 +49,6 @@ def llama_config(cfg: ModelConfig, eos_id: int = 2, pad_id: int = 0) -> dict:
 
 def to_llama_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights under Llama's names (fused matrices split; LoRA layers must be merged or absent)."""
-    from microlm.model.lora import LoRALinear
-
     c = model.cfg
     q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
     out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
@@ -77,10 +79,6 @@ def to_llama_state_dict(model) -> dict[str, torch.Tensor]:
 
 def export_llama(model, out_dir: str | Path, eos_id: int = 2, pad_id: int = 0) -> Path:
     """Weights + ``config.json`` only (``LlamaForCausalLM.from_pretrained`` loads it; no tokenizer)."""
-    from safetensors.torch import save_file
-
-    from microlm.io import write_json
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_llama_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -88,12 +86,13 @@ def export_llama(model, out_dir: str | Path, eos_id: int = 2, pad_id: int = 0) -
     return out
 
 
-def generation_config(tok, gen) -> dict:
-    """``generation_config.json``: stop at ``<|im_end|>`` or ``<|endoftext|>``; our sampling defaults."""
-    from microlm.infer.generate import stop_ids_of
-
-    out = {"bos_token_id": None, "eos_token_id": stop_ids_of(tok), "pad_token_id": tok.eos_id,
-           "max_new_tokens": gen.max_new_tokens, "repetition_penalty": gen.repetition_penalty}
+def generation_config(tok, gen=None) -> dict:
+    """``generation_config.json``: stop at ``<|im_end|>`` or ``<|endoftext|>``; the sampling defaults of
+    ``gen`` (a ``GenerationConfig``; ``None``: greedy, transformers' other defaults)."""
+    out = {"bos_token_id": None, "eos_token_id": stop_ids_of(tok), "pad_token_id": tok.eos_id}
+    if gen is None:
+        return {**out, "do_sample": False}
+    out.update(max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty)
     if gen.temperature > 0:
         out.update(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     else:
@@ -104,19 +103,11 @@ def generation_config(tok, gen) -> dict:
 def export_hf(model, tok, out_dir: str | Path, gen=None, *, source: dict | None = None) -> Path:
     """The full transformers-loadable folder (see the module docstring); LoRA layers are merged
     into a copy of the weights first.  Replaced atomically."""
-    import copy
-
-    from microlm.infer.config import GenerationConfig
-    from microlm.io import staged_dir, write_json
-    from microlm.model.lora import lora_modules, merge_lora
-    from microlm.tokenizer.hf import write_hf_tokenizer
-
     if tok.vocab_size > model.cfg.vocab_size:
         raise MicroLMError(f"tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
     if lora_modules(model):
         model = copy.deepcopy(model)
         merge_lora(model)
-    gen = gen or GenerationConfig()
     eos = tok.special_ids.get("<|im_end|>", tok.eos_id)
     with staged_dir(Path(out_dir)) as tmp:
         export_llama(model, tmp, eos_id=eos, pad_id=tok.eos_id)
@@ -175,9 +166,6 @@ def from_llama_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 def tokenizer_from_hf(folder: str | Path):
     """Our Tokenizer from a byte-level BPE ``tokenizer.json`` (ours, or e.g. Qwen2's): vocab, merges,
     the ``Split`` regex and the special (added) tokens."""
-    from microlm.tokenizer import Tokenizer
-    from microlm.tokenizer.bytes_unicode import text_to_bytes
-
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise MicroLMError(f"no tokenizer.json in {folder}")
@@ -200,10 +188,6 @@ def tokenizer_from_hf(folder: str | Path):
 
 def import_hf(folder: str | Path, *, device: str = "cpu"):
     """``(TransformerLM, Tokenizer)`` from a transformers Llama folder (fp32 weights)."""
-    from safetensors.torch import load_file
-
-    from microlm.model.transformer import TransformerLM
-
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -226,49 +210,9 @@ def import_hf(folder: str | Path, *, device: str = "cpu"):
 def import_checkpoint(folder: str | Path, out_dir: str | Path) -> Path:
     """``import_hf`` written as our checkpoint (``<out>/ckpt``, step 0) + ``<out>/tokenizer``, so the
     trainer (``Trainer``, ``load_checkpoint``) and ``microlm chat --model <out>`` can use it."""
-    from microlm.train.checkpoint import save_checkpoint
-
     model, tok = import_hf(folder)
     out = Path(out_dir)
     save_checkpoint(out / "ckpt", model, None, {"step": 0, "model": model.cfg.to_dict(), "stage": "import-hf",
                                                 "source": str(Path(folder).resolve())})
     tok.save(out / "tokenizer")
     return out
-
-
-VERIFY_PROMPTS = ["中国的首都是哪里？", "请写一首关于春天的短诗。", "Hello, how are you? 你好！"]
-
-
-def verify_export(folder: str | Path, model, tok, prompts: list[str] = VERIFY_PROMPTS, new_tokens: int = 32) -> dict:
-    """Load ``folder`` with transformers and compare it with ``model``/``tok``: chat-template text and
-    ids, fp32 logits on each prompt, greedy tokens.  ``{"checked": False}`` without transformers."""
-    try:
-        import transformers
-    except ImportError:
-        return {"checked": False, "why": "transformers is not installed"}
-    from microlm.infer.generate import generate_ids
-    from microlm.tokenizer import render_chat
-
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-    worst, same_template, same_ids, same_greedy = 0.0, True, True, True
-    for p in prompts:
-        msgs = [{"role": "user", "content": p}]
-        text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        same_template &= text == render_chat(msgs, add_generation_prompt=True)
-        ids = tok.encode_chat(msgs, add_generation_prompt=True)
-        same_ids &= hf_tok(text, add_special_tokens=False)["input_ids"] == ids
-        x = torch.tensor([ids])
-        n = min(new_tokens, model.cfg.max_seq_len - len(ids))
-        with torch.no_grad():
-            ours = model(x.to(next(model.parameters()).device))[0].float().cpu()
-            theirs = hf_model(x).logits.float()
-            g_hf = hf_model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                     pad_token_id=tok.eos_id, repetition_penalty=1.0)[0, len(ids):].tolist()
-        worst = max(worst, (ours - theirs).abs().max().item())
-        g_ours = generate_ids(model, [ids], max_new_tokens=n, temperature=0, repetition_penalty=1.0,
-                              ignore_eos=True)[0]
-        same_greedy &= g_ours == g_hf
-    return {"checked": True, "transformers": transformers.__version__, "prompts": len(prompts),
-            "logits_max_abs_diff": worst, "greedy_tokens_equal": same_greedy, "greedy_tokens": new_tokens,
-            "chat_template_equal": same_template, "tokenizer_ids_equal": same_ids}

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from microlm.errors import MicroLMError
+from microlm.io import write_json
+from microlm.model.checkpoint import config_diff
 from microlm.model.config import LoRAConfig
+
+# our logical projection name → the Llama module that holds it (PEFT's target names, the HF export)
+LLAMA_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_modules", "merge_lora", "unmerge_lora",
            "lora_report", "logical_projections", "adapter_state_dict", "save_adapter", "load_adapter"]
@@ -190,8 +196,6 @@ def _adapted(model) -> list[tuple[str, LoRALinear, int]]:
 
 
 def _peft_module(name: str) -> str:
-    from microlm.model.hf_export import LLAMA_PROJ
-
     layer, _group, proj = name.split(".")[1:4]
     return f"model.layers.{layer}.{LLAMA_PROJ[proj]}"
 
@@ -213,8 +217,6 @@ def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microl
     import re
 
     from safetensors.torch import save_file
-
-    from microlm.io import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,8 +240,6 @@ def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microl
 def load_adapter(model, folder) -> LoRAConfig:
     """Add the adapters saved in ``folder`` to ``model`` (which must be the same base model)."""
     from safetensors.torch import load_file
-
-    from microlm.train.checkpoint import config_diff
 
     folder = Path(folder)
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"

@@ -7,7 +7,8 @@ from microlm.tokenizer.tokenizer import (
                                          StreamDecoder,
                                          Tokenizer,
                                          render_chat,
+                                         stop_ids_of,
 )
 
 __all__ = ["train_bpe", "Tokenizer", "StreamDecoder", "render_chat", "CHAT_TEMPLATE", "GPT2_PATTERN",
-           "QWEN2_PATTERN", "PATTERNS", "DEFAULT_SPECIAL_TOKENS"]
+           "QWEN2_PATTERN", "PATTERNS", "DEFAULT_SPECIAL_TOKENS", "stop_ids_of"]

@@ -177,15 +177,13 @@ def _rank_key(b: bytes) -> tuple[int, ...]:
 
 
 def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str], *,
-              pattern: str = GPT2_PATTERN, workers: int | None = None, progress: bool = False,
-              max_bytes: int | None = None) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+              pattern: str = GPT2_PATTERN, workers: int | None = None,
+              progress: bool = False) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Train a byte-level BPE on a text file (documents separated by a special token) or a
     ``{"text"}`` JSONL file.  ``vocab_size`` counts the special tokens and the 256 bytes.
 
-    ``workers``: pre-tokenisation processes (default: CPU count).  ``max_bytes`` is accepted for
-    API symmetry with the stage, which cuts its input before calling.
+    ``workers``: pre-tokenisation processes (default: CPU count).
     """
-    del max_bytes
     specials = list(dict.fromkeys(special_tokens))
     if vocab_size < len(specials) + 256:
         raise MicroLMError(f"vocab_size {vocab_size} < {len(specials)} special tokens + 256 bytes")

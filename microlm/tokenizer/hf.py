@@ -2,8 +2,12 @@
 
 The pre-tokenizer is ``Split(our regex, Isolated)`` then ``ByteLevel(use_regex=False)``, the model a
 plain BPE with ``ignore_merges=false``, special tokens as ``added_tokens`` (split out before
-pre-tokenisation, as ours).  ``tokenizers.Tokenizer.from_file`` and ``transformers.AutoTokenizer``
-(class ``PreTrainedTokenizerFast``) then reproduce ``Tokenizer.encode(text, allowed_special="all")``.
+pre-tokenisation, leftmost-longest, as ours).  Each added token is ``special`` (skipped by
+``decode(skip_special_tokens=True)``), ``normalized: false`` (matched in the raw text) and has
+``lstrip``/``rstrip``/``single_word`` off, so no whitespace around it is swallowed and it matches
+inside words too.  ``tokenizers.Tokenizer.from_file(...).encode(text, add_special_tokens=False)`` and
+``transformers.AutoTokenizer`` (class ``PreTrainedTokenizerFast``) then give ``Tokenizer.encode(text)``
+on every text, and ``AutoTokenizer(..., split_special_tokens=True)`` gives ``encode_ordinary``'s ids.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from microlm.io import write_json
 from microlm.tokenizer.bytes_unicode import bytes_to_text
+from microlm.tokenizer.chat_template import CHAT_TEMPLATE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: tokenizer.py imports this module
     from microlm.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["hf_tokenizer_json", "hf_tokenizer_config", "write_hf_tokenizer"]
@@ -53,8 +58,6 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict:
 
 
 def hf_tokenizer_config(tok: Tokenizer) -> dict:
-    from microlm.tokenizer.tokenizer import CHAT_TEMPLATE
-
     eos = "<|im_end|>" if "<|im_end|>" in tok.special_ids else tok.special_tokens[0]
     pad = "<|endoftext|>" if "<|endoftext|>" in tok.special_ids else eos
     return {

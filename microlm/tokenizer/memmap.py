@@ -48,8 +48,10 @@ def _init_worker(tok_dir: str) -> None:
 
 
 def _encode_batch(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Token ids for a batch of ``{"text"}`` lines: body as plain text (special tokens in the text
-    stay text), then exactly one EOS.  Returns (ids, per-doc lengths, malformed lines)."""
+    """Token ids for a batch of ``{"text"}`` lines: body as plain text (``encode_ordinary``: special
+    token strings in scraped text stay text), then exactly one EOS id — the ``<|endoftext|>`` the
+    corpus stage appends as text is stripped and replaced by the id.  Returns (ids, per-doc
+    lengths, malformed lines)."""
     tok = _TOK
     eos_text = "<|endoftext|>"
     eos = tok.eos_id
@@ -67,7 +69,7 @@ def _encode_batch(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
         if text.endswith(eos_text):
             text = text[: -len(eos_text)]
         n0 = len(out)
-        out.extend(tok.encode(text))
+        out.extend(tok.encode_ordinary(text))
         out.append(eos)
         lens.append(len(out) - n0)
     return np.asarray(out, dtype=DTYPE), np.asarray(lens, dtype=np.int64), bad
@@ -146,7 +148,7 @@ def read_index(bin_path: str | os.PathLike) -> np.ndarray:
 def open_tokens(bin_path: str | os.PathLike) -> np.memmap:
     p = Path(bin_path)
     if not p.is_file():
-        raise MicroLMError(f"token file not found: {p} (run `microlm tokenize`)")
+        raise MicroLMError(f"token file not found: {p} (run `microlm tokens`)")
     if p.stat().st_size == 0:
         return np.zeros(0, dtype=DTYPE)
     return np.memmap(p, dtype=DTYPE, mode="r")

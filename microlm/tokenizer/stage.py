@@ -1,4 +1,4 @@
-"""The A3 (``train-tokenizer``) and A4 (``tokenize``) stages: what they read, write and report."""
+"""The A3 (``microlm tokenizer``) and A4 (``microlm tokens``) stages: what they read, write and report."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import regex
 from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import staged_dir, write_json
+from microlm.runs import StageRun
 
 __all__ = ["train_tokenizer", "tokenize_corpus", "compression", "read_texts", "qwen_tokenizer_path",
            "hf_bpe_baseline"]
@@ -105,7 +106,7 @@ def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: b
     train_path, val_path = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
     for p in (train_path, val_path):
         if not p.is_file():
-            raise MicroLMError(f"corpus split missing: {p} (run `microlm prepare-pretrain`)")
+            raise MicroLMError(f"corpus split missing: {p} (run `microlm corpus`)")
     with staged_dir(out_dir) as tmp:
         t0 = time.time()
         vocab, merges = train_bpe(train_path, tc.vocab_size, tc.special_tokens, pattern=tc.pattern,
@@ -116,12 +117,13 @@ def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: b
         if [tok.special_ids[s] for s in tc.special_tokens] != list(range(len(tc.special_tokens))):
             raise MicroLMError("special tokens did not get ids 0..n-1")
         val_docs = read_texts(val_path)
-        table = {"microlm": compression(lambda ds: [tok.encode(d, allowed_special="all") for d in ds], val_docs)}
+        table = {"microlm": compression(lambda ds: [tok.encode(d) for d in ds], val_docs)}
         table["microlm"]["train_s"] = round(train_s, 2)
         exported = load_hf_tokenizer(tmp / "tokenizer.json")
         sample = val_docs[:2000]
-        hf_ids_equal = all(e.ids == tok.encode(d, allowed_special="all")
-                           for e, d in zip(exported.encode_batch(sample), sample, strict=True))
+        hf_ids_equal = all(e.ids == tok.encode(d)
+                           for e, d in zip(exported.encode_batch(sample, add_special_tokens=False), sample,
+                                           strict=True))
         if not hf_ids_equal:
             raise MicroLMError("exported tokenizer.json does not reproduce our ids (bug)")
         if tc.compare_hf:
@@ -187,3 +189,17 @@ def tokenize_corpus(cfg: Config, corpus_dir: Path, tok_dir: Path, out_dir: Path,
         }
         write_json(tmp / "meta.json", meta)
     return meta
+
+
+def build(run: StageRun) -> dict:
+    """The ``tokenizer`` stage (registry entry in ``microlm.stages``): its manifest metrics."""
+    report = train_tokenizer(run.cfg, run.up["corpus"], run.out, progress=run.progress)
+    return {"vocab_size": report["vocab_size"], "train_s": report["train_s"], "peak_rss_mb": report["peak_rss_mb"],
+            "compression": {k: v["chars_per_token"] for k, v in report["compression"].items()}}
+
+
+def build_tokens(run: StageRun) -> dict:
+    """The ``tokens`` stage (registry entry in ``microlm.stages``): its manifest metrics."""
+    meta = tokenize_corpus(run.cfg, run.up["corpus"], run.up["tokenizer"], run.out, progress=run.progress)
+    return {**{k: meta[k] for k in ("tokens_total", "tokens_per_s", "vocab_size")},
+            "docs": {k: v["docs"] for k, v in meta["splits"].items()}}

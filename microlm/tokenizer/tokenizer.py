@@ -1,9 +1,14 @@
 """The byte-level BPE tokenizer (stage A4): encode, decode, stream, chat template, save/load.
 
-Special tokens are *not* recognised in ordinary text: ``encode("<|im_start|>")`` gives the ids of
-the plain characters.  A caller that builds a prompt from trusted parts passes
-``allowed_special={"<|im_start|>", ...}`` (or ``"all"``), as tiktoken does, so a user cannot inject
-control tokens through what they type.  ``render_chat`` does exactly that for ChatML.
+Two ways to encode, as tiktoken and Hugging Face ``tokenizers`` have:
+
+* ``encode(text)`` splits ``text`` on the tokenizer's special tokens (leftmost, longest match first,
+  as HF's added tokens) and gives them their ids: for text *we* write — a ChatML template, a
+  control marker.  It equals the exported ``tokenizer.json`` / ``AutoTokenizer`` on every text.
+* ``encode_ordinary(text)`` treats everything as plain characters: for text someone else wrote (a
+  user's message, a scraped document, an SFT sample), so nobody can inject ``<|im_end|>`` or
+  ``<|im_start|>system`` through what they type.  ``encode_chat`` adds the control ids itself and
+  encodes message contents this way.
 """
 
 from __future__ import annotations
@@ -18,33 +23,21 @@ from pathlib import Path
 import regex
 
 from microlm.errors import MicroLMError
-from microlm.tokenizer.bpe import GPT2_PATTERN, resolve_pattern, special_regex
+from microlm.io import write_json
+from microlm.tokenizer.bpe import GPT2_PATTERN, resolve_pattern, save_vocab_merges, special_regex
 from microlm.tokenizer.bytes_unicode import text_to_bytes
+from microlm.tokenizer.chat_template import CHAT_TEMPLATE, render_chat
+from microlm.tokenizer.hf import write_hf_tokenizer
 
 __all__ = ["Tokenizer", "StreamDecoder", "token_text", "CHAT_TEMPLATE", "render_chat", "DEFAULT_SPECIAL_TOKENS"]
 
 DEFAULT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _NO_RANK = 1 << 62
 
-# ChatML, as a Jinja template for transformers' ``apply_chat_template`` (same text as render_chat)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
-
-def render_chat(messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    """ChatML text: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message."""
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise MicroLMError(f"chat message must be {{'role', 'content'}}, got {m!r}")
-        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+def stop_ids_of(tok) -> list[int]:
+    """The ids that end a generation: ``<|im_end|>`` (end of a chat turn) and ``<|endoftext|>``."""
+    return [tok.special_ids[s] for s in ("<|im_end|>", "<|endoftext|>") if s in tok.special_ids]
 
 
 def _is_whole(b: bytes) -> bool:
@@ -118,7 +111,10 @@ class Tokenizer:
         self._unsafe_re = regex.compile(b"|".join(regex.escape(u) for u in unsafe)) if unsafe else None
         self._char_first = char_first  # False: always merge from bytes (slower, same ids; for tests)
         self._cache_size = cache_size
-        self._special_re_all = special_regex(self.special_tokens)
+        # leftmost match, longest first among those starting there: HF's added-token split
+        self._special_re = special_regex(self.special_tokens)
+        # the proper prefixes of special tokens: a text ending in one may still grow into a token
+        self._special_prefixes = {s[:k] for s in self.special_tokens for k in range(1, len(s))}
         self._max_special = max((len(s) for s in self.special_tokens), default=0)
 
     # ------------------------------------------------------------------ properties
@@ -137,17 +133,6 @@ class Tokenizer:
         return f"Tokenizer(vocab={len(self.vocab)}, merges={len(self.merges)}, special={self.special_tokens})"
 
     # ------------------------------------------------------------------ encoding
-    def _allowed(self, allowed_special) -> tuple[set[str], regex.Pattern | None]:
-        if not allowed_special:
-            return set(), None
-        if allowed_special == "all":
-            return set(self.special_tokens), self._special_re_all
-        allowed = set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise MicroLMError(f"allowed_special has tokens this tokenizer does not know: {sorted(unknown)}")
-        return allowed, special_regex(allowed)
-
     def _merge_loop(self, ids: list[int]) -> list[int]:
         """Apply merges in rank order: the lowest-ranked adjacent pair, all its occurrences left to
         right, until no adjacent pair has a merge.  ``ranks[k]`` is the rank of ``(ids[k], ids[k+1])``
@@ -215,67 +200,78 @@ class Tokenizer:
             self._cache[chunk] = ids
         return ids
 
-    def _encode_ordinary(self, text: str, out: list[int]) -> None:
+    def _extend_plain(self, text: str, out: list[int]) -> None:
         enc = self._encode_chunk
         for chunk in self._pat.findall(text):
             out.extend(enc(chunk))
 
-    def encode(self, text: str, allowed_special: Iterable[str] | str | None = None) -> list[int]:
-        """Token ids of ``text``.  Special tokens are plain text unless listed in ``allowed_special``
-        (a set of token strings, or ``"all"``)."""
+    @staticmethod
+    def _check_text(text) -> None:
         if not isinstance(text, str):
             raise MicroLMError(f"encode expects str, got {type(text).__name__}")
-        _, sre = self._allowed(allowed_special)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, its special tokens as their ids: ``text`` is split at every special
+        token (leftmost first; of those starting at the same place the longest), exactly as the
+        exported ``tokenizer.json`` does.  For trusted text only (templates, control markers); text
+        from users or data goes through ``encode_ordinary``."""
+        self._check_text(text)
         out: list[int] = []
-        if sre is None:
-            self._encode_ordinary(text, out)
+        if self._special_re is None:
+            self._extend_plain(text, out)
             return out
-        for k, part in enumerate(sre.split(text)):
+        for k, part in enumerate(self._special_re.split(text)):
             if k % 2:
                 out.append(self.special_ids[part])
             elif part:
-                self._encode_ordinary(part, out)
+                self._extend_plain(part, out)
         return out
 
-    def _safe_cut(self, buf: str, sre: regex.Pattern | None) -> int:
-        """A cut point in ``buf`` such that ``encode(buf[:cut]) + encode(buf[cut:] + more)`` equals
-        ``encode(buf + more)`` for any ``more``: before the second-to-last pre-token of the text after
-        the last complete special token, and never inside a special token that may still be growing."""
-        seg = 0
-        limit = len(buf)
-        first_open = None
-        if sre is not None:
-            limit = len(buf) - (self._max_special - 1)
-            for m in sre.finditer(buf):
-                if m.end() <= limit:
-                    seg = m.end()
-                elif first_open is None:
-                    first_open = m.start()
-        starts = [m.start() + seg for m in self._pat.finditer(buf, seg)] if seg < len(buf) else []
-        bound = min(limit, starts[-2] if len(starts) >= 2 else seg)
-        if first_open is not None:
-            bound = min(bound, first_open)
-        cut = seg
-        for s in starts:
-            if s > bound:
-                break
-            cut = s
-        return cut
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain characters: a special token's text in it stays characters
+        (``<|im_end|>`` typed by a user is not the control token)."""
+        self._check_text(text)
+        out: list[int] = []
+        self._extend_plain(text, out)
+        return out
 
-    def encode_iterable(self, iterable: Iterable[str] | str | os.PathLike,
-                        allowed_special: Iterable[str] | str | None = None,
+    def _safe_cut(self, buf: str, ordinary: bool) -> int:
+        """A cut point in ``buf`` such that ``encode(buf[:cut]) + encode(buf[cut:] + more)`` equals
+        ``encode(buf + more)`` for any ``more``.
+
+        The special tokens found up to the first place ``p`` where ``buf`` ends in the beginning of
+        a special token (which ``more`` may complete, and which would then win over any match at or
+        after it) are final; the text from the last of them to ``p`` is ordinary text that ends
+        either at ``p`` (when a special token follows) or somewhere in ``more``.  Cutting it before
+        its second-to-last pre-token keeps the pre-tokens on both sides of the cut the same in both
+        cases."""
+        n = len(buf)
+        seg, p = 0, n
+        if not ordinary and self._special_re is not None:
+            partial = [s for s in range(max(0, n - self._max_special + 1), n) if buf[s:] in self._special_prefixes]
+            for m in self._special_re.finditer(buf):
+                if any(seg <= s <= m.start() for s in partial):
+                    break
+                seg = m.end()
+            p = next((s for s in partial if s >= seg), n)
+        starts = [seg + m.start() for m in self._pat.finditer(buf[seg:p])]
+        return starts[-2] if len(starts) >= 2 else seg
+
+    def encode_iterable(self, iterable: Iterable[str] | str | os.PathLike, *, ordinary: bool = False,
                         chunk_chars: int = 1 << 16) -> Iterator[int]:
         """Ids of the concatenated strings (e.g. the lines of an open file), exactly those of
-        ``encode`` on the whole text, holding only about ``chunk_chars`` characters at a time.
-        A path (``str`` naming an existing file or ``PathLike``) is opened and read line by line."""
+        ``encode`` (``encode_ordinary`` when ``ordinary``) on the whole text, holding only about
+        ``chunk_chars`` characters at a time — a special token split across pieces or chunks is
+        still found.  A path (``str`` naming an existing file or ``PathLike``) is opened and read
+        line by line."""
         if isinstance(iterable, os.PathLike) or (isinstance(iterable, str) and os.path.isfile(iterable)):
             with open(iterable, encoding="utf-8", errors="replace", newline="") as f:
-                yield from self.encode_iterable(f, allowed_special, chunk_chars)
+                yield from self.encode_iterable(f, ordinary=ordinary, chunk_chars=chunk_chars)
             return
         if isinstance(iterable, str):
             raise MicroLMError("encode_iterable takes an iterable of strings or a path to a file; "
                                "use encode() for a single string")
-        _, sre = self._allowed(allowed_special)
+        enc = self.encode_ordinary if ordinary else self.encode
         buf = ""
         pieces: list[str] = []
         size = 0
@@ -286,14 +282,14 @@ class Tokenizer:
                 continue
             buf += "".join(pieces)
             pieces.clear()
-            cut = self._safe_cut(buf, sre)
+            cut = self._safe_cut(buf, ordinary)
             if cut > 0:
-                yield from self.encode(buf[:cut], allowed_special)
+                yield from enc(buf[:cut])
                 buf = buf[cut:]
             size = len(buf)
         buf += "".join(pieces)
         if buf:
-            yield from self.encode(buf, allowed_special)
+            yield from enc(buf)
 
     # ------------------------------------------------------------------ decoding
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -320,19 +316,19 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = False) -> list[int]:
-        """ChatML ids: the template's control tokens are special, message contents are plain text
-        (a ``<|im_end|>`` typed by a user stays characters)."""
+        """ChatML ids: the template's control tokens are special, roles and message contents are
+        plain text (``encode_ordinary``: a ``<|im_end|>`` typed by a user stays characters)."""
         ids: list[int] = []
         start, end = self.special_ids["<|im_start|>"], self.special_ids["<|im_end|>"]
         for m in messages:
             render_chat([m])  # validates the message shape
             ids.append(start)
-            ids.extend(self.encode(f"{m['role']}\n{m['content']}"))
+            ids.extend(self.encode_ordinary(f"{m['role']}\n{m['content']}"))
             ids.append(end)
-            ids.extend(self.encode("\n"))
+            ids.extend(self.encode_ordinary("\n"))
         if add_generation_prompt:
             ids.append(start)
-            ids.extend(self.encode("assistant\n"))
+            ids.extend(self.encode_ordinary("assistant\n"))
         return ids
 
     # ------------------------------------------------------------------ files
@@ -362,10 +358,6 @@ class Tokenizer:
     def save(self, out_dir: str | os.PathLike) -> Path:
         """``vocab.json``, ``merges.txt``, ``tokenizer.json`` + ``tokenizer_config.json`` (Hugging Face)
         and ``microlm_tokenizer.json`` (pattern and special tokens, for ``Tokenizer.load``)."""
-        from microlm.io import write_json
-        from microlm.tokenizer.bpe import save_vocab_merges
-        from microlm.tokenizer.hf import write_hf_tokenizer
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_vocab_merges(self.vocab, self.merges, out, special_tokens=self.special_tokens)

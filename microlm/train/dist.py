@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "resolve_device"]
+__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "distributed", "resolve_device"]
 
 
 @dataclass
@@ -58,3 +60,17 @@ def cleanup_distributed(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device: str = "auto", dist: DistInfo | None = None) -> Iterator[DistInfo]:
+    """``dist`` when a caller already holds the process group, else this process's own: set up on
+    entry, torn down on exit (also after an error or Ctrl-C)."""
+    if dist is not None:
+        yield dist
+        return
+    info = setup_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup_distributed(info)

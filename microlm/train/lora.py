@@ -22,14 +22,15 @@ from microlm.data.tasks import task_examples
 from microlm.errors import MicroLMError
 from microlm.io import write_json
 from microlm.model import TransformerLM
+from microlm.model.checkpoint import load_checkpoint
 from microlm.model.lora import LoRAConfig, apply_lora, save_adapter
-from microlm.train.checkpoint import load_checkpoint
-from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
+from microlm.runs import StageRun
+from microlm.train.dist import DistInfo, distributed
 from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.sft import SFTEvaluator, baseline_scores, score_task
 from microlm.train.trainer import Trainer
 
-__all__ = ["lora_task", "run_lora"]
+__all__ = ["lora_task", "run_lora", "build"]
 
 
 def lora_task(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -47,16 +48,14 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
              progress: bool = True, stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
     from microlm.tokenizer import Tokenizer
 
-    tc, mc, lc = cfg.lora_train, cfg.model, cfg.lora
-    own = dist is None
-    dist = dist or setup_distributed(tc.device)
-    try:
+    tc, mc, lc = cfg.lora.train, cfg.model, cfg.lora
+    with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
         train_recs, held = lora_task(cfg)
         train_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
         if not train_ex:
             raise MicroLMError(f"no usable lora training conversations: {train_rep.to_dict()} "
-                               f"(a longer lora_train.seq_len may help)")
+                               f"(a longer lora.train.seq_len may help)")
         val_ex, _ = encode_records(tok, held, tc.seq_len)
         torch.manual_seed(cfg.seed)
         model = TransformerLM(mc)
@@ -86,6 +85,15 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
             write_json(out_dir / "report.json", report)
             plot_curves(out_dir, train, evals)
         return report
-    finally:
-        if own:
-            cleanup_distributed(dist)
+
+
+def build(run: StageRun) -> dict | None:
+    """The ``lora`` stage (registry entry in ``microlm.stages``): manifest metrics, ``None`` when the run
+    stopped early (``--stop-after``) or on ranks other than 0."""
+    r = run_lora(run.cfg, run.up["sft"], run.up["tokenizer"], run.out, resume=run.options["resume"],
+                 progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
+    if not r or run.options["stop_after"] is not None:
+        return None
+    return {"adapter_params": r["params"]["adapter_params"], "percent_of_base": r["params"]["percent_of_base"],
+            "task": r["task"], "f1_before": r["before"]["f1"], "f1_after": r["after"]["f1"],
+            "exact_match_before": r["before"]["exact_match"], "exact_match_after": r["after"]["exact_match"]}

@@ -14,11 +14,13 @@ from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import write_json
 from microlm.model import TransformerLM
+from microlm.runs import StageRun
 from microlm.tokenizer.memmap import open_tokens
-from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
+from microlm.train.dist import DistInfo, distributed
 from microlm.train.trainer import Trainer
 
-__all__ = ["WindowBatches", "Evaluator", "Sampler", "pretrain", "unigram_entropy", "check_token_range"]
+__all__ = ["WindowBatches", "Evaluator", "Sampler", "pretrain", "unigram_entropy", "check_token_range",
+           "build"]
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -59,8 +61,8 @@ def check_token_range(bin_path: str | Path, vocab_size: int) -> int:
     data = open_tokens(bin_path)
     top = int(data.max()) if len(data) else 0
     if top >= vocab_size:
-        raise MicroLMError(f"{bin_path} holds token id {top} >= model.vocab_size {vocab_size}; "
-                           "re-tokenize with this tokenizer or fix model.vocab_size")
+        raise MicroLMError(f"{bin_path} holds token id {top} >= vocab_size {vocab_size} (tokenizer.vocab_size); "
+                           "encode the corpus again with this tokenizer (microlm tokens --force)")
     return top
 
 
@@ -106,7 +108,7 @@ class Sampler:
 
         out = []
         for p in self.prompts:
-            ids = self.tok.encode(p)
+            ids = self.tok.encode_ordinary(p)  # prompts are plain text, as the corpus is
             n = min(self.n, model.cfg.max_seq_len - len(ids))
             # its own seeded generator: sampling never moves the training RNG
             gen = GenerationConfig(max_new_tokens=n, temperature=0.8, top_k=20, top_p=1.0, repetition_penalty=1.0,
@@ -131,12 +133,11 @@ def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, res
     from microlm.tokenizer import Tokenizer
 
     tc, mc = cfg.pretrain, cfg.model
-    own_dist = dist is None
-    dist = dist or setup_distributed(tc.device)
-    try:
+    with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
         if tok.vocab_size != mc.vocab_size:
-            raise MicroLMError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size is {mc.vocab_size}")
+            raise MicroLMError(f"the tokenizer in {tok_dir} has {tok.vocab_size} ids but tokenizer.vocab_size is "
+                               f"{mc.vocab_size}: train the tokenizer again (microlm tokenizer --force)")
         train_bin, val_bin = tokens_dir / "train.bin", tokens_dir / "val.bin"
         for p in (train_bin, val_bin):
             check_token_range(p, mc.vocab_size)
@@ -160,9 +161,17 @@ def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, res
         if dist.is_main:
             report = summarize(out_dir, cfg, n_params, train_bin, seconds, result, dist.world_size)
         return report
-    finally:
-        if own_dist:
-            cleanup_distributed(dist)
+
+
+def build(run: StageRun) -> dict | None:
+    """The ``pretrain`` stage (registry entry in ``microlm.stages``): manifest metrics, ``None`` when
+    the run stopped early (``--stop-after``) or on ranks other than 0."""
+    r = pretrain(run.cfg, run.up["tokens"], run.up["tokenizer"], run.out, resume=run.options["resume"],
+                 progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
+    if not r or run.options["stop_after"] is not None:
+        return None
+    return {k: r[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss", "final_val_loss",
+                              "final_val_bpb", "unigram_entropy")}
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:

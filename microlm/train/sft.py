@@ -20,12 +20,23 @@ from microlm.data.tasks import baseline_answers, entity_scores, format_answer, p
 from microlm.errors import MicroLMError
 from microlm.io import write_json
 from microlm.model import TransformerLM
-from microlm.train.checkpoint import load_checkpoint
-from microlm.train.dist import DistInfo, cleanup_distributed, setup_distributed
+from microlm.model.checkpoint import load_checkpoint
+from microlm.runs import StageRun
+from microlm.train.dist import DistInfo, distributed
 from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.trainer import Trainer
 
-__all__ = ["sft_records", "task_records", "SFTEvaluator", "answers", "score_task", "baseline_scores", "run_sft"]
+__all__ = ["sft_records", "task_records", "SFTEvaluator", "answers", "score_task", "baseline_scores", "run_sft", "sft_files",
+           "build"]
+
+
+def sft_files(cfg: Config) -> list[str]:
+    """The SFT files under the data root (training and held out); none without a data root."""
+    from microlm.data.sources import data_root
+
+    root = data_root(cfg.data.root)
+    pats = cfg.sft.data.files + cfg.sft.data.heldout
+    return sorted({p for pat in pats for p in glob.glob(str(root / pat))}) if root else []
 
 
 def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
@@ -43,10 +54,10 @@ def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
             key = xxhash.xxh64_intdigest(str(r["conversations"]).encode())
             (held if key % 5 == 0 else train).append(r)
         return train, held, ["<embedded: data/sft/chat_zh.jsonl + data/sft/identity.jsonl>"]
-    held_files = sorted({p for pat in cfg.sft_data.heldout for p in glob.glob(str(root / pat))})
-    files = sorted({p for pat in cfg.sft_data.files for p in glob.glob(str(root / pat))} - set(held_files))
+    held_files = sorted({p for pat in cfg.sft.data.heldout for p in glob.glob(str(root / pat))})
+    files = sorted({p for pat in cfg.sft.data.files for p in glob.glob(str(root / pat))} - set(held_files))
     if not files:
-        raise MicroLMError(f"no SFT files match {cfg.sft_data.files} under {root}")
+        raise MicroLMError(f"no SFT files match {cfg.sft.data.files} under {root}")
     train = [r for f in files for r in read_sft_file(f)]
     held = [r for f in held_files for r in read_sft_file(f)]
     if not held:  # no separate held-out file: hold out every 20th record
@@ -55,8 +66,8 @@ def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
 
 
 def task_records(cfg: Config) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """``({task: train examples}, {task: held-out examples})`` for ``sft_data.tasks``."""
-    sd = cfg.sft_data
+    """``({task: train examples}, {task: held-out examples})`` for ``sft.data.tasks``."""
+    sd = cfg.sft.data
     return ({t: task_examples(t, "train", sd.task_records, cfg.seed) for t in sd.tasks},
             {t: task_examples(t, "heldout", sd.task_eval, cfg.seed) for t in sd.tasks})
 
@@ -135,37 +146,35 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
             stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
     from microlm.tokenizer import Tokenizer
 
-    tc, mc = cfg.sft, cfg.model
-    own = dist is None
-    dist = dist or setup_distributed(tc.device)
-    try:
+    tc, mc = cfg.sft.train, cfg.model
+    with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
         train_recs, held_recs, files = sft_records(cfg)
-        if cfg.sft_data.max_records is not None:
-            train_recs = train_recs[: cfg.sft_data.max_records]
+        if cfg.sft.data.max_records is not None:
+            train_recs = train_recs[: cfg.sft.data.max_records]
         task_train, task_held = task_records(cfg)
         general_held = held_recs
         held_recs = _interleave(held_recs, *task_held.values())  # the loss is held out on both kinds
         general_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
-        task_ex, task_rep = encode_records(tok, [r for t in cfg.sft_data.tasks for r in task_train[t]], tc.seq_len)
+        task_ex, task_rep = encode_records(tok, [r for t in cfg.sft.data.tasks for r in task_train[t]], tc.seq_len)
         train_rep = train_rep + task_rep
         train_ex = general_ex + task_ex
         if not train_ex:
             raise MicroLMError(f"no usable sft training conversations: {train_rep.to_dict()} "
-                               f"(a longer sft.seq_len may help)")
-        weights, task_share = sample_weights(len(general_ex), len(task_ex), cfg.sft_data.min_task_share)
-        val_ex, val_rep = encode_records(tok, held_recs, tc.seq_len, max_kept=cfg.sft_data.val_records)
+                               f"(a longer sft.train.seq_len may help)")
+        weights, task_share = sample_weights(len(general_ex), len(task_ex), cfg.sft.data.min_task_share)
+        val_ex, val_rep = encode_records(tok, held_recs, tc.seq_len, max_kept=cfg.sft.data.val_records)
         if not val_ex:
             raise MicroLMError(f"no usable held-out SFT conversations: {val_rep.to_dict()} "
-                               f"(a longer sft.seq_len may help)")
+                               f"(a longer sft.train.seq_len may help)")
         torch.manual_seed(cfg.seed)
         model = TransformerLM(mc)
         load_checkpoint(pre_dir / "ckpt", model, expect={"model": mc.to_dict()}, restore_rng=False)
-        questions = [r["conversations"][0]["content"] for r in general_held[: cfg.sft_data.show_answers]
+        questions = [r["conversations"][0]["content"] for r in general_held[: cfg.sft.data.show_answers]
                      if isinstance(r, dict) and r.get("conversations")]
         before = answers(model, tok, questions) if dist.is_main and not resume else None
         # the pretrained weights are loaded even on --resume, so the task scores "before" always exist
-        tasks_before = {t: score_task(model, tok, task_held[t]) for t in cfg.sft_data.tasks} if dist.is_main else {}
+        tasks_before = {t: score_task(model, tok, task_held[t]) for t in cfg.sft.data.tasks} if dist.is_main else {}
         batches = SFTBatches(train_ex, tc.batch_size, tok.eos_id, cfg.seed, weights=weights)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
         evaluator = SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, cfg.seed), tc.eval_batches, dist.device)
@@ -180,7 +189,7 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
             after = answers(trainer.raw_model, tok, questions)
             tasks = {t: {"train_examples": len(task_train[t]), "before": tasks_before[t],
                          "after": score_task(trainer.raw_model, tok, task_held[t]),
-                         "baselines": baseline_scores(task_train[t], task_held[t])} for t in cfg.sft_data.tasks}
+                         "baselines": baseline_scores(task_train[t], task_held[t])} for t in cfg.sft.data.tasks}
             train, evals = read_metrics(out_dir)
             report = {
                 "inputs": files, "train_data": train_rep.to_dict(), "val_data": val_rep.to_dict(),
@@ -195,6 +204,15 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
             write_json(out_dir / "report.json", report)
             plot_curves(out_dir, train, evals)
         return report
-    finally:
-        if own:
-            cleanup_distributed(dist)
+
+
+def build(run: StageRun) -> dict | None:
+    """The ``sft`` stage (registry entry in ``microlm.stages``): manifest metrics, ``None`` when the run
+    stopped early (``--stop-after``) or on ranks other than 0."""
+    r = run_sft(run.cfg, run.up["pretrain"], run.up["tokenizer"], run.out, resume=run.options["resume"],
+                progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
+    if not r or run.options["stop_after"] is not None:
+        return None
+    return {**{k: r[k] for k in ("steps", "base_val_loss", "first_val_loss", "final_val_loss", "final_train_loss")},
+            "kept": r["train_data"]["kept"],
+            "task_f1": {t: [v["before"]["f1"], v["after"]["f1"]] for t, v in r["tasks"].items()}}

@@ -22,9 +22,9 @@ from typing import Protocol
 
 import torch
 
-from microlm.config import TrainConfig
+from microlm.config import TrainConfig, trajectory_config
 from microlm.errors import MicroLMError
-from microlm.train.checkpoint import load_checkpoint, save_checkpoint
+from microlm.model.checkpoint import load_checkpoint, save_checkpoint
 from microlm.train.dist import DistInfo
 
 __all__ = ["Trainer", "BatchSource", "lr_at", "param_groups", "trajectory_config"]
@@ -54,13 +54,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def trajectory_config(c: TrainConfig) -> dict:
-    """The training settings that change the loss curve (a resumed run must match them)."""
-    keys = ("batch_size", "seq_len", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
-            "decay_embeddings", "beta1", "beta2", "grad_clip", "precision")
-    return {k: getattr(c, k) for k in keys}
 
 
 class Trainer:

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 
 from microlm.errors import MicroLMError
 from microlm.io import staged_dir, write_json
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_state", "config_diff", "CKPT_FILES"]
-
-CKPT_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+__all__ = ["save_checkpoint", "load_checkpoint", "read_state", "config_diff"]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -24,8 +24,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def save_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: dict) -> Path:
     """Write a checkpoint folder atomically; ``state`` must be JSON-serialisable."""
-    from safetensors.torch import save_model
-
     ckpt_dir = Path(ckpt_dir)
     with staged_dir(ckpt_dir) as tmp:
         save_model(_unwrap(model), str(tmp / "model.safetensors"))
@@ -69,9 +67,6 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: tor
     ``expect``: entries of ``state`` that must match (e.g. the model config); a mismatch raises one
     ``MicroLMError`` listing every differing field.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
     if expect:

@@ -1,0 +1,240 @@
+"""The stage registry: one entry per stage does everything (CLI, fingerprint, skip, manifest, map);
+the package's layering has no import cycle."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from microlm import cli, stages
+from microlm.config import load_config
+from microlm.errors import ConfigError, MicroLMError
+from microlm.runs import StageRun
+
+from .conftest import REPO
+
+CALLS: list[dict] = []
+
+
+def build_echo(run: StageRun) -> dict | None:
+    """A throwaway stage's build: copies the corpus train split's first line, counts its calls."""
+    CALLS.append({"out": str(run.out), "up": sorted(run.up), "shout": run.options.get("shout")})
+    line = (run.up["corpus"] / "train.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "echo.txt").write_text(line.upper() if run.options.get("shout") else line, encoding="utf-8")
+    return {"chars": len(line)}
+
+
+@pytest.fixture
+def echo_stage(monkeypatch):
+    """A stage added with nothing but a registry entry (and it goes away after the test)."""
+    monkeypatch.setattr(stages, "REGISTRY", dict(stages.REGISTRY))
+    CALLS.clear()
+    return stages.register(stages.Stage(
+        "echo_text", "Z1", "echo the first training document", build="tests.test_stages:build_echo",
+        outputs=("echo.txt",), upstream=("corpus",), sections=("tokens",), notebook="99_echo",
+        options=(stages.Option("shout", "upper-case it", flag=True, run=True),),
+        summary=lambda m: f"{m['chars']} chars"))
+
+
+def test_a_stage_needs_only_a_registry_entry(echo_stage, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # `tests.test_stages:build_echo` is imported from the checkout
+    cfg = load_config("smoke", {"run_dir": str(tmp_path / "runs"), "data.max_records": 300})
+    assert stages.status("echo_text", cfg) == "missing"
+    out = stages.build("echo_text", cfg, progress=False)  # builds corpus first
+    assert out == stages.stage_dir(cfg, "echo_text") == tmp_path / "runs" / "echo_text"
+    assert stages.status("corpus", cfg) == "fresh" and stages.status("echo_text", cfg) == "fresh"
+    m = stages.manifest("echo_text", cfg)
+    assert m["stage"] == "echo_text" and m["outputs"] == ["echo.txt"] and m["metrics"]["chars"] > 0
+    assert m["upstream"]["corpus"]["fingerprint"] == stages.manifest("corpus", cfg)["fingerprint"]
+    assert m["config"] == {"tokens": {"workers": cfg.tokens.workers, "batch_docs": cfg.tokens.batch_docs}}
+    assert len(CALLS) == 1 and CALLS[0]["up"] == ["corpus"]
+
+    stages.build("echo_text", cfg, progress=False)  # fresh: skipped
+    assert len(CALLS) == 1
+    stages.build("echo_text", cfg, progress=False, force=True)
+    assert len(CALLS) == 2
+    # its config section changed → stale → rebuilt
+    cfg2 = load_config("smoke", {"run_dir": str(tmp_path / "runs"), "data.max_records": 300, "tokens.batch_docs": 7})
+    assert stages.status("echo_text", cfg2) == "stale"
+    stages.build("echo_text", cfg2, progress=False)
+    assert len(CALLS) == 3 and stages.status("echo_text", cfg2) == "fresh"
+    # an output gone → stale
+    (out / "echo.txt").unlink()
+    assert stages.status("echo_text", cfg2) == "stale"
+
+    # the CLI has the verb (dash or underscore), its option, --out, and prints the summary line
+    assert cli.main(["echo-text", "-p", "smoke", "--set", f"run_dir={tmp_path / 'runs'}", "--set",
+                     "data.max_records=300", "--shout", "--out", str(tmp_path / "loud"), "-q"]) == 0
+    assert CALLS[-1]["shout"] is True and CALLS[-1]["out"] == str(tmp_path / "loud")
+    assert "chars" in capsys.readouterr().out
+    assert '"TEXT"' in (tmp_path / "loud" / "echo.txt").read_text(encoding="utf-8")
+    assert cli.main(["echo_text", "-p", "smoke", "--set", f"run_dir={tmp_path / 'runs'}", "--set",
+                     "data.max_records=300", "-q"]) == 0
+    # the map lists it, with its status
+    row = next(r for r in stages.stage_table(cfg) if r["stage"] == "echo_text")
+    assert row["cli"] == "microlm echo-text" and row["notebook"] == "99_echo" and row["status"] == "fresh"
+    assert "| Z1 | **echo_text**" in stages.course_map_markdown()
+
+
+def test_registry_errors_are_one_line():
+    with pytest.raises(MicroLMError, match="unknown stage 'nope'"):
+        stages.get_stage("nope")
+    assert stages.get_stage("ie-data").name == "ie_data" and stages.get_stage("prepare-pretrain").name == "corpus"
+    with pytest.raises(MicroLMError, match="unknown option"):
+        stages.build("corpus", load_config("smoke"), sauce=True)
+    with pytest.raises(MicroLMError, match="not registered"):
+        stages.register(stages.Stage("late", "Z", "x", build="x:y", outputs=(), upstream=("no_such",)))
+
+
+def test_one_name_per_concept():
+    """Stage name = folder = config section; every stage has a notebook that exists and a CLI verb."""
+    cfg = load_config("cpu")
+    parser = cli.build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    for st in stages.REGISTRY.values():
+        assert st.name in cfg.to_dict(), f"no config section named like stage {st.name}"
+        assert st.sections[0] == st.name or (st.name == "pretrain" and "pretrain" in st.sections)
+        assert stages.stage_dir(cfg, st.name).name == st.name
+        assert (REPO / "notebooks" / f"{st.notebook}.py").is_file(), st.notebook
+        assert st.name.replace("_", "-") in verbs
+        assert set(st.upstream) <= set(stages.REGISTRY)
+    # one vocab_size: the model takes the tokenizer's; the model section may not set its own
+    assert load_config("smoke", {"tokenizer.vocab_size": 1000}).model.vocab_size == 1000
+    with pytest.raises(ConfigError, match="model.vocab_size is not a setting"):
+        load_config("smoke", {"model.vocab_size": 512})
+
+
+@pytest.mark.parametrize("doc", ["README.md", "book/intro.md"])
+def test_course_map_in_the_docs_is_the_registry(doc):
+    text = (REPO / doc).read_text(encoding="utf-8")
+    assert stages.course_map_markdown() in text, f"{doc}: paste `microlm stages --markdown` over its course map"
+
+
+def test_runs_live_at_the_project_root_or_microlm_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MICROLM_RUNS", raising=False)
+    monkeypatch.chdir(REPO / "notebooks")  # papermill / Jupyter run notebooks here
+    assert load_config("smoke").run_path == REPO / "runs" / "smoke"
+    monkeypatch.chdir(REPO)
+    assert load_config("smoke").run_path == REPO / "runs" / "smoke"
+    monkeypatch.setenv("MICROLM_RUNS", str(tmp_path / "elsewhere"))
+    assert load_config("cpu").run_path == tmp_path / "elsewhere" / "cpu"
+    monkeypatch.delenv("MICROLM_RUNS")
+    monkeypatch.chdir(tmp_path)  # outside any project: ./runs, never the installed package
+    assert load_config("smoke").run_path == tmp_path / "runs" / "smoke"
+
+
+def test_ie_data_section_is_validated():
+    with pytest.raises(ConfigError, match="ie_data.val_fraction"):
+        load_config("smoke", {"ie_data.val_fraction": 0.7, "ie_data.test_fraction": 0.4})
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_config("smoke", {"ie_data.sources": {"x/*.json": "yaml"}})
+    with pytest.raises(ConfigError, match="ie_data.split_num"):
+        load_config("smoke", {"ie_data.split_num": 0})
+    with pytest.raises(ConfigError, match="unknown config key 'ie_data.nope'"):
+        load_config("smoke", {"ie_data.nope": 1})
+
+
+def test_ie_formats_are_the_adapters():
+    from microlm.ie.formats import IE_FORMATS
+    from microlm.ie.standardize import ADAPTERS
+
+    assert tuple(ADAPTERS) == IE_FORMATS
+
+
+# ------------------------------------------------------------------------------------------ layering
+
+def _imports() -> dict[str, set[str]]:
+    """``module → microlm modules it imports`` (anywhere in the file, also inside functions; not
+    under ``if TYPE_CHECKING``).  Importing ``a.b.c`` also imports the packages ``a.b`` and ``a``."""
+    root = REPO / "microlm"
+    mods = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(REPO).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        mods[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        out = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for t in targets:
+                while t and t not in mods:
+                    t = t.rpartition(".")[0]
+                if t.startswith("microlm"):
+                    parts = t.split(".")
+                    out |= {".".join(parts[:k]) for k in range(2, len(parts) + 1)}
+        out.discard(name)
+        graph[name] = out - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if m == n or m.startswith(n + "."):
+                continue  # a package importing its own submodules is not a cycle
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (c := visit(n)):
+            return c
+    return None
+
+
+def test_no_import_cycles():
+    cyc = _cycle(_imports())
+    assert cyc is None, "import cycle: " + " → ".join(cyc)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layering():
+    """model/ holds the model, LoRA, checkpoint I/O, the HF conversion: it imports neither training,
+    inference nor the stages; infer/ never imports train/."""
+    graph = _imports()
+    for mod, deps in graph.items():
+        if mod.startswith("microlm.model"):
+            bad = {d for d in deps if d.startswith(("microlm.train", "microlm.infer", "microlm.stages",
+                                                    "microlm.data", "microlm.ie", "microlm.cli"))}
+            assert not bad, f"{mod} imports {sorted(bad)}"
+        if mod.startswith("microlm.infer"):
+            bad = {d for d in deps if d.startswith("microlm.train")}
+            assert not bad, f"{mod} imports {sorted(bad)}"
+    assert not (REPO / "microlm" / "train" / "checkpoint.py").exists()  # moved to model/
+
+
+def test_manifests_written_by_the_registry_are_json(tmp_path):
+    cfg = load_config("smoke", {"run_dir": str(tmp_path), "data.max_records": 200})
+    out = stages.build("corpus", cfg, progress=False)
+    m = json.loads(Path(out, "manifest.json").read_text(encoding="utf-8"))
+    assert m["fingerprint"] == stages.data_fingerprint(cfg) == stages.current_fingerprint("corpus", cfg)
+    assert [i["path"] for i in m["inputs"]] and all(len(i["digest"]) == 32 for i in m["inputs"])
