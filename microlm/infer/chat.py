@@ -3,63 +3,25 @@
 ``ChatSession`` keeps the conversation and trims the oldest turns so prompt + answer fit the
 context window; ``run_chat`` is the terminal/pipe loop with ``/reset``, ``/system <text>``,
 ``/exit``.  Ctrl-C while an answer streams stops that answer and returns to the prompt with the
-history as it was before the question.  ``load_model`` opens a stage folder (``runs/<p>/sft``),
-a checkpoint folder or a Hugging Face export, with an optional LoRA adapter.
+history as it was before the question.  Models come from ``microlm.model.load_model``.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TextIO
 
 from microlm.errors import MicroLMError
 from microlm.infer.config import GenerationConfig
 from microlm.infer.generate import Generation, stream_text
 
-__all__ = ["ChatSession", "load_model", "run_chat", "HELP"]
+__all__ = ["ChatSession", "run_chat", "HELP"]
 
 HELP = "commands: /reset (forget the conversation), /system <text> (set the system prompt; empty clears it), /exit"
-
-
-def load_model(path: str | Path, *, tokenizer: str | Path | None = None, adapter: str | Path | None = None,
-               device: str = "cpu"):
-    """``(model, tokenizer)`` from a Hugging Face folder (``config.json``), a stage folder with
-    ``ckpt/`` or a checkpoint folder (``state.json``; the tokenizer from ``tokenizer`` or the
-    ``tokenizer/`` folder beside the stage).  ``adapter``: a LoRA folder saved by ``microlm lora``."""
-    from microlm.model import ModelConfig, TransformerLM
-    from microlm.model.hf_export import import_hf
-    from microlm.model.lora import load_adapter
-    from microlm.tokenizer import Tokenizer
-    from microlm.train.checkpoint import load_checkpoint, read_state
-
-    path = Path(path)
-    if not path.exists():
-        raise MicroLMError(f"model path not found: {path}")
-    if adapter is not None and not Path(adapter).is_dir():
-        raise MicroLMError(f"adapter folder not found: {adapter}")
-    if (path / "config.json").is_file():
-        model, tok = import_hf(path, device=device)
-    else:
-        ckpt = path / "ckpt" if (path / "ckpt" / "state.json").is_file() else path
-        if not (ckpt / "state.json").is_file():
-            raise MicroLMError(f"not a model folder (no config.json, ckpt/state.json or state.json): {path}")
-        state = read_state(ckpt)
-        model = TransformerLM(ModelConfig(**state["model"]))
-        load_checkpoint(ckpt, model, restore_rng=False)
-        if tokenizer is None:  # beside the checkpoint (an import), else the run's tokenizer stage
-            near = [ckpt.parent / "tokenizer", ckpt.parent.parent / "tokenizer"]
-            tokenizer = next((t for t in near if (t / "microlm_tokenizer.json").is_file()), near[-1])
-        tok = Tokenizer.load(tokenizer)
-        model = model.to(device).eval()
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise MicroLMError(f"tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
-    if adapter is not None:
-        load_adapter(model, adapter)
-        model.eval()
-    return model, tok
 
 
 class ChatSession:
@@ -129,12 +91,49 @@ def run_chat(session: ChatSession, inp: TextIO | None = None, out: TextIO | None
             import readline  # noqa: F401
         except ImportError:
             pass
-    if interactive:
-        out.write(f"MicroLM chat — {session.model.num_parameters():,} parameters, context "
-                  f"{session.model.cfg.max_seq_len} tokens. {HELP}\n")
-        out.flush()
+    with _CtrlC(interactive) as ctrl_c:  # before the first prompt, so no Ctrl-C after it is missed
+        if interactive:
+            out.write(f"MicroLM chat — {session.model.num_parameters():,} parameters, context "
+                      f"{session.model.cfg.max_seq_len} tokens. {HELP}\n")
+            out.flush()
+        return _loop(session, inp, out, err, interactive, json_lines, ctrl_c)
+
+
+class _CtrlC:
+    """Ctrl-C in an interactive chat, whatever SIGINT disposition the process inherited.
+
+    A non-interactive shell starts a background job (``cmd &``) with SIGINT *ignored*, and so is
+    everything that job starts: a test runner, and each chat it spawns in a pseudo-terminal.
+    Python then installs no ``KeyboardInterrupt`` handler and Ctrl-C never stopped an answer.
+    This handler is installed for the interactive loop (and the old one put back after it); it
+    raises ``KeyboardInterrupt`` and also records the press, which the streaming loop checks per
+    piece of text, so a press still stops the answer where its exception was swallowed on the
+    way (Python discards an exception raised inside a finalizer or a ``__del__``)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.pressed = False
+        self._old = None
+
+    def __call__(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _CtrlC:
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:  # None: a handler not set from Python; the default is the nearest
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._old is None else self._old)
+
+
+def _loop(session: ChatSession, inp: TextIO, out: TextIO, err: TextIO, interactive: bool, json_lines: bool,
+          ctrl_c: _CtrlC) -> int:
     warned = False
     while True:
+        ctrl_c.pressed = False
         try:
             if interactive:
                 line = input("user> ") if inp is sys.stdin else _prompt(inp, out)
@@ -179,6 +178,8 @@ def run_chat(session: ChatSession, inp: TextIO | None = None, out: TextIO | None
             if interactive:
                 out.write("assistant> ")
             for delta in session.reply(line):
+                if ctrl_c.pressed:  # a Ctrl-C whose KeyboardInterrupt did not reach this loop
+                    raise KeyboardInterrupt
                 out.write(delta)
                 out.flush()
             out.write("\n")
