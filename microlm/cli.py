@@ -19,6 +19,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set corpus.dedup.threshold=0.85 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
 
 
 def _stage_parser(sub, st) -> None:
@@ -81,16 +82,43 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and "_" in argv[0] and not argv[0].startswith("-"):
         argv[0] = argv[0].replace("_", "-")  # `microlm ie_data` = `microlm ie-data`
+    debug = "--debug" in argv or os.environ.get("MICROLM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _run(args)
-    except MicroLMError as e:
-        print(f"microlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"microlm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MicroLMError, OSError, UnicodeDecodeError) as e:
+        if debug:
+            raise
+        print(f"microlm {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def one_line(e: BaseException) -> str:
+    """An expected failure as one line: what went wrong, on which path, and what to do (a genuine bug
+    keeps its traceback; ``--debug`` or ``MICROLM_DEBUG=1`` shows it for these too)."""
+    import errno
+
+    if isinstance(e, MicroLMError):
+        return str(e)
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); rerun with --debug to see which"
+    if isinstance(e, OSError) and not isinstance(e, MicroLMError):
+        where = " → ".join(str(p) for p in (e.filename, e.filename2) if p) or "?"
+        hint = {errno.ENOSPC: "the disk is full: free space, or write elsewhere (--out, MICROLM_RUNS)",
+                errno.EDQUOT: "the disk quota is full: free space, or write elsewhere (--out, MICROLM_RUNS)",
+                errno.EFBIG: "a file outgrew the size limit (ulimit -f) or the disk: free space or write elsewhere",
+                errno.EACCES: "no permission: check the path's owner and mode, or write elsewhere",
+                errno.EROFS: "the filesystem is read-only: write elsewhere (--out, MICROLM_RUNS)",
+                errno.ENOTDIR: "a part of the path is a file, not a folder",
+                errno.EISDIR: "the path is a folder, a file was expected",
+                errno.ENOENT: "no such file or folder"}.get(e.errno, "")
+        return f"{e.strerror or e}: {where}" + (f" — {hint}" if hint else "")
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -461,9 +461,13 @@ def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[st
     """Load a profile name or YAML path strictly; apply ``section.key=value`` overrides."""
     path = resolve_config_path(profile_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config is empty (copy a profile from configs/ and edit it)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     raw.setdefault("profile", path.stem)

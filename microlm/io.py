@@ -12,6 +12,56 @@ from typing import IO, Any
 
 import orjson
 
+from microlm.errors import MicroLMError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: 0644 under the usual umask (readable by a serving user)
+COMPLETE = ".complete"  # written into a staged folder once its content is whole
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _staged_siblings(out_dir: Path) -> list[tuple[str, int, Path]]:
+    """``(kind, pid, path)`` of the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders beside ``out_dir``."""
+    out = []
+    if out_dir.parent.is_dir():
+        for p in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+            kind, _, pid = p.name[len(out_dir.name) + 2:].partition("-")
+            if kind in ("tmp", "old") and pid.isdigit():
+                out.append((kind, int(pid), p))
+    return out
+
+
+def recover_dir(out_dir: str | os.PathLike) -> bool:
+    """Repair what a killed ``staged_dir`` left beside ``out_dir`` (dead writers only): when ``out_dir``
+    is gone — a kill between the two renames — the newest complete ``.tmp-<pid>`` (else the ``.old-<pid>``)
+    becomes ``out_dir`` again; the other leftovers are deleted.  True when something was restored."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    dead = [(k, pid, p) for k, pid, p in _staged_siblings(out_dir) if not _pid_alive(pid)]
+    restored = False
+    if not out_dir.exists():
+        done = sorted((p for k, _, p in dead if k == "tmp" and (p / COMPLETE).exists()), key=lambda p: p.stat().st_mtime)
+        old = [p for k, _, p in dead if k == "old"]
+        pick = done[-1] if done else (old[0] if old else None)
+        if pick is not None:
+            os.replace(pick, out_dir)
+            restored = True
+    for _, _, p in dead:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
@@ -19,6 +69,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; a replaced file should read like any other
     binary = "b" in mode
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
@@ -88,6 +139,40 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def load_json_file(path: str | os.PathLike, what: str = "JSON file", expect: type = dict) -> Any:
+    """A JSON file that someone else (a user, a hub download) wrote: a bad one is a one-line
+    ``MicroLMError`` naming the file and where it breaks."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MicroLMError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MicroLMError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(obj, expect):
+        raise MicroLMError(f"{what} {path} holds a JSON {type(obj).__name__}, expected a JSON "
+                           f"{'object' if expect is dict else expect.__name__}")
+    return obj
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, line, parsed)`` of a JSONL file; a cut, binary or malformed line is a one-line
+    ``MicroLMError`` naming the file and line (a blank line too: these files are written by code)."""
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    yield n, line, orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    raise MicroLMError(f"{path}:{n}: not a JSON line ({str(e).split(':')[0]}); "
+                                       f"the file is damaged — run the step that writes it again") from None
+    except UnicodeDecodeError as e:
+        raise MicroLMError(f"{path}:{n + 1}: not UTF-8 text (byte {e.start} of the line block); the file is "
+                           f"damaged — run the step that writes it again") from None
+
+
 def replace_dir(tmp_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Put the finished ``tmp_dir`` where ``out_dir`` is, replacing any old one (two renames)."""
     import shutil
@@ -110,11 +195,13 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(out_dir)  # leftovers of a killed earlier writer
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / COMPLETE).touch()  # from here on a kill leaves a folder recover_dir can put back
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -68,12 +68,49 @@ def read_manifest(stage_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+DIGEST_MAX = 8 << 20  # files up to this size are recorded with a content digest, larger ones by size + mtime
+
+
+def folder_files(stage_dir: str | os.PathLike) -> dict[str, dict]:
+    """Every file a stage left in its folder (not the manifest, not dot-files): ``{relative path:
+    {"size", "digest"}}`` — or ``{"size", "mtime_ns"}`` for files over ``DIGEST_MAX``."""
+    root = Path(stage_dir)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or rel.name == MANIFEST or any(part.startswith(".") for part in rel.parts):
+            continue
+        st = p.stat()
+        out[rel.as_posix()] = ({"size": st.st_size, "digest": file_digest(p)} if st.st_size <= DIGEST_MAX
+                               else {"size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def files_unchanged(stage_dir: str | os.PathLike, files: dict[str, dict]) -> bool:
+    for rel, want in files.items():
+        p = Path(stage_dir) / rel
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if st.st_size != want["size"]:
+            return False
+        if "digest" in want and file_digest(p) != want["digest"]:
+            return False
+        if "mtime_ns" in want and st.st_mtime_ns != want["mtime_ns"]:
+            return False
+    return True
+
+
 def is_fresh(stage_dir: str | os.PathLike, fp: str) -> bool:
-    """True when the stage ran with this fingerprint and all the outputs it lists still exist."""
+    """True when the stage finished with this fingerprint and every file it wrote is still there,
+    unchanged (content digest, or size + mtime for big files)."""
     m = read_manifest(stage_dir)
     if not m or m.get("fingerprint") != fp:
         return False
-    return all((Path(stage_dir) / o).exists() for o in m.get("outputs", []))
+    if not all((Path(stage_dir) / o).exists() for o in m.get("outputs", [])):
+        return False
+    return files_unchanged(stage_dir, m.get("files", {}))
 
 
 def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config: dict, inputs: list[dict],
@@ -85,6 +122,7 @@ def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config:
         "upstream": upstream or {},
         "inputs": inputs,
         "outputs": outputs,
+        "files": folder_files(stage_dir),
         "metrics": metrics,
         "timings": {"seconds": round(time.time() - started, 3)},
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

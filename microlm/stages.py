@@ -13,9 +13,11 @@ config section.  A stage's folder, config section and registry name are the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ from typing import Any
 
 from microlm.config import Config, stage_config, trajectory_config
 from microlm.errors import MicroLMError
-from microlm.runs import StageRun, file_digest, fingerprint, is_fresh, read_manifest, write_manifest
+from microlm.io import recover_dir
+from microlm.runs import MANIFEST, StageRun, file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
 __all__ = ["Stage", "Option", "REGISTRY", "STAGES", "get_stage", "stage_dir", "build", "require", "upstream",
            "manifest", "status", "current_fingerprint", "data_fingerprint", "register", "stage_table",
@@ -152,11 +155,12 @@ def data_fingerprint(cfg: Config, inputs: list[str] | None = None) -> str:
 
 
 def status(name: str, cfg: Config) -> str:
-    """``missing`` (never finished here), ``stale`` (config, upstream or inputs changed, or an output
-    is gone) or ``fresh``."""
+    """``missing`` (never built here), ``partial`` (a run that was stopped, killed, or ran one step),
+    ``stale`` (config, upstream or inputs changed, or a file it wrote changed or is gone) or ``fresh``."""
     m = manifest(name, cfg)
     if m is None:
-        return "missing"
+        folder = stage_dir(cfg, name)
+        return "partial" if folder.is_dir() and any(folder.iterdir()) else "missing"
     return "fresh" if is_fresh(stage_dir(cfg, name), current_fingerprint(name, cfg)) else "stale"
 
 
@@ -171,34 +175,127 @@ def upstream(name: str, cfg: Config, *, progress: bool = True) -> Path:
 
 def build(name: str, cfg: Config, *, force: bool = False, progress: bool = True, out_dir: str | Path | None = None,
           **options) -> Path:
-    """Stage ``name``'s folder, built (with whatever upstream is missing) unless it is fresh."""
+    """Stage ``name``'s folder, built (with whatever upstream is missing) unless it is fresh.
+
+    The folder is the stage's alone while it builds: an advisory lock keeps a second run out (it stops
+    with one line naming the holder), the manifest is removed before anything in the folder changes and
+    written last (listing every file with its digest), and a folder that holds anything but this
+    stage's own output is refused rather than replaced."""
     st = get_stage(name)
     options = _with_defaults(st, options)
     ups = {u: upstream(u, cfg, progress=progress) for u in st.upstream_of(cfg, options)}
     folder = Path(out_dir) if out_dir else stage_dir(cfg, st.name)
     fp, conf, inputs = _fingerprint(st, cfg, {u: read_manifest(p) for u, p in ups.items()}, options)
-    must_run = force or any(options.get(o.name) not in (None, False, []) for o in st.all_options if o.partial or o.run)
+    partial = any(options.get(o.name) not in (None, False, []) for o in st.all_options if o.partial)
+    must_run = force or partial or any(options.get(o.name) not in (None, False, []) for o in st.all_options if o.run)
     if not must_run and is_fresh(folder, fp):
         log.info("%s: up to date (%s), skipped", st.name, folder)
         return folder
-    run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options)
-    started = time.time()
-    if st.train:
-        from microlm.train.dist import distributed  # torch: only training stages need it
+    main = _env_rank() == 0  # under torchrun, rank 0 owns the folder; the others write into it as told
+    with folder_lock(folder, st.name) if main else contextlib.nullcontext():
+        if main:
+            _check_folder(st, folder, inputs, options, force=force)
+            recover_dir(folder)
+            (folder / MANIFEST).unlink(missing_ok=True)  # from here until the end the stage is not fresh
+            _mark(folder, st.name)
+        run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options)
+        started = time.time()
+        if st.train:
+            from microlm.train.dist import distributed  # torch: only training stages need it
 
-        device = _lookup(cfg, st.train).device
-        with distributed(device) as dist:
-            run = dataclasses.replace(run, dist=dist)
+            device = _lookup(cfg, st.train).device
+            with distributed(device) as dist:
+                run = dataclasses.replace(run, dist=dist)
+                metrics = st.builder()(run)
+                main = dist.is_main
+        else:
             metrics = st.builder()(run)
-            main = dist.is_main
-    else:
-        metrics, main = st.builder()(run), True
-    if metrics is not None and main:
-        write_manifest(folder, stage=st.name, fp=fp, config=conf, inputs=inputs, outputs=list(st.outputs),
-                       metrics=metrics, started=started,
-                       upstream={u: {"path": str(p), "fingerprint": (read_manifest(p) or {}).get("fingerprint")}
-                                 for u, p in ups.items()})
+        if metrics is not None and main:
+            _mark(folder, st.name)  # a stage that replaced its whole folder dropped the mark
+            write_manifest(folder, stage=st.name, fp=fp, config=conf, inputs=inputs, outputs=list(st.outputs),
+                           metrics=metrics, started=started,
+                           upstream={u: {"path": str(p), "fingerprint": (read_manifest(p) or {}).get("fingerprint")}
+                                     for u, p in ups.items()})
     return folder
+
+
+STAGE_MARK = ".microlm_stage"  # names the stage a folder belongs to, manifest or not (a killed or partial run)
+
+
+def _mark(folder: Path, stage: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STAGE_MARK).write_text(stage + "\n", encoding="utf-8")
+
+
+def folder_stage(folder: Path) -> str | None:
+    """The stage a folder was built by (its mark or manifest), ``None`` for any other folder."""
+    mark = folder / STAGE_MARK
+    if mark.is_file():
+        return mark.read_text(encoding="utf-8").strip()
+    m = read_manifest(folder)
+    return m.get("stage") if m else None
+
+
+def _check_folder(st: Stage, folder: Path, inputs: list[dict], options: dict, *, force: bool) -> None:
+    """Refuse to write where it would destroy something the stage did not make."""
+    if folder.exists() and not folder.is_dir():
+        raise MicroLMError(f"output folder {folder} is a file; give a folder (new, empty, or a {st.name} stage folder)")
+    here = folder.resolve()
+    for i in inputs:
+        if here in Path(i["path"]).resolve().parents:
+            raise MicroLMError(f"input {i['path']} is inside the output folder {folder}; move it or choose another --out")
+    if folder.is_dir() and any(folder.iterdir()):
+        owner = folder_stage(folder)
+        if owner != st.name:
+            what = f"a {owner} stage folder" if owner else "files this stage did not write"
+            raise MicroLMError(f"output folder {folder} holds {what}; {st.name} writes only into a new, empty or "
+                               f"{st.name} stage folder (choose another --out)")
+        m = read_manifest(folder)
+        if m is not None and "files" in m:
+            theirs = sorted(set(_visible_files(folder)) - set(m["files"]))
+            if theirs:
+                raise MicroLMError(f"output folder {folder} holds {len(theirs)} file(s) {st.name} did not write, e.g. "
+                                   f"{theirs[0]}; move them out or choose another --out")
+    if options.get("stop_after") is not None and not force and read_manifest(folder) is not None:
+        raise MicroLMError(f"{st.name} in {folder} is a finished run; --stop-after would cut it short — add --force to "
+                           f"train it again, or give another --out")
+
+
+def _visible_files(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, stage: str):
+    """An advisory ``fcntl`` lock on ``.<folder>.lock`` beside the folder (the folder itself may be
+    replaced): a second run on the same folder stops with one line naming the holder's pid."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(f".{folder.name}.lock")
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise MicroLMError(f"{folder} is being built by another run (pid {holder}); wait for it to finish or "
+                               f"stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _with_defaults(st: Stage, options: dict) -> dict:
@@ -206,7 +303,10 @@ def _with_defaults(st: Stage, options: dict) -> dict:
     unknown = sorted(set(options) - known)
     if unknown:
         raise MicroLMError(f"stage {st.name}: unknown option(s) {unknown} (known: {sorted(known) or 'none'})")
-    return {**{o.name: o.default for o in st.all_options}, **options}
+    options = {**{o.name: o.default for o in st.all_options}, **options}
+    if options.get("stop_after") is not None and options["stop_after"] < 1:
+        raise MicroLMError(f"--stop-after must be >= 1 step, got {options['stop_after']}")
+    return options
 
 
 def require(name: str, cfg: Config, **kw) -> Path:

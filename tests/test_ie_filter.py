@@ -70,7 +70,7 @@ def test_schema_loader(tmp_path):
     with pytest.raises(MicroLMError, match="not found"):
         load_schema([tmp_path / "missing.json"])
     (tmp_path / "bad.json").write_text("{", encoding="utf-8")
-    with pytest.raises(MicroLMError, match="invalid JSON"):
+    with pytest.raises(MicroLMError, match="is not valid JSON"):
         load_schema([tmp_path / "bad.json"])
 
 

@@ -220,7 +220,7 @@ def test_chat_loop_commands_interrupt_and_errors(tok):
     s = ChatSession(m, tok, GenerationConfig(max_new_tokens=10))
     script = "你好\n/system 你是助手\n/bogus\n" + "北京" * 200 + "\n再见\n/reset\n/exit\n不会读到\n"
     out, err = io.StringIO(), io.StringIO()
-    assert run_chat(s, io.StringIO(script), out, err, interactive=False) == 0
+    assert run_chat(s, io.StringIO(script), out, err, interactive=False) == 1  # a turn failed: a script can tell
     assert out.getvalue() == "好的\n好的\n"
     assert "unknown command /bogus" in err.getvalue() and "message too long" in err.getvalue()
     assert s.history == [] and s.system == "你是助手"  # /reset after the last answer

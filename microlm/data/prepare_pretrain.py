@@ -14,7 +14,6 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from microlm.data.dedup import Deduplicator, MinHasher
 from microlm.data.sources import Drop, Source, data_root, iter_lines, parse_line, resolve_sources
 from microlm.data.tasks import heldout_paragraph_keys
 from microlm.errors import MicroLMError
-from microlm.io import replace_dir, write_json
+from microlm.io import staged_dir, write_json
 from microlm.runs import StageRun
 
 STAGE = "corpus"
@@ -170,12 +169,13 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     """Run the corpus stage into ``out_dir`` (replaced atomically at the end); return the report.
 
     ``sources`` (already resolved) wins over ``inputs`` (file paths)."""
-    c = cfg.corpus
     sources = sources or corpus_sources(cfg, inputs)
-    out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    with staged_dir(Path(out_dir)) as tmp_dir:  # a failure or kill leaves no half-written folder behind
+        return _write_corpus(cfg, sources, tmp_dir, progress)
+
+
+def _write_corpus(cfg: Config, sources: list[Source], tmp_dir: Path, progress: bool) -> dict:
+    c = cfg.corpus
 
     dd = c.dedup
     dedup = Deduplicator(exact=dd.exact, near=dd.near, threshold=dd.threshold, num_perm=dd.num_perm,
@@ -256,11 +256,9 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     elapsed = time.perf_counter() - t0
 
     if n_in == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise MicroLMError(f"no records in the inputs ({', '.join(s.path for s in sources)})")
     n_out = lines_out["train"] + lines_out["val"]
     if n_out == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         top = ", ".join(f"{k}={v}" for k, v in counts.most_common(3))
         raise MicroLMError(f"no document survived cleaning and dedup ({n_in} records in; drops: {top})")
 
@@ -315,7 +313,6 @@ def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] 
     }
     assert n_in == n_out + report["drops_total"], "every record is kept or counted as a drop"
     write_json(tmp_dir / "report.json", report)
-    replace_dir(tmp_dir, out_dir)
     return report
 
 

@@ -11,7 +11,6 @@ corpus stage's deduplicator).  Every drop is counted by reason with samples.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from microlm.errors import MicroLMError
 from microlm.ie.standardize import IERecord, Issues
-from microlm.io import batched, ordered_map
+from microlm.io import batched, load_json_file, ordered_map
 
 __all__ = ["load_schema", "filter_records"]
 
@@ -32,10 +31,7 @@ def load_schema(paths: Iterable[str | Path]) -> dict[str, list[str]]:
         p = Path(p)
         if not p.is_file():
             raise MicroLMError(f"IE schema file not found: {p}")
-        try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise MicroLMError(f"{p}: invalid JSON ({e})") from None
+        raw = load_json_file(p, "IE schema file")
         for topic, spec in raw.items():
             if topic.startswith("_") or not isinstance(spec, dict):
                 continue

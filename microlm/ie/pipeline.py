@@ -16,7 +16,7 @@ from pathlib import Path
 
 from microlm.config import Config
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open, batched, json_line, ordered_map, parse_json_line, write_json
+from microlm.io import atomic_open, batched, iter_json_lines, json_line, ordered_map, write_json
 from microlm.runs import StageRun
 
 log = logging.getLogger("microlm")
@@ -26,6 +26,8 @@ __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_strat
            "build"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
+STEP_INPUTS = {2: "01_standardized.jsonl", 3: "02_filtered.jsonl", 4: "03_stratified.jsonl", 5: "04_derived.jsonl",
+               6: "05_*.jsonl"}
 
 
 EMBEDDED = "microlm_embedded"  # source name of the project-written records
@@ -96,24 +98,28 @@ def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, 
 
 
 def read_jsonl(path: Path):
-    """The rows of a step's JSONL output, as dicts."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield parse_json_line(line)
+    """The rows of a step's JSONL output, as dicts (a damaged line: one line naming file and line)."""
+    for n, _, row in iter_json_lines(path):
+        if not isinstance(row, dict):
+            raise MicroLMError(f"{path}:{n}: expected a JSON object, got a {type(row).__name__}")
+        yield row
 
 
 def _lines_and_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line, parse_json_line(line)
+    for _, line, row in iter_json_lines(path):
+        yield line, row
 
 
 def read_records(path: Path):
     """The rows of a step's JSONL output as ``IERecord`` (extra keys such as ``stratum`` are ignored)."""
     from microlm.ie.standardize import IERecord
 
-    for d in read_jsonl(path):
-        yield IERecord(d["id"], d["cate"], d["text"], d["relation"], d["source"])
+    for n, d in enumerate(read_jsonl(path), 1):
+        try:
+            yield IERecord(d["id"], d["cate"], d["text"], d["relation"], d["source"])
+        except KeyError as e:
+            raise MicroLMError(f"{path}:{n}: a record without the key {e}; the file is damaged — run the step "
+                               f"that writes it again") from None
 
 
 def _require(out_dir: Path, name: str, step: int, cfg: Config) -> Path:
@@ -419,9 +425,16 @@ def run_step(cfg: Config, step: int, out_dir: Path | None = None, *, tokenizer_d
     if step not in (*fns, 6):
         raise MicroLMError(f"ie-data steps are 1–6, got {step}")
     out_dir = out_dir or cfg.run_path / "ie_data"
-    if step == 6:
-        return step_render(cfg, out_dir, tokenizer_dir=tokenizer_dir)
-    return fns[step](cfg, out_dir)
+    try:
+        if step == 6:
+            return step_render(cfg, out_dir, tokenizer_dir=tokenizer_dir)
+        return fns[step](cfg, out_dir)
+    except (KeyError, TypeError, ValueError) as e:
+        if step == 1 or isinstance(e, MicroLMError):
+            raise
+        src = STEP_INPUTS[step]  # what the code expects of a row is what step N-1 wrote: the file is damaged
+        raise MicroLMError(f"{out_dir / src}: a record of the wrong shape ({type(e).__name__}: {e}); the file is "
+                           f"damaged — run `microlm ie-data --step {step - 1}` (or the stage with --force)") from None
 
 
 def build(run: StageRun) -> dict | None:

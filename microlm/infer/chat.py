@@ -132,6 +132,7 @@ class _CtrlC:
 def _loop(session: ChatSession, inp: TextIO, out: TextIO, err: TextIO, interactive: bool, json_lines: bool,
           ctrl_c: _CtrlC) -> int:
     warned = False
+    failed = 0  # turns that ended in an error: a script (pipe, --json) sees a non-zero exit status
     while True:
         ctrl_c.pressed = False
         try:
@@ -187,10 +188,14 @@ def _loop(session: ChatSession, inp: TextIO, out: TextIO, err: TextIO, interacti
         except KeyboardInterrupt:
             out.write("\n[interrupted — the question was not added to the history]\n")
         except MicroLMError as e:
-            out.write("\n" if interactive else "")
+            failed += 1
+            if json_lines:  # one object per input turn, also for a failed one
+                out.write(json.dumps({"user": line, "error": str(e)}, ensure_ascii=False) + "\n")
+            else:
+                out.write("\n" if interactive else "")
             err.write(f"chat: error: {e}\n")
         out.flush()
-    return 0
+    return 1 if failed and not interactive else 0
 
 
 def _say(out: TextIO, text: str, interactive: bool) -> None:

@@ -28,6 +28,7 @@ def verify_export(folder: str | Path, model, tok, prompts: list[str] = VERIFY_PR
     except ImportError:
         return {"checked": False, "why": "transformers is not installed"}
 
+    transformers.utils.logging.disable_progress_bar()  # the stage has its own -q; no loading bars from here
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     worst, same_template, same_ids, same_greedy = 0.0, True, True, True

@@ -4,7 +4,11 @@ replaces the old one atomically, so a crash mid-write leaves the last good check
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,9 +16,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from microlm.errors import MicroLMError
-from microlm.io import staged_dir, write_json
+from microlm.io import recover_dir, staged_dir, write_json
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_state", "config_diff"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_state", "config_diff", "load_tensors"]
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file someone else wrote: a truncated or garbage file is a one-line error."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MicroLMError(f"corrupt safetensors file {path}: {str(e).splitlines()[0]}") from None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,25 +40,46 @@ def save_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: tor
     """Write a checkpoint folder atomically; ``state`` must be JSON-serialisable."""
     ckpt_dir = Path(ckpt_dir)
     with staged_dir(ckpt_dir) as tmp:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        try:
+            save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        except SafetensorError as e:
+            raise _os_error(e, tmp / "model.safetensors") from None
         extra = {"torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state_all()
         if optimizer is not None:
             extra["optimizer"] = optimizer.state_dict()
-        torch.save(extra, tmp / "optimizer.pt")
+        try:
+            torch.save(extra, tmp / "optimizer.pt")
+        except RuntimeError as e:  # torch reports a failed write without the OS error
+            if "write" not in str(e):
+                raise
+            raise _os_error(e, tmp / "optimizer.pt") from None
         write_json(tmp / "state.json", state)
     return ckpt_dir
 
 
+def _os_error(e: Exception, path: Path) -> OSError:
+    """A failed checkpoint write as the ``OSError`` it is (safetensors and torch hide the errno), so the CLI
+    can say in one line which file and why (a full disk, a file-size limit)."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else errno.ENOSPC
+    free = shutil.disk_usage(path.parent).free // 2**20
+    return OSError(code, f"{os.strerror(code)} while writing a checkpoint ({free} MiB free on that disk)", str(path))
+
+
 def read_state(ckpt_dir: str | Path) -> dict:
+    recover_dir(ckpt_dir)  # a kill between the two renames of a replacement leaves the new one beside it
     p = Path(ckpt_dir) / "state.json"
     if not p.is_file():
         raise MicroLMError(f"no checkpoint to resume from: {p} does not exist")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        state = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise MicroLMError(f"corrupt checkpoint file {p}: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("model"), dict):
+        raise MicroLMError(f"corrupt checkpoint file {p}: expected an object with an integer 'step' and a 'model' config")
+    return state
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:

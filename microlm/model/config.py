@@ -33,6 +33,8 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     def validate(self) -> ModelConfig:
+        if self.n_heads < 1 or (self.n_kv_heads is not None and self.n_kv_heads < 1):
+            raise MicroLMError("model.n_heads and model.n_kv_heads must be >= 1")
         checks = [
             (self.dim % self.n_heads == 0, "model.dim must be divisible by model.n_heads"),
             (self.head_dim % 2 == 0, "head dim (dim / n_heads) must be even for rotary embeddings"),
@@ -40,6 +42,7 @@ class ModelConfig:
             (min(self.vocab_size, self.dim, self.n_layers, self.hidden_dim, self.max_seq_len) >= 1,
              "model sizes must be >= 1"),
             (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
+            (self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -15,15 +15,14 @@ fused ``qkv_proj`` / ``gate_up_proj`` matrices are split into ``q_proj, k_proj, 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from microlm.errors import MicroLMError
-from microlm.io import staged_dir, write_json
-from microlm.model.checkpoint import save_checkpoint
+from microlm.io import load_json_file, staged_dir, write_json
+from microlm.model.checkpoint import load_tensors, save_checkpoint
 from microlm.model.config import ModelConfig
 from microlm.model.lora import LLAMA_PROJ, LoRALinear, lora_modules, merge_lora
 from microlm.model.transformer import TransformerLM
@@ -119,8 +118,19 @@ def export_hf(model, tok, out_dir: str | Path, gen=None, *, source: dict | None 
     return Path(out_dir)
 
 
-def model_config_from_llama(conf: dict) -> ModelConfig:
+def model_config_from_llama(conf: dict, where: str | Path = "config.json") -> ModelConfig:
     """Our ModelConfig for a Llama ``config.json``; what we cannot represent is a one-line error."""
+    try:
+        return _model_config_from_llama(conf)
+    except KeyError as e:
+        raise MicroLMError(f"{where}: the key {e} is missing") from None
+    except MicroLMError as e:
+        raise MicroLMError(f"{where}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise MicroLMError(f"{where}: a value does not make sense ({type(e).__name__}: {e})") from None
+
+
+def _model_config_from_llama(conf: dict) -> ModelConfig:
     arch = conf.get("model_type")
     if arch != "llama":
         raise MicroLMError(f"only Llama-layout checkpoints can be imported, this one is model_type={arch!r}")
@@ -130,6 +140,8 @@ def model_config_from_llama(conf: dict) -> ModelConfig:
     if conf.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act={conf['hidden_act']}")
     heads = conf["num_attention_heads"]
+    if not isinstance(heads, int) or heads < 1:
+        raise MicroLMError(f"num_attention_heads must be a positive integer, got {heads!r}")
     if conf.get("head_dim") not in (None, conf["hidden_size"] // heads):
         unsupported.append(f"head_dim={conf['head_dim']} != hidden_size / heads")
     if unsupported:
@@ -169,7 +181,7 @@ def tokenizer_from_hf(folder: str | Path):
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise MicroLMError(f"no tokenizer.json in {folder}")
-    tj = json.loads(path.read_text(encoding="utf-8"))
+    tj = load_json_file(path, "tokenizer file")
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise MicroLMError(f"{path}: only byte-level BPE tokenizers can be imported (model type {model.get('type')!r})")
@@ -177,13 +189,16 @@ def tokenizer_from_hf(folder: str | Path):
     splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
     if not splits:
         raise MicroLMError(f"{path}: no Split pre-tokenizer regex to reproduce")
-    specials = [t["content"] for t in sorted(tj.get("added_tokens", []), key=lambda t: t["id"]) if t.get("special")]
-    spec_ids = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    vocab = {int(i): (t.encode("utf-8") if t in spec_ids else text_to_bytes(t)) for t, i in model["vocab"].items()}
-    vocab.update({i: s.encode("utf-8") for s, i in spec_ids.items()})
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return Tokenizer(vocab, [(text_to_bytes(a), text_to_bytes(b)) for a, b in merges], specials,
-                     pattern=splits[0]["pattern"]["Regex"])
+    try:
+        specials = [t["content"] for t in sorted(tj.get("added_tokens", []), key=lambda t: t["id"]) if t.get("special")]
+        spec_ids = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        vocab = {int(i): (t.encode("utf-8") if t in spec_ids else text_to_bytes(t)) for t, i in model["vocab"].items()}
+        vocab.update({i: s.encode("utf-8") for s, i in spec_ids.items()})
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        pattern = splits[0]["pattern"]["Regex"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MicroLMError(f"{path}: not a byte-level BPE tokenizer.json we can read ({type(e).__name__}: {e})") from None
+    return Tokenizer(vocab, [(text_to_bytes(a), text_to_bytes(b)) for a, b in merges], specials, pattern=pattern)
 
 
 def import_hf(folder: str | Path, *, device: str = "cpu"):
@@ -192,16 +207,20 @@ def import_hf(folder: str | Path, *, device: str = "cpu"):
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise MicroLMError(f"not a Hugging Face model folder (no config.json): {folder}")
-    cfg = model_config_from_llama(json.loads(cfg_path.read_text(encoding="utf-8")))
+    cfg = model_config_from_llama(load_json_file(cfg_path, "model config"), cfg_path)
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         raise MicroLMError(f"no model*.safetensors in {folder}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        sd.update(load_tensors(f))
     model = TransformerLM(cfg)
     ours = from_llama_state_dict(sd, cfg)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
+    except RuntimeError as e:  # shapes that contradict config.json
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise MicroLMError(f"the weights in {folder} do not fit its config.json: {detail}") from None
     if missing or unexpected:
         raise MicroLMError(f"weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval(), tokenizer_from_hf(folder)

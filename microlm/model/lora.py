@@ -13,7 +13,6 @@ out again; ``apply_lora`` freezes everything that is not an adapter and reports 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from microlm.errors import MicroLMError
-from microlm.io import write_json
-from microlm.model.checkpoint import config_diff
+from microlm.io import load_json_file, write_json
+from microlm.model.checkpoint import config_diff, load_tensors
 from microlm.model.config import LoRAConfig
 
 # our logical projection name → the Llama module that holds it (PEFT's target names, the HF export)
@@ -237,26 +236,35 @@ def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microl
     return out
 
 
+def _canonical(model_cfg: dict) -> dict:
+    """A model config with ``n_kv_heads`` spelled out (``None`` means as many as ``n_heads``; a Hugging
+    Face round trip writes the number)."""
+    return {**model_cfg, "n_kv_heads": model_cfg.get("n_kv_heads") or model_cfg.get("n_heads")}
+
+
 def load_adapter(model, folder) -> LoRAConfig:
     """Add the adapters saved in ``folder`` to ``model`` (which must be the same base model)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise MicroLMError(f"adapter file missing: {p}")
-    meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    meta = load_json_file(cfg_path, "adapter config")
     extra = folder / "microlm_adapter.json"
-    info = json.loads(extra.read_text(encoding="utf-8")) if extra.is_file() else {}
+    info = load_json_file(extra, "adapter file") if extra.is_file() else {}
     if info.get("base_model"):
-        diffs = config_diff({"model": info["base_model"]}, {"model": model.cfg.to_dict()})
+        diffs = config_diff({"model": _canonical(info["base_model"])}, {"model": _canonical(model.cfg.to_dict())})
         if diffs:
             raise MicroLMError(f"adapter {folder} was trained on another base model: " + "; ".join(diffs))
-    cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]), dropout=float(meta.get("lora_dropout", 0.0)),
-                     targets=info.get("targets") or ["q", "k", "v", "o"])
+    try:
+        cfg = LoRAConfig(r=int(meta["r"]), alpha=float(meta["lora_alpha"]),
+                         dropout=float(meta.get("lora_dropout", 0.0)), targets=info.get("targets") or ["q", "k", "v", "o"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MicroLMError(f"adapter config {cfg_path}: need numeric r and lora_alpha ({type(e).__name__}: {e})") from None
+    if cfg.r < 1:
+        raise MicroLMError(f"adapter config {cfg_path}: r must be >= 1, got {cfg.r}")
+    weights = load_tensors(w_path)
     apply_lora(model, cfg)
-    weights = load_file(str(w_path))
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(weights))
     if missing:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from microlm.errors import MicroLMError
+
 __all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "distributed", "resolve_device"]
 
 
@@ -31,6 +33,9 @@ class DistInfo:
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MicroLMError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                           f"set the stage's device to cpu or auto")
     return device
 
 
