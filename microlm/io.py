@@ -17,6 +17,7 @@ from microlm.errors import MicroLMError
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give: 0644 under the usual umask (readable by a serving user)
+DIR_MODE = 0o777 & ~_UMASK
 COMPLETE = ".complete"  # written into a staged folder once its content is whole
 
 
@@ -173,6 +174,15 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
                            f"damaged — run the step that writes it again") from None
 
 
+def share(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and everything in it the modes ``open``/``mkdir`` give (0644/0755 under the usual
+    umask): some writers (safetensors, ``mkstemp``) make 0600 files another account could not read."""
+    folder = Path(folder)
+    folder.chmod(DIR_MODE)
+    for p in folder.rglob("*"):
+        p.chmod(DIR_MODE if p.is_dir() else FILE_MODE)
+
+
 def replace_dir(tmp_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Put the finished ``tmp_dir`` where ``out_dir`` is, replacing any old one (two renames)."""
     import shutil
@@ -201,6 +211,7 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share(tmp)
         (tmp / COMPLETE).touch()  # from here on a kill leaves a folder recover_dir can put back
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -53,6 +53,7 @@ def _mini_course(tmp_path, monkeypatch, source):
 SOURCES = ["embedded", "bundle"] if real_data_available() else ["embedded"]
 
 
+@pytest.mark.timeout(5400)  # a mini course: ~5 min alone, over 15 on a busy 2-core machine; this bounds a hang
 @pytest.mark.parametrize("source", SOURCES)
 def test_cpu_profile_claims_hold_at_reduced_scale(tmp_path, monkeypatch, source):
     cfg, pre, first, sft, lora = _mini_course(tmp_path, monkeypatch, source)

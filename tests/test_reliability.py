@@ -310,9 +310,13 @@ def test_bad_files_are_one_line(tmp_path, built):
     one_line_error(microlm("chat", "-p", "smoke", "--model", ck), "corrupt checkpoint file")
 
 
-def test_written_files_are_readable_by_others(tmp_path):
+def test_written_files_are_readable_by_others(tmp_path, hf_folder):
     write_json(tmp_path / "r.json", {"a": 1})
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    # an export and an adapter (safetensors writes 0600 files by itself) can be served by another account
+    for p in [*(hf_folder / "hf").rglob("*"), *(hf_folder / "adapter").rglob("*")]:
+        want = 0o777 & ~_umask() if p.is_dir() else 0o666 & ~_umask()
+        assert p.stat().st_mode & 0o777 == want, p
 
 
 def _umask() -> int:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microlm.errors import MicroLMError
-from microlm.io import load_json_file, write_json
+from microlm.io import load_json_file, share, write_json
 from microlm.model.checkpoint import config_diff, load_tensors
 from microlm.model.config import LoRAConfig
 
@@ -233,6 +233,7 @@ def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microl
     # our own metadata stays out of PEFT's file (PEFT warns about unknown keys)
     write_json(out / "microlm_adapter.json", {"targets": list(cfg.targets), "base_model": model.cfg.to_dict()})
     save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    share(out)
     return out
 
 
