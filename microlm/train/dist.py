@@ -36,6 +36,10 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MicroLMError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
                            f"set the stage's device to cpu or auto")
+    index = device.partition(":")[2]
+    if device.startswith("cuda") and index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise MicroLMError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                           f"set the stage's device to cuda, cpu or auto")
     return device
 
 
