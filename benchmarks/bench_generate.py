@@ -5,8 +5,16 @@
    same weights exported as a Llama folder (fp32, SDPA, all CPU threads).  Both produce exactly
    256 tokens (no stop ids); the tokens are compared too.  Runs alternate (ours, theirs) × 5,
    medians reported.
-2. Our loop with and without the KV cache at 128/256/512 new tokens (batch 1).
-3. Repetition on 50 held-out prompts (BELLE eval questions under ``$MICROLM_DATA``, else the
+   Each of ours is also given as a **fraction of the decode roofline**: the weight-streaming bandwidth
+   measured in the same run (``roofline.py``) ÷ bytes read per token (weights + KV cache) — what a
+   decode step would reach if it did nothing but stream its bytes.  Target ≥ 60 % at batch 1.
+2. **bf16 weights vs fp32** (``load_model(dtype="bf16")``, ``microlm chat --dtype bf16``), batch 1
+   and 8, alternating — only where the CPU has native bf16 (elsewhere the bf16 products run a slow
+   fallback: skipped, reason recorded).  Target ≥ 1.25×.  And the **share of greedy tokens that
+   agree** with fp32 on the held-out task prompts of the ``cpu`` profile's SFT model
+   (``runs/cpu/sft``; measured on any CPU, a fallback only makes it slower).
+3. Our loop with and without the KV cache at 128/256/512 new tokens (batch 1).
+4. Repetition on 50 held-out prompts (BELLE eval questions under ``$MICROLM_DATA``, else the
    embedded held-out set) with the ``cpu`` profile's SFT model: distinct-1/2 and the repeated
    4-gram rate of the answers (characters), with the default sampling settings and with the
    repetition penalty off — needs ``runs/cpu/sft`` (``make course`` or ``microlm sft -p cpu``).
@@ -32,6 +40,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from roofline import machine_limits, native, roofline  # noqa: E402
+
 from microlm.infer.generate import generate_ids  # noqa: E402
 from microlm.io import write_json  # noqa: E402
 from microlm.model import MODEL_PRESETS, TransformerLM  # noqa: E402
@@ -47,7 +59,7 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def bench_vs_hf(cfg, new: int, batches: list[int], reps: int) -> dict:
+def bench_vs_hf(cfg, new: int, batches: list[int], reps: int, limits: dict) -> dict:
     import transformers
 
     torch.manual_seed(0)
@@ -77,13 +89,78 @@ def bench_vs_hf(cfg, new: int, batches: list[int], reps: int) -> dict:
             t, g_hf = timed(run_hf, 1)
             times_hf.append(t)
         t_ours, t_hf = statistics.median(times_ours), statistics.median(times_hf)
+        roof = roofline(ours, "fp32", limits["fp32"]["stream"]["gb_s"], 16, new, b)
         res[f"batch_{b}"] = {"ours_tokens_per_s": round(b * new / t_ours, 1), "hf_tokens_per_s": round(b * new / t_hf, 1),
-                             "speedup": round(t_hf / t_ours, 2), "identical_tokens": g_ours == g_hf}
+                             "speedup": round(t_hf / t_ours, 2), "identical_tokens": g_ours == g_hf,
+                             "roofline_tokens_per_s": round(roof, 1),
+                             "ours_fraction_of_roofline": round(b * new / t_ours / roof, 3),
+                             "hf_fraction_of_roofline": round(b * new / t_hf / roof, 3)}
         r = res[f"batch_{b}"]
         print(f"[bench] decode {new} tokens, batch {b}: ours {r['ours_tokens_per_s']} tok/s | transformers "
-              f"{r['hf_tokens_per_s']} tok/s | x{r['speedup']} | identical: {r['identical_tokens']}", flush=True)
+              f"{r['hf_tokens_per_s']} tok/s | x{r['speedup']} | identical: {r['identical_tokens']} | "
+              f"{r['ours_fraction_of_roofline']:.0%} of the {roof:.0f} tok/s roofline", flush=True)
     res["new_tokens"], res["prompt_tokens"], res["transformers"] = new, 16, transformers.__version__
     return res
+
+
+def bench_bf16(cfg, new: int, batches: list[int], reps: int, limits: dict) -> dict:
+    """Our decode with bf16 weights against fp32 weights (random weights: speed only)."""
+    if not native("bf16"):
+        return {"skipped": f"no native bf16 on this CPU: {limits['bf16_why']}"}
+    import copy
+
+    torch.manual_seed(0)
+    m32 = TransformerLM(cfg).eval()
+    m16 = copy.deepcopy(m32).cast(torch.bfloat16)
+    res = {}
+    for b in batches:
+        prompt = torch.randint(3, cfg.vocab_size, (b, 16)).tolist()
+        runs = {name: (lambda m=m, prompt=prompt: generate_ids(m, prompt, max_new_tokens=new, temperature=0, repetition_penalty=1.0,
+                                                ignore_eos=True)) for name, m in (("fp32", m32), ("bf16", m16))}
+        for fn in runs.values():
+            fn()
+        times = {k: [] for k in runs}
+        for _ in range(reps):
+            for k, fn in runs.items():
+                times[k].append(timed(fn, 1)[0])
+        tps = {k: b * new / statistics.median(v) for k, v in times.items()}
+        roof = roofline(m16, "bf16", limits["bf16"]["stream"]["gb_s"], 16, new, b)
+        res[f"batch_{b}"] = {"fp32_tokens_per_s": round(tps["fp32"], 1), "bf16_tokens_per_s": round(tps["bf16"], 1),
+                             "bf16_over_fp32": round(tps["bf16"] / tps["fp32"], 3),
+                             "bf16_fraction_of_roofline": round(tps["bf16"] / roof, 3)}
+        print(f"[bench] decode bf16 weights, batch {b}: {tps['bf16']:.1f} vs {tps['fp32']:.1f} tok/s fp32 | "
+              f"x{tps['bf16'] / tps['fp32']:.2f}", flush=True)
+    return res
+
+
+def bench_agreement(n_prompts: int, new: int) -> dict | None:
+    """Greedy ids of the cpu SFT model in bf16 against fp32 on held-out task prompts."""
+    from microlm.config import load_config
+    from microlm.data.tasks import task_examples
+    from microlm.infer.metrics import greedy_agreement
+    from microlm.model import load_model
+    from microlm.tokenizer import stop_ids_of
+
+    cfg = load_config("cpu")
+    sft = cfg.run_path / "sft"
+    if not (sft / "ckpt" / "state.json").is_file():
+        print("[bench] bf16 agreement: runs/cpu/sft missing (run `make course` first); skipped", flush=True)
+        return None
+    prompts = [ex["conversations"][:1] for t in cfg.sft.data.tasks
+               for ex in task_examples(t, "heldout", n_prompts // len(cfg.sft.data.tasks), cfg.seed)]
+    out = {"model": "runs/cpu/sft", "prompts": len(prompts), "max_new_tokens": new,
+           "prompt_set": f"held-out {', '.join(cfg.sft.data.tasks)} task prompts"}
+    ids = {}
+    for dtype in ("fp32", "bf16"):
+        model, tok = load_model(sft, tokenizer=cfg.run_path / "tokenizer", dtype=dtype)
+        enc = [tok.encode_chat(p, add_generation_prompt=True) for p in prompts]
+        ids[dtype] = [g for i in range(0, len(enc), 8)
+                      for g in generate_ids(model, enc[i:i + 8], max_new_tokens=new, temperature=0,
+                                            repetition_penalty=1.0, stop_ids=stop_ids_of(tok), pad_id=tok.eos_id or 0)]
+    out.update(greedy_agreement(ids["fp32"], ids["bf16"]))
+    print(f"[bench] bf16 vs fp32 greedy tokens on {len(prompts)} prompts: {out['prefix_share']:.1%} agree up to the "
+          f"first difference, {out['identical']:.0%} of answers identical", flush=True)
+    return out
 
 
 def bench_cache(cfg, lengths: list[int], reps: int) -> dict:
@@ -148,7 +225,12 @@ def main() -> None:
     results = {"host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
                "model": "microlm-31.7m (random weights)", "quick": args.quick}
-    results["decode_vs_transformers"] = bench_vs_hf(cfg, 32 if args.quick else 256, [1, 8], 1 if args.quick else 5)
+    limits = machine_limits()
+    results["machine_limits"] = limits
+    results["decode_vs_transformers"] = bench_vs_hf(cfg, 32 if args.quick else 256, [1, 8], 1 if args.quick else 5,
+                                                    limits)
+    results["bf16_weights"] = bench_bf16(cfg, 32 if args.quick else 256, [1, 8], 1 if args.quick else 5, limits)
+    results["bf16_agreement"] = bench_agreement(10 if args.quick else 40, 32)
     results["kv_cache"] = bench_cache(cfg, [32, 64] if args.quick else [128, 256, 512], reps)
     results["repetition"] = bench_repetition(10 if args.quick else 50)
     name = "generate_quick.json" if args.quick else "generate.json"

@@ -59,7 +59,7 @@ def main() -> None:
         "tokens_per_s": report["tokens_per_s"],
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
     }
-    path = reference_path(profile, source, cfg.pretrain.precision)
+    path = reference_path(profile, source, out["precision"])
     write_json(path, out)
     print(f"wrote {path}")
 

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/<p>/lora/adapter)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="weights for inference: bf16 halves the bytes per token (auto: bf16 where the CPU/GPU "
+                        "has it natively); the benchmark reports how many greedy tokens agree with fp32")
     for flag, typ in (("max-new-tokens", int), ("temperature", float), ("top-k", int), ("top-p", float),
                       ("repetition-penalty", float), ("seed", int)):
         p.add_argument(f"--{flag}", type=typ, default=None, help="default: the config's generate section")
@@ -193,7 +196,8 @@ def _chat(args: argparse.Namespace, cfg) -> int:
         model_dir, tok_dir = upstream("sft", cfg), upstream("tokenizer", cfg)
     else:
         model_dir, tok_dir = args.model, args.tokenizer
-    model, tok = load_model(model_dir, tokenizer=tok_dir, adapter=args.adapter, device=args.device)
+    model, tok = load_model(model_dir, tokenizer=tok_dir, adapter=args.adapter, device=args.device,
+                            dtype=args.dtype)
     # undecodable input bytes become U+FFFD (and a warning) instead of a crash
     for stream in (sys.stdin,):
         if hasattr(stream, "reconfigure"):

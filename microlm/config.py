@@ -126,7 +126,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA or CPU) | auto (bf16 where native: microlm.hw)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 100
@@ -195,9 +195,12 @@ class IEDataConfig:
 def trajectory_config(c: TrainConfig) -> dict:
     """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
     must match; logging, eval and checkpoint intervals do not count)."""
+    from microlm.hw import resolve_precision
+
     keys = ("batch_size", "seq_len", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay",
-            "decay_embeddings", "beta1", "beta2", "grad_clip", "precision")
-    return {k: getattr(c, k) for k in keys}
+            "decay_embeddings", "beta1", "beta2", "grad_clip")
+    # the precision this machine runs (``auto`` resolved): bf16 and fp32 curves drift apart
+    return {**{k: getattr(c, k) for k in keys}, "precision": resolve_precision(c.precision, c.device)}
 
 
 def _lora_train() -> TrainConfig:
@@ -423,7 +426,7 @@ def _validate_train(name: str, c: TrainConfig) -> None:
         (c.weight_decay >= 0, "weight_decay must be >= 0"),
         (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
         (c.grad_clip >= 0, "grad_clip must be >= 0"),
-        (c.precision in ("fp32", "bf16"), "precision must be fp32 or bf16"),
+        (c.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
         (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
         (min(c.eval_interval, c.eval_batches, c.ckpt_interval, c.log_interval) >= 1,
          "eval_interval, eval_batches, ckpt_interval and log_interval must be >= 1"),

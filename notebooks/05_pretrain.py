@@ -136,6 +136,42 @@ fpt = model.flops_per_token(cfg.pretrain.seq_len)
 assert all(math.isclose(r["flops_per_s"], r["tokens_per_s"] * fpt, rel_tol=1e-9) for r in train)
 
 # %% [markdown]
+# ## 3b · fp32 or bf16?
+#
+# `precision: auto` (the `cpu` and `gpu` profiles) runs the matrix products in **bfloat16 autocast**
+# where the hardware multiplies bf16 natively — a CPU with `avx512_bf16` or `amx_bf16` in its flags,
+# a GPU that supports it — with fp32 master weights, fp32 AdamW state and an fp32 loss; elsewhere it
+# runs fp32 (`microlm.hw`). On a CPU without those instructions bf16 products run a slow fallback,
+# so `auto` never picks it there. `benchmarks/bench_precision.py` trains the same seed on the same
+# batches both ways through this very `Trainer`; its curves, recorded on the machine named below:
+
+# %%
+import json as _json
+
+from microlm.config import REPO_ROOT, trajectory_config
+from microlm.hw import cpu_bf16
+
+native, why = cpu_bf16()
+print(f"this machine: bf16 native = {native} ({why}); this run trained in "
+      f"{trajectory_config(cfg.pretrain)['precision']}")
+bench = _json.loads((REPO_ROOT / "benchmarks" / "results" / "precision.json").read_text(encoding="utf-8"))
+fig, ax = plt.subplots(figsize=(7, 3.4))
+for name, c in bench["curves"].items():
+    ax.plot(c["steps"], c["loss"], label=f"{name}: {c['tokens_per_s']:,.0f} tokens/s")
+ax.set_xlabel("step")
+ax.set_ylabel("train loss")
+ax.set_title(f"same seed, same batches — {bench['scale']}\n({bench['host']['processor'] or bench['host']['machine']}, "
+             f"bf16 native: {bench['bf16_native']})", fontsize=9)
+ax.legend()
+plt.tight_layout()
+plt.show()
+d = bench["loss_difference"]
+print(f"|bf16 − fp32| train loss: max {d['max_abs']}, last quarter mean {d['last_quarter_mean_abs']}; "
+      f"bf16 / fp32 tokens/s ×{bench['bf16_over_fp32_tokens_per_s']}")
+# the two curves are the same run within bf16's rounding (tests/test_precision.py pins 0.05 nats)
+assert d["max_abs"] < 0.05 and len(bench["curves"]["fp32"]["loss"]) == len(bench["curves"]["bf16"]["loss"])
+
+# %% [markdown]
 # ## 4 · What it writes, step by step
 #
 # Samples from the same prompts at each evaluation (temperature 0.8, top-k 20, fixed seed). Early on

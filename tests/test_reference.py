@@ -25,6 +25,10 @@ def test_every_reference_names_a_data_source_the_course_can_have(monkeypatch):
         assert ref["source"] in ("embedded", "bundle"), ref["path"]
         assert ref["path"].endswith(f"pretrain_{ref['profile']}_{ref['source']}_{ref['precision']}.json")
         cfg = load_config(ref["profile"])
+        # the profile may run the reference's precision (``auto`` resolves per machine: a bf16 CPU
+        # runs the same profile in bf16 and has no reference for it, which is allowed)
+        assert cfg.pretrain.precision in ("auto", ref["precision"]), ref["path"]
+        cfg = load_config(ref["profile"], {"pretrain.precision": ref["precision"]})
         # the key is the profile's own: config, seed, steps, precision
         assert {k: ref[k] for k in ("profile", "seed", "precision", "config")} == {
             k: v for k, v in reference_key(cfg, "-").items() if k != "data_fingerprint"}, ref["path"]
@@ -39,7 +43,7 @@ def test_every_reference_names_a_data_source_the_course_can_have(monkeypatch):
 
 def test_find_reference_matches_data_and_precision(monkeypatch, tmp_path):
     monkeypatch.setattr(reference, "REFERENCE_DIR", tmp_path)
-    cfg = load_config("cpu")
+    cfg = load_config("cpu", {"pretrain.precision": "fp32"})  # auto would be bf16 on a bf16 CPU
     base = {**reference_key(cfg, "aaaa"), "source": "embedded", "val_loss": [5.0], "eval_steps": [1]}
     (tmp_path / "pretrain_cpu_embedded_fp32.json").write_text(json.dumps(base))
     (tmp_path / "pretrain_cpu_bundle_fp32.json").write_text(
@@ -49,7 +53,7 @@ def test_find_reference_matches_data_and_precision(monkeypatch, tmp_path):
     assert find_reference(cfg, "cccc") is None  # the user's own data: no reference, nothing asserted
     bf16 = load_config("cpu", {"pretrain.precision": "bf16"})
     assert find_reference(bf16, "aaaa") is None  # another dtype is another curve
-    other_steps = load_config("cpu", {"pretrain.max_steps": 900})
+    other_steps = load_config("cpu", {"pretrain.max_steps": 900, "pretrain.precision": "fp32"})
     assert find_reference(other_steps, "aaaa") is None
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from microlm.errors import MicroLMError
+from microlm.hw import resolve_dtype, torch_dtype
 from microlm.model.checkpoint import load_checkpoint, read_state
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import import_hf
@@ -18,10 +21,16 @@ __all__ = ["load_model"]
 
 
 def load_model(path: str | Path, *, tokenizer: str | Path | None = None, adapter: str | Path | None = None,
-               device: str = "cpu"):
+               device: str = "cpu", dtype: str = "fp32"):
     """``(model, tokenizer)`` from a Hugging Face folder (``config.json``), a stage folder with
     ``ckpt/`` or a checkpoint folder (``state.json``; the tokenizer from ``tokenizer`` or the
-    ``tokenizer/`` folder beside the stage).  ``adapter``: a LoRA folder saved by ``microlm lora``."""
+    ``tokenizer/`` folder beside the stage).  ``adapter``: a LoRA folder saved by ``microlm lora``.
+    ``dtype``: the weights for inference — ``fp32``, ``bf16`` or ``auto`` (bf16 where the hardware
+    has it natively: ``microlm.hw``)."""
+    try:
+        weights = torch_dtype(resolve_dtype(dtype, device))
+    except ValueError as e:
+        raise MicroLMError(str(e)) from None
     path = Path(path)
     if not path.exists():
         raise MicroLMError(f"model path not found: {path}")
@@ -46,4 +55,6 @@ def load_model(path: str | Path, *, tokenizer: str | Path | None = None, adapter
     if adapter is not None:
         load_adapter(model, adapter)
         model.eval()
+    if weights != torch.float32:
+        model.cast(weights)
     return model, tok

@@ -234,6 +234,14 @@ class TransformerLM(nn.Module):
             return logits, loss, weights
         return logits, loss
 
+    def cast(self, dtype: torch.dtype) -> TransformerLM:
+        """Weights (and so the KV cache and activations) in ``dtype`` for inference — e.g. bfloat16
+        halves the bytes each decoded token reads.  The RoPE tables stay fp32 (the rotation and the
+        norms compute in fp32 whatever the weights)."""
+        self.to(dtype)
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        return self
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = next(self.parameters())
         return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microlm.config import Config
+from microlm.config import Config, trajectory_config
 from microlm.errors import MicroLMError
+from microlm.hw import autocast
 from microlm.io import write_json
 from microlm.model import TransformerLM
 from microlm.runs import StageRun
@@ -84,7 +86,7 @@ class Evaluator:
         nll, n_tok, n_bytes = 0.0, 0, 0
         for i in range(self.n_batches):
             x, y = self.src.gather(self.src.starts(i))
-            with self.amp or torch.autocast("cpu", enabled=False):
+            with self.amp or contextlib.nullcontext():
                 logits, _ = model(x.to(self.device))
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
                                                      reduction="sum")
@@ -146,8 +148,7 @@ def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, res
         n_params = model.num_parameters()
         batches = WindowBatches(train_bin, tc.seq_len, tc.batch_size, cfg.seed)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" and
-               dist.device.startswith("cuda") else None)
+        amp = autocast(tc.precision, dist.device)
         evaluator = Evaluator(val_bin, tc.seq_len, micro, tc.eval_batches, cfg.seed, byte_lengths(tok),
                               dist.device, amp)
         sampler = Sampler(tok, tc.sample_prompts, tc.sample_tokens, dist.device, cfg.seed) if tc.sample_tokens else None
@@ -207,6 +208,7 @@ def summarize(out_dir: Path, cfg: Config, n_params: int, train_bin: Path, second
         "seconds_this_run": round(seconds, 1),
         "tokens_per_s": round(float(np.median(tps)), 1) if tps else None,
         "processes": world,
+        "precision": trajectory_config(cfg.pretrain)["precision"],
         "final_train_loss": train[-1]["loss"] if train else None,
         "final_val_loss": last.get("val_loss"),
         "final_val_bpb": last.get("val_bpb"),

@@ -6,7 +6,8 @@ A reference is a finished pretraining run written to ``data/reference_curves/`` 
 * the profile's model config and step count (same config → same curve),
 * the **data fingerprint** — the corpus stage's fingerprint (source file contents, cleaning config,
   code version), so a fresh machine's embedded corpus and the data bundle each have their own,
-* the training precision (``pretrain.precision``), since bf16 and fp32 runs drift apart.
+* the training precision this machine runs (``pretrain.precision`` with ``auto`` resolved by
+  ``microlm.hw``), since bf16 and fp32 runs drift apart.
 
 ``find_reference`` returns the matching record or ``None``; with data of your own there is none, and
 the notebook shows the recorded curves for comparison without asserting that yours lands on them.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from microlm.config import REPO_ROOT, Config
+from microlm.config import REPO_ROOT, Config, trajectory_config
 
 __all__ = ["REFERENCE_DIR", "reference_key", "reference_path", "references", "find_reference", "LANDING_GAP"]
 
@@ -27,7 +28,7 @@ LANDING_GAP = 0.15  # nats: a same-key run's final val loss lands this close to 
 
 def reference_key(cfg: Config, data_fingerprint: str) -> dict:
     return {"profile": cfg.profile, "seed": cfg.seed, "data_fingerprint": data_fingerprint,
-            "precision": cfg.pretrain.precision,
+            "precision": trajectory_config(cfg.pretrain)["precision"],
             "config": {"model": cfg.model.to_dict(), "steps": cfg.pretrain.max_steps}}
 
 

@@ -24,6 +24,7 @@ import torch
 
 from microlm.config import TrainConfig, trajectory_config
 from microlm.errors import MicroLMError
+from microlm.hw import autocast, resolve_precision
 from microlm.model.checkpoint import load_checkpoint, save_checkpoint
 from microlm.train.dist import DistInfo
 
@@ -94,8 +95,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
-        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" and
-                    self.device.startswith("cuda") else contextlib.nullcontext())
+        self.precision = resolve_precision(tc.precision, self.device)
+        self.amp = autocast(tc.precision, self.device)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
