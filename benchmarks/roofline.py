@@ -18,12 +18,10 @@ import time
 
 import torch
 
-from microlm.hw import cpu_bf16
+from microlm.hw import cpu_bf16, torch_dtype
 
-__all__ = ["DTYPES", "native", "gemm_peak", "stream_bandwidth", "machine_limits", "decode_bytes_per_token",
+__all__ = ["native", "gemm_peak", "stream_bandwidth", "machine_limits", "decode_bytes_per_token",
            "roofline"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def native(dtype: str) -> bool:
@@ -43,7 +41,7 @@ def _best_rate(fn, work: float, reps: int, inner: int) -> float:
 
 def gemm_peak(dtype: str, reps: int = 3) -> dict:
     """``{"gflops", "sizes"}``: best GEMM rate in ``dtype``."""
-    dt = DTYPES[dtype]
+    dt = torch_dtype(dtype)
     sizes = (1024, 2048) if native(dtype) else (256,)
     best = 0.0
     for n in sizes:
@@ -54,7 +52,7 @@ def gemm_peak(dtype: str, reps: int = 3) -> dict:
 
 def stream_bandwidth(dtype: str, mib: int = 256, reps: int = 5) -> dict:
     """``{"gb_s", "matrix_mib"}``: bytes of a weight matrix read per second by ``W @ x`` (batch 1)."""
-    dt = DTYPES[dtype]
+    dt = torch_dtype(dtype)
     size = torch.tensor([], dtype=dt).element_size()
     if not native(dtype):
         mib = 32  # the fallback is compute-bound: a smaller matrix says as much, sooner
@@ -79,7 +77,7 @@ def machine_limits(dtypes=("fp32", "bf16")) -> dict:
 def decode_bytes_per_token(model, dtype: str, context: float, batch: int = 1) -> float:
     """Bytes one decode step reads per token: all weights except the embedding table (one row of it
     per sequence), shared by the batch, plus each sequence's KV cache at ``context`` positions."""
-    size = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+    size = torch.tensor([], dtype=torch_dtype(dtype)).element_size()
     cfg = model.cfg
     n = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
     if cfg.tie_embeddings:
