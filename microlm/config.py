@@ -192,6 +192,38 @@ class IEDataConfig:
     token_sample: int = 0  # step 06: examples measured per split and tokenizer (0 = all; eval prompts always all)
 
 
+def _ie_lora_train() -> TrainConfig:
+    return TrainConfig(batch_size=8, seq_len=1024, max_steps=100, lr=2e-4, min_lr=2e-5, warmup_steps=10,
+                       weight_decay=0.0, eval_interval=50, ckpt_interval=50, log_interval=5, sample_tokens=0)
+
+
+def _ie_lora_runs() -> list[dict[str, str]]:
+    return [{"name": "qwen2.5-1.5b", "base": "Qwen/Qwen2.5-1.5B-Instruct", "engine": "peft"}]
+
+
+IE_LORA_ENGINES = ("peft", "microlm")
+
+
+@dataclass
+class IELoRAConfig:
+    """Stage B3: LoRA on a causal LM for the IE task, one adapter per entry of ``runs`` (``name``;
+    ``base`` = ``hf`` (the hf stage's MicroLM export), a local folder or a hub id; ``engine`` = ``peft``
+    | ``microlm``).  Defaults are the Qwen2.5-1.5B-Instruct recipe: r 8, alpha 16, dropout 0.05 on
+    every linear projection of the blocks (never ``lm_head`` or the embeddings)."""
+
+    runs: list[dict[str, str]] = field(default_factory=_ie_lora_runs)
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    cutoff_tokens: int | None = None  # longer examples dropped (counted); None = the base's context / ie_data's
+    group: int = 50  # length grouping: mega-batches of group × batch_size examples sorted by length
+    gradient_checkpointing: bool = False
+    val_examples: int = 200  # held-out examples in the val loss (0 = all of 06_val.jsonl)
+    train: TrainConfig = field(default_factory=_ie_lora_train)
+
+
 def trajectory_config(c: TrainConfig) -> dict:
     """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
     must match; logging, eval and checkpoint intervals do not count)."""
@@ -260,6 +292,7 @@ class Config:
     hf: HFConfig = field(default_factory=HFConfig)
     generate: GenerationConfig = field(default_factory=GenerationConfig)  # A8: chat, export defaults
     ie_data: IEDataConfig = field(default_factory=IEDataConfig)  # B1–B2
+    ie_lora: IELoRAConfig = field(default_factory=IELoRAConfig)  # B3
 
     @property
     def run_path(self) -> Path:
@@ -381,6 +414,7 @@ def _validate(cfg: Config) -> None:
     if cfg.hf.source not in EXPORT_SOURCES:
         raise ConfigError(f"hf.source must be one of {', '.join(EXPORT_SOURCES)}, got {cfg.hf.source!r}")
     _validate_ie_data(cfg.ie_data)
+    _validate_ie_lora(cfg.ie_lora)
     try:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
@@ -413,6 +447,27 @@ def _validate_ie_data(c: IEDataConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"ie_data.{msg}")
+
+
+def _validate_ie_lora(c: IELoRAConfig) -> None:
+    names = [r.get("name", "") for r in c.runs]
+    for r in c.runs:
+        extra = sorted(set(r) - {"name", "base", "engine"})
+        if extra or not r.get("name") or not r.get("base"):
+            raise ConfigError(f"ie_lora.runs: each run is {{name, base, engine}}; got {r}")
+        if r.get("engine", "peft") not in IE_LORA_ENGINES:
+            raise ConfigError(f"ie_lora.runs: engine {r.get('engine')!r} is not one of {', '.join(IE_LORA_ENGINES)}")
+        if not regex.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r["name"]):
+            raise ConfigError(f"ie_lora.runs: name {r['name']!r} must be a folder name (letters, digits, . _ -)")
+    if not c.runs or len(set(names)) != len(names):
+        raise ConfigError("ie_lora.runs must list at least one run, with distinct names")
+    if c.r < 1 or c.alpha <= 0 or not 0 <= c.dropout < 1 or not c.targets:
+        raise ConfigError("ie_lora: need r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target")
+    if any(t in ("lm_head", "embed_tokens") for t in c.targets):
+        raise ConfigError("ie_lora.targets: lm_head and the embeddings are never adapted")
+    if (c.cutoff_tokens is not None and c.cutoff_tokens < 16) or c.group < 1 or c.val_examples < 0:
+        raise ConfigError("ie_lora: cutoff_tokens >= 16 (or null), group >= 1, val_examples >= 0")
+    _validate_train("ie_lora.train", c.train)
 
 
 def _validate_train(name: str, c: TrainConfig) -> None:

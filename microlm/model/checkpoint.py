@@ -1,6 +1,9 @@
 """Checkpoints: ``model.safetensors`` + ``optimizer.pt`` (tensors only, loaded with
 ``weights_only=True``) + ``state.json`` (step, configs, RNG state), written into a fresh folder that
-replaces the old one atomically, so a crash mid-write leaves the last good checkpoint intact."""
+replaces the old one atomically, so a crash mid-write leaves the last good checkpoint intact.
+
+``trainable_only=True`` (adapter training on a large frozen base, stage B3) keeps only the parameters
+that train — the base is re-read from where it came from — and loading then requires exactly those."""
 
 from __future__ import annotations
 
@@ -35,13 +38,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict) -> Path:
+                    state: dict, *, trainable_only: bool = False) -> Path:
     """Write a checkpoint folder atomically; ``state`` must be JSON-serialisable."""
+    from safetensors.torch import save_file
+
     ckpt_dir = Path(ckpt_dir)
     with staged_dir(ckpt_dir) as tmp:
         try:
-            save_model(_unwrap(model), str(tmp / "model.safetensors"))
+            if trainable_only:
+                save_file(_trainable(model), str(tmp / "model.safetensors"), metadata={"trainable_only": "1"})
+            else:
+                save_model(_unwrap(model), str(tmp / "model.safetensors"))
         except SafetensorError as e:
             raise _os_error(e, tmp / "model.safetensors") from None
         extra = {"torch_rng": torch.get_rng_state()}
@@ -96,7 +108,7 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, expect: dict | None = None, restore_rng: bool = True) -> dict:
+                    *, expect: dict | None = None, restore_rng: bool = True, trainable_only: bool = False) -> dict:
     """Load weights (and optimizer + RNG state) into ``model``/``optimizer``; return ``state.json``.
 
     ``expect``: entries of ``state`` that must match (e.g. the model config); a mismatch raises one
@@ -112,7 +124,17 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: tor
     if not weights.is_file():
         raise MicroLMError(f"checkpoint file missing: {weights}")
     try:
-        missing, unexpected = load_model(_unwrap(model), str(weights), strict=False)
+        if trainable_only:
+            saved = load_tensors(weights)
+            want = _trainable(model)
+            missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+            if not missing and not unexpected:
+                with torch.no_grad():
+                    params = dict(_unwrap(model).named_parameters())
+                    for name, t in saved.items():
+                        params[name].copy_(t)
+        else:
+            missing, unexpected = load_model(_unwrap(model), str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise MicroLMError(f"corrupt checkpoint file {weights}: {str(e).splitlines()[0]}") from None
     if missing or unexpected:

@@ -63,8 +63,9 @@ class Trainer:
                  evaluate: Callable[[torch.nn.Module], dict] | None = None,
                  sample: Callable[[torch.nn.Module], list[str]] | None = None, progress: bool = True,
                  tokens_per_step: int | None = None, flops_per_token: float | None = None,
-                 on_step: Callable[[int, dict], None] | None = None):
+                 on_step: Callable[[int, dict], None] | None = None, trainable_only: bool = False):
         self.tc = tc
+        self.trainable_only = trainable_only  # checkpoints hold the trainable weights only (adapters)
         self.dist = dist or DistInfo()
         self.out = Path(out_dir)
         self.batches = batches
@@ -125,7 +126,8 @@ class Trainer:
 
     def _save(self, step: int, extra: dict) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self._state(step, extra))
+            save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self._state(step, extra),
+                            trainable_only=self.trainable_only)
         if self.dist.distributed:
             torch.distributed.barrier()
 
@@ -167,7 +169,8 @@ class Trainer:
         start = 0
         if resume:
             state = load_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer,
-                                    expect={k: v for k, v in self._state(0, {}).items() if k != "step"})
+                                    expect={k: v for k, v in self._state(0, {}).items() if k != "step"},
+                                    trainable_only=self.trainable_only)
             start = int(state["step"])
             self._truncate_metrics(start)
             if self.dist.is_main:

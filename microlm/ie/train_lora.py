@@ -1,0 +1,320 @@
+"""Stage B3 (``microlm ie-lora``): LoRA on a causal LM for relation extraction, two engines.
+
+The base is a ``transformers`` causal LM — a hub id (``Qwen/Qwen2.5-1.5B-Instruct`` at the ``gpu``
+profile, through ``transformers``' own cache, ``HF_HUB_OFFLINE=1`` respected) or a local folder (the
+``hf`` stage's MicroLM export at the ``cpu`` profile).  It trains on ``ie_data``'s rendered chat
+lines (``06_train.jsonl``; the loss on the answer and its ``<|im_end|>`` only, see
+``microlm/ie/lora_data.py``) with one of two engines:
+
+- ``peft``: ``peft.get_peft_model`` on the ``transformers`` model — what practitioners run;
+- ``microlm``: pipeline A's from-scratch LoRA (``microlm/model/lora.py``) on the same weights imported
+  into ``TransformerLM`` (Llama-architecture bases only) — saved in PEFT's format, so the rest of
+  pipeline B (merge, evaluation, serving) cannot tell the two apart.
+
+Both run in the project's own ``Trainer`` (the loop of pipeline A: AdamW, warmup + cosine, clipping,
+exact resume, ``torchrun``/DDP, metrics.jsonl), so the engines see the same batches and the same loss
+normalisation, and a killed run resumes from its last checkpoint — which holds only the trainable
+weights (the adapters), not a copy of the base.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from microlm.errors import MicroLMError
+
+__all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_folder", "load_tokenizer",
+           "load_base", "attach_peft", "attach_microlm", "copy_microlm_init_to_peft", "template_mismatch"]
+
+# Qwen2.5 / Llama projection names: every linear layer of the blocks; never lm_head or embeddings
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_share(model_config, r: int, targets, dtype=torch.float32) -> dict:
+    """Trainable parameters of LoRA ``r`` on ``targets`` for an architecture given by its
+    ``transformers`` config (a ``PretrainedConfig`` or a dict with ``model_type``) — built on the meta
+    device, so no weights are read or allocated (Qwen2.5-1.5B at r=8 all-linear: 0.59 %)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(model_config, dict):
+        d = dict(model_config)
+        model_config = AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        per_type: dict[str, int] = {}
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                      task_type="CAUSAL_LM"))
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            kind = name.split(".lora_")[0].rsplit(".", 1)[-1]
+            per_type[kind] = per_type.get(kind, 0) + p.numel()
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return {"trainable": trainable, "total": total, "base": total - trainable,
+            "percent": round(100 * trainable / total, 4), "per_module": dict(sorted(per_type.items()))}
+
+
+def peft_targets_to_logical(targets) -> list[str]:
+    """PEFT/Llama module names → the logical names of ``microlm.model.lora`` (``q_proj`` → ``q``)."""
+    from microlm.model.lora import LLAMA_PROJ
+
+    inv = {v.rsplit(".", 1)[-1]: k for k, v in LLAMA_PROJ.items()}
+    bad = [t for t in targets if t not in inv]
+    if bad:
+        raise MicroLMError(f"the microlm engine adapts {', '.join(inv)}; not {', '.join(bad)}")
+    return [inv[t] for t in targets]
+
+
+def check_base_folder(folder: Path) -> None:
+    """A local base model folder must hold a config, weights and a tokenizer with a chat template."""
+    if not folder.is_dir():
+        raise MicroLMError(f"base model folder {folder} does not exist")
+    missing = [n for n in ("config.json",) if not (folder / n).is_file()]
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        missing.append("model weights (*.safetensors)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.model").is_file():
+        missing.append("tokenizer.json")
+    if missing:
+        raise MicroLMError(f"base model folder {folder} is missing {', '.join(missing)}")
+
+
+def _resolve(base: str) -> str:
+    p = Path(base)
+    if p.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
+        check_base_folder(p.expanduser())
+        return str(p.expanduser())
+    return base  # a hub id: transformers' cache rules (HF_HUB_OFFLINE=1 → the cache only)
+
+
+def _hub_error(base: str, e: Exception) -> MicroLMError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "it is not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else str(e).splitlines()[0]
+    return MicroLMError(f"cannot load base model {base!r}: {why}")
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    src = _resolve(base)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise _hub_error(base, e) from None
+    if not getattr(tok, "chat_template", None):
+        raise MicroLMError(f"the tokenizer of {base} has no chat template: cannot render the IE conversations")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def template_mismatch(tok, messages: list[dict]) -> str | None:
+    """``None`` when ``tok``'s chat template renders ``messages`` as ChatML the way ``ie_data`` rendered
+    them (``microlm.tokenizer.render_chat``); else where the two texts first differ."""
+    from microlm.tokenizer.tokenizer import render_chat
+
+    want = render_chat(messages)
+    got = tok.apply_chat_template(messages, tokenize=False)
+    if got == want:
+        return None
+    i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    return f"at character {i}: template gives {got[max(0, i - 20):i + 30]!r}, the data {want[max(0, i - 20):i + 30]!r}"
+
+
+def load_base(base: str, dtype: torch.dtype = torch.float32):
+    """The ``transformers`` causal LM of ``base`` (un-quantized; a quantized base is refused)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = _resolve(base)
+    try:
+        conf = AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise _hub_error(base, e) from None
+    if getattr(conf, "quantization_config", None):
+        method = getattr(conf.quantization_config, "quant_method", None) or dict(conf.quantization_config).get(
+            "quant_method", "?")
+        raise MicroLMError(f"base model {base} is quantized ({method}): the IE LoRA and the merge need the "
+                           f"un-quantized weights (merging into quantized weights loses the adapter's precision)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _hub_error(base, e) from None
+
+
+def attach_peft(model, r: int, alpha: float, dropout: float, targets):
+    """``get_peft_model`` with LoRA on ``targets`` (a target that matches no module is an error)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise MicroLMError(f"LoRA target(s) {', '.join(unknown)} match no linear layer of the base model "
+                           f"(its linear layers: {', '.join(sorted(names))})")
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=list(targets), bias="none", task_type="CAUSAL_LM"))
+
+
+def attach_microlm(folder: str | Path, r: int, alpha: float, dropout: float, targets):
+    """The Llama-architecture base imported into ``TransformerLM`` with pipeline A's LoRA on ``targets``
+    (PEFT names); ``(model, LoRAConfig, report)``."""
+    from microlm.model.hf_export import import_hf
+    from microlm.model.lora import LoRAConfig, apply_lora
+
+    model, _ = import_hf(folder)
+    lcfg = LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=peft_targets_to_logical(targets))
+    report = apply_lora(model, lcfg)
+    return model.train(), lcfg, report
+
+
+def copy_microlm_init_to_peft(microlm_model, peft_model) -> int:
+    """Give the PEFT model the from-scratch engine's initial ``A``/``B`` matrices (so the two engines
+    can be compared step by step); the number of tensors copied."""
+    from peft import set_peft_model_state_dict
+
+    from microlm.model.lora import adapter_state_dict
+
+    sd = adapter_state_dict(microlm_model)
+    result = set_peft_model_state_dict(peft_model, sd)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise MicroLMError(f"adapter tensors that fit no PEFT module: {unexpected[:3]}")
+    return len(sd)
+
+
+class ValLoss:
+    """Answer-token loss (summed ÷ trained tokens) on fixed held-out examples, longest first."""
+
+    def __init__(self, examples, batch_size: int, pad_id: int, device: str, amp=None):
+        from microlm.ie.lora_data import LengthGroupedBatches
+
+        self.examples = sorted(examples, key=lambda e: -len(e.ids))
+        self.src = LengthGroupedBatches(self.examples, 1, pad_id, 0)  # collate only
+        self.bs, self.device, self.amp = batch_size, device, amp
+
+    @torch.no_grad()
+    def __call__(self, wrapped) -> dict:
+        import contextlib
+        import math
+
+        was = wrapped.training
+        wrapped.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.examples), self.bs):
+            x, y, _ = self.src.collate(range(i, min(len(self.examples), i + self.bs)), 1.0)
+            with self.amp or contextlib.nullcontext():
+                total += float(wrapped.summed(x.to(self.device), y.to(self.device)))
+            count += int((y[:, 1:] != -100).sum())
+        wrapped.train(was)
+        val = total / max(count, 1)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
+
+
+def build_engine(engine: str, base: str, lc, *, dtype: torch.dtype = torch.float32):
+    """``(causal LM with adapters, what to save it with)`` for ``engine`` = ``peft`` | ``microlm``."""
+    if engine == "peft":
+        model = load_base(base, dtype)
+        if lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return attach_peft(model, lc.r, lc.alpha, lc.dropout, lc.targets), None
+    if engine == "microlm":
+        folder = Path(_resolve(base))
+        if not folder.is_dir():
+            raise MicroLMError(f"the microlm engine needs a local Llama-architecture folder, not {base!r}")
+        model, lcfg, _ = attach_microlm(folder, lc.r, lc.alpha, lc.dropout, lc.targets)
+        return model, lcfg
+    raise MicroLMError(f"unknown ie_lora engine {engine!r} (peft | microlm)")
+
+
+def trainable_report(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4)}
+
+
+def read_lines(path: Path, limit: int | None = None) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line))
+                if limit and len(out) >= limit:
+                    break
+    return out
+
+
+def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, resume: bool = False,
+                  progress: bool = True, stop_after: int | None = None, dist=None, init_from=None) -> dict:
+    """Train one ``ie_lora`` run (``{"name", "base", "engine"}``) on ``data_dir``'s rendered lines into
+    ``out_dir`` (``adapter/`` in PEFT format + tokenizer files, ``metrics.jsonl``, ``curves.png``,
+    ``report.json``).  ``init_from``: a from-scratch LoRA model whose initial A/B the PEFT engine copies."""
+    import time
+
+    from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
+    from microlm.io import write_json
+    from microlm.train.dist import distributed
+    from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
+    from microlm.train.trainer import Trainer
+
+    lc = cfg.ie_lora
+    tc = lc.train
+    with distributed(tc.device, dist) as dist:
+        tok = load_tokenizer(base)
+        train_lines = read_lines(data_dir / "06_train.jsonl")
+        val_lines = read_lines(data_dir / "06_val.jsonl", lc.val_examples or None)
+        why = template_mismatch(tok, train_lines[0]["messages"])
+        if why:
+            raise MicroLMError(f"the chat template of {base} differs from the one ie_data rendered with ({why})")
+        enc = ChatEncoder(tok)
+        torch.manual_seed(cfg.seed)
+        model, lcfg = build_engine(run["engine"], base, lc)
+        limit = getattr(getattr(model, "cfg", None), "max_seq_len", None) or getattr(
+            model.config, "max_position_embeddings", None)
+        cutoff = min(x for x in (lc.cutoff_tokens, limit, cfg.ie_data.cutoff_tokens) if x)
+        train_ex, counts = encode_chats(enc, train_lines, cutoff)
+        val_ex, val_counts = encode_chats(enc, val_lines, cutoff)
+        if init_from is not None:
+            copy_microlm_init_to_peft(init_from, model)
+        wrapped = SummedTokenLoss(model)
+        batches = LengthGroupedBatches(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, group=lc.group)
+        mean_len = sum(len(e.ids) for e in train_ex) / len(train_ex)
+        micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
+        trainer = Trainer(wrapped, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed, progress=progress,
+                          tokens_per_step=round(tc.batch_size * mean_len), trainable_only=True,
+                          run_meta={"stage": "ie_lora", "run": run, "base": base,
+                                    "lora": {k: getattr(lc, k) for k in ("r", "alpha", "dropout", "targets")},
+                                    "model": {"cutoff": cutoff}})
+        trainer.evaluate = ValLoss(val_ex, micro, tok.pad_token_id, dist.device, trainer.amp)
+        base_eval = trainer.evaluate(trainer.raw_model) if dist.is_main and not resume else None
+        t0 = time.time()
+        result = trainer.fit(resume=resume, stop_after=stop_after)
+        seconds = time.time() - t0
+        report: dict = {}
+        if dist.is_main:
+            adapter = out_dir / "adapter"
+            if lcfg is None:
+                model.save_pretrained(adapter)
+            else:
+                from microlm.model.lora import save_adapter
+
+                save_adapter(model, lcfg, adapter, base_model_name=str(base))
+            tok.save_pretrained(adapter)
+            real = sum(len(e.ids) for s in range(result["steps"]) for e in
+                       (batches.examples[int(r)] for r in batches.rows(s)))
+            train, evals = read_metrics(out_dir)
+            report = {"run": run, "base": base, "engine": run["engine"], "params": trainable_report(model),
+                      "cutoff": cutoff, "train_data": counts, "val_data": val_counts,
+                      "trained_token_share": round(counts["trained_tokens"] / max(1, counts["tokens"]), 4),
+                      "steps": result["steps"], "seconds_this_run": round(seconds, 1), "precision": trainer.precision,
+                      "useful_tokens_per_s": round(real / max(seconds, 1e-9), 1) if not resume else None,
+                      **loss_fields(train, evals, base_eval)}
+            write_json(out_dir / "report.json", report)
+            plot_curves(out_dir, train, evals)
+        return report

@@ -1,0 +1,212 @@
+"""Stage B3: the IE LoRA — trainable share from the architecture alone, the two engines step for step,
+a killed run that resumes, and the bad inputs (one-line errors)."""
+
+import json
+
+import pytest
+import torch
+
+from microlm.config import load_config
+from microlm.errors import ConfigError, MicroLMError
+from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
+from microlm.ie.render import render_example
+from microlm.ie.train_lora import (ALL_LINEAR, attach_microlm, attach_peft, copy_microlm_init_to_peft, load_base,
+                                   load_tokenizer, lora_share, train_ie_lora)
+from microlm.model import TransformerLM
+from microlm.model.config import ModelConfig
+from microlm.model.hf_export import export_hf
+from microlm.train.trainer import Trainer
+
+QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+RELS = ["出生地点", "毕业院校", "国籍", "职业"]
+PEOPLE = [("李白", "碎叶城"), ("杜甫", "巩县"), ("苏轼", "眉山"), ("王维", "祁县"), ("白居易", "新郑"), ("韩愈", "河阳")]
+
+
+def ie_lines(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        head, tail = PEOPLE[i % len(PEOPLE)]
+        text = f"{head}生于{tail}。" * (1 + i % 3)
+        inst = json.dumps({"instruction": "抽取关系", "schema": RELS[: 1 + i % 4], "input": text}, ensure_ascii=False)
+        gold = {r: ([{"subject": head, "object": tail}] if r == "出生地点" else []) for r in RELS[: 1 + i % 4]}
+        ex = {"id": f"r{i}", "record_id": f"r{i}", "cate": "人物", "source": "test", "instruction": inst,
+              "output": json.dumps(gold, ensure_ascii=False)}
+        out.append(render_example(ex))
+    return out
+
+
+@pytest.fixture
+def tiny_llama(tmp_path, chat_tok):
+    """A tiny MicroLM exported as a Llama folder (the cpu profile's base, in miniature)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=chat_tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                      max_seq_len=1024)
+    model = TransformerLM(cfg)
+    return export_hf(model, chat_tok, tmp_path / "base")
+
+
+def test_the_trainable_share_of_qwen25_15b_is_pinned_from_its_config_alone():
+    share = lora_share(QWEN25_15B, 8, ALL_LINEAR)  # the meta device: no weights anywhere
+    assert share["trainable"] == 28 * 8 * (2 * (1536 + 1536) + 2 * (1536 + 256) + 3 * (1536 + 8960))
+    assert share["base"] == 1_543_714_304  # Qwen2.5-1.5B, tied embeddings
+    assert round(share["percent"], 2) == 0.59
+    assert set(share["per_module"]) == set(ALL_LINEAR)
+
+
+def _train(model, lines, tok, steps, tmp, *, peft_init=None):
+    tc = load_config("smoke").lora.train
+    tc.__dict__.update(batch_size=4, max_steps=steps, lr=3e-2, min_lr=3e-3, warmup_steps=0, weight_decay=0.0,
+                       eval_interval=10**6, ckpt_interval=10**6, log_interval=1, precision="fp32", grad_clip=1.0)
+    exs, _ = encode_chats(ChatEncoder(tok), lines, 1024)
+    assert len(exs) == len(lines)
+    losses = []
+    trainer = Trainer(SummedTokenLoss(model), tc, tmp, batches=LengthGroupedBatches(exs, 4, tok.pad_token_id, 7,
+                                                                                   group=2),
+                      progress=False, on_step=lambda s, rec: losses.append(rec["loss"]), trainable_only=True)
+    trainer.fit()
+    return losses
+
+
+def test_the_two_engines_train_the_same_adapter_step_for_step(tiny_llama, tmp_path):
+    """Pipeline A's from-scratch LoRA on TransformerLM and PEFT on transformers' Llama, from the same
+    initial A/B on the same batches: the same losses for 25 steps (within 1e-4)."""
+    tok = load_tokenizer(str(tiny_llama))
+    lines = ie_lines(24)
+    ours, lcfg, rep = attach_microlm(tiny_llama, 4, 8.0, 0.0, ALL_LINEAR)
+    theirs = attach_peft(load_base(str(tiny_llama)), 4, 8.0, 0.0, ALL_LINEAR)
+    assert copy_microlm_init_to_peft(ours, theirs) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert n_ours == theirs.get_nb_trainable_parameters()[0] == rep["adapter_params"]
+    a = _train(ours, lines, tok, 25, tmp_path / "a")
+    b = _train(theirs, lines, tok, 25, tmp_path / "b")
+    assert len(a) == len(b) == 25 and a[-1] < a[0] - 0.2  # it learns
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+
+
+def _cfg(tmp_path, **extra):
+    return load_config("smoke", {"run_dir": str(tmp_path / "runs"), "ie_lora.r": 4, "ie_lora.alpha": 8.0,
+                                 "ie_lora.train.batch_size": 4, "ie_lora.train.max_steps": 6,
+                                 "ie_lora.train.ckpt_interval": 2, "ie_lora.train.eval_interval": 3,
+                                 "ie_lora.train.log_interval": 1, "ie_lora.train.warmup_steps": 1,
+                                 "ie_lora.val_examples": 8, **extra})
+
+
+def _data(tmp_path):
+    d = tmp_path / "ie_data"
+    d.mkdir()
+    for split, n in (("train", 20), ("val", 8)):
+        (d / f"06_{split}.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in ie_lines(n)),
+                                             encoding="utf-8")
+    return d
+
+
+@pytest.mark.parametrize("engine", ["peft", "microlm"])
+def test_a_killed_run_resumes_and_its_adapter_loads(tiny_llama, tmp_path, engine):
+    from peft import PeftModel
+
+    cfg = _cfg(tmp_path)
+    data, out = _data(tmp_path), tmp_path / "run"
+    run = {"name": "t", "base": "hf", "engine": engine}
+    train_ie_lora(cfg, run, str(tiny_llama), data, out, progress=False, stop_after=3)
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert state["step"] == 2  # checkpoints every 2 steps: the kill at 3 loses one step
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "ckpt" / "model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # the adapters only, not the base
+    rep = train_ie_lora(cfg, run, str(tiny_llama), data, out, progress=False, resume=True)
+    assert rep["steps"] == 6
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the lines after the checkpoint were dropped and redone
+    merged = PeftModel.from_pretrained(load_base(str(tiny_llama)), out / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base_logits = load_base(str(tiny_llama))(ids).logits
+    assert not torch.allclose(merged(ids).logits, base_logits)  # the adapter changes the model
+    assert (out / "adapter" / "tokenizer.json").is_file() and (out / "curves.png").is_file()
+
+
+def test_bad_bases_and_settings_are_one_line_errors(tiny_llama, tmp_path):
+    import shutil
+
+    with pytest.raises(MicroLMError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(MicroLMError, match="missing tokenizer.json"):
+        load_tokenizer(str(broken))
+    no_template = tmp_path / "no_template"
+    shutil.copytree(tiny_llama, no_template)
+    conf = json.loads((no_template / "tokenizer_config.json").read_text())
+    conf.pop("chat_template")
+    (no_template / "tokenizer_config.json").write_text(json.dumps(conf))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(MicroLMError, match="no chat template"):
+        load_tokenizer(str(no_template))
+    with pytest.raises(MicroLMError, match="match no linear layer"):
+        attach_peft(load_base(str(tiny_llama)), 4, 8.0, 0.0, ["q_proj", "qkv"])
+    quant = tmp_path / "quant"
+    shutil.copytree(tiny_llama, quant)
+    conf = json.loads((quant / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quant / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(MicroLMError, match="quantized"):
+        load_base(str(quant))
+    with pytest.raises(ConfigError, match="never adapted"):
+        load_config("smoke", {"ie_lora.targets": ["q_proj", "lm_head"]})
+    with pytest.raises(ConfigError, match="engine"):
+        load_config("smoke", {"ie_lora.runs": [{"name": "a", "base": "hf", "engine": "trl"}]})
+    other = tmp_path / "other_template"
+    shutil.copytree(tiny_llama, other)
+    conf = json.loads((other / "tokenizer_config.json").read_text())
+    conf["chat_template"] = conf["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+    (other / "tokenizer_config.json").write_text(json.dumps(conf))
+    cfg = _cfg(tmp_path)
+    with pytest.raises(MicroLMError, match="differs from the one ie_data rendered"):
+        train_ie_lora(cfg, {"name": "t", "base": "x", "engine": "peft"}, str(other), _data(tmp_path),
+                      tmp_path / "o", progress=False)
+
+
+def tiny_qwen2(folder, tokenizer_dir=None, chat_tok=None):
+    """A randomly initialised Qwen2ForCausalLM with Qwen2.5's architecture features (q/k/v bias, GQA,
+    tied embeddings, rope theta 1e6) and the real Qwen2.5 tokenizer (or, without the data bundle, the
+    MicroLM tokenizer: the same ChatML template)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from microlm.tokenizer.hf import write_hf_tokenizer
+
+    if tokenizer_dir is None:
+        write_hf_tokenizer(chat_tok, folder)
+        tokenizer_dir = folder
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    conf = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+                       max_position_embeddings=2048, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    Qwen2ForCausalLM(conf).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_peft_trains_a_tiny_qwen2_with_the_real_qwen_tokenizer(tmp_path, chat_tok):
+    from .conftest import real_data_available
+    from .test_ie_lora_data import _tokenizers
+
+    toks = _tokenizers(tmp_path / "toks", chat_tok) if real_data_available() else {}
+    qwen_dir = tmp_path / "toks" / "qwen" if toks else None
+    base = tiny_qwen2(tmp_path / "qwen2", qwen_dir, chat_tok)
+    model = load_base(str(base))
+    assert model.config.model_type == "qwen2" and model.model.layers[0].self_attn.q_proj.bias is not None
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    cfg = _cfg(tmp_path)
+    rep = train_ie_lora(cfg, {"name": "q", "base": "x", "engine": "peft"}, str(base), _data(tmp_path),
+                        tmp_path / "q", progress=False)
+    assert rep["steps"] == 6 and rep["final_val_loss"] < rep["base_val_loss"]
+    assert rep["params"]["trainable"] == 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+    assert rep["train_data"]["dropped_over_cutoff"] == 0 and 0 < rep["trained_token_share"] < 1
+    if real_data_available():
+        assert len(load_tokenizer(str(base))) > 150_000  # the real Qwen2.5 vocabulary
