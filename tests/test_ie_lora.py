@@ -10,8 +10,16 @@ from microlm.config import load_config
 from microlm.errors import ConfigError, MicroLMError
 from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
 from microlm.ie.render import render_example
-from microlm.ie.train_lora import (ALL_LINEAR, attach_microlm, attach_peft, copy_microlm_init_to_peft, load_base,
-                                   load_tokenizer, lora_share, train_ie_lora)
+from microlm.ie.train_lora import (
+    ALL_LINEAR,
+    attach_microlm,
+    attach_peft,
+    copy_microlm_init_to_peft,
+    load_base,
+    load_tokenizer,
+    lora_share,
+    train_ie_lora,
+)
 from microlm.model import TransformerLM
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import export_hf
