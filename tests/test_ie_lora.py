@@ -218,3 +218,57 @@ def test_peft_trains_a_tiny_qwen2_with_the_real_qwen_tokenizer(tmp_path, chat_to
     assert rep["train_data"]["dropped_over_cutoff"] == 0 and 0 < rep["trained_token_share"] < 1
     if real_data_available():
         assert len(load_tokenizer(str(base))) > 150_000  # the real Qwen2.5 vocabulary
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_merged_folder_is_verified_and_complete(tiny_llama, tmp_path, chat_tok, arch):
+    from transformers import AutoModelForCausalLM
+
+    from microlm.ie.export import merge_adapter
+
+    base = tiny_llama if arch == "llama" else tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
+    cfg = _cfg(tmp_path, **{"ie_lora.train.lr": 0.05})
+    train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(base), _data(tmp_path), tmp_path / "m",
+                  progress=False)
+    tok = load_tokenizer(str(base))
+    enc = ChatEncoder(tok)
+    prompts = [enc.prompt_ids(line["messages"]) for line in ie_lines(5)]
+    rep = merge_adapter(str(base), tmp_path / "m" / "adapter", tmp_path / "merged", prompts=prompts,
+                        max_new_tokens=8, card={"lora": {"r": 4, "alpha": 8.0, "dropout": 0.05, "targets": ["q_proj"]},
+                                                "license": "apache-2.0"})
+    assert rep["logits_max_abs_diff"] <= 1e-4 and rep["greedy_identical"] == 5 and not rep["missing_files"]
+    assert rep["chat_template_equal"] and rep["eos_includes_im_end"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    if arch == "qwen2":  # tied stays tied: one tensor on disk, the flag kept
+        from safetensors import safe_open
+
+        assert rep["tied_embeddings"] and merged.config.tie_word_embeddings
+        with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in set(f.keys())
+        assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    ids = torch.tensor([prompts[0]])
+    assert not torch.allclose(merged(ids).logits, base_model(ids).logits, atol=1e-4)  # the adapter is in it
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert str(base) in card and "r = 4, alpha = 8.0" in card and "apache-2.0" in card
+
+
+def test_a_merge_that_fails_its_checks_writes_nothing(tiny_llama, tmp_path, chat_tok, monkeypatch):
+    from microlm.ie import export
+
+    cfg = _cfg(tmp_path)
+    train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(tiny_llama), _data(tmp_path),
+                  tmp_path / "m", progress=False)
+    adapter = tmp_path / "m" / "adapter"
+    # another base: the differing fields are listed
+    other = tiny_qwen2(tmp_path / "other", None, chat_tok)
+    with pytest.raises(MicroLMError, match="another base model: .*model_type"):
+        export.merge_adapter(str(other), adapter, tmp_path / "x", prompts=[[5, 6]])
+    # a verification that fails (here: a tolerance no merge meets) leaves no folder behind
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "old.txt").write_text("the previous merge")
+    with pytest.raises(MicroLMError, match="merge verification failed: merged logits differ"):
+        export.merge_adapter(str(tiny_llama), adapter, tmp_path / "merged", prompts=[[5, 6, 7]], logits_atol=-1.0)
+    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["old.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp")]

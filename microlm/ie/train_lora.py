@@ -95,10 +95,12 @@ def _hub_error(base: str, e: Exception) -> MicroLMError:
     return MicroLMError(f"cannot load base model {base!r}: {why}")
 
 
-def load_tokenizer(base: str):
+def load_tokenizer(base: str, *, weights: bool = True):
+    """The base's tokenizer (right padding, a pad token); ``weights=False``: a folder that holds only a
+    tokenizer (an adapter folder)."""
     from transformers import AutoTokenizer
 
-    src = _resolve(base)
+    src = _resolve(base) if weights else base
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
@@ -306,6 +308,10 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
 
                 save_adapter(model, lcfg, adapter, base_model_name=str(base))
             tok.save_pretrained(adapter)
+            from transformers import AutoConfig
+
+            # the merge stage refuses another base with the differing fields listed
+            write_json(adapter / "base_config.json", AutoConfig.from_pretrained(_resolve(base)).to_dict())
             real = sum(len(e.ids) for s in range(result["steps"]) for e in
                        (batches.examples[int(r)] for r in batches.rows(s)))
             train, evals = read_metrics(out_dir)
