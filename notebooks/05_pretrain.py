@@ -13,7 +13,8 @@
 # %% [markdown]
 # # 05 · Pretraining (stage A5)
 #
-# The model reads random 256-token windows of the token files and learns to predict each next token.
+# The model reads random windows of the token files (`pretrain.seq_len` tokens: 512 at the `cpu` profile,
+# the model's whole context) and learns to predict each next token.
 # The loop (`microlm/train/trainer.py`, shared later by SFT and LoRA) is the standard recipe:
 # AdamW with decoupled weight decay (none on norms and embeddings), linear warmup then cosine decay,
 # gradient clipping, gradient accumulation, evaluation on fixed val windows (loss, perplexity and

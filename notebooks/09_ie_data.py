@@ -274,6 +274,10 @@ assert s6["splits"]["eval_prompts"]["out"] == len(prompts)
 assert all(s6["splits"][k]["out"] + s6["splits"][k]["dropped_over_cutoff"] == s6["splits"][k]["in"]
            for k in ("train", "val", "test"))
 assert "microlm" in names and ("qwen2.5" in names) == real
+fit = 1 - s6["tokens"]["train"]["microlm"]["over_context"] / max(1, s6["tokens"]["train"]["microlm"]["n"])
+print(f"IE train examples that fit the MicroLM context of {cfg.model.max_seq_len} tokens: {fit:.1%}")
+if profile == "cpu":  # the cpu model reads 512 tokens so that pipeline B's cpu run sees whole examples
+    assert fit >= 0.90, f"only {fit:.1%} of the IE train examples fit {cfg.model.max_seq_len} tokens"
 
 # %% [markdown]
 # ## Records per source, in → out, by topic
