@@ -224,6 +224,18 @@ class IELoRAConfig:
     train: TrainConfig = field(default_factory=_ie_lora_train)
 
 
+@dataclass
+class IEMergedConfig:
+    """Stage B5: merge each ``ie_lora`` run's adapter into its base (``runs``: which; null = all) and
+    verify the folder (logits within ``logits_atol`` of base + adapter, greedy answers of up to
+    ``max_new_tokens`` identical on the evaluation prompts)."""
+
+    runs: list[str] | None = None
+    logits_atol: float = 1e-4
+    max_new_tokens: int = 128
+    max_shard_size: str = "2GB"
+
+
 def trajectory_config(c: TrainConfig) -> dict:
     """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
     must match; logging, eval and checkpoint intervals do not count)."""
@@ -293,6 +305,7 @@ class Config:
     generate: GenerationConfig = field(default_factory=GenerationConfig)  # A8: chat, export defaults
     ie_data: IEDataConfig = field(default_factory=IEDataConfig)  # B1–B2
     ie_lora: IELoRAConfig = field(default_factory=IELoRAConfig)  # B3
+    ie_merged: IEMergedConfig = field(default_factory=IEMergedConfig)  # B5
 
     @property
     def run_path(self) -> Path:
@@ -415,6 +428,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"hf.source must be one of {', '.join(EXPORT_SOURCES)}, got {cfg.hf.source!r}")
     _validate_ie_data(cfg.ie_data)
     _validate_ie_lora(cfg.ie_lora)
+    _validate_ie_merged(cfg.ie_merged, cfg.ie_lora)
     try:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
@@ -468,6 +482,15 @@ def _validate_ie_lora(c: IELoRAConfig) -> None:
     if (c.cutoff_tokens is not None and c.cutoff_tokens < 16) or c.group < 1 or c.val_examples < 0:
         raise ConfigError("ie_lora: cutoff_tokens >= 16 (or null), group >= 1, val_examples >= 0")
     _validate_train("ie_lora.train", c.train)
+
+
+def _validate_ie_merged(c: IEMergedConfig, lora: IELoRAConfig) -> None:
+    names = {r["name"] for r in lora.runs}
+    unknown = sorted(set(c.runs or []) - names)
+    if unknown:
+        raise ConfigError(f"ie_merged.runs: {', '.join(unknown)} is not an ie_lora run ({', '.join(sorted(names))})")
+    if c.logits_atol <= 0 or c.max_new_tokens < 1:
+        raise ConfigError("ie_merged: logits_atol > 0 and max_new_tokens >= 1")
 
 
 def _validate_train(name: str, c: TrainConfig) -> None:

@@ -272,3 +272,33 @@ def test_a_merge_that_fails_its_checks_writes_nothing(tiny_llama, tmp_path, chat
         export.merge_adapter(str(tiny_llama), adapter, tmp_path / "merged", prompts=[[5, 6, 7]], logits_atol=-1.0)
     assert [p.name for p in (tmp_path / "merged").iterdir()] == ["old.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp")]
+
+
+def test_the_stages_train_every_run_and_merge_each(tiny_llama, tmp_path, chat_tok):
+    """``ie_lora`` trains each configured run into its own folder (both engines on one base), skips
+    finished runs on ``--resume``; ``ie_merged`` merges each into ``<name>/`` verified on the eval prompts."""
+    from microlm.ie import export, train_lora
+    from microlm.runs import StageRun
+
+    runs = [{"name": "peft", "base": "hf", "engine": "peft"}, {"name": "scratch", "base": "hf", "engine": "microlm"}]
+    cfg = _cfg(tmp_path, **{"ie_lora.runs": runs, "ie_merged.max_new_tokens": 8})
+    data = _data(tmp_path)
+    (data / "06_eval_prompts.jsonl").write_text("".join(
+        json.dumps({**x, "messages": x["messages"][:2]}, ensure_ascii=False) + "\n" for x in ie_lines(3)))
+    opts = {"resume": False, "stop_after": None}
+    lora = StageRun("ie_lora", cfg, tmp_path / "ie_lora", {"hf": tiny_llama, "ie_data": data}, progress=False,
+                    options=opts)
+    m = train_lora.build(lora)
+    assert set(m["runs"]) == {"peft", "scratch"}
+    assert m["runs"]["peft"]["trainable_percent"] == m["runs"]["scratch"]["trainable_percent"]
+    assert all(r["final_val_loss"] < r["base_val_loss"] for r in m["runs"].values())
+    stamp = (tmp_path / "ie_lora" / "peft" / "report.json").stat().st_mtime_ns
+    assert train_lora.build(StageRun("ie_lora", cfg, tmp_path / "ie_lora", lora.up, progress=False,
+                                     options={"resume": True, "stop_after": None}))["runs"].keys() == m["runs"].keys()
+    assert (tmp_path / "ie_lora" / "peft" / "report.json").stat().st_mtime_ns == stamp  # finished: not retrained
+    merged = export.build(StageRun("ie_merged", cfg, tmp_path / "ie_merged",
+                                   {"hf": tiny_llama, "ie_data": data, "ie_lora": tmp_path / "ie_lora"},
+                                   progress=False, options={}))
+    for name in ("peft", "scratch"):  # the from-scratch engine's adapter is PEFT's format: it merges the same way
+        assert merged["runs"][name]["greedy_identical"] == 3
+        assert (tmp_path / "ie_merged" / name / "model.safetensors").is_file()

@@ -188,3 +188,45 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
                   "tied_embeddings": tied, **checks, "seconds": round(time.time() - t0, 1)}
         write_json(tmp / "report.json", report)
     return report
+
+
+def base_license(base: str) -> str | None:
+    """The ``license:`` of a local base folder's model card front matter (None when not stated)."""
+    import re
+
+    card = Path(base) / "README.md"
+    if not card.is_file():
+        return None
+    m = re.search(r"^---\s*$(.*?)^---\s*$", card.read_text(encoding="utf-8", errors="replace"), re.M | re.S)
+    lic = re.search(r"^license:\s*(\S+)", m.group(1), re.M) if m else None
+    return lic.group(1) if lic else None
+
+
+def build(run) -> dict | None:
+    """The ``ie_merged`` stage: each ``ie_lora`` run's adapter merged into its base →
+    ``<stage>/<name>/`` (verified; see ``merge_adapter``); manifest metrics per run."""
+    from microlm.ie.lora_data import ChatEncoder
+    from microlm.ie.train_lora import base_of, load_tokenizer, read_lines
+    from microlm.io import read_json
+
+    cfg, mc = run.cfg, run.cfg.ie_merged
+    lines = read_lines(run.up["ie_data"] / "06_eval_prompts.jsonl")
+    out = {}
+    for entry in cfg.ie_lora.runs:
+        if mc.runs is not None and entry["name"] not in mc.runs:
+            continue
+        base = base_of(entry, run.up.get("hf"))
+        lora_dir = run.up["ie_lora"] / entry["name"]
+        rep = read_json(lora_dir / "report.json")
+        enc = ChatEncoder(load_tokenizer(str(lora_dir / "adapter"), weights=False))
+        prompts = [enc.prompt_ids(line["messages"]) for line in lines]
+        card = {"lora": {k: getattr(cfg.ie_lora, k) for k in ("r", "alpha", "dropout", "targets")},
+                "data": rep.get("train_data", {}), "license": base_license(base), "evals": None}
+        r = merge_adapter(base, lora_dir / "adapter", run.out / entry["name"], prompts=prompts,
+                          logits_atol=mc.logits_atol, max_new_tokens=mc.max_new_tokens,
+                          max_shard_size=mc.max_shard_size, card=card)
+        out[entry["name"]] = {"logits_max_abs_diff": r["logits_max_abs_diff"], "greedy_identical": r["greedy_identical"],
+                              "greedy_prompts": r["greedy_prompts"], "seconds": r["seconds"]}
+    if not out:
+        raise MicroLMError("ie_merged.runs names none of the ie_lora runs")
+    return {"runs": out}

@@ -324,3 +324,37 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
             write_json(out_dir / "report.json", report)
             plot_curves(out_dir, train, evals)
         return report
+
+
+def base_of(entry: dict, hf_dir: Path | None) -> str:
+    """A run's base model: ``hf`` = the hf stage's folder (MicroLM's export), else as given."""
+    if entry["base"] == "hf":
+        if hf_dir is None:
+            raise MicroLMError(f"ie_lora run {entry['name']!r} uses the hf stage's model, which is not built")
+        return str(hf_dir)
+    return entry["base"]
+
+
+def build(run) -> dict | None:
+    """The ``ie_lora`` stage: every run of ``ie_lora.runs`` into ``<stage>/<name>/``.  With ``--resume``
+    a finished run is kept and an unfinished one continues from its checkpoint; manifest metrics per
+    run, ``None`` when stopped early (``--stop-after``) or on ranks other than 0."""
+    from microlm.io import read_json
+
+    cfg, opts = run.cfg, run.options
+    reports = {}
+    for entry in cfg.ie_lora.runs:
+        out = run.out / entry["name"]
+        done = out / "report.json"
+        if opts.get("resume") and done.is_file() and read_json(done).get("steps") == cfg.ie_lora.train.max_steps:
+            reports[entry["name"]] = read_json(done)
+            continue
+        resume = bool(opts.get("resume")) and (out / "ckpt" / "state.json").is_file()
+        reports[entry["name"]] = train_ie_lora(cfg, {"engine": "peft", **entry}, base_of(entry, run.up.get("hf")),
+                                               run.up["ie_data"], out, resume=resume, progress=run.progress,
+                                               stop_after=opts.get("stop_after"), dist=run.dist)
+    if opts.get("stop_after") is not None or not all(reports.values()):
+        return None
+    return {"runs": {name: {"engine": r["engine"], "base": r["base"], "trainable_percent": r["params"]["percent"],
+                            "base_val_loss": r["base_val_loss"], "final_val_loss": r["final_val_loss"],
+                            "seconds": r["seconds_this_run"]} for name, r in reports.items()}}
