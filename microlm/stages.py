@@ -468,5 +468,36 @@ register(Stage(
     summary=lambda m: (f"{m['records_in']:,} records in, {m['records_kept']:,} kept, {m['examples']:,} examples; "
                        f"train {m['train_examples']:,}, eval prompts {m['eval_prompts']}")))
 
+def _ie_bases(cfg: Config, options: dict) -> tuple[str, ...]:
+    """ie_data, plus hf when a run's base is MicroLM's own export (``base: hf``)."""
+    return ("ie_data",) + (("hf",) if any(r["base"] == "hf" for r in cfg.ie_lora.runs) else ())
+
+
+def _ie_lora_key(cfg: Config, options: dict) -> dict:
+    lc = stage_config(cfg, "ie_lora")
+    return {"ie_lora": {k: v for k, v in lc.items() if k != "train"}, "seed": cfg.seed,
+            "train": trajectory_config(cfg.ie_lora.train)}
+
+
+def _ie_runs(m: dict, fmt: Callable[[dict], str]) -> str:
+    return "; ".join(f"{name}: {fmt(r)}" for name, r in m["runs"].items())
+
+
+register(Stage(
+    "ie_lora", "B3", "LoRA fine-tune for IE on the rendered chats (PEFT, or the from-scratch LoRA): one adapter per run",
+    build="microlm.ie.train_lora:build", upstream=("ie_data", "hf"), needs=_ie_bases, sections=("ie_lora",),
+    key=_ie_lora_key, outputs=("report.json",), notebook="10_qwen_lora", train="ie_lora.train",
+    summary=lambda m: _ie_runs(m, lambda r: (f"{r['engine']}, {r['trainable_percent']} % trainable, val loss "
+                                             f"{_pct(r['base_val_loss'])} -> {_pct(r['final_val_loss'])}, "
+                                             f"{r['seconds']} s"))))
+
+register(Stage(
+    "ie_merged", "B5", "merge each IE adapter into its base: a verified Hugging Face folder per run",
+    build="microlm.ie.export:build", upstream=("ie_data", "hf", "ie_lora"),
+    needs=lambda cfg, o: _ie_bases(cfg, o) + ("ie_lora",), sections=("ie_merged",),
+    outputs=("report.json",), notebook="10_qwen_lora",
+    summary=lambda m: _ie_runs(m, lambda r: (f"max |Δlogit| {r['logits_max_abs_diff']:.1e}, greedy identical "
+                                             f"{r['greedy_identical']}/{r['greedy_prompts']}"))))
+
 STAGES = REGISTRY  # the name the notebooks and tests used first
 

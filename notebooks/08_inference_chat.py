@@ -208,7 +208,7 @@ print({n: f"x{c / u:.1f}" for n, c, u in zip(lengths, speed["cache"], speed["no 
 # be scripted — here with `/system`, `/reset` and `/exit`:
 
 # %%
-answer_len = min(gen.max_new_tokens, max(8, (model.cfg.max_seq_len - 64) // 2))  # the smoke model's context is 64
+answer_len = min(gen.max_new_tokens, max(8, (model.cfg.max_seq_len - 64) // 2))  # a small context still leaves 8
 session = ChatSession(model, tok, dataclasses.replace(gen, seed=cfg.seed, max_new_tokens=answer_len))
 script = "你好\n/system 你是助手。\n你是谁？\n北京在哪里？\n/exit\n"
 out, err = io.StringIO(), io.StringIO()

@@ -8,7 +8,7 @@ import torch
 
 from microlm.config import load_config
 from microlm.errors import ConfigError, MicroLMError
-from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
+from microlm.ie.lora_data import ChatEncoder, encode_chats
 from microlm.ie.render import render_example
 from microlm.ie.train_lora import (
     ALL_LINEAR,
@@ -17,13 +17,13 @@ from microlm.ie.train_lora import (
     copy_microlm_init_to_peft,
     load_base,
     load_tokenizer,
+    lockstep_losses,
     lora_share,
     train_ie_lora,
 )
 from microlm.model import TransformerLM
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import export_hf
-from microlm.train.trainer import Trainer
 
 QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -64,18 +64,10 @@ def test_the_trainable_share_of_qwen25_15b_is_pinned_from_its_config_alone():
     assert set(share["per_module"]) == set(ALL_LINEAR)
 
 
-def _train(model, lines, tok, steps, tmp, *, peft_init=None):
-    tc = load_config("smoke").lora.train
-    tc.__dict__.update(batch_size=4, max_steps=steps, lr=3e-2, min_lr=3e-3, warmup_steps=0, weight_decay=0.0,
-                       eval_interval=10**6, ckpt_interval=10**6, log_interval=1, precision="fp32", grad_clip=1.0)
+def _train(model, lines, tok, steps, tmp):
     exs, _ = encode_chats(ChatEncoder(tok), lines, 1024)
     assert len(exs) == len(lines)
-    losses = []
-    trainer = Trainer(SummedTokenLoss(model), tc, tmp, batches=LengthGroupedBatches(exs, 4, tok.pad_token_id, 7,
-                                                                                   group=2),
-                      progress=False, on_step=lambda s, rec: losses.append(rec["loss"]), trainable_only=True)
-    trainer.fit()
-    return losses
+    return lockstep_losses(model, exs, tok.pad_token_id, steps, tmp, lr=3e-2, min_lr=3e-3)
 
 
 def test_the_two_engines_train_the_same_adapter_step_for_step(tiny_llama, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from microlm.errors import MicroLMError
 
 __all__ = ["adapter_dtype", "check_adapter_base", "merge_adapter", "verify_merged", "model_card",
-           "REQUIRED_FILES"]
+           "greedy_answers", "REQUIRED_FILES"]
 
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md")
 
@@ -87,6 +87,12 @@ def _greedy(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[l
     return out
 
 
+def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers (decoded, special tokens dropped), stopping at ``<|im_end|>`` or EOS."""
+    with torch.no_grad():
+        return [tok.decode(a, skip_special_tokens=True) for a in _greedy(model.eval(), tok, prompts, max_new_tokens)]
+
+
 def _eos_ids(tok, model=None) -> list[int]:
     ids = {tok.convert_tokens_to_ids("<|im_end|>")}
     if tok.eos_token_id is not None:
@@ -125,7 +131,8 @@ def verify_merged(folder: Path, reference, tok, prompts: list[list[int]], *, log
               "greedy_identical": same, "first_divergence": first, "files": files, "missing_files": missing,
               "chat_template_equal": template == train_template,
               "eos_includes_im_end": tok.convert_tokens_to_ids("<|im_end|>") in eos,
-              "tie_word_embeddings": conf.get("tie_word_embeddings")}
+              "tie_word_embeddings": conf.get("tie_word_embeddings"),
+              "answers": [tok.decode(a, skip_special_tokens=True) for a in ours]}  # the merged model's, greedy
     problems = []
     if diff > logits_atol:
         problems.append(f"merged logits differ from base + adapter by {diff:.2e} > {logits_atol:g}")
@@ -207,7 +214,7 @@ def build(run) -> dict | None:
     ``<stage>/<name>/`` (verified; see ``merge_adapter``); manifest metrics per run."""
     from microlm.ie.lora_data import ChatEncoder
     from microlm.ie.train_lora import base_of, load_tokenizer, read_lines
-    from microlm.io import read_json
+    from microlm.io import read_json, write_json
 
     cfg, mc = run.cfg, run.cfg.ie_merged
     lines = read_lines(run.up["ie_data"] / "06_eval_prompts.jsonl")
@@ -229,4 +236,5 @@ def build(run) -> dict | None:
                               "greedy_prompts": r["greedy_prompts"], "seconds": r["seconds"]}
     if not out:
         raise MicroLMError("ie_merged.runs names none of the ie_lora runs")
+    write_json(run.out / "report.json", {"runs": out})
     return {"runs": out}

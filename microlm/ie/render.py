@@ -20,7 +20,7 @@ import numpy as np
 
 from microlm.tokenizer.tokenizer import render_chat
 
-__all__ = ["SYSTEM_PROMPTS", "to_messages", "render_example", "TokenCounter", "length_summary"]
+__all__ = ["SYSTEM_PROMPTS", "to_messages", "render_example", "parse_answer", "TokenCounter", "length_summary"]
 
 SYSTEM_PROMPTS = {
     "zh": "你是一个信息抽取助手。请按照用户给出的schema从input中抽取关系三元组，只输出JSON字符串。",
@@ -46,6 +46,28 @@ def render_example(example: dict, *, prompt_only: bool = False) -> dict:
     if prompt_only:
         out["gold"] = example["output"]
     return out
+
+
+def parse_answer(text: str, schema: Iterable[str] | None = None) -> dict[str, list[dict]] | None:
+    """The answer format read back: a JSON object mapping each relation to a list of
+    ``{"subject", "object"}`` string pairs (``None`` when ``text`` is not that).  With ``schema``, the
+    keys must be exactly the asked relations (a model that drops or invents one did not answer)."""
+    import json
+
+    try:
+        obj = json.loads(text.strip())
+    except (json.JSONDecodeError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    for pairs in obj.values():
+        if not isinstance(pairs, list) or not all(
+                isinstance(p, dict) and set(p) == {"subject", "object"}
+                and all(isinstance(v, str) for v in p.values()) for p in pairs):
+            return None
+    if schema is not None and set(obj) != set(schema):
+        return None
+    return obj
 
 
 class TokenCounter:

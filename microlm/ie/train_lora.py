@@ -214,6 +214,28 @@ class ValLoss:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
 
 
+def lockstep_losses(model, examples, pad_id: int, steps: int, out_dir: Path, *, batch_size: int = 4,
+                    lr: float = 3e-2, min_lr: float | None = None, seed: int = 7, group: int = 2,
+                    precision: str = "fp32") -> list[float]:
+    """The loss of each of ``steps`` optimizer steps of ``model`` (adapters trainable) on the same
+    length-grouped batches of ``examples`` every time it is called with the same ``seed``: what the
+    two-engines check runs once per engine (cosine from ``lr`` to ``min_lr`` = lr/10, no warmup, fp32
+    unless asked)."""
+    from microlm.config import TrainConfig
+    from microlm.ie.lora_data import LengthGroupedBatches, SummedTokenLoss
+    from microlm.train.trainer import Trainer
+
+    tc = TrainConfig(batch_size=batch_size, max_steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=0, weight_decay=0.0,
+                     eval_interval=10**9, ckpt_interval=10**9, log_interval=1, precision=precision, grad_clip=1.0,
+                     sample_tokens=0, device="cpu")
+    losses: list[float] = []
+    trainer = Trainer(SummedTokenLoss(model), tc, out_dir,
+                      batches=LengthGroupedBatches(examples, batch_size, pad_id, seed, group=group),
+                      progress=False, on_step=lambda s, rec: losses.append(rec["loss"]), trainable_only=True)
+    trainer.fit()
+    return losses
+
+
 def build_engine(engine: str, base: str, lc, *, dtype: torch.dtype = torch.float32):
     """``(causal LM with adapters, what to save it with)`` for ``engine`` = ``peft`` | ``microlm``."""
     if engine == "peft":
@@ -282,6 +304,9 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
         cutoff = min(x for x in (lc.cutoff_tokens, limit, cfg.ie_data.cutoff_tokens) if x)
         train_ex, counts = encode_chats(enc, train_lines, cutoff)
         val_ex, val_counts = encode_chats(enc, val_lines, cutoff)
+        if len(train_ex) < tc.batch_size:
+            raise MicroLMError(f"{len(train_ex)} of {len(train_lines)} training examples fit the cutoff of {cutoff} "
+                               f"tokens (the base's context is {limit}), fewer than one batch of {tc.batch_size}")
         if init_from is not None:
             copy_microlm_init_to_peft(init_from, model)
         wrapped = SummedTokenLoss(model)
@@ -355,6 +380,10 @@ def build(run) -> dict | None:
                                                stop_after=opts.get("stop_after"), dist=run.dist)
     if opts.get("stop_after") is not None or not all(reports.values()):
         return None
-    return {"runs": {name: {"engine": r["engine"], "base": r["base"], "trainable_percent": r["params"]["percent"],
-                            "base_val_loss": r["base_val_loss"], "final_val_loss": r["final_val_loss"],
-                            "seconds": r["seconds_this_run"]} for name, r in reports.items()}}
+    from microlm.io import write_json
+
+    metrics = {"runs": {name: {"engine": r["engine"], "base": r["base"], "trainable_percent": r["params"]["percent"],
+                               "base_val_loss": r["base_val_loss"], "final_val_loss": r["final_val_loss"],
+                               "seconds": r["seconds_this_run"]} for name, r in reports.items()}}
+    write_json(run.out / "report.json", metrics)
+    return metrics
