@@ -221,6 +221,7 @@ class IELoRAConfig:
     group: int = 50  # length grouping: mega-batches of group × batch_size examples sorted by length
     gradient_checkpointing: bool = False
     val_examples: int = 200  # held-out examples in the val loss (0 = all of 06_val.jsonl)
+    train_examples: int = 0  # a seeded sample of this many training conversations (0 = all of 06_train.jsonl)
     train: TrainConfig = field(default_factory=_ie_lora_train)
 
 
@@ -479,8 +480,9 @@ def _validate_ie_lora(c: IELoRAConfig) -> None:
         raise ConfigError("ie_lora: need r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target")
     if any(t in ("lm_head", "embed_tokens") for t in c.targets):
         raise ConfigError("ie_lora.targets: lm_head and the embeddings are never adapted")
-    if (c.cutoff_tokens is not None and c.cutoff_tokens < 16) or c.group < 1 or c.val_examples < 0:
-        raise ConfigError("ie_lora: cutoff_tokens >= 16 (or null), group >= 1, val_examples >= 0")
+    if (c.cutoff_tokens is not None and c.cutoff_tokens < 16) or c.group < 1 or c.val_examples < 0 \
+            or c.train_examples < 0:
+        raise ConfigError("ie_lora: cutoff_tokens >= 16 (or null), group >= 1, val_examples >= 0, train_examples >= 0")
     _validate_train("ie_lora.train", c.train)
 
 

@@ -2,6 +2,12 @@
 a killed run that resumes, and the bad inputs (one-line errors)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +30,8 @@ from microlm.ie.train_lora import (
 from microlm.model import TransformerLM
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import export_hf
+
+from .conftest import REPO
 
 QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -294,3 +302,78 @@ def test_the_stages_train_every_run_and_merge_each(tiny_llama, tmp_path, chat_to
     for name in ("peft", "scratch"):  # the from-scratch engine's adapter is PEFT's format: it merges the same way
         assert merged["runs"][name]["greedy_identical"] == 3
         assert (tmp_path / "ie_merged" / name / "model.safetensors").is_file()
+
+
+WORKER = Path(__file__).with_name("ie_lora_worker.py")
+
+
+def _worker(cfg_sets: dict, base, data, out, engine="peft", *extra, torchrun: int = 0):
+    cmd = [str(WORKER), json.dumps(cfg_sets), str(base), str(data), str(out), engine, *extra]
+    if torchrun:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun), *cmd]
+    return [sys.executable, *cmd]
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+
+
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_llama, tmp_path, engine="peft"):
+    """torchrun --nproc_per_node 2 (gloo) vs one process vs one process accumulating 2 micro-batches:
+    the loss of each step is the summed answer-token loss over the global batch ÷ its trained tokens,
+    and each length-grouped batch is dealt to the ranks the same way every time — the same curve.  (PEFT;
+    the from-scratch engine is pipeline A's trainer, whose DDP test is in test_pretrain.py.)"""
+    sets = {"run_dir": str(tmp_path / "runs"), "ie_lora.r": 4, "ie_lora.alpha": 8.0, "ie_lora.dropout": 0.0,
+            "ie_lora.train.batch_size": 4, "ie_lora.train.max_steps": 8, "ie_lora.train.lr": 0.02,
+            "ie_lora.train.warmup_steps": 0, "ie_lora.train.precision": "fp32", "ie_lora.train.log_interval": 1,
+            "ie_lora.train.eval_interval": 8, "ie_lora.train.ckpt_interval": 8, "ie_lora.val_examples": 4,
+            "ie_lora.group": 2}
+    data = _data(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {k: tmp_path / k for k in ("one", "accum", "two")}
+    for k, cmd in (("one", _worker(sets, tiny_llama, data, outs["one"], engine)),
+                   ("accum", _worker({**sets, "ie_lora.train.micro_batch_size": 2}, tiny_llama, data, outs["accum"],
+                                     engine)),
+                   ("two", _worker(sets, tiny_llama, data, outs["two"], engine, torchrun=2))):
+        r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (k, (r.stdout + r.stderr)[-3000:])
+    one, accum, two = (_losses(outs[k]) for k in ("one", "accum", "two"))
+    assert len(one) == len(two) == len(accum) == 8 and one[-1] < one[0]
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 2e-4, (one, two)
+    assert max(abs(a - b) for a, b in zip(one, accum, strict=True)) < 2e-4, (one, accum)
+
+
+def test_a_run_killed_with_sigkill_resumes_and_its_adapter_loads(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    sets = {"run_dir": str(tmp_path / "runs"), "ie_lora.r": 4, "ie_lora.alpha": 8.0,
+            "ie_lora.train.batch_size": 4, "ie_lora.train.max_steps": 60, "ie_lora.train.ckpt_interval": 2,
+            "ie_lora.train.eval_interval": 30, "ie_lora.train.log_interval": 1, "ie_lora.val_examples": 4}
+    data, out = _data(tmp_path), tmp_path / "run"
+    proc = subprocess.Popen(_worker(sets, tiny_llama, data, out), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / "ckpt" / "state.json"
+
+    def step() -> int:
+        try:
+            return json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and step() < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]  # still running: the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = step()
+    assert 2 <= killed_at < 60 and not (out / "report.json").exists()
+    r = subprocess.run(_worker(sets, tiny_llama, data, out, "peft", "--resume"), cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["steps"] == 60
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert steps == list(range(1, 61))  # lines after the last checkpoint dropped and redone, none twice
+    model = PeftModel.from_pretrained(load_base(str(tiny_llama)), out / "adapter")
+    assert model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()

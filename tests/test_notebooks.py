@@ -39,9 +39,16 @@ def test_py_notebook_converts_cleanly(py, tmp_path):
     assert [c.source for c in again.cells] == [c.source for c in nb.cells]
 
 
+def _executed_dir(factory) -> "os.PathLike":
+    """Where the papermill test leaves each executed notebook for the book test (one pytest session)."""
+    d = factory.getbasetemp() / "executed_smoke"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
-def test_notebook_runs_under_papermill_at_smoke(py, tmp_path):
+def test_notebook_runs_under_papermill_at_smoke(py, tmp_path, tmp_path_factory):
     ipynb = to_ipynb(py)
     out = tmp_path / ipynb.name
     pm.execute_notebook(str(ipynb), str(out), parameters={"profile": "smoke"}, kernel_name="python3",
@@ -51,6 +58,7 @@ def test_notebook_runs_under_papermill_at_smoke(py, tmp_path):
     assert not errors
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "smoke" in injected[0].source
+    shutil.copy(out, _executed_dir(tmp_path_factory) / ipynb.name)
 
 
 @pytest.mark.notebooks
@@ -63,9 +71,12 @@ def test_nbval_lax_on_overview(tmp_path):
     assert " passed" in r.stdout
 
 
-def _book(src: os.PathLike, out: os.PathLike, cache: os.PathLike):
+def _book(src: os.PathLike, out: os.PathLike, cache: os.PathLike, execute: str | None = None):
     cfg = yaml.safe_load((REPO / "_config.yml").read_text())
     cfg["execute"]["cache"] = str(cache)  # never share the smoke cache with the cpu book
+    if execute:  # a book of executed .ipynb copies (the repository's own .ipynb twins are excluded)
+        cfg["execute"]["execute_notebooks"] = execute
+        cfg["exclude_patterns"] = [p for p in cfg["exclude_patterns"] if p != "notebooks/*.ipynb"]
     cfg_path = os.path.join(out, "_config.yml")
     os.makedirs(out, exist_ok=True)
     with open(cfg_path, "w") as f:
@@ -77,8 +88,20 @@ def _book(src: os.PathLike, out: os.PathLike, cache: os.PathLike):
 
 
 @pytest.mark.book
-def test_book_builds_with_every_chapter(tmp_path):
-    r = _book(REPO, tmp_path / "book", tmp_path / "cache")
+def test_book_builds_with_every_chapter(tmp_path, tmp_path_factory):
+    """The book of every chapter.  After the papermill test (same session) it renders the notebooks
+    that test executed instead of running each one a second time (CI's time); alone, it executes them."""
+    executed = _executed_dir(tmp_path_factory)
+    if all((executed / f"{s}.ipynb").is_file() for s in IDS):
+        src = tmp_path / "src"
+        (src / "notebooks").mkdir(parents=True)
+        shutil.copytree(REPO / "book", src / "book")
+        shutil.copy(REPO / "_toc.yml", src / "_toc.yml")
+        for s in IDS:
+            shutil.copy(executed / f"{s}.ipynb", src / "notebooks" / f"{s}.ipynb")
+        r = _book(src, tmp_path / "book", tmp_path / "cache", execute="off")
+    else:
+        r = _book(REPO, tmp_path / "book", tmp_path / "cache")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     html = tmp_path / "book" / "_build" / "html"
     for s in IDS:

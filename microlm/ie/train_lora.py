@@ -292,6 +292,11 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
     with distributed(tc.device, dist) as dist:
         tok = load_tokenizer(base)
         train_lines = read_lines(data_dir / "06_train.jsonl")
+        available = len(train_lines)
+        if 0 < lc.train_examples < available:  # encoding every line costs more than a short run trains on
+            import random
+
+            train_lines = random.Random(cfg.seed).sample(train_lines, lc.train_examples)
         val_lines = read_lines(data_dir / "06_val.jsonl", lc.val_examples or None)
         why = template_mismatch(tok, train_lines[0]["messages"])
         if why:
@@ -304,6 +309,7 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
         cutoff = min(x for x in (lc.cutoff_tokens, limit, cfg.ie_data.cutoff_tokens) if x)
         train_ex, counts = encode_chats(enc, train_lines, cutoff)
         val_ex, val_counts = encode_chats(enc, val_lines, cutoff)
+        counts["sampled_from"] = available
         if len(train_ex) < tc.batch_size:
             raise MicroLMError(f"{len(train_ex)} of {len(train_lines)} training examples fit the cutoff of {cutoff} "
                                f"tokens (the base's context is {limit}), fewer than one batch of {tc.batch_size}")

@@ -1,0 +1,21 @@
+"""Runs one ``ie_lora`` training in its own process (for the torchrun and kill tests):
+``python tests/ie_lora_worker.py CONFIG_JSON BASE DATA OUT ENGINE [--resume]``, where CONFIG_JSON holds
+``--set`` overrides of the smoke profile.  Under ``torchrun`` every rank runs it."""
+
+import json
+import sys
+from pathlib import Path
+
+from microlm.config import load_config
+from microlm.ie.train_lora import train_ie_lora
+
+
+def main(argv: list[str]) -> None:
+    sets, base, data, out, engine = argv[:5]
+    cfg = load_config("smoke", json.loads(sets))
+    train_ie_lora(cfg, {"name": "t", "base": "hf", "engine": engine}, base, Path(data), Path(out), progress=False,
+                  resume="--resume" in argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
