@@ -27,10 +27,10 @@ book: setup                  ## Jupyter Book 1: executes notebooks (cached), fai
 	@echo "book: _build/_build/html/index.html"
 
 test: setup                  ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # two workers; the notebook + book tests stay on one
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not notebooks and not book"
+	$(BIN)/python -m pytest -q -n 2 -m "not notebooks and not book"
 
 lint: setup
 	$(BIN)/ruff check microlm tests benchmarks notebooks

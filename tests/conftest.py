@@ -10,6 +10,15 @@ from microlm.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _runs_per_worker(tmp_path_factory):
+    """Under ``pytest -n`` (make test) each worker writes stage folders of the default run root
+    (the notebooks' ``runs/smoke``) to its own folder, so two workers never share one."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("MICROLM_RUNS"):
+        os.environ["MICROLM_RUNS"] = str(tmp_path_factory.getbasetemp() / "runs")
+    yield
+
+
 @pytest.fixture
 def tmp_cfg(tmp_path):
     """A smoke config writing under tmp_path, running in-process."""

@@ -16,6 +16,8 @@ from microlm.course import notebook_sources, to_ipynb
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.xdist_group("notebooks")  # one worker: the book test renders what papermill executed
+
 NOTEBOOKS = notebook_sources()
 IDS = [p.stem for p in NOTEBOOKS]
 
