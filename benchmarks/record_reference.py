@@ -38,6 +38,9 @@ def main() -> None:
     run = cfg.run_path / "pretrain"
     train, evals = read_metrics(run)
     report = read_json(run / "report.json")
+    # the precision the run actually used (``auto`` resolves per machine; a run may have set it)
+    cfg = load_config(profile, {**({"run_dir": args.run_dir} if args.run_dir else {}),
+                                "pretrain.precision": report["precision"]})
     if report["steps"] != cfg.pretrain.max_steps:
         raise SystemExit(f"{run} is not a finished run ({report['steps']} of {cfg.pretrain.max_steps} steps)")
     corpus = read_manifest(cfg.run_path / "corpus")
