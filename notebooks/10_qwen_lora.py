@@ -52,6 +52,7 @@ from microlm.ie.export import greedy_answers
 from microlm.ie.lora_data import ChatEncoder, encode_chats, show_labels
 from microlm.ie.render import parse_answer
 from microlm.ie.train_lora import (
+    QWEN25_15B,
     attach_microlm,
     attach_peft,
     copy_microlm_init_to_peft,
@@ -111,14 +112,11 @@ assert 0 < share < 1
 #
 # `lora_share` builds the architecture from its config on PyTorch's `meta` device — no weights are
 # read or allocated — and counts what PEFT would train. The same recipe on this profile's base and
-# on Qwen2.5-1.5B-Instruct (its published config, written out here because nothing is downloaded):
+# on Qwen2.5-1.5B-Instruct (its published config, `QWEN25_15B`, written out because nothing is downloaded):
 
 # %%
 from transformers import AutoConfig  # noqa: E402
 
-QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                  max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
 base_cfg = AutoConfig.from_pretrained(reports[first]["base"])
 ours = lora_share(base_cfg, lc.r, lc.targets)
 qwen = lora_share(QWEN25_15B, lc.r, lc.targets)

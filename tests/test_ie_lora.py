@@ -18,6 +18,7 @@ from microlm.ie.lora_data import ChatEncoder, encode_chats
 from microlm.ie.render import render_example
 from microlm.ie.train_lora import (
     ALL_LINEAR,
+    QWEN25_15B,
     attach_microlm,
     attach_peft,
     copy_microlm_init_to_peft,
@@ -30,12 +31,9 @@ from microlm.ie.train_lora import (
 from microlm.model import TransformerLM
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import export_hf
+from microlm.train.pretrain import read_metrics
 
 from .conftest import REPO
-
-QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                  max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
 
 RELS = ["出生地点", "毕业院校", "国籍", "职业"]
 PEOPLE = [("李白", "碎叶城"), ("杜甫", "巩县"), ("苏轼", "眉山"), ("王维", "祁县"), ("白居易", "新郑"), ("韩愈", "河阳")]
@@ -315,7 +313,7 @@ def _worker(cfg_sets: dict, base, data, out, engine="peft", *extra, torchrun: in
 
 
 def _losses(out) -> list[float]:
-    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    return [r["loss"] for r in read_metrics(out)[0]]
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_llama, tmp_path, engine="peft"):

@@ -32,6 +32,12 @@ __all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_fo
 # Qwen2.5 / Llama projection names: every linear layer of the blocks; never lm_head or embeddings
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Qwen2.5-1.5B-Instruct's published config.json (the fields that shape the model), for counting its
+# parameters without downloading it
+QWEN25_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
+
 
 def lora_share(model_config, r: int, targets, dtype=torch.float32) -> dict:
     """Trainable parameters of LoRA ``r`` on ``targets`` for an architecture given by its
