@@ -72,7 +72,8 @@ def test_step_06_on_the_embedded_records_drops_over_cutoff_and_keeps_prompts(tmp
     cfg = tmp_cfg(**{"ie_data.cutoff_tokens": 400, "ie_data.token_sample": 0})
     out = cfg.run_path / "ie_data"
     s5 = run_step(cfg, 5)  # runs 01–04 first
-    assert s5["eval_prompts"]["n"] == 12 and len(s5["eval_prompts"]["by_topic"]) == 12  # one per topic
+    assert s5["eval_prompts"]["n"] == 40 and len(s5["eval_prompts"]["by_topic"]) == 12  # every topic, 3–4 each
+    assert min(s5["eval_prompts"]["by_topic"].values()) == 3
     qwen_like = TokenCounter.hf("qwen2.5", HFTokenizer.from_str(json.dumps(hf_tokenizer_json(chat_tok))))
     stats = step_render(cfg, out, counters=[qwen_like, TokenCounter.microlm(chat_tok)])
     for split in ("train", "val", "test"):
@@ -84,7 +85,7 @@ def test_step_06_on_the_embedded_records_drops_over_cutoff_and_keeps_prompts(tmp
         assert stats["tokens"][split]["qwen2.5"]["over_cutoff"] == sp["dropped_over_cutoff"]
     assert sum(stats["splits"][k]["dropped_over_cutoff"] for k in ("train", "val", "test")) > 0  # the tiny BPE is long-winded
     prompts = [json.loads(x) for x in (out / "06_eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(prompts) == 12 and all("gold" in p and p["messages"][-1]["role"] == "user" for p in prompts)
+    assert len(prompts) == 40 and all("gold" in p and p["messages"][-1]["role"] == "user" for p in prompts)
     assert stats["splits"]["eval_prompts"]["dropped_over_cutoff"] == 0  # the fixed set is never cut
     cfg2 = tmp_cfg(**{"ie_data.token_sample": 50})
     stats2 = step_render(cfg2, out, counters=[TokenCounter.microlm(chat_tok)])
@@ -139,7 +140,7 @@ def test_ie_data_stage_runs_all_steps_once_and_reruns_on_a_change(tmp_cfg, monke
     cfg = tmp_cfg()
     folder = stages.build("ie_data", cfg, progress=False)
     m = read_manifest(folder)
-    assert m["stage"] == "ie_data" and m["metrics"]["records_in"] == 255 and m["metrics"]["eval_prompts"] == 12
+    assert m["stage"] == "ie_data" and m["metrics"]["records_in"] == 255 and m["metrics"]["eval_prompts"] == 40
     assert all((folder / o).is_file() for o in m["outputs"]) and "06_render_stats.json" in m["outputs"]
     assert any(i["path"].endswith("embedded_zh.jsonl") for i in m["inputs"])
     with caplog.at_level(logging.INFO, logger="microlm"):

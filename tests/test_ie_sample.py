@@ -39,3 +39,8 @@ def test_small_topics_of_rare_relations_still_reach_test_and_strata_are_proporti
     assert per[("t", "test")] == 1 and per[("t", "val")] == 1 and per[("t", "train")] == 19
     assert per[("x", "test")] == per[("y", "test")] == 5  # 10 for the topic, split evenly over its strata
     assert per[("x", "val")] + per[("y", "val")] == 10 and abs(per[("x", "val")] - per[("y", "val")]) <= 1
+    # a floor for the evaluation prompts: 4 test texts for the small topic, at most a quarter of it
+    f = Counter((k[0], v) for k, v in assign_splits(strata, 0.05, 0.05, seed=0, min_test=4).items())
+    assert f[("t", "test")] == 4 and f[("x", "test")] + f[("y", "test")] == 10
+    assert Counter(k[0] for k, v in assign_splits(strata, 0.05, 0.05, seed=0, min_test=50).items()
+                   if v == "test")["t"] == 21 // 4

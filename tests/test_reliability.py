@@ -263,8 +263,8 @@ def test_ie_data_step_marks_the_stage_partial(tmp_cfg, monkeypatch):
     stages.build("ie_data", three, progress=False, step=5)
     assert stages.status("ie_data", cfg) == "partial" and stages.status("ie_data", three) == "partial"
     stages.build("ie_data", cfg, progress=False)  # not "up to date": the steps run again
-    assert stages.manifest("ie_data", cfg)["metrics"]["eval_prompts"] == 12
-    assert sum(1 for _ in open(stages.stage_dir(cfg, "ie_data") / "06_eval_prompts.jsonl")) == 12
+    assert stages.manifest("ie_data", cfg)["metrics"]["eval_prompts"] == 40
+    assert sum(1 for _ in open(stages.stage_dir(cfg, "ie_data") / "06_eval_prompts.jsonl")) == 40
 
 
 BAD = {

@@ -292,7 +292,9 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     strata: dict[str, str] = {}
     for e in read_jsonl(src):
         strata.setdefault(e["record_id"], e["stratum"] or e["cate"])
-    split_of = assign_splits(strata, d.val_fraction, d.test_fraction, cfg.seed)
+    topics = {s.split(":")[0] for s in strata.values()}
+    split_of = assign_splits(strata, d.val_fraction, d.test_fraction, cfg.seed,
+                             min_test=-(-d.eval_prompts // max(1, len(topics))))
     counts: dict[str, Counter] = {k: Counter() for k in ("train", "val", "test")}
     texts: dict[str, set] = {k: set() for k in counts}
     test_examples = []

@@ -4,7 +4,9 @@ Splits are made over *texts* (record ids), never over examples, so no text is in
 Within each topic the texts are ordered by stratum and then by a seeded hash, and cut by systematic
 sampling: every ``1/fraction``-th text goes to test, then likewise to val over the rest.  A topic
 gets ``round(n × fraction)`` texts in each split (a 21-text topic still reaches test), and the
-strata inside it are represented in proportion (topics of fewer than 3 texts stay in train).
+strata inside it are represented in proportion (topics of fewer than 3 texts stay in train).  The
+test split of a topic holds at least ``ceil(eval_prompts / topics)`` texts (at most a quarter of
+it), so the project's small embedded source still gives 40 evaluation prompts over 12 topics.
 The evaluation prompts are drawn
 from the test split, round-robin over topics (schema topics first, then the extra topic), each
 with at least one gold pair, and saved with their gold answers.
@@ -29,8 +31,12 @@ def _systematic(ids: list[str], fraction: float) -> set[str]:
     return {t for i, t in enumerate(ids) if math.floor((i + 1) * fraction + 0.5) > math.floor(i * fraction + 0.5)}
 
 
-def assign_splits(strata: dict[str, str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """``{text id: "train" | "val" | "test"}`` from ``{text id: stratum}`` (``"<topic>:<relation>"``)."""
+def assign_splits(strata: dict[str, str], val_fraction: float, test_fraction: float, seed: int,
+                  min_test: int = 0) -> dict[str, str]:
+    """``{text id: "train" | "val" | "test"}`` from ``{text id: stratum}`` (``"<topic>:<relation>"``).
+
+    ``min_test``: a topic's test split holds at least this many texts (at most a quarter of the
+    topic) — so a small source still yields the evaluation prompts (40 over 12 topics needs 4 each)."""
     by_topic: dict[str, list[str]] = defaultdict(list)
     for tid, s in strata.items():
         by_topic[s.split(":")[0]].append(tid)
@@ -38,7 +44,8 @@ def assign_splits(strata: dict[str, str], val_fraction: float, test_fraction: fl
     for _, ids in sorted(by_topic.items()):
         ids.sort(key=lambda t: (strata[t], _key(seed, t)))
         n = len(ids)
-        test = _systematic(ids, test_fraction) if n >= 3 else set()
+        k = max(math.floor(n * test_fraction + 0.5), min(min_test, n // 4))
+        test = _systematic(ids, k / n) if n >= 3 else set()
         rest = [t for t in ids if t not in test]
         val = _systematic(rest, val_fraction * n / len(rest)) if n >= 3 and rest else set()
         for tid in ids:
