@@ -4,8 +4,19 @@ import json
 
 import pytest
 
-from microlm.ie.metrics import (RuleFloor, aggregate, bootstrap, empty_answer, failure_kind, merge_records,
-                                normalize_entity, paired_bootstrap, read_answer, score_answer, triples_of)
+from microlm.ie.metrics import (
+    RuleFloor,
+    aggregate,
+    bootstrap,
+    empty_answer,
+    failure_kind,
+    merge_records,
+    normalize_entity,
+    paired_bootstrap,
+    read_answer,
+    score_answer,
+    triples_of,
+)
 
 ASK = ["作者", "出版社"]
 GOLD = json.dumps({"作者": [{"subject": "三体", "object": "刘慈欣"}], "出版社": []}, ensure_ascii=False)
