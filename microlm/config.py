@@ -237,6 +237,40 @@ class IEMergedConfig:
     max_shard_size: str = "2GB"
 
 
+def _ie_eval_models() -> list[dict]:
+    return [{"name": "qwen2.5-1.5b", "backend": "transformers", "model": "Qwen/Qwen2.5-1.5B-Instruct"},
+            {"name": "qwen2.5-1.5b-ie", "backend": "transformers", "model": "Qwen/Qwen2.5-1.5B-Instruct",
+             "adapter": "ie_lora:qwen2.5-1.5b"},
+            {"name": "microlm-31.7m", "backend": "microlm", "model": "hf"},
+            {"name": "microlm-31.7m-ie", "backend": "transformers", "model": "hf", "adapter": "ie_lora:microlm-31.7m"}]
+
+
+IE_EVAL_BACKENDS = ("microlm", "transformers", "openai")
+IE_EVAL_MODEL_KEYS = ("name", "backend", "model", "adapter", "constrained", "base_url", "model_name", "api_key_env")
+
+
+@dataclass
+class IEEvalConfig:
+    """Stage B4: every entry of ``models`` answers the evaluation prompts greedily.  An entry is
+    ``{name, backend: microlm | transformers | openai, model, adapter?, constrained?, base_url?,
+    model_name?, api_key_env?}``; ``model``/``adapter`` name a course stage (``hf``,
+    ``ie_lora:<run>``, ``ie_merged:<run>``), a local folder or a hub id.  ``floors`` adds the two rows
+    computed without a model; ``all`` evaluates the whole test split instead of the 40 prompts."""
+
+    models: list[dict] = field(default_factory=_ie_eval_models)
+    floors: bool = True
+    all: bool = False
+    limit: int = 0  # the first N prompts only (0 = all)
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=lambda: ["<|im_end|>"])
+    batch_size: int = 8
+    bootstrap_samples: int = 1000
+    concurrency: int = 4  # openai backend: requests in flight
+    timeout_s: float = 120.0
+    retries: int = 3
+    backoff_s: float = 0.5
+
+
 def trajectory_config(c: TrainConfig) -> dict:
     """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
     must match; logging, eval and checkpoint intervals do not count)."""
@@ -307,6 +341,7 @@ class Config:
     ie_data: IEDataConfig = field(default_factory=IEDataConfig)  # B1–B2
     ie_lora: IELoRAConfig = field(default_factory=IELoRAConfig)  # B3
     ie_merged: IEMergedConfig = field(default_factory=IEMergedConfig)  # B5
+    ie_eval: IEEvalConfig = field(default_factory=IEEvalConfig)  # B4
 
     @property
     def run_path(self) -> Path:
@@ -430,6 +465,7 @@ def _validate(cfg: Config) -> None:
     _validate_ie_data(cfg.ie_data)
     _validate_ie_lora(cfg.ie_lora)
     _validate_ie_merged(cfg.ie_merged, cfg.ie_lora)
+    _validate_ie_eval(cfg.ie_eval, cfg.ie_lora)
     try:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
@@ -493,6 +529,33 @@ def _validate_ie_merged(c: IEMergedConfig, lora: IELoRAConfig) -> None:
         raise ConfigError(f"ie_merged.runs: {', '.join(unknown)} is not an ie_lora run ({', '.join(sorted(names))})")
     if c.logits_atol <= 0 or c.max_new_tokens < 1:
         raise ConfigError("ie_merged: logits_atol > 0 and max_new_tokens >= 1")
+
+
+def _validate_ie_eval(c: IEEvalConfig, lora: IELoRAConfig) -> None:
+    names = [m.get("name", "") for m in c.models]
+    runs = {r["name"] for r in lora.runs}
+    for m in c.models:
+        extra = sorted(set(m) - set(IE_EVAL_MODEL_KEYS))
+        if extra or not m.get("name") or not m.get("model") or m.get("backend") not in IE_EVAL_BACKENDS:
+            raise ConfigError(f"ie_eval.models: each model is {{name, backend ({' | '.join(IE_EVAL_BACKENDS)}), model, "
+                              f"adapter?, constrained?, base_url?, model_name?, api_key_env?}}; got {m}")
+        if m["backend"] == "openai" and not m.get("base_url"):
+            raise ConfigError(f"ie_eval.models: {m['name']!r} (openai) needs base_url")
+        if m.get("constrained") and m["backend"] != "transformers":
+            raise ConfigError(f"ie_eval.models: {m['name']!r}: constrained decoding is a transformers-backend option")
+        for key in ("model", "adapter"):
+            ref = str(m.get(key) or "")
+            if ref.startswith(("ie_lora:", "ie_merged:")) and ref.split(":", 1)[1] not in runs:
+                raise ConfigError(f"ie_eval.models: {m['name']!r}: {ref} is not an ie_lora run "
+                                  f"({', '.join(sorted(runs))})")
+        if not regex.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m["name"]) or m["name"].startswith("floor-"):
+            raise ConfigError(f"ie_eval.models: name {m['name']!r} must be a folder name, not floor-*")
+    if len(set(names)) != len(names):
+        raise ConfigError("ie_eval.models: names must be distinct")
+    if c.max_new_tokens < 1 or c.batch_size < 1 or c.bootstrap_samples < 100 or c.concurrency < 1 \
+            or c.timeout_s <= 0 or c.retries < 0 or c.backoff_s < 0 or c.limit < 0:
+        raise ConfigError("ie_eval: max_new_tokens, batch_size, concurrency >= 1; bootstrap_samples >= 100; "
+                          "timeout_s > 0; retries, backoff_s, limit >= 0")
 
 
 def _validate_train(name: str, c: TrainConfig) -> None:

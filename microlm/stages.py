@@ -499,5 +499,30 @@ register(Stage(
     summary=lambda m: _ie_runs(m, lambda r: (f"max |Δlogit| {r['logits_max_abs_diff']:.1e}, greedy identical "
                                              f"{r['greedy_identical']}/{r['greedy_prompts']}"))))
 
+def _ie_eval_needs(cfg: Config, options: dict) -> tuple[str, ...]:
+    """ie_data, plus every stage a model entry names (``hf``, ``ie_lora:<run>``, ...) and what those
+    stages need themselves (ie_lora's base)."""
+    from microlm.ie.evaluate import ref_stages
+
+    named = set().union(*(ref_stages(m) for m in cfg.ie_eval.models)) if cfg.ie_eval.models else set()
+    if "ie_lora" in named or "ie_merged" in named:
+        named.update(_ie_bases(cfg, options))
+    return tuple(s for s in REGISTRY["ie_eval"].upstream if s in named | {"ie_data"})
+
+
+register(Stage(
+    "ie_eval", "B4", "evaluate models on the IE prompts: parse rate, schema, strict and relaxed F1 with intervals",
+    build="microlm.ie.evaluate:build", upstream=("ie_data", "hf", "ie_lora", "ie_merged"), needs=_ie_eval_needs,
+    sections=("ie_eval",),
+    key=lambda cfg, o: {"ie_eval": stage_config(cfg, "ie_eval"), "all": bool(o.get("all")), "seed": cfg.seed},
+    outputs=("results.jsonl", "summary.md", "summary.csv", "failures.md", "metrics.png", "topic_f1.png",
+             "answers.png", "report.json"),
+    notebook="11_ie_eval",
+    options=(Option("all", "the whole test split (first variant of each chunk) instead of the evaluation prompts",
+                    flag=True),),
+    summary=lambda m: f"{m['prompts']} prompts; " + "; ".join(
+        f"{n}: F1 {r['f1']:.3f} [{r['f1_interval'][0]:.3f}, {r['f1_interval'][1]:.3f}], parse {r['parse_rate']:.2f}"
+        for n, r in m["models"].items())))
+
 STAGES = REGISTRY  # the name the notebooks and tests used first
 

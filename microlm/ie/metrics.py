@@ -38,7 +38,7 @@ __all__ = ["ERROR_CLASSES", "read_answer", "triples_of", "gold_triples", "normal
 
 # what went wrong first with an answer (``ok``: a compliant JSON object); the order is the check order
 ERROR_CLASSES = ("ok", "empty", "too_long", "fenced", "prose", "truncated", "not_json", "not_object",
-                 "bad_values", "wrong_keys", "endpoint_error", "no_gold")
+                 "bad_values", "wrong_keys", "endpoint_error", "load_error", "prompt_too_long", "no_gold")
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.S)
 
@@ -156,12 +156,13 @@ def _relaxed(triples: Iterable[tuple[str, str, str]]) -> set[tuple[str, str, str
 def score_answer(text: str | None, asked: Sequence[str], gold: str | dict | None, *,
                  finish_reason: str | None = None, error: str | None = None) -> dict:
     """One answer's parts of the metrics: error class, parsed, compliant, predicted triples, gold
-    triples.  ``error``: the backend failed (``endpoint_error``); ``gold=None``: ``no_gold``."""
+    triples.  ``error``: the backend gave no answer (``endpoint_error``, ``load_error``,
+    ``prompt_too_long``); ``gold=None``: ``no_gold``."""
     if gold is None:
         return {"error": "no_gold", "parsed": False, "compliant": False, "pred": [], "gold": []}
     g = gold_triples(gold)
     if error is not None:
-        return {"error": "endpoint_error", "parsed": False, "compliant": False, "pred": [], "gold": sorted(g)}
+        return {"error": error, "parsed": False, "compliant": False, "pred": [], "gold": sorted(g)}
     obj, cls = read_answer(text, asked, finish_reason=finish_reason)
     parsed = cls in ("ok", "wrong_keys", "bad_values", "not_object")  # it is JSON
     return {"error": cls, "parsed": parsed, "compliant": cls == "ok", "pred": sorted(triples_of(obj)),
@@ -307,8 +308,8 @@ def failure_kind(row: dict, text_input: str) -> str | None:
         return "not JSON"
     if err == "truncated":
         return "truncated"
-    if err == "endpoint_error":
-        return "endpoint error"
+    if err in ("endpoint_error", "load_error", "prompt_too_long"):
+        return "no answer"
     if err in ("wrong_keys", "bad_values"):
         return "wrong keys"
     pred, gold = {tuple(t) for t in row["pred"]}, {tuple(t) for t in row["gold"]}

@@ -1,0 +1,639 @@
+"""Stage B4 (``microlm ie-eval``): every model of ``ie_eval.models`` answers the IE evaluation prompts.
+
+Where the two pipelines meet: a MicroLM model (``microlm`` backend: ``microlm.infer``, batched with
+the KV cache, optionally with a from-scratch LoRA adapter), a Hugging Face folder or hub id
+(``transformers`` backend: batched left-padded greedy ``generate``, optionally a PEFT adapter and
+JSON-schema-constrained decoding) and a served OpenAI-compatible endpoint (``openai`` backend:
+bounded concurrency, retries with backoff, then the answer is recorded as an error) all answer the
+same prompts, greedily, and are scored by ``microlm.ie.metrics``; two floors computed without a
+model (all relations ``[]``, and a rule pairing known entity strings found in the text) show what
+learning added.
+
+Every answer is cached on disk (``.cache/<model>-<fingerprint>.jsonl``) keyed by the model's
+fingerprint (its files, or its stage's manifest), the prompt and the decoding settings, so a re-run
+only computes what changed; a model that fails to load, an endpoint that refuses or a prompt without
+gold is a counted error class, never a crash of the run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from microlm.errors import MicroLMError
+
+__all__ = ["load_prompts", "resolve_ref", "ref_stages", "model_fingerprint", "AnswerCache", "answer_microlm",
+           "answer_transformers", "answer_openai", "json_schema_for", "evaluate", "build", "FLOORS"]
+
+FLOORS = ("floor-empty", "floor-rule")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0) -> tuple[list[dict], Counter]:
+    """The evaluation prompts (``06_eval_prompts.jsonl``) or, ``all_test``, every first-variant chunk
+    of the test split (``06_test.jsonl``); each ``{id, record_id, cate, messages, asked, gold, input}``.
+    A line without gold keeps ``gold=None`` (scored as ``no_gold``); an unreadable line is counted."""
+    from microlm.ie.metrics import asked_relations
+
+    path = data_dir / ("06_test.jsonl" if all_test else "06_eval_prompts.jsonl")
+    if not path.is_file():
+        raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
+    out, bad = [], Counter()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                msgs = row["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                bad["unreadable line"] += 1
+                continue
+            if all_test:
+                if row.get("id", "").rsplit("-", 2)[-2:-1] not in (["0"], []):
+                    continue  # shuffled copies of a chunk are training augmentation, not test items
+                gold = msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else None
+                msgs = [m for m in msgs if m["role"] != "assistant"]
+            else:
+                gold = row.get("gold")
+            user = next((m["content"] for m in msgs if m["role"] == "user"), "")
+            try:
+                text_in = json.loads(user).get("input", "")
+            except (json.JSONDecodeError, AttributeError):
+                text_in = ""
+            out.append({"id": row.get("id", f"line{n}"), "record_id": row.get("record_id", row.get("id", f"line{n}")),
+                        "cate": row.get("cate", "?"), "messages": msgs, "asked": asked_relations(user),
+                        "gold": gold, "input": text_in})
+            if limit and len(out) >= limit:
+                break
+    return out, bad
+
+
+# ---------------------------------------------------------------------------------------------- models
+def ref_stages(entry: dict) -> set[str]:
+    """Course stages a model entry reads (``hf``, ``ie_lora:<run>``, ``ie_merged:<run>``, ``sft``)."""
+    from microlm.stages import REGISTRY
+
+    out = set()
+    for key in ("model", "adapter"):
+        v = entry.get(key)
+        if isinstance(v, str) and v.split(":")[0] in REGISTRY:
+            out.add(v.split(":")[0])
+    return out
+
+
+def resolve_ref(ref: str | None, up: dict[str, Path]) -> str | None:
+    """A model/adapter reference → a path or hub id: ``hf`` = the hf stage's folder,
+    ``ie_lora:<run>`` = that run's adapter, ``ie_merged:<run>`` = that merged folder; else as given."""
+    if ref is None:
+        return None
+    stage, _, sub = ref.partition(":")
+    if stage in up:
+        base = up[stage]
+        if stage == "ie_lora":
+            return str(base / sub / "adapter")
+        return str(base / sub) if sub else str(base)
+    return ref
+
+
+def _folder_digest(path: str) -> str:
+    from microlm.runs import fingerprint, folder_files
+
+    p = Path(path)
+    if p.is_dir():
+        return fingerprint(folder_files(p))
+    return fingerprint({"id": path})  # a hub id (its cache is transformers' business) or an endpoint
+
+
+def model_fingerprint(entry: dict, up: dict[str, Path]) -> str:
+    """What an answer depends on besides the prompt: the backend, the files of model and adapter (a
+    model retrained = a new fingerprint), constrained decoding, the endpoint."""
+    from microlm.runs import fingerprint
+
+    parts = {k: entry.get(k) for k in ("backend", "constrained", "base_url", "model_name")}
+    for key in ("model", "adapter"):
+        ref = resolve_ref(entry.get(key), up)
+        if ref is not None:
+            parts[key] = _folder_digest(ref) if entry.get("backend") != "openai" else ref
+    return fingerprint(parts)
+
+
+class AnswerCache:
+    """Answers of one model on disk, one JSON line each, keyed by prompt + decoding settings; lines
+    are appended as they come (an interrupted run keeps what it computed)."""
+
+    def __init__(self, folder: Path, name: str, model_fp: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{name}-{model_fp[:16]}.jsonl"
+        self.model_fp = model_fp
+        self.rows: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by a kill
+
+    def key(self, prompt: dict, decoding: dict) -> str:
+        blob = json.dumps([self.model_fp, prompt["messages"], decoding], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def add(self, rows: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in rows:
+                self.rows[r["key"]] = r
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+
+
+def json_schema_for(asked: list[str], max_chars: int = 64, max_items: int = 8) -> dict:
+    """The JSON schema of an answer to ``asked``: exactly those keys, each a list of at most
+    ``max_items`` ``{"subject": str, "object": str}`` pairs of 1–``max_chars`` characters (the data's
+    entity limit)."""
+    # no control characters (JSON forbids them raw, and a byte-level grammar would let them through)
+    ent = {"type": "string", "pattern": f"^[^\\x00-\\x1f\"\\\\]{{1,{max_chars}}}$"}
+    pair = {"type": "object", "properties": {"subject": ent, "object": ent},
+            "required": ["subject", "object"], "additionalProperties": False}
+    return {"type": "object", "properties": {r: {"type": "array", "items": pair, "maxItems": max_items} for r in asked},
+            "required": list(asked), "additionalProperties": False}
+
+
+def _batches(prompts: list[tuple[int, list[int]]], max_new: int, ctx: int, batch_size: int):
+    """Batches of ``(index, ids)`` with one ``max_new_tokens`` each: prompts that leave room for
+    ``max_new`` go together (sorted by length); a longer one alone with what room is left."""
+    fit = sorted((p for p in prompts if len(p[1]) + max_new <= ctx), key=lambda p: len(p[1]))
+    for i in range(0, len(fit), batch_size):
+        yield fit[i:i + batch_size], max_new
+    for p in prompts:
+        if len(p[1]) + max_new > ctx:
+            yield [p], ctx - len(p[1])
+
+
+def answer_microlm(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, progress=None) -> list[dict]:
+    """Greedy answers from ``microlm.infer`` (a MicroLM HF export, + a from-scratch adapter)."""
+    import torch
+
+    from microlm.infer.generate import generate_ids
+    from microlm.model.hf_export import import_hf
+    from microlm.model.lora import load_adapter, merge_lora
+    from microlm.tokenizer.tokenizer import stop_ids_of
+
+    model, tok = import_hf(resolve_ref(entry["model"], up))
+    if entry.get("adapter"):
+        load_adapter(model, resolve_ref(entry["adapter"], up))
+        merge_lora(model)  # folded in: the same answers, a plain forward per token
+    ctx, stops = model.cfg.max_seq_len, stop_ids_of(tok)
+    ids = [(i, tok.encode_chat(p["messages"], add_generation_prompt=True)) for i, p in enumerate(prompts)]
+    out: list[dict | None] = [None] * len(prompts)
+    with torch.inference_mode():
+        for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, dec["batch_size"]):
+            if max_new < 1:
+                for i, p in batch:
+                    out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
+                              "seconds": 0.0, "finish_reason": "error"}
+                continue
+            t0 = time.perf_counter()
+            new = generate_ids(model, [p for _, p in batch], stop_ids=stops, pad_id=tok.eos_id or 0,
+                               max_new_tokens=max_new, temperature=0.0, repetition_penalty=1.0, top_k=0, top_p=1.0)
+            dt = time.perf_counter() - t0
+            for (i, p), n in zip(batch, new, strict=True):
+                text = tok.decode(n)
+                for s in dec["stop"]:
+                    text = text.split(s)[0]
+                out[i] = {"text": text, "prompt_tokens": len(p), "new_tokens": len(n), "seconds": dt / len(batch),
+                          "finish_reason": "length" if len(n) >= max_new else "stop"}
+            if progress:
+                progress(len(batch))
+    return out  # type: ignore[return-value]
+
+
+def _hf_load(entry: dict, up: dict[str, Path]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from microlm.ie.train_lora import load_tokenizer
+
+    model_ref, adapter = resolve_ref(entry["model"], up), resolve_ref(entry.get("adapter"), up)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise MicroLMError(f"cannot load {model_ref}: {str(e).splitlines()[0]}") from None
+    tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_ref
+    tok = load_tokenizer(tok_src, weights=False)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise MicroLMError(f"adapter {adapter} does not fit {model_ref}: {str(e).splitlines()[0]}") from None
+    tok.padding_side = "left"
+    return model, tok
+
+
+def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, progress=None) -> list[dict]:
+    """Greedy answers from ``transformers`` ``generate`` (left-padded batches; a PEFT adapter merged
+    in; ``constrained``: one prompt at a time through xgrammar's JSON-schema logits processor)."""
+    import torch
+
+    from microlm.ie.export import _eos_ids
+
+    model, tok = _hf_load(entry, up)
+    eos = _eos_ids(tok, model)
+    ctx = getattr(model.config, "max_position_embeddings", 4096)
+    ids = [(i, tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)) for i, p in enumerate(prompts)]
+    ids = [(i, list(x["input_ids"]) if isinstance(x, dict) else list(x)) for i, x in ids]
+    constrained = bool(entry.get("constrained"))
+    bs = 1 if constrained else dec["batch_size"]
+    compiler = grammar_compiler(tok, model.config.vocab_size) if constrained else None
+    out: list[dict | None] = [None] * len(prompts)
+    with torch.inference_mode():
+        for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, bs):
+            if max_new < 1:
+                for i, p in batch:
+                    out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
+                              "seconds": 0.0, "finish_reason": "error"}
+                continue
+            longest = max(len(p) for _, p in batch)
+            x = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for r, (_, p) in enumerate(batch):
+                x[r, longest - len(p):] = torch.tensor(p)
+                mask[r, longest - len(p):] = 1
+            kw = {}
+            if constrained:
+                kw["logits_processor"] = [_schema_processor(compiler, prompts[batch[0][0]]["asked"])]
+            t0 = time.perf_counter()
+            gen = model.generate(x, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id, **kw)
+            dt = time.perf_counter() - t0
+            for r, (i, p) in enumerate(batch):
+                new = gen[r, longest:].tolist()
+                n = next((k for k, t in enumerate(new) if t in eos), None)
+                ended = n is not None
+                new = new[:n] if ended else new
+                text = tok.decode(new, skip_special_tokens=True)
+                for s in dec["stop"]:
+                    text = text.split(s)[0]
+                out[i] = {"text": text, "prompt_tokens": len(p), "new_tokens": len(new), "seconds": dt / len(batch),
+                          "finish_reason": "stop" if ended else "length"}
+            if progress:
+                progress(len(batch))
+    return out  # type: ignore[return-value]
+
+
+def grammar_compiler(tok, vocab_size: int):
+    """xgrammar's compiler for ``tok`` (the grammar engine vLLM's structured outputs use; it works on
+    token bytes, so byte-level BPE pieces of a Chinese character are handled)."""
+    import xgrammar as xgr
+
+    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size))
+
+
+def _schema_processor(compiler, asked: list[str]):
+    """A ``transformers`` logits processor that lets only answers of the JSON schema of ``asked``
+    through (no free whitespace); one prompt per ``generate`` call."""
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    schema = json.dumps(json_schema_for(asked), ensure_ascii=False)
+    return LogitsProcessor(compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True))
+
+
+def _post(url: str, body: dict, key: str | None, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (the configured endpoint)
+        return json.loads(r.read().decode("utf-8"))
+
+
+def answer_openai(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, progress=None) -> list[dict]:
+    """Answers from an OpenAI-compatible ``/v1/chat/completions`` (concurrency ``dec["concurrency"]``;
+    timeouts, refused connections, 5xx and malformed JSON retried ``dec["retries"]`` times with
+    exponential backoff, then recorded as ``endpoint_error``; 4xx is not retried)."""
+    import os
+
+    url = entry["base_url"].rstrip("/") + "/chat/completions"
+    key = os.environ.get(entry["api_key_env"]) if entry.get("api_key_env") else None
+    name = entry.get("model_name") or entry["model"]
+
+    def one(p: dict) -> dict:
+        body = {"model": name, "messages": p["messages"], "max_tokens": dec["max_new_tokens"], "temperature": 0,
+                **({"stop": dec["stop"]} if dec["stop"] else {})}
+        err = "?"
+        for attempt in range(dec["retries"] + 1):
+            t0 = time.perf_counter()
+            try:
+                r = _post(url, body, key, dec["timeout_s"])
+                ch = r["choices"][0]
+                usage = r.get("usage") or {}
+                return {"text": ch["message"]["content"] or "", "prompt_tokens": usage.get("prompt_tokens"),
+                        "new_tokens": usage.get("completion_tokens"), "seconds": time.perf_counter() - t0,
+                        "finish_reason": ch.get("finish_reason"), "attempts": attempt + 1}
+            except urllib.error.HTTPError as e:
+                err = f"HTTP {e.code}"
+                if e.code < 500 and e.code != 429:
+                    break
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                err = type(getattr(e, "reason", e)).__name__
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+                err = "malformed response"
+            if attempt < dec["retries"]:
+                time.sleep(dec["backoff_s"] * 2 ** attempt * (1 + random.random() / 2))
+        return {"text": None, "error": "endpoint_error", "detail": err, "prompt_tokens": None, "new_tokens": 0,
+                "seconds": 0.0, "finish_reason": "error", "attempts": dec["retries"] + 1}
+
+    out: list[dict | None] = [None] * len(prompts)
+    with cf.ThreadPoolExecutor(max_workers=max(1, dec["concurrency"])) as pool:
+        futs = {pool.submit(one, p): i for i, p in enumerate(prompts)}
+        for fut in cf.as_completed(futs):
+            out[futs[fut]] = fut.result()
+            if progress:
+                progress(1)
+    return out  # type: ignore[return-value]
+
+
+BACKENDS = {"microlm": answer_microlm, "transformers": answer_transformers, "openai": answer_openai}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _floor_answers(name: str, prompts: list[dict], train_answers: list[str]) -> list[dict]:
+    from microlm.ie.metrics import RuleFloor, empty_answer
+
+    rule = RuleFloor(train_answers) if name == "floor-rule" else None
+    return [{"text": empty_answer(p["asked"]) if rule is None else rule.answer(p["input"], p["asked"]),
+             "prompt_tokens": 0, "new_tokens": 0, "seconds": 0.0, "finish_reason": "stop"} for p in prompts]
+
+
+def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: Path, dec: dict, *,
+             train_answers: list[str], floors: bool = True, progress: bool = True, seed: int = 0,
+             bootstrap_samples: int = 1000) -> dict:
+    """Answer (cache first), score and summarise; writes ``results.jsonl``; returns the report."""
+    from tqdm.auto import tqdm
+
+    from microlm.ie.metrics import aggregate, bootstrap, merge_records, paired_bootstrap, score_answer
+    from microlm.io import atomic_open
+
+    rows_by_model: dict[str, list[dict]] = {}
+    timing: dict[str, dict] = {}
+    decoding = {k: dec[k] for k in ("max_new_tokens", "stop")}
+    names = [m["name"] for m in models] + (list(FLOORS) if floors else [])
+    for name in names:
+        entry = next((m for m in models if m["name"] == name), {"name": name, "backend": "floor"})
+        t0 = time.perf_counter()
+        computed = cached = 0
+        if entry["backend"] == "floor":
+            answers = _floor_answers(name, prompts, train_answers)
+        else:
+            fp = model_fingerprint(entry, up)
+            cache = AnswerCache(out / ".cache", name, fp)
+            keys = [cache.key(p, decoding) for p in prompts]
+            todo = [i for i, k in enumerate(keys) if k not in cache.rows]
+            cached = len(prompts) - len(todo)
+            if todo:
+                bar = tqdm(total=len(todo), desc=f"ie_eval {name}", disable=not progress, leave=False)
+                try:
+                    fresh = BACKENDS[entry["backend"]](entry, up, [prompts[i] for i in todo], dec, progress=bar.update)
+                except MicroLMError as e:  # a model that does not load: every answer is a counted error
+                    fresh = [{"text": None, "error": "load_error", "detail": str(e), "prompt_tokens": None,
+                              "new_tokens": 0, "seconds": 0.0, "finish_reason": "error"} for _ in todo]
+                finally:
+                    bar.close()
+                keep = [dict(a, key=keys[i]) for i, a in zip(todo, fresh, strict=True) if a.get("error") != "load_error"]
+                cache.add(keep)  # errors of a model that did not load are not cached: fix it and re-run
+                by_key = {keys[i]: dict(a, key=keys[i]) for i, a in zip(todo, fresh, strict=True)}
+                computed = len(todo)
+            else:
+                by_key = {}
+            answers = [by_key.get(k) or cache.rows[k] for k in keys]
+        seconds = time.perf_counter() - t0
+        gen_s = sum(a.get("seconds") or 0.0 for a in answers)
+        timing[name] = {"backend": entry["backend"], "computed": computed, "cached": cached,
+                        "wall_s": round(seconds, 2),
+                        "answers_per_s": round(computed / seconds, 3) if computed and seconds > 0 else None,
+                        "generation_s": round(gen_s, 2)}
+        rows = []
+        for p, a in zip(prompts, answers, strict=True):
+            s = score_answer(a.get("text"), p["asked"], p["gold"], finish_reason=a.get("finish_reason"),
+                             error=a.get("error"))
+            rows.append({"model": name, "id": p["id"], "record_id": p["record_id"], "cate": p["cate"],
+                         "asked": p["asked"], "answer": a.get("text"), "detail": a.get("detail"),
+                         "finish_reason": a.get("finish_reason"), "prompt_tokens": a.get("prompt_tokens"),
+                         "new_tokens": a.get("new_tokens"), "seconds": a.get("seconds"), **s})
+        rows_by_model[name] = rows
+    with atomic_open(out / "results.jsonl") as f:
+        for name in names:
+            for r in rows_by_model[name]:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    recs = {n: merge_records(rows_by_model[n]) for n in names}
+    summary = {}
+    for n in names:
+        m = aggregate(recs[n])
+        m["interval"] = bootstrap(recs[n], samples=bootstrap_samples, seed=seed)
+        by_topic = defaultdict(dict)
+        for rid, r in recs[n].items():
+            by_topic[r["cate"]][rid] = r
+        m["by_topic"] = {t: aggregate(v) for t, v in sorted(by_topic.items())}
+        m["errors"] = dict(Counter(r["error"] for r in rows_by_model[n]).most_common())
+        summary[n] = m
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    comparisons = [{"a": a, "b": b, **paired_bootstrap(recs[a], recs[b], samples=bootstrap_samples, seed=seed)}
+                   for a, b in pairs]
+    return {"models": summary, "comparisons": comparisons, "timing": timing, "prompts": len(prompts),
+            "records": len({p["record_id"] for p in prompts if p["gold"] is not None}),
+            "topics": len({p["cate"] for p in prompts}), "decoding": decoding, "bootstrap_samples": bootstrap_samples,
+            "seed": seed, "order": names}
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def _fmt_iv(v: float, iv: list[float]) -> str:
+    return f"{v:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def write_summary(report: dict, out: Path) -> None:
+    """``summary.csv`` + ``summary.md`` (the model × metric table with intervals, the paired
+    comparisons, errors per class)."""
+    import csv
+
+    from microlm.io import atomic_open
+
+    cols = ["model", "backend", "parse_rate", "parse_lo", "parse_hi", "schema_rate", "precision", "recall", "f1",
+            "f1_lo", "f1_hi", "relaxed_f1", "answers", "records"]
+    with atomic_open(out / "summary.csv") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for n in report["order"]:
+            m = report["models"][n]
+            w.writerow([n, report["timing"][n]["backend"], f"{m['parse_rate']:.4f}", f"{m['interval']['parse_rate'][0]:.4f}",
+                        f"{m['interval']['parse_rate'][1]:.4f}", f"{m['schema_rate']:.4f}", f"{m['precision']:.4f}",
+                        f"{m['recall']:.4f}", f"{m['f1']:.4f}", f"{m['interval']['f1'][0]:.4f}",
+                        f"{m['interval']['f1'][1]:.4f}", f"{m['relaxed_f1']:.4f}", m["answers"], m["records"]])
+    lines = [f"# IE evaluation: {report['prompts']} prompts, {report['records']} records, {report['topics']} topics",
+             "", "Strict F1 and parse rate with a bootstrap 95 % interval (records resampled, "
+             f"{report['bootstrap_samples']} samples, seed {report['seed']}).", "",
+             "| model | backend | parse rate | schema | precision | recall | strict F1 | relaxed F1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in report["order"]:
+        m = report["models"][n]
+        lines.append(f"| {n} | {report['timing'][n]['backend']} | {_fmt_iv(m['parse_rate'], m['interval']['parse_rate'])}"
+                     f" | {m['schema_rate']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                     f"{_fmt_iv(m['f1'], m['interval']['f1'])} | {m['relaxed_f1']:.3f} |")
+    lines += ["", "## Paired comparisons (strict F1, A − B)", "",
+              "| A | B | F1 difference | 95 % interval | decided |", "|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        lines.append(f"| {c['a']} | {c['b']} | {c['f1_diff']:+.3f} | [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | "
+                     f"{'yes' if c['decided'] else 'no'} |")
+    lines += ["", "## Answers by error class", "", "| model | " + " | ".join(["classes"]) + " |", "|---|---|"]
+    for n in report["order"]:
+        lines.append(f"| {n} | " + ", ".join(f"{k} {v}" for k, v in report["models"][n]["errors"].items()) + " |")
+    lines += ["", "## Time", "", "| model | computed | cached | wall s | answers/s |", "|---|---|---|---|---|"]
+    for n in report["order"]:
+        t = report["timing"][n]
+        lines.append(f"| {n} | {t['computed']} | {t['cached']} | {t['wall_s']} | {t['answers_per_s'] or '—'} |")
+    with atomic_open(out / "summary.md") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_failures(rows: list[dict], prompts: list[dict], out: Path, per_kind: int = 2) -> dict:
+    """``failures.md``: up to ``per_kind`` failed answers of each model per class (not JSON,
+    truncated, wrong keys, hallucinated entity, right pair wrong relation, missed/wrong triples)."""
+    from microlm.ie.metrics import failure_kind
+    from microlm.io import atomic_open
+
+    text_of = {p["id"]: p["input"] for p in prompts}
+    counts: dict[str, Counter] = defaultdict(Counter)
+    shown: dict[tuple[str, str], int] = Counter()
+    lines = ["# Failures by class", ""]
+    for r in rows:
+        kind = failure_kind(r, text_of.get(r["id"], ""))
+        if kind is None:
+            continue
+        counts[r["model"]][kind] += 1
+        if shown[(r["model"], kind)] < per_kind:
+            shown[(r["model"], kind)] += 1
+            ans = (r["answer"] or "")[:300]
+            lines += [f"### {r['model']} · {kind} · {r['id']} ({r['cate']})", "",
+                      f"- input: {text_of.get(r['id'], '')[:200]}", f"- asked: {', '.join(r['asked'])}",
+                      f"- gold: {json.dumps(r['gold'], ensure_ascii=False)}", "", "```text", ans, "```", ""]
+    with atomic_open(out / "failures.md") as f:
+        f.write("\n".join(lines) + "\n")
+    return {m: dict(c.most_common()) for m, c in counts.items()}
+
+
+def write_plots(report: dict, rows: list[dict], out: Path) -> list[str]:
+    """``metrics.png`` (metric × model bars, F1 and parse rate with intervals), ``topic_f1.png``
+    (topic × model heatmap), ``answers.png`` (answer length and latency distributions)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from microlm.plotting import cjk_font
+
+    cjk_font()
+    with warnings.catch_warnings():  # topic names in a font without CJK glyphs draw as boxes, not warnings
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        return _plots(report, rows, out, plt, np)
+
+
+def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
+    names = report["order"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    keys = [("parse_rate", "parse rate"), ("schema_rate", "schema"), ("f1", "strict F1"), ("relaxed_f1", "relaxed F1")]
+    w = 0.8 / len(keys)
+    x = np.arange(len(names))
+    for j, (k, label) in enumerate(keys):
+        vals = [report["models"][n][k] for n in names]
+        err = None
+        if k in ("f1", "parse_rate"):
+            iv = [report["models"][n]["interval"][k] for n in names]
+            err = [[max(0, v - lo) for v, (lo, _) in zip(vals, iv, strict=True)],
+                   [max(0, hi - v) for v, (_, hi) in zip(vals, iv, strict=True)]]
+        ax.bar(x + j * w - 0.4 + w / 2, vals, w, yerr=err, capsize=3, label=label)
+    ax.set_xticks(x, names, rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title(f"IE evaluation ({report['prompts']} prompts; bars: 95 % bootstrap intervals)")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=110)
+    plt.close(fig)
+
+    topics = sorted({t for n in names for t in report["models"][n]["by_topic"]})
+    grid = np.array([[report["models"][n]["by_topic"].get(t, {}).get("f1", np.nan) for n in names] for t in topics])
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 0.4 * len(topics) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_yticks(range(len(topics)), topics)
+    for i in range(len(topics)):
+        for j in range(len(names)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 else "k",
+                        fontsize=8)
+    fig.colorbar(im, ax=ax, label="strict F1")
+    ax.set_title("strict F1 by topic")
+    fig.tight_layout()
+    fig.savefig(out / "topic_f1.png", dpi=110)
+    plt.close(fig)
+
+    models = [n for n in names if not n.startswith("floor-")]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
+    for n in models:
+        lens = [r["new_tokens"] or 0 for r in rows if r["model"] == n]
+        lat = [r["seconds"] or 0.0 for r in rows if r["model"] == n]
+        a1.hist(lens, bins=20, alpha=0.5, label=n)
+        a2.hist(lat, bins=20, alpha=0.5, label=n)
+    a1.set_xlabel("answer length (new tokens)")
+    a2.set_xlabel("seconds per answer (a batch's time ÷ its size)")
+    for a in (a1, a2):
+        a.set_ylabel("answers")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "answers.png", dpi=110)
+    plt.close(fig)
+    return ["metrics.png", "topic_f1.png", "answers.png"]
+
+
+def build(run) -> dict:
+    """The ``ie_eval`` stage (see the module doc)."""
+    from microlm.ie.train_lora import read_lines
+    from microlm.io import write_json
+
+    cfg, ec = run.cfg, run.cfg.ie_eval
+    all_test = bool(run.options.get("all")) or ec.all
+    prompts, bad = load_prompts(run.up["ie_data"], all_test=all_test, limit=ec.limit)
+    if not prompts:
+        raise MicroLMError(f"no evaluation prompts in {run.up['ie_data']}")
+    train_answers = [ln["messages"][-1]["content"] for ln in read_lines(run.up["ie_data"] / "06_train.jsonl")
+                     if ln.get("messages") and ln["messages"][-1]["role"] == "assistant"]
+    dec = {"max_new_tokens": ec.max_new_tokens, "stop": list(ec.stop), "batch_size": ec.batch_size,
+           "concurrency": ec.concurrency, "timeout_s": ec.timeout_s, "retries": ec.retries, "backoff_s": ec.backoff_s}
+    t0 = time.time()
+    report = evaluate(ec.models, prompts, run.up, run.out, dec, train_answers=train_answers, floors=ec.floors,
+                      progress=run.progress, seed=cfg.seed, bootstrap_samples=ec.bootstrap_samples)
+    report["unreadable_prompt_lines"] = dict(bad)
+    report["all_test"] = all_test
+    rows = [json.loads(x) for x in (run.out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    report["failures"] = write_failures(rows, prompts, run.out)
+    write_summary(report, run.out)
+    report["plots"] = write_plots(report, rows, run.out)
+    report["seconds"] = round(time.time() - t0, 1)
+    write_json(run.out / "report.json", report)
+    return {"models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
+                           "parse_rate": round(m["parse_rate"], 4), "schema_rate": round(m["schema_rate"], 4),
+                           "relaxed_f1": round(m["relaxed_f1"], 4)} for n, m in report["models"].items()},
+            "prompts": report["prompts"], "seconds": report["seconds"],
+            "answers_per_s": {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]}}

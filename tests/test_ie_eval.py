@@ -1,0 +1,192 @@
+"""Stage B4: the three backends on tiny models and a loopback endpoint, the answer cache, constrained
+decoding, and bad inputs counted as error classes (never a crash)."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from microlm.ie.evaluate import evaluate, load_prompts, resolve_ref
+from microlm.ie.render import render_example
+from microlm.model import TransformerLM
+from microlm.model.config import ModelConfig
+from microlm.model.hf_export import export_hf
+
+from .test_ie_lora import ie_lines
+
+DEC = {"max_new_tokens": 12, "stop": ["<|im_end|>"], "batch_size": 1, "concurrency": 3, "timeout_s": 20.0,
+       "retries": 2, "backoff_s": 0.01}
+
+
+def _data(tmp_path: Path, n: int = 5, extra_lines: tuple[str, ...] = ()) -> Path:
+    d = tmp_path / "ie_data"
+    d.mkdir(exist_ok=True)
+    train = ie_lines(12)
+    (d / "06_train.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in train), encoding="utf-8")
+    prompts = []
+    for x in train[:n]:
+        ex = {"id": x["id"], "record_id": x["record_id"], "cate": x["cate"], "source": "test",
+              "instruction": x["messages"][1]["content"], "output": x["messages"][2]["content"]}
+        prompts.append(json.dumps(render_example(ex, prompt_only=True), ensure_ascii=False))
+    (d / "06_eval_prompts.jsonl").write_text("\n".join(prompts + list(extra_lines)) + "\n", encoding="utf-8")
+    return d
+
+
+@pytest.fixture
+def tiny_export(tmp_path, chat_tok):
+    def make(seed: int, name: str = "base") -> Path:
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=chat_tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                          max_seq_len=1024)
+        return export_hf(TransformerLM(cfg), chat_tok, tmp_path / name)
+    return make
+
+
+def _run(models, tmp_path, dec=DEC, **kw):
+    prompts, bad = load_prompts(_data(tmp_path, **kw))
+    out = tmp_path / "ie_eval"
+    out.mkdir(exist_ok=True)
+    rep = evaluate(models, prompts, {}, out, dec, train_answers=[], floors=True, progress=False, seed=0,
+                   bootstrap_samples=200)
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    return rep, rows, bad
+
+
+def test_two_backends_agree_on_one_model_and_the_cache_recomputes_only_a_changed_model(tiny_export, tmp_path):
+    folder = tiny_export(0)
+    models = [{"name": "ours", "backend": "microlm", "model": str(folder)},
+              {"name": "hf", "backend": "transformers", "model": str(folder)}]
+    rep, rows, _ = _run(models, tmp_path)
+    assert rep["timing"]["ours"]["computed"] == rep["timing"]["hf"]["computed"] == 5
+    ours = [r["answer"] for r in rows if r["model"] == "ours"]
+    theirs = [r["answer"] for r in rows if r["model"] == "hf"]
+    assert ours == theirs and all(r["new_tokens"] >= 1 for r in rows if r["model"] == "ours")
+    assert {r["model"] for r in rows} == {"ours", "hf", "floor-empty", "floor-rule"}
+    assert rep["models"]["floor-empty"]["parse_rate"] == 1.0 and rep["models"]["floor-empty"]["f1"] == 0.0
+
+    again, rows2, _ = _run(models, tmp_path)  # nothing changed: every answer from the cache
+    assert again["timing"]["ours"]["computed"] == 0 and again["timing"]["ours"]["cached"] == 5
+    assert [r["answer"] for r in rows2] == [r["answer"] for r in rows]
+
+    tiny_export(1)  # "retrained": new weights in the same folder = a new fingerprint
+    third, _, _ = _run(models, tmp_path)
+    assert third["timing"]["ours"]["computed"] == 5 and third["timing"]["hf"]["computed"] == 5
+
+
+def test_constrained_decoding_gives_only_schema_json(tiny_export, tmp_path):
+    folder = tiny_export(0)
+    dec = dict(DEC, max_new_tokens=160)
+    models = [{"name": "free", "backend": "transformers", "model": str(folder)},
+              {"name": "json", "backend": "transformers", "model": str(folder), "constrained": True}]
+    rep, rows, _ = _run(models, tmp_path, dec=dec, n=3)
+    free = [r["error"] for r in rows if r["model"] == "free"]
+    forced = [r for r in rows if r["model"] == "json"]
+    assert all(e in ("not_json", "empty", "prose") for e in free)  # a random model does not write JSON by itself
+    for r in forced:  # with the grammar: a schema-compliant object, or one cut by max_new_tokens
+        assert r["error"] == "ok" or (r["error"] == "truncated" and r["finish_reason"] == "length"), r
+        assert r["answer"].lstrip().startswith("{")
+        if r["error"] == "ok":
+            assert set(json.loads(r["answer"])) == set(r["asked"])
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """A loopback OpenAI-compatible endpoint whose behaviour depends on the record in the prompt."""
+
+    seen: dict = {}
+    release = threading.Event()
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = json.loads(body["messages"][1]["content"])
+        heads = {"李白": "r0", "杜甫": "r1", "苏轼": "r2", "王维": "r3", "白居易": "r4", "韩愈": "r5"}
+        rid = next(r for h, r in heads.items() if user["input"].startswith(h))
+        n = _Stub.seen[rid] = _Stub.seen.get(rid, 0) + 1
+        gold = {r: [] for r in user["schema"]}
+        answer = json.dumps(gold, ensure_ascii=False)
+        if rid == "r0" and n == 1:
+            return self._send(500, b'{"error": "overloaded"}')
+        if rid == "r1":
+            return self._send(200, b"{not json")
+        if rid == "r2":
+            return self._send(400, b'{"error": "bad request"}')
+        if rid == "r3":
+            answer = "```json\n" + answer + "\n```"
+        if rid == "r5":
+            _Stub.release.wait(60)  # hangs until the test ends: the client must time out
+        self._send(200, json.dumps({"choices": [{"message": {"content": answer}, "finish_reason": "stop"}],
+                                    "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode())
+
+    def _send(self, code, data):
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def stub():
+    _Stub.seen, _Stub.release = {}, threading.Event()
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    _Stub.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_the_openai_backend_retries_counts_errors_and_never_crashes(stub, tmp_path):
+    dec = dict(DEC, timeout_s=3.0)
+    rep, rows, _ = _run([{"name": "served", "backend": "openai", "model": "m", "base_url": stub}], tmp_path, dec=dec,
+                        n=6)
+    by = {r["record_id"]: r for r in rows if r["model"] == "served"}
+    assert by["r0"]["error"] == "ok" and _Stub.seen["r0"] == 2  # a 500 is retried
+    assert by["r1"]["error"] == "endpoint_error" and by["r1"]["detail"] == "malformed response"
+    assert _Stub.seen["r1"] == 3  # retried `retries` times
+    assert by["r2"]["error"] == "endpoint_error" and _Stub.seen["r2"] == 1  # a 4xx is not retried
+    assert by["r3"]["error"] == "fenced" and by["r4"]["error"] == "ok"
+    assert by["r5"]["error"] == "endpoint_error" and by["r5"]["detail"] in ("timeout", "TimeoutError")
+    m = rep["models"]["served"]
+    assert m["errors"]["endpoint_error"] == 3 and m["answers"] == 6 and m["parse_rate"] == pytest.approx(2 / 6)  # r0, r4 (a fence is not JSON)
+
+
+def test_a_refused_endpoint_and_a_model_that_does_not_load_are_counted(tmp_path, tiny_export):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    models = [{"name": "refused", "backend": "openai", "model": "m", "base_url": f"http://127.0.0.1:{port}/v1"},
+              {"name": "missing", "backend": "transformers", "model": str(tmp_path / "nowhere")},
+              {"name": "broken", "backend": "microlm", "model": str(broken)}]
+    rep, rows, bad = _run(models, tmp_path, n=3, extra_lines=(
+        "{not a json line", json.dumps({"id": "nogold", "record_id": "nogold", "cate": "人物",
+                                        "messages": [{"role": "user", "content": "{}"}]})))
+    assert bad == {"unreadable line": 1}
+    errs = {n: rep["models"][n]["errors"] for n in ("refused", "missing", "broken")}
+    assert errs["refused"] == {"endpoint_error": 3, "no_gold": 1}
+    assert errs["missing"] == {"load_error": 3, "no_gold": 1} and errs["broken"] == {"load_error": 3, "no_gold": 1}
+    assert rep["models"]["refused"]["records"] == 3 and rep["models"]["refused"]["n_gold"] == 3  # gold still counts
+    # a model that did not load is not cached: fixed, it is computed
+    folder = tiny_export(0, "nowhere")
+    assert folder == tmp_path / "nowhere"
+    again, _, _ = _run(models[1:2], tmp_path, n=3)
+    assert again["timing"]["missing"]["computed"] == 3 and "load_error" not in again["models"]["missing"]["errors"]
+
+
+def test_stage_references_resolve(tmp_path):
+    up = {"hf": tmp_path / "hf", "ie_lora": tmp_path / "ie_lora", "ie_merged": tmp_path / "ie_merged"}
+    assert resolve_ref("hf", up) == str(tmp_path / "hf")
+    assert resolve_ref("ie_lora:a", up) == str(tmp_path / "ie_lora" / "a" / "adapter")
+    assert resolve_ref("ie_merged:a", up) == str(tmp_path / "ie_merged" / "a")
+    assert resolve_ref("Qwen/Qwen2.5-1.5B-Instruct", up) == "Qwen/Qwen2.5-1.5B-Instruct"
