@@ -504,7 +504,8 @@ def _ie_eval_needs(cfg: Config, options: dict) -> tuple[str, ...]:
     stages need themselves (ie_lora's base)."""
     from microlm.ie.evaluate import ref_stages
 
-    named = set().union(*(ref_stages(m) for m in cfg.ie_eval.models)) if cfg.ie_eval.models else set()
+    known = REGISTRY["ie_eval"].upstream
+    named = set().union(*(ref_stages(m, known) for m in cfg.ie_eval.models)) if cfg.ie_eval.models else set()
     if "ie_lora" in named or "ie_merged" in named:
         named.update(_ie_bases(cfg, options))
     return tuple(s for s in REGISTRY["ie_eval"].upstream if s in named | {"ie_data"})

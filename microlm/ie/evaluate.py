@@ -77,14 +77,13 @@ def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0) -> t
 
 
 # ---------------------------------------------------------------------------------------------- models
-def ref_stages(entry: dict) -> set[str]:
-    """Course stages a model entry reads (``hf``, ``ie_lora:<run>``, ``ie_merged:<run>``, ``sft``)."""
-    from microlm.stages import REGISTRY
-
+def ref_stages(entry: dict, known) -> set[str]:
+    """The course stages among ``known`` that a model entry reads (``hf``, ``ie_lora:<run>``,
+    ``ie_merged:<run>``)."""
     out = set()
     for key in ("model", "adapter"):
         v = entry.get(key)
-        if isinstance(v, str) and v.split(":")[0] in REGISTRY:
+        if isinstance(v, str) and v.split(":")[0] in known:
             out.add(v.split(":")[0])
     return out
 
