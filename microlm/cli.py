@@ -78,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=typ, default=None, help="default: the config's generate section")
     p.add_argument("--context", choices=["error", "truncate"], default=None)
     p.add_argument("--json", action="store_true", help="non-interactive: one JSON object per answer")
+
+    p = sub.add_parser("serve", help="B6: serve a model with vLLM (OpenAI-compatible, loopback by default) until "
+                                     "Ctrl-C")
+    _common(p)
+    p.add_argument("--model", default=None, help="a stage reference (ie_merged:<run>, hf) or a folder "
+                                                 "(default: serve.model)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",
+                   help="serve --model as the base plus this LoRA adapter by name (repeatable; vLLM --enable-lora)")
+    p.add_argument("--host", default=None, help="default: serve.host (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: serve.port, 8000 when that is 0")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key-env", default=None, help="an environment variable holding the API key to require")
+    p.add_argument("--tensor-parallel-size", type=int, default=None)
+    p.add_argument("--baseline", action="store_true", help="serve with `transformers serve` instead (the "
+                                                           "benchmark's baseline)")
     return ap
 
 
@@ -151,7 +166,65 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "chat":
         return _chat(args, cfg)
+    if args.command == "serve":
+        return _serve(args, cfg)
     raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace, cfg) -> int:
+    """``microlm serve``: start the server, print where it listens, wait until Ctrl-C (or its exit)."""
+    import dataclasses
+    import signal
+    import time
+
+    from microlm import stages
+    from microlm.serve.env import ensure_env
+    from microlm.serve.server import ManagedServer, ServerSpec
+
+    def ref(r: str) -> str:
+        stage, _, sub = r.partition(":")
+        if stage in stages.REGISTRY:
+            folder = stages.require(stage, cfg)
+            return str(folder / sub / ("adapter" if stage == "ie_lora" else "")) if sub else str(folder)
+        return r
+
+    sc = cfg.serve
+    lora = {}
+    for item in args.lora:
+        name, eq, folder = item.partition("=")
+        if not eq or not name:
+            raise MicroLMError(f"--lora takes NAME=FOLDER, got {item!r}")
+        lora[name] = ref(folder)
+    key_env = args.api_key_env or sc.api_key_env
+    key = os.environ.get(key_env) if key_env else None
+    if key_env and not key:
+        raise MicroLMError(f"--api-key-env {key_env}: that environment variable is not set")
+    spec = ServerSpec(model=ref(args.model or sc.model), served_name=args.served_model_name or sc.served_model_name,
+                      host=args.host or sc.host, port=args.port or sc.port or 8000, api_key=key,
+                      tensor_parallel_size=args.tensor_parallel_size or sc.tensor_parallel_size,
+                      max_model_len=sc.max_model_len, dtype=sc.dtype, kv_cache_gib=sc.kv_cache_gib,
+                      max_num_seqs=sc.max_num_seqs, lora=lora)
+    srv = ManagedServer(dataclasses.replace(spec), cfg.run_path / "serve", python=ensure_env(),
+                        kind="transformers" if args.baseline else "vllm")
+    print(f"serve: starting {srv.kind} for {spec.model} (log {srv.log_path}) ...", flush=True)
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        srv.start(sc.startup_timeout_s)
+        print(f"serve: {srv.base_url}  model {spec.served_name}" + (f" + adapters {', '.join(lora)}" if lora else "")
+              + "  (Ctrl-C stops it)", flush=True)
+        while srv.proc is not None and srv.proc.poll() is None:
+            time.sleep(0.5)
+        code = srv.proc.returncode if srv.proc is not None else 0
+        raise MicroLMError(f"the server exited with code {code}; see {srv.log_path}")
+    except KeyboardInterrupt:
+        srv.stop()
+        print("serve: stopped", flush=True)
+        return 0
+    finally:
+        srv.stop()
 
 
 def _stage(args: argparse.Namespace, cfg) -> int:

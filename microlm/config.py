@@ -271,6 +271,37 @@ class IEEvalConfig:
     backoff_s: float = 0.5
 
 
+@dataclass
+class ServeConfig:
+    """Stage B6's server (``microlm serve`` and the serve_* stages): vLLM from the serving environment
+    for ``model`` (a stage reference like ``ie_merged:<run>``, or a folder), bound to ``host``;
+    ``port`` 0 = a free port (the stages), ``tensor_parallel_size`` is passed to vLLM (several GPUs)."""
+
+    model: str = "ie_merged:qwen2.5-1.5b"
+    served_model_name: str = "microlm-ie"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None  # the name of an environment variable holding the API key
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    max_num_seqs: int = 64
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class ServeSmokeConfig:
+    """Stage B6a: checks of the served model, and greedy parity with ``transformers`` on the first
+    ``parity_prompts`` evaluation prompts (0 = all)."""
+
+    parity_prompts: int = 0
+    max_tokens: int = 128
+    structured_max_tokens: int = 512
+    structured_max_items: int = 4  # the structured-output check's schema: pairs per relation …
+    structured_max_chars: int = 64  # … and characters per entity (its longest legal answer must fit)
+
+
 def trajectory_config(c: TrainConfig) -> dict:
     """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
     must match; logging, eval and checkpoint intervals do not count)."""
@@ -342,6 +373,8 @@ class Config:
     ie_lora: IELoRAConfig = field(default_factory=IELoRAConfig)  # B3
     ie_merged: IEMergedConfig = field(default_factory=IEMergedConfig)  # B5
     ie_eval: IEEvalConfig = field(default_factory=IEEvalConfig)  # B4
+    serve: ServeConfig = field(default_factory=ServeConfig)  # B6: the server
+    serve_smoke: ServeSmokeConfig = field(default_factory=ServeSmokeConfig)  # B6a
 
     @property
     def run_path(self) -> Path:
@@ -466,6 +499,7 @@ def _validate(cfg: Config) -> None:
     _validate_ie_lora(cfg.ie_lora)
     _validate_ie_merged(cfg.ie_merged, cfg.ie_lora)
     _validate_ie_eval(cfg.ie_eval, cfg.ie_lora)
+    _validate_serve(cfg.serve, cfg.serve_smoke, cfg.ie_lora)
     try:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
@@ -556,6 +590,21 @@ def _validate_ie_eval(c: IEEvalConfig, lora: IELoRAConfig) -> None:
             or c.timeout_s <= 0 or c.retries < 0 or c.backoff_s < 0 or c.limit < 0:
         raise ConfigError("ie_eval: max_new_tokens, batch_size, concurrency >= 1; bootstrap_samples >= 100; "
                           "timeout_s > 0; retries, backoff_s, limit >= 0")
+
+
+def _validate_serve(c: ServeConfig, sm: ServeSmokeConfig, lora: IELoRAConfig) -> None:
+    runs = {r["name"] for r in lora.runs}
+    if c.model.startswith("ie_merged:") and c.model.split(":", 1)[1] not in runs:
+        raise ConfigError(f"serve.model: {c.model} is not an ie_lora run ({', '.join(sorted(runs))})")
+    if not 0 <= c.port <= 65535 or c.tensor_parallel_size < 1 or c.kv_cache_gib <= 0 or c.max_num_seqs < 1 \
+            or c.startup_timeout_s <= 0 or (c.max_model_len is not None and c.max_model_len < 16):
+        raise ConfigError("serve: port in 0..65535 (0 = free), tensor_parallel_size >= 1, kv_cache_gib > 0, "
+                          "max_num_seqs >= 1, startup_timeout_s > 0, max_model_len >= 16 or null")
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"serve.dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
+    if sm.parity_prompts < 0 or sm.max_tokens < 1 or sm.structured_max_tokens < 1 or sm.structured_max_items < 1 \
+            or sm.structured_max_chars < 1:
+        raise ConfigError("serve_smoke: parity_prompts >= 0; max_tokens, structured_max_* >= 1")
 
 
 def _validate_train(name: str, c: TrainConfig) -> None:

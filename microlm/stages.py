@@ -525,5 +525,15 @@ register(Stage(
         f"{n}: F1 {r['f1']:.3f} [{r['f1_interval'][0]:.3f}, {r['f1_interval'][1]:.3f}], parse {r['parse_rate']:.2f}"
         for n, r in m["models"].items())))
 
+register(Stage(
+    "serve_smoke", "B6", "serve the merged IE model with vLLM: health, models, an IE answer, structured output, "
+    "greedy parity with transformers",
+    build="microlm.serve.smoke:build", upstream=("ie_data", "ie_merged"), sections=("serve", "serve_smoke"),
+    key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
+                        "serve_smoke": stage_config(cfg, "serve_smoke")},
+    outputs=("report.json",), notebook="12_vllm",
+    summary=lambda m: (f"structured output {m['structured']}, IE answer {m['ie_answer']}, greedy parity "
+                       f"{m['identical']}/{m['prompts']}, server RSS {m['server_rss_mb']} MB")))
+
 STAGES = REGISTRY  # the name the notebooks and tests used first
 

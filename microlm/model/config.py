@@ -57,7 +57,7 @@ MODEL_PRESETS = {
     "microlm-31.7m": ModelConfig(),
     # the cpu profile's model: same shape family, small enough to train in minutes on 2 cores
     "microlm-cpu": ModelConfig(dim=256, n_layers=4, n_heads=4, hidden_dim=683, max_seq_len=512),
-    "microlm-smoke": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=512),
+    "microlm-smoke": ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=172, max_seq_len=512),
 }
 
 

@@ -1,0 +1,221 @@
+"""Start, watch and stop an OpenAI-compatible server process: vLLM, or ``transformers serve`` (the
+baseline), from the serving environment.
+
+The server runs in its own session (process group), so stopping it stops its engine workers too;
+it gets SIGTERM when the process that started it dies (``PR_SET_PDEATHSIG`` on Linux), so a killed
+notebook or test never leaves a server behind.  Its output goes to ``<run dir>/<name>.log`` and its
+pid to ``<name>.pid``.  ``start`` refuses a port that is taken (one line, with the owner when it
+is one of ours), waits for ``/health`` up to a timeout and, if the server dies or never gets
+healthy, raises with the last lines of its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from microlm.errors import MicroLMError
+
+__all__ = ["ServerSpec", "ManagedServer", "port_free", "free_port", "vllm_command", "transformers_command",
+           "log_tail"]
+
+
+@dataclass
+class ServerSpec:
+    """What to serve and how (``serve`` config section + CLI flags)."""
+
+    model: str
+    served_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    kv_cache_gib: float = 1.0
+    lora: dict[str, str] = field(default_factory=dict)  # adapter name → folder (vLLM --enable-lora)
+    max_lora_rank: int = 8
+    max_num_seqs: int = 64
+    extra_args: list[str] = field(default_factory=list)
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def vllm_command(python: Path, spec: ServerSpec) -> list[str]:
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model,
+           "--served-model-name", spec.served_name, "--host", spec.host, "--port", str(spec.port),
+           "--dtype", spec.dtype, "--tensor-parallel-size", str(spec.tensor_parallel_size),
+           "--max-num-seqs", str(spec.max_num_seqs), "--generation-config", "auto", "--disable-log-stats",
+           # JSON-schema answers through xgrammar without free whitespace (as the evaluation's own constrained row)
+           "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    if spec.max_model_len:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    if spec.api_key:
+        cmd += ["--api-key", spec.api_key]
+    if spec.lora:
+        cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--lora-modules",
+                *(f"{k}={v}" for k, v in spec.lora.items())]
+    return cmd + list(spec.extra_args)
+
+
+def transformers_command(python: Path, spec: ServerSpec) -> list[str]:
+    """``transformers serve`` (transformers' own OpenAI-compatible server) for the same folder."""
+    exe = Path(python).parent / "transformers"
+    return [str(exe), "serve", spec.model, "--host", spec.host, "--port", str(spec.port), "--dtype",
+            "float32" if spec.dtype in ("auto", "float32") else spec.dtype, "--device", "cpu",
+            "--log-level", "warning", *spec.extra_args]
+
+
+def log_tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    keep = [ln for ln in lines if ln.strip() and "DeprecationWarning" not in ln and "warnings.warn" not in ln]
+    return "\n".join(keep[-n:])
+
+
+def _die_with_parent() -> None:  # runs in the child before exec
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ManagedServer:
+    """One server process (``kind``: ``vllm`` | ``transformers``) with its log and pid file in
+    ``run_dir``; a context manager that always stops it."""
+
+    def __init__(self, spec: ServerSpec, run_dir: Path, *, kind: str = "vllm", python: Path | None = None,
+                 name: str | None = None, env: dict | None = None):
+        from microlm.serve.env import env_python
+
+        self.spec, self.kind = spec, kind
+        self.run_dir = Path(run_dir)
+        self.name = name or kind
+        self.python = Path(python or env_python())
+        self.log_path = self.run_dir / f"{self.name}.log"
+        self.pid_path = self.run_dir / f"{self.name}.pid"
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.spec.host}:{self.spec.port}/v1"
+
+    def command(self) -> list[str]:
+        return (vllm_command if self.kind == "vllm" else transformers_command)(self.python, self.spec)
+
+    def start(self, timeout: float = 600.0) -> ManagedServer:
+        if not self.python.is_file():
+            raise MicroLMError(f"no serving environment at {self.python.parent.parent}: run `make serve-env`")
+        if not port_free(self.spec.host, self.spec.port):
+            owner = ""
+            for pid_file in self.run_dir.glob("*.pid"):
+                owner = f" (by {pid_file.stem}, pid {pid_file.read_text().strip()}, one of ours)"
+            raise MicroLMError(f"port {self.spec.port} on {self.spec.host} is taken{owner}: stop that server or "
+                               f"choose another port (--port / serve.port)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(self.spec.kv_cache_gib))),
+               "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+               "PYTHONWARNINGS": "ignore::DeprecationWarning", **self.env}
+        env.pop("VIRTUAL_ENV", None)
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command())}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent, cwd=self.run_dir)
+        log.close()
+        self.pid_path.write_text(str(self.proc.pid))
+        try:
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.spec.host}:{self.spec.port}/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return False
+
+    def wait_healthy(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise MicroLMError(f"{self.kind} server exited with code {self.proc.returncode} while starting; "
+                                   f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+            if self.healthy():
+                return
+            time.sleep(1.0)
+        raise MicroLMError(f"{self.kind} server not healthy after {timeout:.0f} s; last lines of {self.log_path}:\n"
+                           f"{log_tail(self.log_path)}")
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; the exit code."""
+        p, self.proc = self.proc, None
+        if p is None:
+            return None
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        with contextlib.suppress(ProcessLookupError):  # engine workers left in the group
+            os.killpg(p.pid, signal.SIGKILL)
+        self.pid_path.unlink(missing_ok=True)
+        return p.returncode
+
+    def restart(self, timeout: float = 600.0) -> None:
+        self.stop()
+        deadline = time.monotonic() + 30
+        while not port_free(self.spec.host, self.spec.port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.start(timeout)
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and its children (engine workers), MB."""
+        import psutil
+
+        if self.proc is None:
+            return 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+            return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+        except psutil.Error:
+            return 0.0
+
+    def __enter__(self) -> ManagedServer:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

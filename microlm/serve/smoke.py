@@ -1,0 +1,176 @@
+"""Stage B6a ``serve_smoke``: serve the merged IE model with vLLM and prove it answers as trained.
+
+Checks, recorded in ``report.json``: ``/health``; ``/v1/models`` lists the served name; a chat
+completion on an IE prompt (whether it parses as JSON is recorded — a small model may not write
+JSON); a **structured-output** request (``response_format: json_schema`` built from the asked
+relations) whose answer must parse and comply; and **parity**: the served model's greedy tokens
+equal ``transformers``' greedy tokens of the same folder on the evaluation prompts — token-exact, or
+the first divergence is reported with both texts and the logit margin (``transformers``' logit of its
+own token minus that of the served token) at that step.  The stage fails on the hard checks
+(health, models, structured output); parity differences are reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from microlm.errors import MicroLMError
+
+__all__ = ["server_spec", "hf_greedy", "served_ids", "compare_ids", "build"]
+
+
+def server_spec(cfg, up: dict[str, Path], *, port: int | None = None):
+    """The ``ServerSpec`` of the ``serve`` section (``model``: a stage reference like
+    ``ie_merged:<run>``, or a folder); port 0 = a free port."""
+    from microlm.ie.evaluate import resolve_ref
+    from microlm.serve.server import ServerSpec, free_port
+
+    sc = cfg.serve
+    model = resolve_ref(sc.model, up)
+    if not Path(model).is_dir():
+        raise MicroLMError(f"serve.model {sc.model!r} is not a built folder ({model})")
+    p = sc.port if port is None else port
+    return ServerSpec(model=model, served_name=sc.served_model_name, host=sc.host, port=p or free_port(sc.host),
+                      api_key=os.environ.get(sc.api_key_env) if sc.api_key_env else None,
+                      tensor_parallel_size=sc.tensor_parallel_size, max_model_len=sc.max_model_len, dtype=sc.dtype,
+                      kv_cache_gib=sc.kv_cache_gib, max_num_seqs=sc.max_num_seqs)
+
+
+@torch.no_grad()
+def hf_greedy(folder: str, prompts: list[list[dict]], max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``transformers`` greedy new ids (stop token excluded) and the prompt ids, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from microlm.ie.export import _eos_ids
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eos = _eos_ids(tok, model)
+    outs, ins = [], []
+    for msgs in prompts:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
+        x = torch.tensor([ids])
+        g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                           eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(g) if t in eos), None)
+        outs.append(g[:cut] if cut is not None else g)
+        ins.append(ids)
+    return outs, ins
+
+
+def served_ids(resp: dict) -> list[int]:
+    """Token ids of a chat completion asked with ``logprobs`` + ``return_tokens_as_token_ids``."""
+    content = ((resp["choices"][0].get("logprobs") or {}).get("content")) or []
+    return [int(c["token"].split(":", 1)[1]) for c in content if c["token"].startswith("token_id:")]
+
+
+def compare_ids(ours: list[int], theirs: list[int]) -> int | None:
+    """Index of the first differing token (None when equal)."""
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if a != b:
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
+@torch.no_grad()
+def _margin(folder: str, prompt_ids: list[int], prefix: list[int], hf_tok: int | None, served_tok: int | None) -> float | None:
+    from transformers import AutoModelForCausalLM
+
+    if hf_tok is None or served_tok is None:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    logits = model(torch.tensor([prompt_ids + prefix])).logits[0, -1]
+    return float(logits[hf_tok] - logits[served_tok])
+
+
+def build(run) -> dict:
+    from microlm.ie.evaluate import json_schema_for, load_prompts
+    from microlm.ie.metrics import read_answer
+    from microlm.io import write_json
+    from microlm.serve.client import chat, request_json
+    from microlm.serve.env import ensure_env
+    from microlm.serve.server import ManagedServer
+
+    cfg, sc = run.cfg, run.cfg.serve_smoke
+    prompts, _ = load_prompts(run.up["ie_data"])
+    prompts = prompts[:sc.parity_prompts] if sc.parity_prompts else prompts
+    py = ensure_env(quiet=not run.progress)
+    spec = server_spec(cfg, run.up)
+    t0 = time.time()
+    hf_out, hf_in = hf_greedy(spec.model, [p["messages"] for p in prompts], sc.max_tokens)
+    hf_s = time.time() - t0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.model)
+    gen = json.loads((Path(spec.model) / "generation_config.json").read_text(encoding="utf-8"))
+    eos = gen.get("eos_token_id")
+    stop_ids = {tok.convert_tokens_to_ids("<|im_end|>"), *([eos] if isinstance(eos, int) else (eos or []))}
+    ctx = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 4096)
+    checks: dict = {}
+    srv = ManagedServer(spec, run.out, python=py, name="vllm")
+    t1 = time.time()
+    srv.start(cfg.serve.startup_timeout_s)
+    checks["startup_s"] = round(time.time() - t1, 1)
+    with srv:
+        base, key = srv.base_url, spec.api_key
+        checks["health"] = srv.healthy()
+        models = request_json(base + "/models", api_key=key)
+        checks["models"] = [m["id"] for m in models.get("data", [])]
+        first = prompts[0]
+        r = chat(base, spec.served_name, first["messages"], max_tokens=sc.max_tokens, api_key=key)
+        text = r["choices"][0]["message"]["content"] or ""
+        checks["ie_answer"] = {"text": text[:500], "error_class": read_answer(text, first["asked"])[1],
+                               "finish_reason": r["choices"][0].get("finish_reason")}
+        # the prompt asking the fewest relations; the schema's bounds keep the longest legal answer short
+        easy = min(prompts, key=lambda p: (len(p["asked"]), len(p["input"])))
+        schema = json_schema_for(easy["asked"], max_chars=sc.structured_max_chars, max_items=sc.structured_max_items)
+        room = (spec.max_model_len or ctx) - len(tok.apply_chat_template(easy["messages"], add_generation_prompt=True,
+                                                                          tokenize=True, return_dict=False))
+        r = chat(base, spec.served_name, easy["messages"], max_tokens=max(1, min(sc.structured_max_tokens, room)),
+                 api_key=key,
+                 response_format={"type": "json_schema", "json_schema": {"name": "ie_answer", "schema": schema}})
+        stext = r["choices"][0]["message"]["content"] or ""
+        checks["structured"] = {"id": easy["id"], "schema_bounds": [sc.structured_max_items, sc.structured_max_chars],
+                                "text": stext[:500], "error_class": read_answer(stext, easy["asked"])[1],
+                                "finish_reason": r["choices"][0].get("finish_reason")}
+        parity = []
+        t2 = time.time()
+        for p, ours, ins in zip(prompts, hf_out, hf_in, strict=True):
+            resp = chat(base, spec.served_name, p["messages"], max_tokens=sc.max_tokens, api_key=key, logprobs=True,
+                        top_logprobs=1, return_tokens_as_token_ids=True, skip_special_tokens=True)
+            theirs = served_ids(resp)
+            while theirs and theirs[-1] in stop_ids:  # vLLM lists the stop token it ended on; transformers not
+                theirs.pop()
+            at = compare_ids(ours, theirs)
+            row = {"id": p["id"], "identical": at is None, "hf_tokens": len(ours), "served_tokens": len(theirs)}
+            if at is not None:
+                row.update(first_divergence=at, hf_text=tok.decode(ours), served_text=tok.decode(theirs),
+                           margin=_margin(spec.model, ins, ours[:at], ours[at] if at < len(ours) else None,
+                                          theirs[at] if at < len(theirs) else None))
+            parity.append(row)
+        served_s = time.time() - t2
+        checks["server_rss_mb"] = round(srv.rss_mb(), 1)
+    same = sum(r["identical"] for r in parity)
+    report = {"model": spec.model, "served_name": spec.served_name, "dtype": spec.dtype, **checks,
+              "parity": {"prompts": len(parity), "identical": same, "max_tokens": sc.max_tokens,
+                         "hf_seconds": round(hf_s, 1), "served_seconds": round(served_s, 1),
+                         "divergences": [r for r in parity if not r["identical"]]},
+              "log": str(srv.log_path.relative_to(run.out))}
+    write_json(run.out / "report.json", report)
+    problems = []
+    if not checks["health"]:
+        problems.append("/health did not answer 200")
+    if spec.served_name not in checks["models"]:
+        problems.append(f"/v1/models lists {checks['models']}, not {spec.served_name}")
+    if checks["structured"]["error_class"] != "ok":
+        problems.append(f"the structured-output answer is {checks['structured']['error_class']}")
+    if problems:
+        raise MicroLMError("serve_smoke failed: " + "; ".join(problems) + f" (see {run.out / 'report.json'})")
+    return {"identical": same, "prompts": len(parity), "structured": checks["structured"]["error_class"],
+            "ie_answer": checks["ie_answer"]["error_class"], "server_rss_mb": checks["server_rss_mb"]}
