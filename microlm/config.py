@@ -302,6 +302,37 @@ class ServeSmokeConfig:
     structured_max_chars: int = 64  # … and characters per entity (its longest legal answer must fit)
 
 
+@dataclass
+class ServeBenchConfig:
+    """Stage B6b: the same load (the IE prompts and random prompts, each at every ``concurrency``)
+    against vLLM and the ``transformers serve`` baseline; ``compare_at`` = the concurrency of the ratio."""
+
+    datasets: list[str] = field(default_factory=lambda: ["ie", "random"])
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    requests_min: int = 8
+    requests_per_concurrency: int = 2  # requests per level = max(requests_min, this × concurrency)
+    ie_max_tokens: int = 128
+    random_input_tokens: int = 128
+    random_output_tokens: int = 64
+    compare_at: int = 16
+    baseline: bool = True
+    timeout_s: float = 600.0
+
+
+@dataclass
+class ServeSoakConfig:
+    """Stage B6c: ``concurrency`` clients for ``duration_s`` seconds, every ``malformed_every``-th
+    request malformed, a server restart at ``restart_at_s`` (0 = none), windows of ``window_s``."""
+
+    duration_s: float = 60.0
+    concurrency: int = 4
+    window_s: float = 10.0
+    max_tokens: int = 64
+    malformed_every: int = 10
+    restart_at_s: float = 30.0
+    request_timeout_s: float = 120.0
+
+
 def trajectory_config(c: TrainConfig) -> dict:
     """The training settings that change the loss curve (what a stage's fingerprint and a resumed run
     must match; logging, eval and checkpoint intervals do not count)."""
@@ -375,6 +406,8 @@ class Config:
     ie_eval: IEEvalConfig = field(default_factory=IEEvalConfig)  # B4
     serve: ServeConfig = field(default_factory=ServeConfig)  # B6: the server
     serve_smoke: ServeSmokeConfig = field(default_factory=ServeSmokeConfig)  # B6a
+    serve_bench: ServeBenchConfig = field(default_factory=ServeBenchConfig)  # B6b
+    serve_soak: ServeSoakConfig = field(default_factory=ServeSoakConfig)  # B6c
 
     @property
     def run_path(self) -> Path:
@@ -500,6 +533,12 @@ def _validate(cfg: Config) -> None:
     _validate_ie_merged(cfg.ie_merged, cfg.ie_lora)
     _validate_ie_eval(cfg.ie_eval, cfg.ie_lora)
     _validate_serve(cfg.serve, cfg.serve_smoke, cfg.ie_lora)
+    _validate_serve_bench(cfg.serve_bench)
+    so = cfg.serve_soak
+    if so.duration_s <= 0 or so.concurrency < 1 or so.window_s <= 0 or so.max_tokens < 1 or so.malformed_every < 0 \
+            or not 0 <= so.restart_at_s < so.duration_s or so.request_timeout_s <= 0:
+        raise ConfigError("serve_soak: duration_s, window_s, request_timeout_s > 0; concurrency, max_tokens >= 1; "
+                          "malformed_every >= 0 (0 = none); 0 <= restart_at_s < duration_s")
     try:
         regex.compile(resolve_pattern(t.pattern))
     except regex.error as e:
@@ -605,6 +644,16 @@ def _validate_serve(c: ServeConfig, sm: ServeSmokeConfig, lora: IELoRAConfig) ->
     if sm.parity_prompts < 0 or sm.max_tokens < 1 or sm.structured_max_tokens < 1 or sm.structured_max_items < 1 \
             or sm.structured_max_chars < 1:
         raise ConfigError("serve_smoke: parity_prompts >= 0; max_tokens, structured_max_* >= 1")
+
+
+def _validate_serve_bench(c: ServeBenchConfig) -> None:
+    if not c.datasets or set(c.datasets) - {"ie", "random"}:
+        raise ConfigError(f"serve_bench.datasets: a non-empty subset of [ie, random], got {c.datasets}")
+    if not c.concurrency or min(c.concurrency) < 1 or c.compare_at not in c.concurrency:
+        raise ConfigError("serve_bench: concurrency levels >= 1, and compare_at must be one of them")
+    if min(c.requests_min, c.requests_per_concurrency, c.ie_max_tokens, c.random_input_tokens,
+           c.random_output_tokens) < 1 or c.timeout_s <= 0:
+        raise ConfigError("serve_bench: requests_*, *_tokens >= 1 and timeout_s > 0")
 
 
 def _validate_train(name: str, c: TrainConfig) -> None:

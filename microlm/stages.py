@@ -535,5 +535,26 @@ register(Stage(
     summary=lambda m: (f"structured output {m['structured']}, IE answer {m['ie_answer']}, greedy parity "
                        f"{m['identical']}/{m['prompts']}, server RSS {m['server_rss_mb']} MB")))
 
+register(Stage(
+    "serve_bench", "B6", "benchmark the served model like `vllm bench serve`: vLLM vs `transformers serve`, same "
+    "load, concurrency 1–64",
+    build="microlm.serve.bench:build", upstream=("ie_data", "ie_merged"), sections=("serve", "serve_bench"),
+    key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
+                        "serve_bench": stage_config(cfg, "serve_bench"), "seed": cfg.seed},
+    outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm",
+    summary=lambda m: (f"vLLM ÷ transformers serve, output tokens/s at concurrency {m['ratio_at']}: "
+                       + ", ".join(f"{k} ×{v}" for k, v in m["ratios"].items()) + f"; vLLM {m['vllm_tps']} tok/s")))
+
+register(Stage(
+    "serve_soak", "B6", "a bounded stability run: errors, latency drift, memory, malformed requests, a restart "
+    "under load",
+    build="microlm.serve.soak:build", upstream=("ie_data", "ie_merged"), sections=("serve", "serve_soak"),
+    key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
+                        "serve_soak": stage_config(cfg, "serve_soak")},
+    outputs=("report.json", "soak.png"), notebook="12_vllm",
+    summary=lambda m: (f"{m['requests']} requests, steady-state error rate {m['steady_state_error_rate']}, "
+                       f"malformed → 4xx {m['malformed_4xx']}, restart: {m['restart_failed']} failed in "
+                       f"{m['restart_down_s']} s, RSS slope {m['rss_slope_mb_per_min']} MB/min")))
+
 STAGES = REGISTRY  # the name the notebooks and tests used first
 

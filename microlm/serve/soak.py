@@ -1,0 +1,229 @@
+"""Stage B6c ``serve_soak``: a bounded stability run of the served model.
+
+``concurrency`` clients send IE prompts for ``duration_s`` seconds; every ``malformed_every``-th
+request is malformed on purpose (a broken JSON body, an unknown model, a prompt longer than the
+context, a negative ``max_tokens``, a huge ``n``) and must get a 4xx while the server keeps serving.
+At ``restart_at_s`` the server is restarted under load: the clients keep going, and what fails
+between the stop and the next healthy ``/health`` is counted apart from steady-state errors.
+Reported per ``window_s`` window: requests, errors, timeouts, p50/p95 latency (and its drift against
+the first window), the share of answers that are JSON; the server's RSS over time (a leak shows as a
+slope within one server lifetime).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from microlm.errors import MicroLMError
+
+__all__ = ["MALFORMED", "malformed_request", "build"]
+
+MALFORMED = ("bad_json_body", "unknown_model", "prompt_too_long", "negative_max_tokens", "huge_n")
+
+
+def malformed_request(kind: str, model: str, messages: list[dict], context: int) -> dict | bytes:
+    if kind == "bad_json_body":
+        return b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": '
+    body = {"model": model, "messages": messages, "max_tokens": 16, "temperature": 0}
+    if kind == "unknown_model":
+        body["model"] = "no-such-model"
+    elif kind == "prompt_too_long":
+        body["messages"] = [{"role": "user", "content": "长" * (context * 3)}]
+    elif kind == "negative_max_tokens":
+        body["max_tokens"] = -5
+    elif kind == "huge_n":
+        body["n"] = 100000
+    return body
+
+
+def _windows(events: list[dict], window_s: float, restart: tuple[float, float] | None) -> list[dict]:
+    if not events:
+        return []
+    end = max(e["t"] for e in events)
+    out = []
+    for w in range(int(end // window_s) + 1):
+        lo, hi = w * window_s, (w + 1) * window_s
+        ev = [e for e in events if lo <= e["t"] < hi and e["kind"] == "normal"]
+        in_restart = [e for e in ev if restart and restart[0] <= e["t"] <= restart[1]]
+        steady = [e for e in ev if e not in in_restart]
+        lat = [e["latency"] for e in steady if e["ok"]]
+        out.append({"start_s": lo, "requests": len(ev), "errors": sum(not e["ok"] for e in steady),
+                    "timeouts": sum(e.get("error") == "TimeoutError" for e in steady),
+                    "restart_failures": sum(not e["ok"] for e in in_restart),
+                    "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else None,
+                    "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1) if lat else None,
+                    "json_valid": round(sum(e.get("json", False) for e in steady if e["ok"]) / len(lat), 3) if lat else None})
+    first = next((w["p50_ms"] for w in out if w["p50_ms"]), None)
+    for w in out:
+        w["p50_drift"] = round(w["p50_ms"] / first, 3) if first and w["p50_ms"] else None
+    return out
+
+
+def _slope_mb_per_min(samples: list[tuple[float, float]]) -> float | None:
+    if len(samples) < 5:
+        return None
+    t, m = np.array(samples).T
+    return round(float(np.polyfit(t / 60.0, m, 1)[0]), 2)
+
+
+def build(run) -> dict:
+    from microlm.ie.evaluate import load_prompts
+    from microlm.ie.metrics import read_answer
+    from microlm.io import write_json
+    from microlm.serve.client import HTTPStatusError, request_json
+    from microlm.serve.env import ensure_env
+    from microlm.serve.server import ManagedServer
+    from microlm.serve.smoke import server_spec
+
+    cfg, sc = run.cfg, run.cfg.serve_soak
+    py = ensure_env(quiet=not run.progress)
+    spec = server_spec(cfg, run.up)
+    prompts, _ = load_prompts(run.up["ie_data"])
+    context = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 512)
+    srv = ManagedServer(spec, run.out, python=py, name="vllm")
+    srv.start(cfg.serve.startup_timeout_s)
+    url = srv.base_url + "/chat/completions"
+    events: list[dict] = []
+    rss: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+    restart: list[float] = []
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def client() -> None:
+        while not stop.is_set() and time.monotonic() - t0 < sc.duration_s:
+            with lock:
+                i = next(counter)
+            p = prompts[i % len(prompts)]
+            if sc.malformed_every and i % sc.malformed_every == sc.malformed_every - 1:
+                kind = MALFORMED[(i // sc.malformed_every) % len(MALFORMED)]
+                t = time.monotonic()
+                try:
+                    request_json(url, malformed_request(kind, spec.served_name, p["messages"], context),
+                                 timeout=sc.request_timeout_s)
+                    status = 200
+                except HTTPStatusError as e:
+                    status = e.status
+                except (OSError, TimeoutError):
+                    status = None
+                    time.sleep(0.2)
+                ev = {"t": t - t0, "kind": "malformed", "what": kind, "status": status,
+                      "ok": status is not None and 400 <= status < 500}
+            else:
+                t = time.monotonic()
+                body = {"model": spec.served_name, "messages": p["messages"], "max_tokens": sc.max_tokens,
+                        "temperature": 0}
+                try:
+                    r = request_json(url, body, timeout=sc.request_timeout_s)
+                    text = r["choices"][0]["message"]["content"] or ""
+                    ev = {"t": t - t0, "kind": "normal", "ok": True, "latency": time.monotonic() - t,
+                          "json": read_answer(text, p["asked"])[1] in ("ok", "wrong_keys", "bad_values", "not_object")}
+                except HTTPStatusError as e:
+                    ev = {"t": t - t0, "kind": "normal", "ok": False, "error": f"HTTP {e.status}"}
+                except (OSError, TimeoutError) as e:
+                    ev = {"t": t - t0, "kind": "normal", "ok": False, "error": type(getattr(e, "reason", e)).__name__}
+                    time.sleep(0.2)  # the server is away (restart): do not spin
+                except (KeyError, IndexError, TypeError, ValueError):
+                    ev = {"t": t - t0, "kind": "normal", "ok": False, "error": "malformed response"}
+            with lock:
+                events.append(ev)
+
+    def sampler() -> None:
+        while not stop.is_set() and time.monotonic() - t0 < sc.duration_s:
+            rss.append((time.monotonic() - t0, srv.rss_mb()))
+            stop.wait(1.0)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(sc.concurrency)]
+    threads.append(threading.Thread(target=sampler, daemon=True))
+    try:
+        for th in threads:
+            th.start()
+        if sc.restart_at_s:
+            while time.monotonic() - t0 < sc.restart_at_s:
+                time.sleep(0.2)
+            restart.append(time.monotonic() - t0)
+            srv.restart(cfg.serve.startup_timeout_s)
+            restart.append(time.monotonic() - t0)
+        for th in threads:
+            th.join(sc.duration_s + sc.request_timeout_s + 60)
+    finally:
+        stop.set()
+        srv.stop()
+    # requests in flight when the server stopped (up to 5 s before) belong to the restart too
+    window = (max(0.0, restart[0] - 5.0), restart[1] + 1.0) if len(restart) == 2 else None
+    normal = [e for e in events if e["kind"] == "normal"]
+    # malformed requests sent while the server was away (restart) got no answer at all: not counted
+    # (in flight when the engine stopped they may even get a 500): the 4xx check is outside the restart
+    bad = [e for e in events if e["kind"] == "malformed" and not (window and window[0] <= e["t"] <= window[1])]
+    steady = [e for e in normal if not (window and window[0] <= e["t"] <= window[1])]
+    before = [(t, m) for t, m in rss if not window or t < window[0]]
+    after = [(t, m) for t, m in rss if window and t > window[1]]
+    report = {"duration_s": sc.duration_s, "concurrency": sc.concurrency, "window_s": sc.window_s, "requests": len(events),
+              "normal": len(normal), "steady_state_errors": sum(not e["ok"] for e in steady),
+              "steady_state_error_rate": round(sum(not e["ok"] for e in steady) / max(1, len(steady)), 4),
+              "timeouts": sum(e.get("error") == "TimeoutError" for e in normal),
+              "json_valid_rate": round(sum(e.get("json", False) for e in normal if e["ok"]) / max(1, sum(e["ok"] for e in normal)), 3),
+              "malformed": {k: {"sent": sum(e["what"] == k for e in bad),
+                                "got_4xx": sum(e["what"] == k and e["ok"] for e in bad),
+                                "statuses": sorted({str(e["status"]) for e in bad if e["what"] == k})} for k in MALFORMED},
+              "restart": {"at_s": round(restart[0], 1), "healthy_again_s": round(restart[1], 1),
+                          "down_s": round(restart[1] - restart[0], 1),
+                          "failed_during": sum(not e["ok"] for e in normal if window[0] <= e["t"] <= window[1])}
+              if window else None,
+              "served_after_malformed": sum(e["ok"] for e in normal if bad and e["t"] > bad[0]["t"]),
+              "windows": _windows(events, sc.window_s, window),
+              "rss_mb": {"samples": [(round(t, 1), round(m, 1)) for t, m in rss],
+                         "slope_mb_per_min_before_restart": _slope_mb_per_min(before),
+                         "slope_mb_per_min_after_restart": _slope_mb_per_min(after)}}
+    _plot(report, run.out)
+    write_json(run.out / "report.json", report)
+    if not normal or not any(e["ok"] for e in steady):
+        raise MicroLMError(f"serve_soak: no request succeeded (see {run.out / 'vllm.log'})")
+    if any(v["sent"] != v["got_4xx"] for v in report["malformed"].values()):
+        wrong = {k: v["statuses"] for k, v in report["malformed"].items() if v["sent"] != v["got_4xx"]}
+        raise MicroLMError(f"serve_soak: malformed requests not answered with 4xx: {wrong}")
+    return {"requests": report["requests"], "steady_state_error_rate": report["steady_state_error_rate"],
+            "restart_failed": (report["restart"] or {}).get("failed_during"),
+            "restart_down_s": (report["restart"] or {}).get("down_s"),
+            "malformed_4xx": sum(v["got_4xx"] for v in report["malformed"].values()),
+            "rss_slope_mb_per_min": report["rss_mb"]["slope_mb_per_min_after_restart"]}
+
+
+def _plot(report: dict, out) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = report["windows"]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.6))
+    xs = [x["start_s"] for x in w]
+    a1.plot(xs, [x["p50_ms"] for x in w], "o-", label="p50")
+    a1.plot(xs, [x["p95_ms"] for x in w], "s-", label="p95")
+    a1.set_ylabel("latency (ms)")
+    bw = 0.8 * report["window_s"]
+    a2.bar(xs, [x["errors"] for x in w], width=bw, align="edge", label="steady-state errors")
+    a2.bar(xs, [x["restart_failures"] for x in w], width=bw, align="edge", bottom=[x["errors"] for x in w],
+           label="during restart")
+    a2.set_ylabel("failed requests")
+    t, m = zip(*report["rss_mb"]["samples"], strict=True) if report["rss_mb"]["samples"] else ((), ())
+    a3.plot(t, m)
+    a3.set_ylabel("server RSS (MB)")
+    for ax in (a1, a2, a3):
+        ax.set_xlabel("seconds")
+        if report["restart"]:
+            ax.axvspan(report["restart"]["at_s"], report["restart"]["healthy_again_s"], color="grey", alpha=0.2)
+    a1.legend()
+    a2.legend()
+    a1.set_title("latency per window")
+    a2.set_title("errors per window (grey: restart)")
+    a3.set_title("memory")
+    fig.tight_layout()
+    fig.savefig(out / "soak.png", dpi=110)
+    plt.close(fig)

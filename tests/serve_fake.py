@@ -1,0 +1,38 @@
+"""A stand-in OpenAI-compatible server for the server-management tests: /health after a delay, a
+chat completion, and modes that fail on purpose (exit while starting, never healthy)."""
+
+import json
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+print(f"fake server starting on {port} ({mode})", flush=True)
+if mode == "crash":
+    print("CUDA out of memory: the fake engine failed", flush=True)
+    sys.exit(3)
+START = time.monotonic()
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        ready = mode != "never" and time.monotonic() - START > 0.5
+        self._send(200 if ready else 503, {})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._send(200, {"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}]})
+
+
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()

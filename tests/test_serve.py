@@ -1,0 +1,115 @@
+"""Stage B6's server management on a stand-in server (no vLLM needed): health wait, pid file, clean
+stop, the log tail when it dies or never gets healthy, a taken port, and no orphan when the parent
+is killed.  The real vLLM path runs in notebook 12 (smoke) and the course."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from microlm.errors import MicroLMError
+from microlm.serve.client import chat
+from microlm.serve.server import ManagedServer, ServerSpec, free_port, port_free, vllm_command
+
+FAKE = Path(__file__).with_name("serve_fake.py")
+
+
+def _server(tmp_path, mode="ok", port=None):
+    port = port or free_port()
+    spec = ServerSpec(model="m", served_name="m", port=port)
+    return ManagedServer(spec, tmp_path, name="fake", command=[sys.executable, str(FAKE), str(port), mode])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_start_health_chat_and_a_clean_stop(tmp_path):
+    srv = _server(tmp_path)
+    with srv.start(timeout=120):
+        assert srv.healthy() and (tmp_path / "fake.pid").read_text() == str(srv.proc.pid)
+        pid = srv.proc.pid
+        r = chat(srv.base_url, "m", [{"role": "user", "content": "hi"}], max_tokens=4, timeout=60)
+        assert r["choices"][0]["message"]["content"] == "{}"
+    assert not (tmp_path / "fake.pid").exists() and not _alive(pid)
+    deadline = time.monotonic() + 30
+    while not port_free("127.0.0.1", srv.spec.port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert port_free("127.0.0.1", srv.spec.port)
+
+
+def test_a_taken_port_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        srv = _server(tmp_path, port=s.getsockname()[1])
+        with pytest.raises(MicroLMError, match=r"port \d+ on 127.0.0.1 is taken.*choose another port"):
+            srv.start(timeout=30)
+    assert srv.proc is None
+
+
+def test_a_server_that_dies_while_starting_shows_its_log(tmp_path):
+    srv = _server(tmp_path, mode="crash")
+    with pytest.raises(MicroLMError, match=r"exited with code 3 while starting(.|\n)*CUDA out of memory"):
+        srv.start(timeout=120)
+    assert srv.proc is None and not (tmp_path / "fake.pid").exists()
+
+
+def test_a_server_that_never_gets_healthy_is_stopped(tmp_path):
+    srv = _server(tmp_path, mode="never")
+    with pytest.raises(MicroLMError, match=r"not healthy after 3 s(.|\n)*fake server starting"):
+        srv.start(timeout=3)
+    assert srv.proc is None
+
+
+def test_the_server_dies_with_the_process_that_started_it(tmp_path):
+    port = free_port()
+    parent = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from pathlib import Path
+        from microlm.serve.server import ManagedServer, ServerSpec
+        spec = ServerSpec(model="m", served_name="m", port={port})
+        srv = ManagedServer(spec, Path({str(tmp_path)!r}), name="fake",
+                            command=[sys.executable, {str(FAKE)!r}, "{port}", "ok"]).start(timeout=120)
+        print(srv.proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(p.stdout.readline())
+        assert _alive(child)
+        p.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel's parent-death signal must do it
+        p.wait(30)
+        deadline = time.monotonic() + 60
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child)
+    finally:
+        p.kill()
+
+
+def test_the_vllm_command_passes_the_settings_through():
+    spec = ServerSpec(model="/m", served_name="ie", port=8123, api_key="k", tensor_parallel_size=2, max_model_len=512,
+                      dtype="float32", lora={"a": "/ad/a", "b": "/ad/b"})
+    cmd = vllm_command(Path("/env/bin/python"), spec)
+    s = " ".join(cmd)
+    assert cmd[:3] == ["/env/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for part in ("--model /m", "--served-model-name ie", "--host 127.0.0.1", "--port 8123", "--api-key k",
+                 "--tensor-parallel-size 2", "--max-model-len 512", "--dtype float32", "--enable-lora",
+                 "--lora-modules a=/ad/a b=/ad/b"):
+        assert part in s, part
