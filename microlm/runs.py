@@ -130,3 +130,17 @@ def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config:
     }
     write_json(Path(stage_dir) / MANIFEST, m)
     return m
+
+
+def resolve_ref(ref: str | None, up: dict[str, Path]) -> str | None:
+    """A model/adapter reference → a path or hub id: ``hf`` = the hf stage's folder,
+    ``ie_lora:<run>`` = that run's adapter, ``ie_merged:<run>`` = that merged folder; else as given."""
+    if ref is None:
+        return None
+    stage, _, sub = ref.partition(":")
+    if stage in up:
+        base = up[stage]
+        if stage == "ie_lora":
+            return str(base / sub / "adapter")
+        return str(base / sub) if sub else str(base)
+    return ref

@@ -530,7 +530,7 @@ register(Stage(
 register(Stage(
     "serve_smoke", "B6", "serve the merged IE model with vLLM: health, models, an IE answer, structured output, "
     "greedy parity with transformers",
-    build="microlm.serve.smoke:build", upstream=("ie_data", "ie_merged"), sections=("serve", "serve_smoke"),
+    build="microlm.serve.smoke:build", upstream=("ie_data", "ie_merged"), sections=("serve_smoke", "serve"),
     key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
                         "serve_smoke": stage_config(cfg, "serve_smoke")},
     outputs=("report.json",), notebook="12_vllm",
@@ -540,7 +540,7 @@ register(Stage(
 register(Stage(
     "serve_bench", "B6", "benchmark the served model like `vllm bench serve`: vLLM vs `transformers serve`, same "
     "load, concurrency 1–64",
-    build="microlm.serve.bench:build", upstream=("ie_data", "ie_merged"), sections=("serve", "serve_bench"),
+    build="microlm.serve.bench:build", upstream=("ie_data", "ie_merged"), sections=("serve_bench", "serve"),
     key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
                         "serve_bench": stage_config(cfg, "serve_bench"), "seed": cfg.seed},
     outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm",
@@ -550,7 +550,7 @@ register(Stage(
 register(Stage(
     "serve_soak", "B6", "a bounded stability run: errors, latency drift, memory, malformed requests, a restart "
     "under load",
-    build="microlm.serve.soak:build", upstream=("ie_data", "ie_merged"), sections=("serve", "serve_soak"),
+    build="microlm.serve.soak:build", upstream=("ie_data", "ie_merged"), sections=("serve_soak", "serve"),
     key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
                         "serve_soak": stage_config(cfg, "serve_soak")},
     outputs=("report.json", "soak.png"), notebook="12_vllm",

@@ -44,8 +44,7 @@ from IPython.display import Image, display
 
 from microlm import stages
 from microlm.config import load_config
-from microlm.serve.server import vllm_command
-from microlm.serve.smoke import server_spec
+from microlm.serve.server import server_spec, vllm_command
 
 cfg = load_config(profile)
 smoke_dir = stages.require("serve_smoke", cfg)

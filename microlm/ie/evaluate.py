@@ -28,6 +28,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from microlm.errors import MicroLMError
+from microlm.ie.metrics import json_schema_for
+from microlm.runs import resolve_ref
 
 __all__ = ["load_prompts", "resolve_ref", "ref_stages", "model_fingerprint", "AnswerCache", "answer_microlm",
            "answer_transformers", "answer_openai", "json_schema_for", "evaluate", "build", "FLOORS"]
@@ -88,20 +90,6 @@ def ref_stages(entry: dict, known) -> set[str]:
     return out
 
 
-def resolve_ref(ref: str | None, up: dict[str, Path]) -> str | None:
-    """A model/adapter reference → a path or hub id: ``hf`` = the hf stage's folder,
-    ``ie_lora:<run>`` = that run's adapter, ``ie_merged:<run>`` = that merged folder; else as given."""
-    if ref is None:
-        return None
-    stage, _, sub = ref.partition(":")
-    if stage in up:
-        base = up[stage]
-        if stage == "ie_lora":
-            return str(base / sub / "adapter")
-        return str(base / sub) if sub else str(base)
-    return ref
-
-
 def _folder_digest(path: str) -> str:
     from microlm.runs import fingerprint, folder_files
 
@@ -154,18 +142,6 @@ class AnswerCache:
                 self.rows[r["key"]] = r
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush()
-
-
-def json_schema_for(asked: list[str], max_chars: int = 64, max_items: int = 8) -> dict:
-    """The JSON schema of an answer to ``asked``: exactly those keys, each a list of at most
-    ``max_items`` ``{"subject": str, "object": str}`` pairs of 1–``max_chars`` characters (the data's
-    entity limit)."""
-    # no control characters (JSON forbids them raw, and a byte-level grammar would let them through)
-    ent = {"type": "string", "pattern": f"^[^\\x00-\\x1f\"\\\\]{{1,{max_chars}}}$"}
-    pair = {"type": "object", "properties": {"subject": ent, "object": ent},
-            "required": ["subject", "object"], "additionalProperties": False}
-    return {"type": "object", "properties": {r: {"type": "array", "items": pair, "maxItems": max_items} for r in asked},
-            "required": list(asked), "additionalProperties": False}
 
 
 def _batches(prompts: list[tuple[int, list[int]]], max_new: int, ctx: int, batch_size: int):
@@ -635,7 +611,7 @@ def build(run) -> dict:
     models = []
     for m in ec.models:
         if m["backend"] == "openai" and m.get("base_url") == "serve":
-            from microlm.serve.smoke import server_spec
+            from microlm.serve.server import server_spec
 
             m = dict(m, _serve=(server_spec(cfg, run.up, port=0), run.out, cfg.serve.startup_timeout_s))
         models.append(m)

@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = ["ERROR_CLASSES", "read_answer", "triples_of", "gold_triples", "normalize_entity", "score_answer",
            "merge_records", "prf", "aggregate", "bootstrap", "paired_bootstrap", "empty_answer", "RuleFloor",
-           "failure_kind", "asked_relations"]
+           "failure_kind", "asked_relations", "json_schema_for"]
 
 # what went wrong first with an answer (``ok``: a compliant JSON object); the order is the check order
 ERROR_CLASSES = ("ok", "empty", "too_long", "fenced", "prose", "truncated", "not_json", "not_object",
@@ -257,6 +257,18 @@ def paired_bootstrap(a: dict[str, dict], b: dict[str, dict], *, samples: int = 1
     d = _boot_f1_parse(ta, idx)[0] - _boot_f1_parse(tb, idx)[0]
     lo, hi = (float(x) for x in np.percentile(d, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]))
     return {"records": len(ids), "f1_diff": float(diff), "interval": [lo, hi], "decided": lo > 0 or hi < 0}
+
+
+def json_schema_for(asked: list[str], max_chars: int = 64, max_items: int = 8) -> dict:
+    """The JSON schema of an answer to ``asked``: exactly those keys, each a list of at most
+    ``max_items`` ``{"subject": str, "object": str}`` pairs of 1–``max_chars`` characters (the data's
+    entity limit)."""
+    # no control characters (JSON forbids them raw, and a byte-level grammar would let them through)
+    ent = {"type": "string", "pattern": f"^[^\\x00-\\x1f\"\\\\]{{1,{max_chars}}}$"}
+    pair = {"type": "object", "properties": {"subject": ent, "object": ent},
+            "required": ["subject", "object"], "additionalProperties": False}
+    return {"type": "object", "properties": {r: {"type": "array", "items": pair, "maxItems": max_items} for r in asked},
+            "required": list(asked), "additionalProperties": False}
 
 
 def empty_answer(asked: Sequence[str]) -> str:

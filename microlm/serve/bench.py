@@ -101,8 +101,7 @@ def build(run) -> dict:
     from microlm.ie.evaluate import load_prompts
     from microlm.io import write_json
     from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer, free_port
-    from microlm.serve.smoke import server_spec
+    from microlm.serve.server import ManagedServer, free_port, server_spec
 
     cfg, bc = run.cfg, run.cfg.serve_bench
     py = ensure_env(quiet=not run.progress)

@@ -13,32 +13,15 @@ own token minus that of the served token) at that step.  The stage fails on the 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.serve.server import server_spec
 
 __all__ = ["server_spec", "hf_greedy", "served_ids", "compare_ids", "build"]
-
-
-def server_spec(cfg, up: dict[str, Path], *, port: int | None = None):
-    """The ``ServerSpec`` of the ``serve`` section (``model``: a stage reference like
-    ``ie_merged:<run>``, or a folder); port 0 = a free port."""
-    from microlm.ie.evaluate import resolve_ref
-    from microlm.serve.server import ServerSpec, free_port
-
-    sc = cfg.serve
-    model = resolve_ref(sc.model, up)
-    if not Path(model).is_dir():
-        raise MicroLMError(f"serve.model {sc.model!r} is not a built folder ({model})")
-    p = sc.port if port is None else port
-    return ServerSpec(model=model, served_name=sc.served_model_name, host=sc.host, port=p or free_port(sc.host),
-                      api_key=os.environ.get(sc.api_key_env) if sc.api_key_env else None,
-                      tensor_parallel_size=sc.tensor_parallel_size, max_model_len=sc.max_model_len, dtype=sc.dtype,
-                      kv_cache_gib=sc.kv_cache_gib, max_num_seqs=sc.max_num_seqs)
 
 
 @torch.no_grad()
@@ -90,8 +73,8 @@ def _margin(folder: str, prompt_ids: list[int], prefix: list[int], hf_tok: int |
 
 
 def build(run) -> dict:
-    from microlm.ie.evaluate import json_schema_for, load_prompts
-    from microlm.ie.metrics import read_answer
+    from microlm.ie.evaluate import load_prompts
+    from microlm.ie.metrics import json_schema_for, read_answer
     from microlm.io import write_json
     from microlm.serve.client import chat, request_json
     from microlm.serve.env import ensure_env

@@ -77,8 +77,7 @@ def build(run) -> dict:
     from microlm.io import write_json
     from microlm.serve.client import HTTPStatusError, request_json
     from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer
-    from microlm.serve.smoke import server_spec
+    from microlm.serve.server import ManagedServer, server_spec
 
     cfg, sc = run.cfg, run.cfg.serve_soak
     py = ensure_env(quiet=not run.progress)
