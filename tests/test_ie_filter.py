@@ -124,8 +124,10 @@ def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
     assert json.loads(exs[0]["output"]) == {"作者": [{"subject": "书0", "object": "作家0"}], "导演": []}
     assert stats["empty_output_share"] == 0.0
     stats = run_step(cfg, 5)  # sample: 4 texts in 2 strata (< 3 texts in 导演's) → all train; no eval prompt
-    assert stats["splits"]["train"]["texts"] == 4 and stats["texts_shared_between_splits"] == 0
-    assert stats["eval_prompts"] == {"n": 0, "by_topic": {}, "short_by": cfg.ie_data.eval_prompts}
+    # 4 texts: 5 % is none, but the test split keeps a quarter of a topic for the evaluation prompts
+    assert stats["splits"]["train"]["texts"] == 3 and stats["splits"]["test"]["texts"] == 1
+    assert stats["texts_shared_between_splits"] == 0
+    assert stats["eval_prompts"] == {"n": 1, "by_topic": {"作品": 1}, "short_by": cfg.ie_data.eval_prompts - 1}
 
 
 def test_signatures_in_worker_processes_give_the_same_decisions_across_batches():
