@@ -543,7 +543,7 @@ register(Stage(
     build="microlm.serve.bench:build", upstream=("ie_data", "ie_merged"), sections=("serve_bench", "serve"),
     key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
                         "serve_bench": stage_config(cfg, "serve_bench"), "seed": cfg.seed},
-    outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm",
+    outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm", version=2,
     summary=lambda m: (f"vLLM ÷ transformers serve, output tokens/s at concurrency {m['ratio_at']}: "
                        + ", ".join(f"{k} ×{v}" for k, v in m["ratios"].items()) + f"; vLLM {m['vllm_tps']} tok/s")))
 

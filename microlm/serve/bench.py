@@ -5,8 +5,8 @@ flight) sends the same prompts to vLLM and to ``transformers serve`` (transforme
 OpenAI-compatible server) for the same folder, one after the other on the same machine, and reports
 what ``vllm bench serve`` reports: request throughput, output tokens/s, TTFT, TPOT, ITL and
 end-to-end latency (mean, p50, p99).  Two prompt sets: the IE evaluation prompts (the real task),
-and random prompts of ``random_input_tokens`` tokens asking for exactly ``random_output_tokens``
-(``ignore_eos``; a server that does not honour it is reported with the tokens it did produce).
+and random prompts of ``random_input_tokens`` tokens with ``max_tokens = random_output_tokens``
+(without vLLM's ``ignore_eos``, which ``transformers serve`` rejects: both get the same request).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from microlm.errors import MicroLMError
 
 __all__ = ["random_prompts", "build"]
+
 
 
 def random_prompts(tokenizer_dir: str, n: int, tokens: int, seed: int) -> list[list[dict]]:
@@ -111,8 +112,9 @@ def build(run) -> dict:
     if "ie" in bc.datasets:
         sets["ie"] = ([p["messages"] for p in ie], bc.ie_max_tokens, False)
     if "random" in bc.datasets:
+        # no ignore_eos: it is a vLLM extension `transformers serve` rejects (422); the same request for both
         sets["random"] = (random_prompts(spec.model, 64, bc.random_input_tokens, cfg.seed), bc.random_output_tokens,
-                          True)
+                          False)
     if not sets:
         raise MicroLMError("serve_bench.datasets names neither ie nor random")
     servers = {}
