@@ -178,15 +178,13 @@ def _serve(args: argparse.Namespace, cfg) -> int:
     import time
 
     from microlm import stages
+    from microlm.runs import resolve_ref
     from microlm.serve.env import ensure_env
     from microlm.serve.server import ManagedServer, ServerSpec
 
-    def ref(r: str) -> str:
-        stage, _, sub = r.partition(":")
-        if stage in stages.REGISTRY:
-            folder = stages.require(stage, cfg)
-            return str(folder / sub / ("adapter" if stage == "ie_lora" else "")) if sub else str(folder)
-        return r
+    def ref(r: str) -> str:  # a stage reference (built if missing) or a folder
+        stage = r.partition(":")[0]
+        return resolve_ref(r, {stage: stages.require(stage, cfg)} if stage in stages.REGISTRY else {})
 
     sc = cfg.serve
     lora = {}

@@ -527,12 +527,17 @@ register(Stage(
         f"{n}: F1 {r['f1']:.3f} [{r['f1_interval'][0]:.3f}, {r['f1_interval'][1]:.3f}], parse {r['parse_rate']:.2f}"
         for n, r in m["models"].items())))
 
+def _serve_key(cfg: Config, section: str) -> dict:
+    """A serve stage's fingerprint: its own section and the server's (not where it listens)."""
+    return {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
+            section: stage_config(cfg, section)}
+
+
 register(Stage(
     "serve_smoke", "B6", "serve the merged IE model with vLLM: health, models, an IE answer, structured output, "
     "greedy parity with transformers",
     build="microlm.serve.smoke:build", upstream=("ie_data", "ie_merged"), sections=("serve_smoke", "serve"),
-    key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
-                        "serve_smoke": stage_config(cfg, "serve_smoke")},
+    key=lambda cfg, o: _serve_key(cfg, "serve_smoke"),
     outputs=("report.json",), notebook="12_vllm",
     summary=lambda m: (f"structured output {m['structured']}, IE answer {m['ie_answer']}, greedy parity "
                        f"{m['identical']}/{m['prompts']}, server RSS {m['server_rss_mb']} MB")))
@@ -541,8 +546,7 @@ register(Stage(
     "serve_bench", "B6", "benchmark the served model like `vllm bench serve`: vLLM vs `transformers serve`, same "
     "load, concurrency 1–64",
     build="microlm.serve.bench:build", upstream=("ie_data", "ie_merged"), sections=("serve_bench", "serve"),
-    key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
-                        "serve_bench": stage_config(cfg, "serve_bench"), "seed": cfg.seed},
+    key=lambda cfg, o: _serve_key(cfg, "serve_bench") | {"seed": cfg.seed},
     outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm", version=2,
     summary=lambda m: (f"vLLM ÷ transformers serve, output tokens/s at concurrency {m['ratio_at']}: "
                        + ", ".join(f"{k} ×{v}" for k, v in m["ratios"].items()) + f"; vLLM {m['vllm_tps']} tok/s")))
@@ -551,8 +555,7 @@ register(Stage(
     "serve_soak", "B6", "a bounded stability run: errors, latency drift, memory, malformed requests, a restart "
     "under load",
     build="microlm.serve.soak:build", upstream=("ie_data", "ie_merged"), sections=("serve_soak", "serve"),
-    key=lambda cfg, o: {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
-                        "serve_soak": stage_config(cfg, "serve_soak")},
+    key=lambda cfg, o: _serve_key(cfg, "serve_soak"),
     outputs=("report.json", "soak.png"), notebook="12_vllm",
     summary=lambda m: (f"{m['requests']} requests, steady-state error rate {m['steady_state_error_rate']}, "
                        f"malformed → 4xx {m['malformed_4xx']}, restart: {m['restart_failed']} failed in "
