@@ -25,9 +25,8 @@ course: setup serve-env      ## every notebook through papermill at $(PROFILE), 
 	$(BIN)/python -m microlm.course --profile $(PROFILE)
 	$(MAKE) book
 
-book: setup                  ## Jupyter Book 1: executes notebooks (cached), fails on a notebook error
-	MICROLM_PROFILE=$(PROFILE) $(BIN)/jupyter-book build . --path-output _build --builder html
-	@echo "book: _build/_build/html/index.html"
+book: setup                  ## Jupyter Book 1 from the notebooks `course` executed (no second execution)
+	$(BIN)/python -m microlm.book --profile $(PROFILE)
 
 test: setup serve-env        ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # two workers; the notebook + book tests stay on one

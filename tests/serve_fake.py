@@ -30,8 +30,18 @@ class H(BaseHTTPRequestHandler):
         ready = mode != "never" and time.monotonic() - START > 0.5
         self._send(200 if ready else 503, {})
 
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+    def do_POST(self):  # validates like an OpenAI server: a bad request is a 4xx, never a 500
+        try:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        except ValueError:
+            return self._send(400, {"error": "bad JSON body"})
+        if body.get("model") != "m":
+            return self._send(404, {"error": "unknown model"})
+        if body.get("max_tokens", 1) < 0 or body.get("n", 1) > 8:
+            return self._send(400, {"error": "bad sampling parameters"})
+        if sum(len(m["content"]) for m in body["messages"]) > 256:
+            return self._send(400, {"error": "prompt longer than the context"})
+        time.sleep(0.02)
         self._send(200, {"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}]})
 
 

@@ -12,7 +12,9 @@ import papermill as pm
 import pytest
 import yaml
 
+from microlm import book
 from microlm.course import notebook_sources, to_ipynb
+from microlm.errors import MicroLMError
 
 from .conftest import REPO
 
@@ -73,43 +75,36 @@ def test_nbval_lax_on_overview(tmp_path):
     assert " passed" in r.stdout
 
 
-def _book(src: os.PathLike, out: os.PathLike, cache: os.PathLike, execute: str | None = None):
-    cfg = yaml.safe_load((REPO / "_config.yml").read_text())
-    cfg["execute"]["cache"] = str(cache)  # never share the smoke cache with the cpu book
-    if execute:  # a book of executed .ipynb copies (the repository's own .ipynb twins are excluded)
-        cfg["execute"]["execute_notebooks"] = execute
-        cfg["exclude_patterns"] = [p for p in cfg["exclude_patterns"] if p != "notebooks/*.ipynb"]
-    cfg_path = os.path.join(out, "_config.yml")
-    os.makedirs(out, exist_ok=True)
-    with open(cfg_path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    jb = shutil.which("jupyter-book", path=os.path.dirname(sys.executable)) or "jupyter-book"
-    return subprocess.run([jb, "build", str(src), "--config", cfg_path, "--path-output", str(out),
-                           "--builder", "html"], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "MICROLM_PROFILE": "smoke"})
+def _book(src, out, cache, execute="off"):
+    return book.build(src, out, cache=cache, execute=execute, profile="smoke", timeout=900)
 
 
 @pytest.mark.book
 def test_book_builds_with_every_chapter(tmp_path, tmp_path_factory):
-    """The book of every chapter.  After the papermill test (same session) it renders the notebooks
-    that test executed instead of running each one a second time (CI's time); alone, it executes them."""
+    """The book of every chapter, rendered from the notebooks the papermill test executed in this session
+    (as `make course` does: no second execution).  Run alone (no papermill test before it) it executes
+    them once itself; after a papermill failure it stops at once, naming the chapters it lacks."""
     executed = _executed_dir(tmp_path_factory)
-    if all((executed / f"{s}.ipynb").is_file() for s in IDS):
-        src = tmp_path / "src"
-        (src / "notebooks").mkdir(parents=True)
-        shutil.copytree(REPO / "book", src / "book")
-        shutil.copy(REPO / "_toc.yml", src / "_toc.yml")
-        for s in IDS:
-            shutil.copy(executed / f"{s}.ipynb", src / "notebooks" / f"{s}.ipynb")
-        r = _book(src, tmp_path / "book", tmp_path / "cache", execute="off")
-    else:
-        r = _book(REPO, tmp_path / "book", tmp_path / "cache")
+    have = [s for s in IDS if (executed / f"{s}.ipynb").is_file()]
+    if not have:
+        for py in NOTEBOOKS:
+            pm.execute_notebook(str(to_ipynb(py)), str(executed / f"{py.stem}.ipynb"), parameters={"profile": "smoke"},
+                                kernel_name="python3", cwd=str(py.parent), progress_bar=False)
+    src = book.assemble(executed, tmp_path / "src")  # one-line error naming the missing chapters
+    r = _book(src, tmp_path / "book", tmp_path / "cache")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     html = tmp_path / "book" / "_build" / "html"
     for s in IDS:
         page = (html / "notebooks" / f"{s}.html").read_text(encoding="utf-8")
         assert "Traceback" not in page
     assert "checked" in (html / "notebooks" / "01_corpus.html").read_text(encoding="utf-8")
+
+
+def test_book_names_the_chapters_it_lacks(tmp_path):
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "00_overview.ipynb").write_text("{}")
+    with pytest.raises(MicroLMError, match=r"no executed notebook for 01_corpus, 02_bpe_from_scratch.*make course"):
+        book.assemble(tmp_path / "ex", tmp_path / "src")
 
 
 @pytest.mark.book
@@ -120,6 +115,6 @@ def test_book_build_fails_on_a_notebook_error(tmp_path):
     (src / "book" / "intro.md").write_text("# Intro\n")
     (src / "notebooks" / "00_broken.py").write_text("# %% [markdown]\n# # Broken\n\n# %%\nraise RuntimeError('boom')\n")
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: notebooks/00_broken\n")
-    r = _book(src, tmp_path / "out", tmp_path / "cache")
+    r = _book(src, tmp_path / "out", tmp_path / "cache", execute="cache")
     assert r.returncode != 0
     assert "boom" in r.stdout + r.stderr

@@ -113,3 +113,37 @@ def test_the_vllm_command_passes_the_settings_through():
                  "--tensor-parallel-size 2", "--max-model-len 512", "--dtype float32", "--enable-lora",
                  "--lora-modules a=/ad/a b=/ad/b"):
         assert part in s, part
+
+
+def test_soak_counts_malformed_requests_and_a_restart_under_load(tmp_path):
+    """The soak's logic on the stand-in server: malformed requests of every kind get a 4xx, the
+    restart window is measured apart, and the run goes on after the restart until served again."""
+    from types import SimpleNamespace
+
+    from microlm.serve.soak import MALFORMED, check, soak
+
+    sc = SimpleNamespace(duration_s=4, concurrency=3, window_s=1, max_tokens=8, malformed_every=4, restart_at_s=2,
+                         request_timeout_s=30)
+    prompts = [{"messages": [{"role": "user", "content": f"文本 {i}"}], "asked": ["人物"]} for i in range(5)]
+    report = soak(_server(tmp_path), prompts, sc, context=128, startup_timeout_s=120)
+    check(report, tmp_path / "fake.log")
+    r = report["restart"]
+    assert r["at_s"] >= 2 and r["healthy_again_s"] > r["at_s"] and r["served_after"] > 0
+    assert report["duration_s"] >= max(4, r["healthy_again_s"] + 10) - 0.01  # extended past the restart
+    assert set(report["malformed"]) == set(MALFORMED)
+    assert sum(v["sent"] for v in report["malformed"].values()) > 0
+    assert all(v["sent"] == v["got_4xx"] for v in report["malformed"].values())
+    assert report["steady_state_errors"] == 0 and report["served_steady"] > 0 and report["json_valid_rate"] == 1.0
+    assert sum(w["requests"] for w in report["windows"]) == report["normal"]
+    assert not (tmp_path / "fake.pid").exists()  # stopped at the end
+
+
+def test_soak_check_fails_on_a_malformed_request_answered_200():
+    from microlm.serve.soak import check
+
+    report = {"served_steady": 5, "malformed": {"huge_n": {"sent": 2, "got_4xx": 1, "statuses": ["200", "400"]}}}
+    with pytest.raises(MicroLMError, match=r"not answered with 4xx: \{'huge_n': \['200', '400'\]\}"):
+        check(report, Path("vllm.log"))
+    with pytest.raises(MicroLMError, match="no request succeeded outside the restart"):
+        check({**report, "served_steady": 0}, Path("vllm.log"))
+

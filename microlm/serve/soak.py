@@ -21,7 +21,7 @@ import numpy as np
 
 from microlm.errors import MicroLMError
 
-__all__ = ["MALFORMED", "malformed_request", "build"]
+__all__ = ["MALFORMED", "malformed_request", "soak", "check", "build"]
 
 MALFORMED = ("bad_json_body", "unknown_model", "prompt_too_long", "negative_max_tokens", "huge_n")
 
@@ -73,9 +73,6 @@ def _slope_mb_per_min(samples: list[tuple[float, float]]) -> float | None:
 
 def build(run) -> dict:
     from microlm.ie.evaluate import load_prompts
-    from microlm.ie.metrics import read_answer
-    from microlm.io import write_json
-    from microlm.serve.client import HTTPStatusError, request_json
     from microlm.serve.env import ensure_env
     from microlm.serve.server import ManagedServer, server_spec
 
@@ -85,18 +82,54 @@ def build(run) -> dict:
     prompts, _ = load_prompts(run.up["ie_data"])
     context = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 512)
     srv = ManagedServer(spec, run.out, python=py, name="vllm")
-    srv.start(cfg.serve.startup_timeout_s)
+    report = soak(srv, prompts, sc, context=context, startup_timeout_s=cfg.serve.startup_timeout_s)
+    _plot(report, run.out)
+    from microlm.io import write_json
+
+    write_json(run.out / "report.json", report)
+    check(report, run.out / "vllm.log")
+    return {"requests": report["requests"], "steady_state_error_rate": report["steady_state_error_rate"],
+            "restart_failed": (report["restart"] or {}).get("failed_during"),
+            "restart_down_s": (report["restart"] or {}).get("down_s"),
+            "malformed_4xx": sum(v["got_4xx"] for v in report["malformed"].values()),
+            "rss_slope_mb_per_min": report["rss_mb"]["slope_mb_per_min_after_restart"]}
+
+
+def check(report: dict, log: Path) -> None:
+    """The soak's failures, as one-line errors: nothing served, or a malformed request not given a 4xx."""
+    if not report["served_steady"]:
+        raise MicroLMError(f"serve_soak: no request succeeded outside the restart (see {log})")
+    if any(v["sent"] != v["got_4xx"] for v in report["malformed"].values()):
+        wrong = {k: v["statuses"] for k, v in report["malformed"].items() if v["sent"] != v["got_4xx"]}
+        raise MicroLMError(f"serve_soak: malformed requests not answered with 4xx: {wrong}")
+
+
+def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float) -> dict:
+    """Run the soak against ``srv`` (a :class:`ManagedServer`, started here and stopped at the end).
+
+    The run lasts ``duration_s``; when the server is restarted it goes on until at least two windows
+    (and 10 s) after the server is healthy again, so the state after the restart is always measured.
+    """
+    from microlm.ie.metrics import read_answer
+    from microlm.serve.client import HTTPStatusError, request_json
+
+    srv.start(startup_timeout_s)
     url = srv.base_url + "/chat/completions"
+    served_name = srv.spec.served_name
     events: list[dict] = []
     rss: list[tuple[float, float]] = []
     lock = threading.Lock()
     counter = iter(range(10**9))
     restart: list[float] = []
     stop = threading.Event()
+    end = [float(sc.duration_s)]  # moved later when a restart outlasts the planned run
     t0 = time.monotonic()
 
+    def running() -> bool:
+        return not stop.is_set() and time.monotonic() - t0 < end[0]
+
     def client() -> None:
-        while not stop.is_set() and time.monotonic() - t0 < sc.duration_s:
+        while running():
             with lock:
                 i = next(counter)
             p = prompts[i % len(prompts)]
@@ -104,7 +137,7 @@ def build(run) -> dict:
                 kind = MALFORMED[(i // sc.malformed_every) % len(MALFORMED)]
                 t = time.monotonic()
                 try:
-                    request_json(url, malformed_request(kind, spec.served_name, p["messages"], context),
+                    request_json(url, malformed_request(kind, served_name, p["messages"], context),
                                  timeout=sc.request_timeout_s)
                     status = 200
                 except HTTPStatusError as e:
@@ -116,8 +149,7 @@ def build(run) -> dict:
                       "ok": status is not None and 400 <= status < 500}
             else:
                 t = time.monotonic()
-                body = {"model": spec.served_name, "messages": p["messages"], "max_tokens": sc.max_tokens,
-                        "temperature": 0}
+                body = {"model": served_name, "messages": p["messages"], "max_tokens": sc.max_tokens, "temperature": 0}
                 try:
                     r = request_json(url, body, timeout=sc.request_timeout_s)
                     text = r["choices"][0]["message"]["content"] or ""
@@ -134,7 +166,7 @@ def build(run) -> dict:
                 events.append(ev)
 
     def sampler() -> None:
-        while not stop.is_set() and time.monotonic() - t0 < sc.duration_s:
+        while running():
             rss.append((time.monotonic() - t0, srv.rss_mb()))
             stop.wait(1.0)
 
@@ -147,10 +179,11 @@ def build(run) -> dict:
             while time.monotonic() - t0 < sc.restart_at_s:
                 time.sleep(0.2)
             restart.append(time.monotonic() - t0)
-            srv.restart(cfg.serve.startup_timeout_s)
+            srv.restart(startup_timeout_s)
             restart.append(time.monotonic() - t0)
+            end[0] = max(end[0], restart[1] + max(2 * sc.window_s, 10.0))
         for th in threads:
-            th.join(sc.duration_s + sc.request_timeout_s + 60)
+            th.join(end[0] + sc.request_timeout_s + 60)
     finally:
         stop.set()
         srv.stop()
@@ -163,35 +196,26 @@ def build(run) -> dict:
     steady = [e for e in normal if not (window and window[0] <= e["t"] <= window[1])]
     before = [(t, m) for t, m in rss if not window or t < window[0]]
     after = [(t, m) for t, m in rss if window and t > window[1]]
-    report = {"duration_s": sc.duration_s, "concurrency": sc.concurrency, "window_s": sc.window_s, "requests": len(events),
-              "normal": len(normal), "steady_state_errors": sum(not e["ok"] for e in steady),
-              "steady_state_error_rate": round(sum(not e["ok"] for e in steady) / max(1, len(steady)), 4),
-              "timeouts": sum(e.get("error") == "TimeoutError" for e in normal),
-              "json_valid_rate": round(sum(e.get("json", False) for e in normal if e["ok"]) / max(1, sum(e["ok"] for e in normal)), 3),
-              "malformed": {k: {"sent": sum(e["what"] == k for e in bad),
-                                "got_4xx": sum(e["what"] == k and e["ok"] for e in bad),
-                                "statuses": sorted({str(e["status"]) for e in bad if e["what"] == k})} for k in MALFORMED},
-              "restart": {"at_s": round(restart[0], 1), "healthy_again_s": round(restart[1], 1),
-                          "down_s": round(restart[1] - restart[0], 1),
-                          "failed_during": sum(not e["ok"] for e in normal if window[0] <= e["t"] <= window[1])}
-              if window else None,
-              "served_after_malformed": sum(e["ok"] for e in normal if bad and e["t"] > bad[0]["t"]),
-              "windows": _windows(events, sc.window_s, window),
-              "rss_mb": {"samples": [(round(t, 1), round(m, 1)) for t, m in rss],
-                         "slope_mb_per_min_before_restart": _slope_mb_per_min(before),
-                         "slope_mb_per_min_after_restart": _slope_mb_per_min(after)}}
-    _plot(report, run.out)
-    write_json(run.out / "report.json", report)
-    if not normal or not any(e["ok"] for e in steady):
-        raise MicroLMError(f"serve_soak: no request succeeded (see {run.out / 'vllm.log'})")
-    if any(v["sent"] != v["got_4xx"] for v in report["malformed"].values()):
-        wrong = {k: v["statuses"] for k, v in report["malformed"].items() if v["sent"] != v["got_4xx"]}
-        raise MicroLMError(f"serve_soak: malformed requests not answered with 4xx: {wrong}")
-    return {"requests": report["requests"], "steady_state_error_rate": report["steady_state_error_rate"],
-            "restart_failed": (report["restart"] or {}).get("failed_during"),
-            "restart_down_s": (report["restart"] or {}).get("down_s"),
-            "malformed_4xx": sum(v["got_4xx"] for v in report["malformed"].values()),
-            "rss_slope_mb_per_min": report["rss_mb"]["slope_mb_per_min_after_restart"]}
+    return {"duration_s": round(end[0], 1), "planned_duration_s": sc.duration_s, "concurrency": sc.concurrency,
+            "window_s": sc.window_s, "requests": len(events),
+            "normal": len(normal), "served_steady": sum(e["ok"] for e in steady),
+            "steady_state_errors": sum(not e["ok"] for e in steady),
+            "steady_state_error_rate": round(sum(not e["ok"] for e in steady) / max(1, len(steady)), 4),
+            "timeouts": sum(e.get("error") == "TimeoutError" for e in normal),
+            "json_valid_rate": round(sum(e.get("json", False) for e in normal if e["ok"]) / max(1, sum(e["ok"] for e in normal)), 3),
+            "malformed": {k: {"sent": sum(e["what"] == k for e in bad),
+                              "got_4xx": sum(e["what"] == k and e["ok"] for e in bad),
+                              "statuses": sorted({str(e["status"]) for e in bad if e["what"] == k})} for k in MALFORMED},
+            "restart": {"at_s": round(restart[0], 1), "healthy_again_s": round(restart[1], 1),
+                        "down_s": round(restart[1] - restart[0], 1),
+                        "failed_during": sum(not e["ok"] for e in normal if window[0] <= e["t"] <= window[1]),
+                        "served_after": sum(e["ok"] for e in normal if e["t"] > window[1])}
+            if window else None,
+            "served_after_malformed": sum(e["ok"] for e in normal if bad and e["t"] > bad[0]["t"]),
+            "windows": _windows(events, sc.window_s, window),
+            "rss_mb": {"samples": [(round(t, 1), round(m, 1)) for t, m in rss],
+                       "slope_mb_per_min_before_restart": _slope_mb_per_min(before),
+                       "slope_mb_per_min_after_restart": _slope_mb_per_min(after)}}
 
 
 def _plot(report: dict, out) -> None:

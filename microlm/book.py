@@ -1,0 +1,94 @@
+"""Build the Jupyter Book from the notebooks papermill already executed (no second execution).
+
+``python -m microlm.book --profile cpu`` assembles ``_build/book-src/<profile>/`` from ``book/``,
+``_toc.yml`` and the executed copies in ``_build/executed/<profile>/`` (written by
+``python -m microlm.course``), then runs ``jupyter-book build`` on it with execution off.  Every number
+and plot in the book is therefore the one the course run printed.  A chapter that was not executed is
+a one-line error naming it (run ``make course`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from microlm.config import REPO_ROOT
+from microlm.errors import MicroLMError
+
+__all__ = ["toc_files", "assemble", "build"]
+
+
+def toc_files(toc_path: Path = REPO_ROOT / "_toc.yml") -> list[str]:
+    """The chapter files of the table of contents (``notebooks/NN_name``), in order."""
+    toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
+    return [c["file"] for part in toc.get("parts", []) for c in part["chapters"]] + \
+        [c["file"] for c in toc.get("chapters", [])]
+
+
+def book_config(cache: Path | None = None, execute: str = "off") -> dict:
+    cfg = yaml.safe_load((REPO_ROOT / "_config.yml").read_text(encoding="utf-8"))
+    cfg["execute"]["execute_notebooks"] = execute
+    if cache is not None:
+        cfg["execute"]["cache"] = str(cache)
+    if execute == "off":  # the sources are the executed .ipynb copies
+        cfg["exclude_patterns"] = [p for p in cfg["exclude_patterns"] if p != "notebooks/*.ipynb"]
+    return cfg
+
+
+def assemble(executed: Path, src: Path, repo: Path = REPO_ROOT) -> Path:
+    """A book source tree: book/, _toc.yml and each chapter's executed notebook."""
+    chapters = [f for f in toc_files(repo / "_toc.yml") if f.startswith("notebooks/")]
+    missing = [f for f in chapters if not (executed / f"{Path(f).name}.ipynb").is_file()]
+    if missing:
+        raise MicroLMError(f"book: no executed notebook for {', '.join(Path(m).name for m in missing)} in "
+                           f"{executed} (run `make course`, or `python -m microlm.course --profile ...` first)")
+    if src.exists():
+        shutil.rmtree(src)
+    (src / "notebooks").mkdir(parents=True)
+    shutil.copytree(repo / "book", src / "book")
+    shutil.copy(repo / "_toc.yml", src / "_toc.yml")
+    for f in chapters:
+        shutil.copy(executed / f"{Path(f).name}.ipynb", src / f"{f}.ipynb")
+    return src
+
+
+def build(src: Path, out: Path, *, cache: Path | None = None, execute: str = "off", profile: str = "cpu",
+          timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``jupyter-book build src`` into ``out`` (html); returns the finished process (output captured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "_config.yml"
+    cfg_path.write_text(yaml.safe_dump(book_config(cache, execute), allow_unicode=True), encoding="utf-8")
+    jb = shutil.which("jupyter-book", path=os.path.dirname(sys.executable)) or "jupyter-book"
+    return subprocess.run([jb, "build", str(src), "--config", str(cfg_path), "--path-output", str(out),
+                           "--builder", "html"], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MICROLM_PROFILE": profile})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m microlm.book")
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--executed", type=Path, help="folder of executed notebooks (default _build/executed/<profile>)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "_build")
+    args = ap.parse_args(argv)
+    executed = args.executed or REPO_ROOT / "_build" / "executed" / args.profile
+    try:
+        src = assemble(executed, REPO_ROOT / "_build" / "book-src" / args.profile)
+    except MicroLMError as e:
+        print(e, file=sys.stderr)
+        return 1
+    r = build(src, args.out, profile=args.profile)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    if r.returncode == 0:
+        print(f"book: {args.out / '_build' / 'html' / 'index.html'}")
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
