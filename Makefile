@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: setup serve-env course notebooks book test test-fast lint bench soak clean
+.PHONY: setup serve-env course notebooks book lab test test-fast lint bench soak clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,11 @@ course: setup serve-env      ## every notebook through papermill at $(PROFILE), 
 book: setup                  ## Jupyter Book 1 from the notebooks `course` executed (no second execution)
 	$(BIN)/python -m microlm.book --profile $(PROFILE)
 
+lab: setup                   ## JupyterLab on 127.0.0.1 (jupytext: the .py notebooks open as notebooks); kernels get MICROLM_PROFILE=$(PROFILE)
+	$(BIN)/python -m microlm.lab --profile $(PROFILE) $(if $(PORT),--port $(PORT)) $(LAB_ARGS)
+
 test: setup serve-env        ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # two workers; the notebook + book tests stay on one
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25  # two workers; the notebook + book tests stay on one
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n 2 -m "not notebooks and not book"

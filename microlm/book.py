@@ -21,7 +21,7 @@ import yaml
 from microlm.config import REPO_ROOT
 from microlm.errors import MicroLMError
 
-__all__ = ["toc_files", "assemble", "build"]
+__all__ = ["toc_files", "assemble", "build", "results_markdown"]
 
 
 def toc_files(toc_path: Path = REPO_ROOT / "_toc.yml") -> list[str]:
@@ -41,8 +41,82 @@ def book_config(cache: Path | None = None, execute: str = "off") -> dict:
     return cfg
 
 
-def assemble(executed: Path, src: Path, repo: Path = REPO_ROOT) -> Path:
-    """A book source tree: book/, _toc.yml and each chapter's executed notebook."""
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def results_markdown(profiles: list[str], out_dir: Path) -> str:
+    """The results page: for each profile that has runs, one row per finished stage (time and its
+    one-line summary from the manifest's metrics), then every plot and summary table the stages wrote.
+    Plots are copied to ``out_dir`` (beside the page).  Generated at each build, never pasted."""
+    from microlm.config import load_config
+    from microlm.runs import read_manifest
+    from microlm.stages import REGISTRY
+
+    lines = ["# Results", "",
+             "Generated when this book was built, from the `manifest.json` and `report.json` of every finished stage "
+             "(`runs/<profile>/<stage>/`): the numbers and plots of the run that built the book, not pasted ones. "
+             "Chapters explain each number; `benchmarks/results/*.json` hold the speed comparisons with their baselines.",
+             ""]
+    found = False
+    for profile in profiles:
+        root = load_config(profile).run_path
+        manifests = {}
+        for name in REGISTRY:
+            try:
+                m = read_manifest(root / name)
+            except (OSError, ValueError):
+                m = None
+            if m and m.get("stage") == name:
+                manifests[name] = m
+        if not manifests:
+            continue
+        found = True
+        first = next(iter(manifests.values()))
+        host = first.get("host", {})
+        total = sum((m.get("timings") or {}).get("seconds", 0) for m in manifests.values())
+        lines += [f"## Profile `{profile}`", "",
+                  f"{len(manifests)} of {len(REGISTRY)} stages finished; built on {host.get('cpus', '?')} CPU cores "
+                  f"({host.get('machine', '?')}, Python {host.get('python', '?')}); stage time in all "
+                  f"{_fmt_seconds(total)}.", "",
+                  "| part | stage | time | result |", "|---|---|---|---|"]
+        for name, m in manifests.items():
+            st = REGISTRY[name]
+            try:
+                summary = st.summary(m.get("metrics") or {}) if st.summary else ""
+            except (KeyError, TypeError, ValueError, IndexError):
+                summary = "(metrics of an older version of this stage)"
+            summary = summary.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {st.part} | [{name}](../notebooks/{st.notebook}.ipynb) | "
+                         f"{_fmt_seconds((m.get('timings') or {}).get('seconds'))} | {summary} |")
+        lines.append("")
+        for name in manifests:
+            folder = root / name
+            pngs = sorted(folder.glob("*.png"))
+            tables = sorted(folder.glob("summary.md"))
+            if not pngs and not tables:
+                continue
+            lines += [f"### {REGISTRY[name].part} · {name}", ""]
+            for t in tables:  # its headings sit below this section's
+                text = t.read_text(encoding="utf-8").strip()
+                lines += ["\n".join("###" + ln if ln.startswith("#") else ln for ln in text.splitlines()), ""]
+            for png in pngs:
+                target = out_dir / profile / f"{name}-{png.name}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(png, target)
+                rel = target.relative_to(out_dir.parent).as_posix()
+                lines += [f"![{name}: {png.stem}]({rel})", ""]
+    if not found:
+        lines += ["No stage has finished yet for " + ", ".join(f"`{p}`" for p in profiles)
+                  + ": run `make course` (or a chapter) and build the book again.", ""]
+    return "\n".join(lines)
+
+
+def assemble(executed: Path, src: Path, repo: Path = REPO_ROOT, profiles: tuple[str, ...] = ("cpu", "gpu")) -> Path:
+    """A book source tree: book/, _toc.yml, each chapter's executed notebook, and the generated
+    pages (the results of ``profiles`` and the pipeline figure)."""
     chapters = [f for f in toc_files(repo / "_toc.yml") if f.startswith("notebooks/")]
     missing = [f for f in chapters if not (executed / f"{Path(f).name}.ipynb").is_file()]
     if missing:
@@ -55,6 +129,11 @@ def assemble(executed: Path, src: Path, repo: Path = REPO_ROOT) -> Path:
     shutil.copy(repo / "_toc.yml", src / "_toc.yml")
     for f in chapters:
         shutil.copy(executed / f"{Path(f).name}.ipynb", src / f"{f}.ipynb")
+    from microlm.diagram import draw
+
+    draw(src / "book" / "figures" / "pipelines.png")
+    (src / "book" / "results.md").write_text(results_markdown(list(profiles), src / "book" / "results"),
+                                             encoding="utf-8")
     return src
 
 
@@ -65,8 +144,9 @@ def build(src: Path, out: Path, *, cache: Path | None = None, execute: str = "of
     cfg_path = out / "_config.yml"
     cfg_path.write_text(yaml.safe_dump(book_config(cache, execute), allow_unicode=True), encoding="utf-8")
     jb = shutil.which("jupyter-book", path=os.path.dirname(sys.executable)) or "jupyter-book"
+    # -W: a Sphinx warning fails the build (after --keep-going has listed every one)
     return subprocess.run([jb, "build", str(src), "--config", str(cfg_path), "--path-output", str(out),
-                           "--builder", "html"], capture_output=True, text=True, timeout=timeout,
+                           "--builder", "html", "-W", "--keep-going"], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "MICROLM_PROFILE": profile})
 
 
@@ -78,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     executed = args.executed or REPO_ROOT / "_build" / "executed" / args.profile
     try:
-        src = assemble(executed, REPO_ROOT / "_build" / "book-src" / args.profile)
+        src = assemble(executed, REPO_ROOT / "_build" / "book-src" / args.profile,
+                       profiles=tuple(dict.fromkeys([args.profile, "gpu"])))
     except MicroLMError as e:
         print(e, file=sys.stderr)
         return 1

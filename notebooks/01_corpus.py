@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -295,3 +291,87 @@ print(f"{t['records_per_s']:,.0f} records/s with {t['workers']} worker(s); peak 
       f"workers {m['peak_rss_worker_mb']} MB; dedup index {m['dedup_index_bytes'] / 1e6:.1f} MB "
       f"= {m['dedup_index_bytes_per_kept_doc']:.0f} bytes per kept document")
 assert m["dedup_index_bytes_per_kept_doc"] < 1024
+
+# %% [markdown]
+# ## Exercises
+#
+# Three small experiments on the corpus this stage just wrote. Try each before opening the solution;
+# the solutions run — and assert — whenever the notebook runs.
+#
+# ### Exercise 1 · A new rule: drop documents that are mostly digits
+#
+# Tables of numbers, stock quotes and timetables teach a language model little. Write
+# `digit_ratio(text)` — the share of decimal digits (`\p{Nd}`) among the non-space characters — and
+# count how many **kept** documents a rule "drop if `digit_ratio > t`" would remove, for
+# t = 0.05, 0.1, 0.2, 0.3 and `1 - min_cjk_ratio`. Predict first: why can the last threshold remove
+# nothing at all?
+
+# %% tags=["hide-cell"]
+import math
+
+import regex
+
+NON_SPACE, DIGIT = regex.compile(r"\S"), regex.compile(r"\p{Nd}")
+
+
+def digit_ratio(text):
+    n = len(NON_SPACE.findall(text))
+    return len(DIGIT.findall(text)) / n if n else 0.0
+
+
+kept = [d.removesuffix(eos) for d in itertools.islice(iter_corpus(corpus_dir / "train.jsonl"), 20000)]
+ratios = np.array([digit_ratio(t) for t in kept])
+bound = 1 - cfg.corpus.min_cjk_ratio
+counts = {t: int((ratios > t).sum()) for t in (0.05, 0.1, 0.2, 0.3, bound)}
+for t, n in counts.items():
+    print(f"drop if digit_ratio > {t:.2f}: {n:5,} of {len(kept):,} kept documents ({n / len(kept):.2%})")
+worst = kept[int(ratios.argmax())]
+print(f"most digits ({ratios.max():.2f}): {worst[:80]!r}")
+# Han characters and digits are disjoint, so digits <= non-space - Han, i.e. digit_ratio <= 1 - cjk_ratio;
+# every kept document passed cjk_ratio >= min_cjk_ratio, so none can exceed 1 - min_cjk_ratio
+assert all(clean.cjk_ratio(t) >= cfg.corpus.min_cjk_ratio for t in kept[:2000])
+assert counts[bound] == 0 and ratios.max() <= bound
+assert list(counts.values()) == sorted(counts.values(), reverse=True), "a stricter rule removes more"
+
+# %% [markdown]
+# ### Exercise 2 · Doubling the validation split
+#
+# The split is `hash(document) mod buckets < val_fraction × buckets`. Predict what happens to the
+# documents of this corpus if `corpus.val_fraction` is doubled: which documents move, in which
+# direction, and roughly what share ends up in val? Check with `split_of` on the documents of both
+# splits.
+
+# %% tags=["hide-cell"]
+docs = [d.removesuffix(eos) for split in ("train", "val")
+        for d in itertools.islice(iter_corpus(corpus_dir / f"{split}.jsonl"), 20000)]
+split_hashes = [exact_hash(d)[1] for d in docs]
+f = cfg.corpus.val_fraction
+val_now = {k for k, h in enumerate(split_hashes) if split_of(h, f) == "val"}
+val_doubled = {k for k, h in enumerate(split_hashes) if split_of(h, 2 * f) == "val"}
+print(f"val_fraction {f}: {len(val_now):,} of {len(docs):,} in val; {2 * f}: {len(val_doubled):,} "
+      f"({len(val_doubled) / len(docs):.2%}); moved train → val: {len(val_doubled - val_now):,}, "
+      f"val → train: {len(val_now - val_doubled)}")
+assert val_now <= val_doubled, "a larger val split only takes documents from train, never gives one back"
+assert len(val_doubled) > len(val_now)
+share = len(val_doubled) / len(docs)
+assert abs(share - 2 * f) < 4 * math.sqrt(2 * f * (1 - 2 * f) / len(docs)) + 0.005, "hash buckets are uniform"
+
+# %% [markdown]
+# ### Exercise 3 · How many LSH bands for a 99 % catch rate?
+#
+# With `r` rows per band, a pair at Jaccard `s` becomes a candidate with probability
+# `1 - (1 - s^r)^b`. Keep this run's `r` and compute the smallest number of bands `b` that catches a
+# pair exactly at the threshold 99 % of the time. What would it cost in MinHash values per document,
+# and how much more often would a pair at Jaccard 0.5 (not a duplicate) be compared?
+
+# %% tags=["hide-cell"]
+lsh = report["duplicates"]
+b, r, t = lsh["bands"], lsh["rows"], lsh["threshold"]
+b99 = math.ceil(math.log(1 - 0.99) / math.log(1 - t**r))  # solve 1 - (1 - t^r)^b >= 0.99 for b
+print(f"now: b={b}, r={r} ({b * r} values/doc): P(candidate | s={t}) = {candidate_probability(t, b, r):.3f}, "
+      f"P(candidate | s=0.5) = {candidate_probability(0.5, b, r):.4f}")
+print(f"99 %: b={b99}, r={r} ({b99 * r} values/doc): P(candidate | s={t}) = {candidate_probability(t, b99, r):.3f}, "
+      f"P(candidate | s=0.5) = {candidate_probability(0.5, b99, r):.4f}")
+assert b * r == cfg.corpus.dedup.num_perm, "the signature is cut into b bands of r values"
+assert candidate_probability(t, b99, r) >= 0.99 > candidate_probability(t, b99 - 1, r), "the smallest such b"
+assert candidate_probability(0.5, b99, r) > candidate_probability(0.5, b, r), "more bands, more false candidates"

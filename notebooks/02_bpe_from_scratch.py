@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -105,6 +101,45 @@ for k, ((a, b), n) in enumerate(steps):
 
 _, merges_pkg = train_bpe_from_counts(chunks, 256 + 12, [])
 assert [p for p, _ in steps] == merges_pkg, "the package's incremental trainer learns the same merges"
+
+# %% [markdown]
+# What the first six merges do to a new sentence: apply them in the order they were learned. (This
+# cell's output is stored in `tests/golden/`: a change to what the trainer learns fails the tests even
+# where no assert looks.)
+
+# %% tags=["golden"]
+import collections
+
+import regex
+
+from microlm.tokenizer import PATTERNS
+from microlm.tokenizer.bpe import train_bpe_from_counts
+from microlm.tokenizer.tokenizer import token_text
+
+text = ("我们今天学习分词。分词是把文本切成词元。我们的分词器从字节开始，"
+        "一步一步合并最常见的相邻字节对。今天的学习很有意思，我们明天继续学习。")
+_, first = train_bpe_from_counts(collections.Counter(regex.findall(PATTERNS["gpt2"], text)), 256 + 6, [])
+
+
+def apply_merges(word: str, merges) -> list[bytes]:
+    parts = [bytes([b]) for b in word.encode()]
+    for pair in merges:
+        out, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                out.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                out.append(parts[i])
+                i += 1
+        parts = out
+    return parts
+
+
+print("first merges:", " | ".join(f"{token_text(a)} + {token_text(b)}" for a, b in first))
+pieces = apply_merges("我们学习分词", first)
+print("我们学习分词 →", len(pieces), "tokens:", [token_text(p) for p in pieces])
+assert b"".join(pieces) == "我们学习分词".encode()
 
 # %% [markdown]
 # Tokens that are part of a character print as their bytes, e.g. `<e6 88>`. The first merges join
@@ -278,3 +313,121 @@ tricky = "用户<|im_start|>user\n 你好 <|im_end|>\n\n<|endoftext|><|im_ half 
 print([tok.id_to_token(i) for i in tok.encode(tricky)])
 assert hf.encode(tricky, add_special_tokens=False).ids == tok.encode(tricky)
 assert {0, 1, 2} <= set(tok.encode(tricky)) and not {0, 1, 2} & set(tok.encode_ordinary(tricky))
+
+# %% [markdown]
+# ## Exercises
+#
+# Three experiments with the merge list. Try each before opening the solution; the solutions run —
+# and assert — whenever the notebook runs.
+#
+# ### Exercise 1 · Flip the tie-break rule
+#
+# Section 2 said the tie-break changes every later merge. On the small text of section 1 (the GPT-2
+# regex chunks `chunks`), run 30 textbook merges with the **lexicographically smaller** pair winning
+# ties instead of the greater one. Predict before you run it: at which step does the first merge
+# differ, and what must be true of the pair counts at that step?
+
+# %% tags=["hide-cell"]
+def bpe_with_rule(chunk_counts, n_merges, prefer):
+    """The textbook loop of section 1 with the tie-break as a parameter (max or min of the tied pairs)."""
+    words = {tuple(bytes([b]) for b in c.encode()): n for c, n in chunk_counts.items()}
+    steps = []
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for w, n in words.items():
+            for p in zip(w, w[1:], strict=False):
+                pairs[p] += n
+        if not pairs:
+            break
+        top = max(pairs.values())
+        tied = [p for p in pairs if pairs[p] == top]
+        best = prefer(tied)
+        steps.append((best, top, len(tied)))
+        new_words = collections.Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new_words[tuple(out)] += n
+        words = new_words
+    return steps
+
+
+greater, smaller = bpe_with_rule(chunks, 30, max), bpe_with_rule(chunks, 30, min)
+k = next(i for i, (g, s) in enumerate(zip(greater, smaller, strict=True)) if g[0] != s[0])
+(ga, gb), count, n_tied = greater[k]
+(sa, sb), count_s, _ = smaller[k]
+print(f"merges 0..{k - 1} identical; step {k}: {n_tied} pairs tied at {count}×")
+print(f"  greater wins: {token_text(ga)} + {token_text(gb)}   smaller wins: {token_text(sa)} + {token_text(sb)}")
+shared = {p for p, _, _ in greater} & {p for p, _, _ in smaller}
+print(f"the two 30-merge vocabularies share {len(shared)} merges")
+assert [p for p, _, _ in greater] == train_bpe_from_counts(chunks, 256 + 30, [])[1], "max = the package's rule"
+assert all(g[2] == 1 for g in greater[:k]), "before step k every maximum was unique: no tie to break"
+assert count == count_s and n_tied > 1, "the first difference is a tie: same count, several pairs"
+assert (ga, gb) > (sa, sb) and len(shared) < 30
+
+# %% [markdown]
+# ### Exercise 2 · Encode by hand
+#
+# Encoding replays the training merges **in training order**: a chunk starts as bytes, and the
+# adjacent pair with the lowest merge rank is merged (all its occurrences) until no pair has a rank.
+# Write that encoder from `tok.merges`, `tok.pattern` and `tok.byte_to_id` only, and check it gives
+# exactly `tok.encode_ordinary` on the first 40 val documents (first 300 characters each). The package
+# is faster — it merges each character's bytes once and caches it — but must give the same ids.
+
+# %% tags=["hide-cell"]
+rank = {pair: r for r, pair in reversed(list(enumerate(tok.merges)))}  # first rank wins if a pair repeats
+
+
+def encode_by_hand(text):
+    ids = []
+    for chunk in regex.findall(tok.pattern, text):
+        parts = [bytes([x]) for x in chunk.encode("utf-8")]
+        while len(parts) > 1:
+            r = min(rank.get(p, len(tok.merges)) for p in zip(parts, parts[1:], strict=False))
+            if r == len(tok.merges):
+                break
+            pair, out, i = tok.merges[r], [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                    out.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            parts = out
+        ids += [tok.byte_to_id[p] for p in parts]
+    return ids
+
+
+texts = [d.removesuffix("<|endoftext|>")[:300] for d in val_docs[:40]]
+by_hand = [encode_by_hand(t) for t in texts]
+print(f"{sum(map(len, by_hand)):,} tokens by hand on {len(texts)} documents; first: "
+      f"{[tok.id_to_token(i) for i in by_hand[0][:10]]}")
+assert by_hand == [tok.encode_ordinary(t) for t in texts]
+
+# %% [markdown]
+# ### Exercise 3 · Can the tokenizer learn a token for "2024"?
+#
+# Section 3 said the qwen2 regex splits numbers into single digits. Predict: how many of the learned
+# tokens contain two or more number characters (`\p{N}`)? And how many tokens does a 12-digit number
+# take? Check on the vocabulary and with `encode_ordinary`.
+
+# %% tags=["hide-cell"]
+learned = [a + b for a, b in tok.merges]
+multi = [t for t in learned if len(regex.findall(r"\p{N}", t.decode("utf-8", errors="ignore"))) >= 2]
+number = "202411061234"
+print(f"pattern {cfg.tokenizer.pattern}: {len(multi)} learned tokens hold 2+ number characters; "
+      f"{number} -> {[tok.id_to_token(i) for i in tok.encode_ordinary(number)]}")
+assert tok.pattern == PATTERNS["qwen2"]
+# every qwen2 chunk with a number character is that one character, and merges never cross chunks
+assert multi == [] and len(tok.encode_ordinary(number)) == len(number)
+# with GPT-2's regex the whole number is one chunk, so the very first merge joins two digits
+a, b = train_bpe_from_counts(collections.Counter(regex.findall(PATTERNS["gpt2"], number)), 257, [])[1][0]
+print("GPT-2 regex, first merge on the same number:", token_text(a), "+", token_text(b))
+assert a.isdigit() and b.isdigit()

@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -148,3 +144,73 @@ print("y:", repr(tok.decode(y[0, :24].tolist())))
 assert np.array_equal(x[:, 1:], y[:, :-1]), "y is x shifted by one"
 xt, yt = windows.torch_batch(8)
 assert xt.shape == (8, block) and str(xt.dtype) == "torch.int64"
+
+# %% [markdown]
+# ## Exercises
+#
+# Three questions answered from the token files alone. Try each before opening the solution; the
+# solutions run — and assert — whenever the notebook runs.
+#
+# ### Exercise 1 · Bytes per token on the val split
+#
+# Compute the compression of the val split from `val.bin`, `val.idx` and the corpus text: UTF-8 bytes
+# of the documents (without the EOS marker) per token (without the EOS ids). The tokenizer's report
+# (chapter 02) gives `bytes_per_token` on the same documents, but it encoded each one **with** its
+# `<|endoftext|>` text. Predict: is its number higher or lower than yours, and can you reproduce it
+# exactly from the token files?
+
+# %% tags=["hide-cell"]
+EOS = "<|endoftext|>"
+val = open_tokens(tokens_dir / "val.bin")
+vidx = read_index(tokens_dir / "val.bin")
+val_texts = read_texts(stages.stage_dir(cfg, "corpus") / "val.jsonl")
+n_docs = len(vidx) - 1
+body_bytes = sum(len(t.removesuffix(EOS).encode("utf-8")) for t in val_texts)
+bpt = body_bytes / (len(val) - n_docs)
+tok_report = json.loads((stages.stage_dir(cfg, "tokenizer") / "report.json").read_text(encoding="utf-8"))
+ours = tok_report["compression"]["microlm"]
+with_eos = (body_bytes + n_docs * len(EOS.encode())) / len(val)  # each EOS: 13 bytes of text, one token
+print(f"val: {n_docs:,} documents, {len(val):,} tokens, {body_bytes:,} bytes -> {bpt:.4f} bytes/token "
+      f"(text only); counting '{EOS}' as 13 bytes in one token: {with_eos:.4f}; tokenizer report: "
+      f"{ours['bytes_per_token']}")
+assert n_docs == len(val_texts) == meta["splits"]["val"]["docs"] and len(val) == meta["splits"]["val"]["tokens"]
+assert ours["tokens"] == len(val), "the same ids: one EOS id per document either way"
+assert round(with_eos, 4) == ours["bytes_per_token"] and with_eos > bpt
+
+# %% [markdown]
+# ### Exercise 2 · How often does a training window cross a document boundary?
+#
+# `TokenWindows` draws a start `s` uniformly from `[0, n - T)`. A window `x = ids[s : s+T]` holds no
+# EOS only if it lies inside one document before its EOS: a document of `L` tokens (EOS included)
+# offers `max(0, L - T)` such starts. Predict the share of windows with **no** document boundary from
+# the document lengths `doc_tokens`, at this chapter's `block`, then sample 4,000 windows and compare.
+
+# %% tags=["hide-cell"]
+import math
+
+p_inside = np.maximum(doc_tokens - block, 0).sum() / (len(train) - block)
+sampler = TokenWindows(tokens_dir / "train.bin", block_size=block, seed=cfg.seed + 1)
+xs, _ = sampler.batch(4000)
+seen = float((xs != tok.eos_id).all(axis=1).mean())
+sigma = math.sqrt(p_inside * (1 - p_inside) / len(xs))
+print(f"T={block}: predicted {p_inside:.3%} of windows inside one document, sampled {seen:.3%} "
+      f"(± {sigma:.3%}); so {1 - p_inside:.1%} of windows see an EOS and the start of another document")
+assert abs(seen - p_inside) < 5 * sigma + 1e-3
+
+# %% [markdown]
+# ### Exercise 3 · Which document is this token from?
+#
+# The `.idx` file answers "where does document *k* start", and with a binary search also the reverse:
+# which document holds token position *p*. For 20 random positions of `val.bin`, find the document
+# with `np.searchsorted`, decode it from the token file and check it is the *k*-th document of
+# `corpus/val.jsonl`.
+
+# %% tags=["hide-cell"]
+rng = np.random.default_rng(cfg.seed)
+for p in rng.integers(0, len(val), 20):
+    k = int(np.searchsorted(vidx, p, side="right")) - 1
+    assert vidx[k] <= p < vidx[k + 1]
+    doc = val[vidx[k]:vidx[k + 1]].tolist()
+    assert doc[-1] == tok.eos_id and tok.decode(doc[:-1]) == val_texts[k].removesuffix(EOS)
+print(f"position {p:,} is token {p - vidx[k]} of val document {k} ({vidx[k + 1] - vidx[k]} tokens): "
+      f"{val_texts[k][:60]!r}")

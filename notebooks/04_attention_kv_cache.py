@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -220,3 +216,68 @@ speedup = sum(without) / sum(with_cache)
 print(f"{n_new} tokens: {sum(without):.2f} s without cache, {sum(with_cache):.2f} s with: ×{speedup:.1f}")
 # timings vary by machine (a toy model at the smoke profile is too small to gain); the tokens may not
 assert torch.equal(seq_cached, seq_plain), "the cache changes the speed, never the output"
+
+# %% [markdown]
+# ## Exercises
+#
+# Three checks on the trained model of this profile. Try each before opening the solution; the
+# solutions run — and assert — whenever the notebook runs.
+#
+# ### Exercise 1 · The KV cache's size, by formula
+#
+# Predict in bytes the cache `model.new_cache(batch_size=3, max_len=100)` allocates for this
+# profile's model (fp32), from `n_layers`, `kv_heads`, `head_dim` alone; check it against the tensors
+# the cache really holds. Then prefill an 11-token prompt: which cache slots hold data now?
+
+# %% tags=["hide-cell"]
+c = cfg.model
+width = next(model.parameters()).element_size()  # 4: the model is loaded in fp32
+predicted = 2 * c.n_layers * 3 * c.kv_heads * 100 * c.head_dim * width  # K and V, layers, batch, heads, slots
+cache = model.new_cache(3, 100)
+allocated = sum(t.untyped_storage().nbytes() for t in cache.k + cache.v)
+print(f"predicted {predicted:,} bytes = {predicted / 2**20:.2f} MiB; allocated {allocated:,}; "
+      f"KVCache.nbytes {cache.nbytes:,}")
+assert predicted == allocated == cache.nbytes
+prompt11 = torch.tensor([tok.encode("北京是中国的首都，也是一座历史悠久的城市。今天天气很好，我们一起去公园散步。")[:11]] * 3)
+with torch.no_grad():
+    model(prompt11, cache=cache)
+filled = [int((k.abs().sum(dim=(0, 1, 3)) > 0).sum()) for k in cache.k]
+print(f"after an {prompt11.shape[1]}-token prefill: cache.pos = {cache.pos}, filled slots per layer {filled}")
+assert cache.pos == prompt11.shape[1] and filled == [prompt11.shape[1]] * c.n_layers
+assert all(float(k[:, :, cache.pos:].abs().max()) == 0.0 for k in cache.k + cache.v), "the rest is preallocated"
+
+# %% [markdown]
+# ### Exercise 2 · Prove the mask by perturbing the future
+#
+# If attention is causal, the logits at positions before *j* cannot depend on the token at *j*.
+# Take the sentence of section 3 (`ids`), replace its middle token (position `j`) by another id and
+# compare the logits of the two runs position by position. Predict which positions change.
+
+# %% tags=["hide-cell"]
+j = ids.shape[1] // 2
+changed_ids = ids.clone()
+changed_ids[0, j] = (int(ids[0, j]) + 1000) % cfg.model.vocab_size
+with torch.no_grad():
+    a, _ = model(ids)
+    b, _ = model(changed_ids)
+diff = (a - b).abs().amax(dim=-1)[0]
+print(" ".join(f"{t}:{d:.1e}" for t, d in enumerate(diff.tolist())))
+assert float(diff[:j].max()) < 1e-5, "the past does not see the future"
+assert float(diff[j]) > 1e-3 and float(diff[j:].min()) > 1e-6, "position j and every later one do"
+
+# %% [markdown]
+# ### Exercise 3 · Prefill in chunks
+#
+# Section 5 fed the prompt's first 8 tokens at once and then one token per step. A server often
+# prefills a long prompt in **chunks**: a chunk after cached tokens must see all of them and be causal
+# inside itself. Feed the sentence of section 5 (`x`) through the cache in chunks of 5 tokens and check
+# the logits against one uncached forward pass.
+
+# %% tags=["hide-cell"]
+with torch.no_grad():
+    cache = model.new_cache(1)
+    chunked = torch.cat([model(x[:, s:s + 5], cache=cache)[0] for s in range(0, x.shape[1], 5)], dim=1)
+    whole, _ = model(x)
+err5 = (chunked - whole).abs().max().item()
+print(f"{x.shape[1]} tokens in chunks of 5: max |chunked − whole| = {err5:.2e}")
+assert chunked.shape == whole.shape and err5 < 1e-4

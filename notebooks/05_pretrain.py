@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -68,6 +64,24 @@ for k, n in rows.items():
     print(f"{k:32s} {n:>12,}  {n / total:6.1%}")
 print(f"{'total':32s} {total:>12,}")
 assert sum(rows.values()) == total == report["params"]
+
+# %% [markdown]
+# The same table for the 31.7M reference model (stored in `tests/golden/`: a change to the
+# architecture's parameter count fails the tests).
+
+# %% tags=["golden"]
+from microlm.model import MODEL_PRESETS, TransformerLM
+
+reference = TransformerLM(MODEL_PRESETS["microlm-31.7m"])
+groups: dict[str, int] = {}
+for name, p in reference.named_parameters():
+    key = name.split(".")[0] if not name.startswith("layers.") else "layers.*." + ".".join(name.split(".")[2:-1])
+    groups[key] = groups.get(key, 0) + p.numel()
+for k, n in groups.items():
+    print(f"{k:32s} {n:>12,}")
+print(f"{'total':32s} {reference.num_parameters():>12,}")
+assert reference.num_parameters() == 31_724_032
+del reference
 
 # %% [markdown]
 # ## 2 · The curves: is my loss normal?
@@ -187,3 +201,90 @@ final = evals[-1].get("samples", [])
 if final:
     han = sum("\u4e00" <= ch <= "\u9fff" for s in final for ch in s)
     assert han >= 5, "samples are Chinese text"
+
+# %% [markdown]
+# ## Exercises
+#
+# Three numbers of this chapter, recomputed by hand. Try each before opening the solution; the
+# solutions run — and assert — whenever the notebook runs.
+#
+# ### Exercise 1 · The parameter count in closed form
+#
+# Write the number of parameters as a formula of `vocab_size`, `dim`, `n_layers`, `n_heads`,
+# `kv_heads`, `head_dim` and `hidden_dim` (embedding, the fused q/k/v and o projections, the fused
+# SwiGLU gate/up and down projections, two RMSNorms per layer, the final norm, an untied LM head).
+# Check it against this model and against the 31.7M reference; what share of the reference are the
+# two vocabulary matrices?
+
+# %% tags=["hide-cell"]
+from microlm.model import MODEL_PRESETS
+
+
+def n_params(c):
+    attn = c.dim * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+    mlp = c.dim * 2 * c.hidden_dim + c.hidden_dim * c.dim
+    per_layer = attn + mlp + 2 * c.dim  # + input and post-attention RMSNorm weights
+    vocab = c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)  # embedding (+ LM head)
+    return vocab + c.n_layers * per_layer + c.dim  # + the final norm
+
+
+ref_cfg = MODEL_PRESETS["microlm-31.7m"]
+vocab_share = 2 * ref_cfg.vocab_size * ref_cfg.dim / n_params(ref_cfg)
+print(f"this profile: formula {n_params(cfg.model):,} vs counted {model.num_parameters():,}; "
+      f"reference: {n_params(ref_cfg):,}, embedding + LM head = {vocab_share:.1%}")
+assert n_params(cfg.model) == model.num_parameters() == report["params"]
+assert n_params(ref_cfg) == 31_724_032 and round(100 * vocab_share) == 21
+
+# %% [markdown]
+# ### Exercise 2 · Bits per byte by hand
+#
+# The report gives the final val loss (nats per token) and bits per byte. Convert one into the other:
+# `bpb = loss / ln 2 × tokens / bytes`, where tokens and bytes are those of the **evaluation
+# windows**. Rebuild the evaluator's fixed windows (`WindowBatches` on `val.bin`, seeded
+# `seed + EVAL_SEED_OFFSET`, `eval_batches` batches of the micro-batch size), count the UTF-8 bytes of
+# their target tokens (`byte_lengths`: special tokens count 0) and reproduce `final_val_bpb`.
+
+# %% tags=["hide-cell"]
+from microlm.tokenizer import Tokenizer
+from microlm.train.pretrain import EVAL_SEED_OFFSET, WindowBatches, byte_lengths
+
+tc = cfg.pretrain
+byte_len = byte_lengths(Tokenizer.load(stages.stage_dir(cfg, "tokenizer")))
+micro = tc.micro_batch_size or max(1, tc.batch_size // report["processes"])
+windows = WindowBatches(stages.stage_dir(cfg, "tokens") / "val.bin", tc.seq_len, micro, cfg.seed + EVAL_SEED_OFFSET)
+n_tok = n_bytes = 0
+for i in range(tc.eval_batches):
+    _, y = windows.gather(windows.starts(i))
+    n_tok += y.numel()
+    n_bytes += int(byte_len[y.numpy()].sum())
+bpb = report["final_val_loss"] / math.log(2) * n_tok / n_bytes
+print(f"{n_tok:,} target tokens, {n_bytes:,} bytes ({n_bytes / n_tok:.3f} bytes/token): "
+      f"{report['final_val_loss']:.4f} nats/token -> {bpb:.4f} bits/byte; report {report['final_val_bpb']:.4f}")
+assert math.isclose(bpb, report["final_val_bpb"], rel_tol=1e-9)
+
+# %% [markdown]
+# ### Exercise 3 · The learning-rate schedule by hand
+#
+# Write the schedule of the right-hand plot from the config alone: linear warmup to `lr` over
+# `warmup_steps`, then a cosine from `lr` down to `min_lr` at `max_steps`. Check it against the `lr`
+# the trainer **logged** in `metrics.jsonl`. Careful: a record's `step` counts the steps *done*, so
+# which step's learning rate does it hold?
+
+# %% tags=["hide-cell"]
+tc = cfg.pretrain
+
+
+def my_lr(s):
+    if s < tc.warmup_steps:
+        return tc.lr * (s + 1) / tc.warmup_steps
+    progress = min(1.0, (s - tc.warmup_steps) / (tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+logged = [(r["step"], r["lr"]) for r in train]
+print("step done, logged lr, my_lr(step - 1):")
+for done, lr in logged[:3] + logged[-2:]:
+    print(f"  {done:5d}  {lr:.6f}  {my_lr(done - 1):.6f}")
+assert all(math.isclose(lr, my_lr(done - 1), rel_tol=1e-12) for done, lr in logged), "step done = index + 1"
+assert all(math.isclose(my_lr(s), lr_at(s, tc), rel_tol=1e-12) for s in range(tc.max_steps))
+assert math.isclose(max(map(my_lr, range(tc.max_steps))), tc.lr) and my_lr(tc.max_steps) == tc.min_lr

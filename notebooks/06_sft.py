@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -160,3 +156,101 @@ for a in report["answers"]:
     print("   before:", repr(a["before"][:80]) if a["before"] is not None else None)
     print("   after: ", repr(a["after"][:80]))
 assert report["answers"] and all(isinstance(a["after"], str) for a in report["answers"])
+
+# %% [markdown]
+# ## Exercises
+#
+# Three looks at the loss mask. Try each before opening the solution; the solutions run — and assert
+# — whenever the notebook runs.
+#
+# ### Exercise 1 · How much of a batch carries loss?
+#
+# Build a padded batch of the project's own general conversations (`embedded_sft_records`) the way the
+# trainer does (`SFTBatches`, first batch of the run's seed) and sort its target positions into three
+# kinds: **trained** (assistant tokens and their `<|im_end|>`), **context** (system, user, template)
+# and **padding**. Predict first: does more or less than half of the batch carry loss? Check the
+# trained count against the examples' own masks, then compare with the whole training set of the
+# report, task conversations included.
+
+# %% tags=["hide-cell"]
+from microlm.data.sft import IGNORE, SFTBatches, embedded_sft_records, encode_records
+
+examples, _ = encode_records(tok, embedded_sft_records(), cfg.sft.train.seq_len)
+batches = SFTBatches(examples, cfg.sft.train.batch_size, tok.eos_id, cfg.seed)
+rows = batches.rows(0)
+xb, yb = batches.collate(rows)
+lengths = [len(examples[int(r)].ids) - 1 for r in rows]  # inputs per row before padding
+n_trained = int((yb != IGNORE).sum())
+n_pad = sum(yb.shape[1] - n for n in lengths)
+n_context = yb.numel() - n_trained - n_pad
+print(f"batch {tuple(yb.shape)}: trained {n_trained} ({n_trained / yb.numel():.1%}), context {n_context} "
+      f"({n_context / yb.numel():.1%}), padding {n_pad} ({n_pad / yb.numel():.1%}); "
+      f"trained share of the real tokens {n_trained / sum(lengths):.1%}")
+td = report["train_data"]
+print(f"whole SFT training set (report): {td['trained_tokens']:,} of {td['tokens']:,} tokens trained "
+      f"({td['trained_tokens'] / td['tokens']:.1%}) — the task prompts are long, their answers short")
+# the first token (<|im_start|>) is never a target, so a row trains on exactly sum(mask) positions
+assert n_trained == sum(sum(examples[int(r)].mask) for r in rows)
+assert all(bool((yb[i, n:] == IGNORE).all()) for i, n in enumerate(lengths)), "padding is never a target"
+assert n_context > 0 and n_trained < yb.numel() / 2
+
+# %% [markdown]
+# ### Exercise 2 · Truncation keeps whole turns
+#
+# A conversation of four question/answer pairs must fit a context of half its length. Predict what
+# `encode_conversation` returns: how many turns survive, where the ids end, and whether the last kept
+# turn can be a user turn. Then shrink the context until not even the first answer fits.
+
+# %% tags=["hide-cell"]
+from microlm.data.sft import SFTDrop
+
+long_conv = [m for q, a in [("一加一等于几？", "二。"), ("中国的首都是哪里？", "北京。"),
+                            ("三加四等于几？", "七。"), ("长江流向哪里？", "东海。")]
+             for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+full_ids, _, full_cut = encode_conversation(tok, long_conv, 10_000)
+half = len(full_ids) // 2
+cut_ids, cut_mask, truncated = encode_conversation(tok, long_conv, half)
+kept_turns = tok.decode(cut_ids).count("<|im_start|>")
+print(f"full: {len(full_ids)} tokens; at {half}: {len(cut_ids)} tokens, {kept_turns} of {len(long_conv)} turns, "
+      f"truncated={truncated}")
+print(repr(tok.decode(cut_ids)))
+assert not full_cut and truncated and len(cut_ids) <= half
+assert cut_ids == full_ids[: len(cut_ids)], "a prefix of the full conversation"
+assert kept_turns % 2 == 0 and tok.decode(cut_ids).endswith("<|im_end|>\n"), "it ends after an assistant turn"
+assert cut_mask == encode_conversation(tok, long_conv[:kept_turns], 10_000)[1]
+first_turn = len(encode_conversation(tok, long_conv[:2], 10_000)[0])
+try:
+    encode_conversation(tok, long_conv, first_turn - 1)
+    raise AssertionError("the first answer cannot fit")
+except SFTDrop as e:
+    print(f"at {first_turn - 1} tokens: dropped ({e.reason})")
+    assert e.reason == "turn_longer_than_context"
+
+# %% [markdown]
+# ### Exercise 3 · The masked loss, by hand
+#
+# The trainer passes targets with `-100` at every untrained position, and `cross_entropy` skips them.
+# Load the SFT model and compute, for the conversation of section 1, the loss on its trained tokens
+# two ways: `model(x, targets)` with the masked targets, and by hand from `log_softmax` at the masked
+# positions only. Then compute the loss over **all** positions: what would training on that one teach?
+
+# %% tags=["hide-cell"]
+import torch
+
+from microlm.model import load_model
+
+sft_model, _ = load_model(sft_dir, tokenizer=stages.stage_dir(cfg, "tokenizer"))
+x = torch.tensor([ids[:-1]])
+y = torch.tensor([[t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)]])
+with torch.no_grad():
+    logits, masked_loss = sft_model(x, y)
+    _, all_loss = sft_model(x, torch.tensor([ids[1:]]))
+logp = torch.log_softmax(logits[0].float(), dim=-1)
+keep = y[0] != IGNORE
+by_hand = -logp[keep, y[0][keep]].mean()
+print(f"{int(keep.sum())} of {len(ids) - 1} targets trained: masked loss {masked_loss.item():.4f} "
+      f"(by hand {by_hand.item():.4f}); loss over all positions {all_loss.item():.4f}")
+# the unmasked loss also rewards predicting the system prompt, the user's question and the template:
+# the model would learn to write the user's side of the chat, not only to answer it
+assert int(keep.sum()) == sum(mask) and torch.isclose(masked_loss, by_hand, atol=1e-5)
+assert torch.isclose(all_loss, -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean(), atol=1e-5)

@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -69,7 +65,16 @@ plt.ylabel("% of the 31.7M base that trains")
 plt.legend(title="targets")
 plt.grid(alpha=0.3)
 plt.show()
-rep8 = apply_lora(TransformerLM(ref), LoRAConfig(r=8, targets=["q", "k", "v", "o"]))
+
+# %% [markdown]
+# The reference setting itself (its output is stored in `tests/golden/`: a change to what LoRA trains
+# fails the tests):
+
+# %% tags=["golden"]
+from microlm.model import MODEL_PRESETS, TransformerLM
+from microlm.model.lora import LoRAConfig, apply_lora
+
+rep8 = apply_lora(TransformerLM(MODEL_PRESETS["microlm-31.7m"]), LoRAConfig(r=8, targets=["q", "k", "v", "o"]))
 print(rep8)
 assert rep8["adapter_params"] == 262_144 and f"{rep8['percent_of_base']:.2f}" == "0.83"
 
@@ -157,3 +162,92 @@ plt.show()
 claims = lora_claims(report, full=profile != "smoke")
 print("\n".join(map(str, claims)))
 assert not failed(claims), failed(claims)
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden behind the toggle below its exercise; try first, then open it (it runs and
+# checks itself whenever the notebook runs).
+
+# %% [markdown]
+# ### Exercise 1 · The trainable share in closed form
+#
+# A LoRA pair on a projection with `in` inputs and `out` outputs adds `r · (in + out)` parameters
+# (`A` is `r × in`, `B` is `out × r`). Write the adapter size for **r = 16 on all seven projections**
+# (q, k, v, o, gate, up, down) of the 31.7M reference as a formula of `ModelConfig`'s fields
+# (`dim`, `n_layers`, `n_heads`, `kv_heads`, `head_dim`, `hidden_dim`), predict its share of the base
+# — above or below 4 %? — and check the formula against the parameters `apply_lora` actually adds,
+# on the reference and on this profile's model.
+
+# %% tags=["hide-cell"]
+from microlm.model import count_parameters  # noqa: E402
+
+
+def lora_size(mc, r: int) -> int:
+    q, kv = mc.n_heads * mc.head_dim, mc.kv_heads * mc.head_dim
+    shapes = [(mc.dim, q), (mc.dim, kv), (mc.dim, kv), (q, mc.dim),  # q, k, v, o: (in, out)
+              (mc.dim, mc.hidden_dim), (mc.dim, mc.hidden_dim), (mc.hidden_dim, mc.dim)]  # gate, up, down
+    return mc.n_layers * sum(r * (i + o) for i, o in shapes)
+
+
+all7 = ["q", "k", "v", "o", "gate", "up", "down"]
+for label, mc in (("31.7M reference", ref), (f"{profile} model", cfg.model)):
+    m = TransformerLM(mc)
+    base_n = count_parameters(m)
+    rep16 = apply_lora(m, LoRAConfig(r=16, targets=all7))
+    formula = lora_size(mc, 16)
+    print(f"{label:16s}: formula {formula:,} = counted {rep16['adapter_params']:,} adapter parameters, "
+          f"{100 * formula / base_n:.2f} % of {base_n:,}")
+    assert formula == rep16["adapter_params"] == rep16["trainable_params"]
+    assert rep16["base_params"] == base_n
+print(f"r=16 on all 7 vs r=8 on q, k, v, o: x{lora_size(ref, 16) / rep8['adapter_params']:.2f} the parameters")
+
+# %% [markdown]
+# ### Exercise 2 · Merge one layer by hand
+#
+# Take layer 0's fused `qkv_proj` of the trained adapter (`lora_model`, unmerged again after
+# section 3). Build the merged weight yourself — the base weight plus `(alpha / r) · B A` in each
+# adapted slice's rows, using `lora_A`, `lora_B`, `alpha`, `r` and `slices`, not `delta_weight` or
+# `merge` — and check that a plain `x @ W_mergedᵀ` gives what the LoRA layer computes. How large
+# do you expect the difference to be?
+
+# %% tags=["hide-cell"]
+import torch.nn.functional as F  # noqa: E402
+
+qkv = lora_model.layers[0].attn.qkv_proj
+assert not qkv.merged
+w = qkv.base.weight.detach().clone()
+for (start, size), k in zip(qkv.slices, qkv.index, strict=True):
+    if k >= 0:
+        w[start:start + size] += (qkv.alpha / qkv.r) * (qkv.lora_B[k] @ qkv.lora_A[k]).detach()
+h = torch.randn(3, 7, qkv.base.in_features)
+with torch.no_grad():
+    by_hand, by_layer = F.linear(h, w), qkv(h)
+gap = (by_hand - by_layer).abs().max().item()
+changed = (w != qkv.base.weight).any(dim=1)
+print(f"max |hand-merged − LoRA layer| = {gap:.1e}; rows the merge changed: {int(changed.sum())} of {len(w)}")
+assert gap < 1e-4
+for (start, size), k in zip(qkv.slices, qkv.index, strict=True):  # only adapted slices' rows may change
+    assert k >= 0 or not changed[start:start + size].any()
+
+# %% [markdown]
+# ### Exercise 3 · Training starts at the base model
+#
+# `B` starts at zero, so a freshly wrapped model must compute **exactly** what the base computes —
+# not approximately. Wrap a fresh `TransformerLM` of this profile's shape with `apply_lora` (r = 8,
+# q, k, v, o), compare the logits before and after on random ids, and list which parameters still
+# have `requires_grad`. Predict both before running.
+
+# %% tags=["hide-cell"]
+torch.manual_seed(0)
+fresh = TransformerLM(cfg.model).eval()
+ids_ = torch.randint(0, cfg.model.vocab_size, (2, 16))
+with torch.no_grad():
+    before = fresh(ids_)[0]
+    rep_fresh = apply_lora(fresh, LoRAConfig(r=8, targets=["q", "k", "v", "o"]))
+    after = fresh(ids_)[0]
+trainable = {n.split(".")[-2] for n, p in fresh.named_parameters() if p.requires_grad}
+print(f"logits identical after wrapping: {torch.equal(before, after)}; trainable parameter groups: {sorted(trainable)}")
+assert torch.equal(before, after)
+assert trainable == {"lora_A", "lora_B"}
+assert sum(p.numel() for p in fresh.parameters() if p.requires_grad) == rep_fresh["adapter_params"]

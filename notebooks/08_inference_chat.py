@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -264,3 +260,85 @@ same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.s
 print("round trip exact:", same, "| tokenizer ids equal:", back_tok.encode(prompt) == tok.encode(prompt))
 assert same and back_tok.encode(prompt) == tok.encode(prompt)
 cjk_font()  # (a CJK font for plots when one is installed)
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden behind the toggle below its exercise; try first, then open it (it runs and
+# checks itself whenever the notebook runs).
+
+# %% [markdown]
+# ### Exercise 1 · How big is the KV cache?
+#
+# The cache stores a key and a value vector per layer, per kv head, per position. Write its size in
+# bytes (fp32) for a batch of 4 sequences of `max_seq_len` tokens as a formula of the model's config,
+# check it against `KVCache(...).nbytes`, and predict how much larger it would be without grouped-query
+# attention (`n_kv_heads = n_heads`). Then: after how many tokens (batch 1) does the cache of the
+# 31.7M reference weigh as much as its fp32 weights?
+
+# %% tags=["hide-cell"]
+from microlm.model import MODEL_PRESETS, KVCache, TransformerLM, count_parameters  # noqa: E402
+
+
+def cache_bytes(mc, batch: int, length: int, bytes_per: int = 4) -> int:
+    return 2 * mc.n_layers * batch * mc.kv_heads * length * mc.head_dim * bytes_per  # 2: keys and values
+
+
+mc = model.cfg
+gqa = KVCache(mc, 4, mc.max_seq_len)
+mha = KVCache(dataclasses.replace(mc, n_kv_heads=None), 4, mc.max_seq_len)
+print(f"this model: {cache_bytes(mc, 4, mc.max_seq_len) / 2**20:.2f} MiB (formula) = {gqa.nbytes / 2**20:.2f} MiB "
+      f"(allocated); without GQA {mha.nbytes / 2**20:.2f} MiB (x{mha.nbytes / gqa.nbytes:g})")
+assert gqa.nbytes == cache_bytes(mc, 4, mc.max_seq_len)
+assert mha.nbytes * mc.kv_heads == gqa.nbytes * mc.n_heads
+ref = MODEL_PRESETS["microlm-31.7m"]
+per_token = cache_bytes(ref, 1, 1)
+with torch.device("meta"):  # shapes only: nothing is allocated
+    n_ref = count_parameters(TransformerLM(ref))
+print(f"31.7M reference: {per_token / 1024:.0f} KiB per token; the cache equals the {4 * n_ref / 2**20:.0f} MiB "
+      f"of fp32 weights after {4 * n_ref / per_token:,.0f} tokens")
+assert per_token == 2 * ref.n_layers * ref.dim * 4  # no GQA in the reference: kv_heads · head_dim = dim
+
+# %% [markdown]
+# ### Exercise 2 · The repetition penalty by hand
+#
+# Take the logits of the first answer token of section 2 (`logits`) and treat the prompt's ids as
+# already seen. Apply a penalty of 1.3 yourself (divide a positive logit by 1.3, multiply a negative
+# one) and check the result against `process_logits` with `temperature=0`. Predict: can a penalty ever
+# *raise* a seen token's logit? Does the greedy choice change here?
+
+# %% tags=["hide-cell"]
+pen = 1.3
+seen = torch.zeros_like(logits, dtype=torch.bool)
+seen[0, ids] = True
+lib = process_logits(logits, dataclasses.replace(gen, temperature=0, repetition_penalty=pen), seen)
+manual = logits.clone().float()
+for i in set(ids):
+    v = manual[0, i].item()
+    manual[0, i] = v / pen if v > 0 else v * pen
+top_before, top_after = int(logits.argmax()), int(lib.argmax())
+print(f"{len(set(ids))} seen ids; greedy token {tok.decode([top_before])!r} → {tok.decode([top_after])!r} "
+      f"({'changed' if top_before != top_after else 'unchanged'})")
+assert torch.allclose(lib, manual)
+assert (lib[seen] <= logits[seen]).all() and torch.equal(lib[~seen], logits[~seen].float())
+assert top_after == top_before or seen[0, top_before]  # only a penalized token can lose first place
+
+# %% [markdown]
+# ### Exercise 3 · Temperature and the top token
+#
+# For the same logits, compute the probability of the most likely token after dividing by
+# T = 0.25, 0.5, 1, 2, 4 (top-k and top-p off) — by hand with a softmax, and through `process_logits`.
+# Predict the shape of the curve before you look: what does it approach for small T, and for large T?
+
+# %% tags=["hide-cell"]
+temps = [0.25, 0.5, 1.0, 2.0, 4.0]
+top_prob = []
+for t in temps:
+    lib_p = process_logits(logits, dataclasses.replace(gen, temperature=t, top_k=0, top_p=1.0,
+                                                       repetition_penalty=1.0)).softmax(-1)
+    hand_p = torch.softmax(logits.float() / t, dim=-1)
+    assert torch.allclose(lib_p, hand_p, atol=1e-6)
+    top_prob.append(hand_p.max().item())
+print({t: round(p, 4) for t, p in zip(temps, top_prob, strict=True)}, f"(uniform would be {1 / logits.shape[-1]:.1e})")
+assert all(a >= b - 1e-7 for a, b in zip(top_prob, top_prob[1:], strict=False)), "a higher temperature never sharpens"
+assert top_prob[-1] > 1 / logits.shape[-1]

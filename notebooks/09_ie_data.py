@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -56,6 +52,7 @@ from microlm.config import load_config
 from microlm.data.sources import data_root
 from microlm.ie import TOPICS_EN
 from microlm.ie.pipeline import STEPS, ie_sources, read_jsonl
+from microlm.io import display_path
 from microlm.plotting import cjk_font
 from microlm.tokenizer.tokenizer import render_chat
 
@@ -64,7 +61,7 @@ t0 = time.time()
 out = stages.require("ie_data", cfg)  # all six steps (skipped when nothing changed), like `microlm ie-data`
 cjk = cjk_font() is not None
 real = data_root(cfg.data.root) is not None
-print(f"profile {profile}; real data: {real}; output {out} ({time.time() - t0:.1f} s)")
+print(f"profile {profile}; real data: {real}; output {display_path(out)} ({time.time() - t0:.1f} s)")
 stats = {}
 for step, name in STEPS.items():
     stats[name] = json.loads((out / f"{step:02d}_{name}_stats.json").read_text(encoding="utf-8"))
@@ -206,8 +203,10 @@ assert {p["subject"] for e in exs for v in json.loads(e["output"]).values() for 
 #
 # Splits are drawn over **texts**, never over examples (the chunks of one sentence must not sit in
 # train and test at once). Inside each topic the texts are ordered by stratum and then by a seeded
-# hash, and every 20th goes to test — so every topic with ≥ 3 texts, however rare its relations,
-# reaches val and test. The 40 evaluation prompts come from test, round-robin over the topics (the
+# hash, and every 20th goes to test, then every 20th of the rest to val: round(n × 5 %) texts of a
+# topic each, test topped up to ⌈40 / topics⌉ (at most a quarter of the topic) so that the evaluation
+# prompts exist. A topic of about 10 texts or more, however rare its relations, reaches val and test;
+# one of fewer than 3 stays in train. The 40 evaluation prompts come from test, round-robin over the topics (the
 # extra topic last), each with at least one gold pair, saved with their gold answers: the same 40
 # prompts score all four models in chapter 11.
 
@@ -296,3 +295,93 @@ print("| source | topic | in | out |\n|---|---|---|---|")
 for (src, t), c in sorted(by_src_topic_in.items(), key=lambda kv: (kv[0][0], -kv[1])):
     print(f"| {src} | {t} | {c:,} | {by_src_topic_out[(src, t)]:,} |")
 assert sum(by_src_topic_out.values()) == s2["records"]
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden behind the toggle below its exercise; try first, then open it (it runs and
+# checks itself whenever the notebook runs).
+
+# %% [markdown]
+# ### Exercise 1 · Recount step 03 from its file
+#
+# The stats files are summaries; the JSONL files are the data. From `03_stratified.jsonl` alone,
+# count the records per topic, the number of distinct strata, and the max/min ratio of records per
+# topic (without the extra topic `其他`), and compare with `03_stratify_stats.json`. Before
+# counting: which topic do you expect to be the largest, given the sources listed in step 01?
+
+# %% tags=["hide-cell"]
+per_topic, strata_seen = Counter(), set()
+for r in read_jsonl(out / "03_stratified.jsonl"):
+    per_topic[r["cate"]] += 1
+    strata_seen.add(r["stratum"])
+    assert r["stratum"].split(":", 1)[0] == r["cate"]  # a stratum is topic:rarest relation
+schema_counts = [c for t, c in per_topic.items() if t != cfg.ie_data.unmapped_topic]
+ratio = round(max(schema_counts) / min(schema_counts), 1)
+biggest = per_topic.most_common(1)[0]
+print(f"largest topic {label(biggest[0])} ({biggest[1]:,} records); {len(strata_seen)} strata; "
+      f"max/min {ratio} (stats: {s3['imbalance_max_over_min_topic']})")
+assert dict(per_topic) == s3["by_topic"] and len(strata_seen) == s3["strata"]
+assert ratio == s3["imbalance_max_over_min_topic"]
+
+# %% [markdown]
+# ### Exercise 2 · How many examples say "nothing"?
+#
+# An example is *empty* when every relation of its schema is answered `[]`. From `04_derived.jsonl`,
+# compute the share of empty examples and the number of gold `{subject, object}` pairs in all
+# answers, and compare with `empty_output_share` and `positive_pairs` of step 04. Then check the bound
+# `max_empty_chunks` promises: at most that many empty examples per record.
+
+# %% tags=["hide-cell"]
+n_ex, n_empty, pairs, empty_per_record = 0, 0, 0, Counter()
+for e in read_jsonl(out / "04_derived.jsonl"):
+    ans = json.loads(e["output"])
+    k = sum(len(v) for v in ans.values())
+    n_ex += 1
+    pairs += k
+    if k == 0:
+        n_empty += 1
+        empty_per_record[(e["record_id"], e["cate"], e["variant"])] += 1
+print(f"{n_ex:,} examples, {n_empty:,} empty ({n_empty / n_ex:.2%}; stats {s4['empty_output_share']:.2%}), "
+      f"{pairs:,} gold pairs (stats {s4['positive_pairs']:,}); most empty examples of one record: "
+      f"{max(empty_per_record.values(), default=0)}")
+assert n_ex == s4["examples"] and pairs == s4["positive_pairs"]
+assert round(n_empty / n_ex, 4) == s4["empty_output_share"]
+if cfg.ie_data.max_empty_chunks is not None:
+    assert max(empty_per_record.values(), default=0) <= cfg.ie_data.max_empty_chunks
+
+# %% [markdown]
+# ### Exercise 3 · Which topics reach val and test?
+#
+# Step 05 gives each topic `round(n × val_fraction)` texts in val and `round(n × test_fraction)` in
+# test, test topped up to `⌈eval_prompts / topics⌉` (at most a quarter of the topic); a topic of fewer
+# than 3 texts stays in train. From the three `05_*.jsonl` files, count the distinct texts per split
+# and per topic, compare the totals with `05_sample_stats.json`, and check those rules. Predict: is the
+# test share of all texts close to `test_fraction` on this profile? (How many texts has a topic here?)
+
+# %% tags=["hide-cell"]
+import math  # noqa: E402
+
+texts = {k: {} for k in ("train", "val", "test")}
+for k in texts:
+    for e in read_jsonl(out / f"05_{k}.jsonl"):
+        texts[k][e["record_id"]] = e["cate"]
+all_texts = sum(len(v) for v in texts.values())
+print({k: len(v) for k, v in texts.items()}, f"texts; test share {len(texts['test']) / all_texts:.1%} "
+      f"(test_fraction {cfg.ie_data.test_fraction:.0%})")
+assert all(len(texts[k]) == s5["splits"][k]["texts"] for k in texts)
+per = {k: Counter(v.values()) for k, v in texts.items()}
+topic_texts = per["train"] + per["val"] + per["test"]
+vf, tf = cfg.ie_data.val_fraction, cfg.ie_data.test_fraction
+min_test = math.ceil(cfg.ie_data.eval_prompts / len(topic_texts))
+for t, n in sorted(topic_texts.items(), key=lambda kv: kv[1]):
+    nv, nt = per["val"][t], per["test"][t]
+    if n < 3:
+        assert nv == nt == 0, (t, n, nv, nt)
+        continue
+    assert abs(nv - n * vf) <= 1 and math.floor(n * tf) <= nt <= max(math.ceil(n * tf), min(min_test, n // 4)), (t, n, nv, nt)
+    if n * min(vf, tf) >= 1:
+        assert nv >= 1 and nt >= 1, (t, n, nv, nt)
+small = min(topic_texts, key=topic_texts.get)
+print(f"smallest topic {label(small)}: {topic_texts[small]} texts → val {per['val'][small]}, test "
+      f"{per['test'][small]} (round(n × {tf:g}) = {math.floor(topic_texts[small] * tf + 0.5)}, top-up to {min_test})")

@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -62,6 +58,7 @@ from microlm.ie.train_lora import (
     lora_share,
     read_lines,
 )
+from microlm.io import display_path
 from microlm.train.pretrain import read_metrics
 
 cfg = load_config(profile)
@@ -72,7 +69,7 @@ lc = cfg.ie_lora
 names = [r["name"] for r in lc.runs]
 reports = {n: json.loads((lora_dir / n / "report.json").read_text(encoding="utf-8")) for n in names}
 for n, r in reports.items():
-    print(f"{n:18s} engine {r['engine']:8s} base {r['base']}\n{'':18s} {r['params']['trainable']:,} trainable "
+    print(f"{n:18s} engine {r['engine']:8s} base {display_path(r['base'])}\n{'':18s} {r['params']['trainable']:,} trainable "
           f"({r['params']['percent']} %), {r['train_data']['kept']:,} train examples "
           f"({r['train_data']['dropped_over_cutoff']} over the {r['cutoff']}-token cutoff), {r['steps']} steps, "
           f"{r['precision']}, {r['seconds_this_run']} s")
@@ -154,17 +151,19 @@ if hf_base is not None:
         steps = 20
         a = lockstep_losses(scratch, examples, htok.pad_token_id, steps, Path(tmp) / "a", lr=lc.train.lr * 5)
         b = lockstep_losses(peft_model, examples, htok.pad_token_id, steps, Path(tmp) / "b", lr=lc.train.lr * 5)
-    gap = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    diffs = [abs(x - y) for x, y in zip(a, b, strict=True)]
+    gap = max(diffs)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
     ax1.plot(range(1, steps + 1), a, "o-", label="from-scratch LoRA (TransformerLM)")
     ax1.plot(range(1, steps + 1), b, "x--", label="PEFT (transformers Llama)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("answer-token loss")
     ax1.legend()
-    ax2.plot(range(1, steps + 1), [abs(x - y) for x, y in zip(a, b, strict=True)], "o-")
-    ax2.set_yscale("log")
+    ax2.plot(range(1, steps + 1), diffs, "o-")
+    if gap > 0:  # all zero (bit-identical losses) cannot be drawn on a log axis
+        ax2.set_yscale("log")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("|difference|")
+    ax2.set_ylabel("|difference|" if gap > 0 else "|difference| (all exactly 0)")
     plt.tight_layout()
     plt.show()
     print(f"{copied} A/B matrices copied; {steps} steps; largest loss difference {gap:.2e}; "
@@ -212,12 +211,13 @@ assert all(g is not None for g in golds), "every gold answer parses"
 answers: dict[str, list[str]] = {}
 for n in names:
     base = reports[n]["base"]
-    if f"base: {base}" not in answers:
+    base_row = f"base: {display_path(base)}"  # the folder relative to the project, not this machine's path
+    if base_row not in answers:
         btok = load_tokenizer(base)
         benc = ChatEncoder(btok)
         model = load_base(base)
-        answers[f"base: {base}"] = greedy_answers(model, btok, [benc.prompt_ids(p["messages"]) for p in prompts_lines],
-                                                  cfg.ie_merged.max_new_tokens)
+        answers[base_row] = greedy_answers(model, btok, [benc.prompt_ids(p["messages"]) for p in prompts_lines],
+                                           cfg.ie_merged.max_new_tokens)
         del model
     rep = json.loads((merged_dir / n / "report.json").read_text(encoding="utf-8"))
     answers[n] = rep["answers"]
@@ -275,3 +275,99 @@ m = AutoModelForCausalLM.from_pretrained(merged_dir / names[0], dtype=torch.floa
 assert not (merged_dir / names[0] / "adapter_config.json").exists()
 assert not any("lora_" in k for k in m.state_dict())
 print(type(m).__name__, f"{sum(p.numel() for p in m.parameters()):,} parameters, no LoRA modules")
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden behind the toggle below its exercise; try first, then open it (it runs and
+# checks itself whenever the notebook runs).
+
+# %% [markdown]
+# ### Exercise 1 · Where the loss mask starts and ends
+#
+# For the training example of section 1 (`line`, encoded as `ex`), predict the position of the first
+# trained token and the number of trained tokens **without** looking at the labels: render the
+# conversation without the answer (`apply_chat_template(..., add_generation_prompt=True)`) and
+# tokenize the answer alone. Then compare with the labels, and compute this example's answer-token
+# share next to the training set's (`trained_token_share` of the report).
+
+# %% tags=["hide-cell"]
+prompt_only = list(tok.apply_chat_template(line["messages"][:-1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=False))
+answer_only = tok(line["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
+print(f"prompt {len(prompt_only)} tokens, answer {len(answer_only)} + <|im_end|>, then 1 newline: "
+      f"{len(prompt_only) + len(answer_only) + 2} = {len(ex.ids)} tokens")
+print(f"this example trains {len(trained) / len(ex.ids):.1%} of its tokens; the training set {share:.1%}")
+assert ex.ids[:len(prompt_only)] == prompt_only and trained[0] == len(prompt_only)
+assert len(trained) == len(answer_only) + 1 and len(ex.ids) == len(prompt_only) + len(answer_only) + 2
+
+# %% [markdown]
+# ### Exercise 2 · Qwen2.5-1.5B by hand
+#
+# A LoRA pair on a `nn.Linear(in, out)` adds `r · (in + out)` parameters. From the numbers in
+# `QWEN25_15B` alone (hidden size, intermediate size, layers, heads, kv heads; head dim = hidden ÷
+# heads), compute what r = 8 on the seven projections trains, and the base model's size — Qwen2
+# has biases on q, k and v, two RMSNorms per layer plus a final one, and a tied embedding. Check both
+# against `lora_share`, and the share PEFT prints (trainable ÷ (base + trainable)) against 0.59 %.
+# Then do the trainable count for this profile's base (`base_cfg`).
+
+# %% tags=["hide-cell"]
+def lora_trainable(h, inter, layers, heads, kv_heads, head_dim, r, targets):
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shape = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return layers * sum(r * sum(shape[t]) for t in targets)
+
+
+Q = QWEN25_15B
+qh, qi, qkv_dim = Q["hidden_size"], Q["intermediate_size"], Q["num_key_value_heads"] * Q["hidden_size"] // Q["num_attention_heads"]
+qwen_trainable = lora_trainable(qh, qi, Q["num_hidden_layers"], Q["num_attention_heads"], Q["num_key_value_heads"],
+                                qh // Q["num_attention_heads"], lc.r, lc.targets)
+per_layer = (qh * qh + qh) + 2 * (qh * qkv_dim + qkv_dim) + qh * qh + 3 * qh * qi + 2 * qh  # attn (+bias), mlp, norms
+qwen_base = Q["vocab_size"] * qh + Q["num_hidden_layers"] * per_layer + qh  # tied embedding counted once
+print(f"Qwen2.5-1.5B: {qwen_trainable:,} trainable of {qwen_base:,} → {100 * qwen_trainable / (qwen_base + qwen_trainable):.3f} %")
+assert qwen_trainable == qwen["trainable"] and qwen_base == qwen["base"]
+assert round(100 * qwen_trainable / (qwen_base + qwen_trainable), 2) == 0.59
+hd = getattr(base_cfg, "head_dim", None) or base_cfg.hidden_size // base_cfg.num_attention_heads
+ours_trainable = lora_trainable(base_cfg.hidden_size, base_cfg.intermediate_size, base_cfg.num_hidden_layers,
+                                base_cfg.num_attention_heads, base_cfg.num_key_value_heads, hd, lc.r, lc.targets)
+print(f"this profile's base: {ours_trainable:,} trainable (lora_share: {ours['trainable']:,})")
+assert ours_trainable == ours["trainable"]
+
+# %% [markdown]
+# ### Exercise 3 · The merged weight is `W + (α/r)·B A`
+#
+# Read one weight matrix three times, straight from the safetensors files: layer 0's `q_proj` of
+# the base, its `lora_A` and `lora_B` from the first run's adapter, and the same matrix of the merged
+# folder. Predict how large `max |W_merged − (W + α/r · B A)|` is in the merged dtype, and how large
+# the update `α/r · B A` is next to `W` after this short training.
+
+# %% tags=["hide-cell"]
+from safetensors import safe_open  # noqa: E402
+
+
+def tensor(folder: Path, key: str) -> torch.Tensor:
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if key in st.keys():
+                return st.get_tensor(key).float()
+    raise KeyError(f"{key} in {folder.name}")
+
+
+base_folder = Path(reports[first]["base"])
+if base_folder.is_dir():  # a local base (MicroLM's export on smoke/cpu; a hub id is read from the cache instead)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    adapter = lora_dir / first / "adapter"
+    acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    lora_scale = acfg["lora_alpha"] / acfg["r"]
+    w0 = tensor(base_folder, key)
+    lora_a = tensor(adapter, f"base_model.model.{key[:-len('.weight')]}.lora_A.weight")
+    lora_b = tensor(adapter, f"base_model.model.{key[:-len('.weight')]}.lora_B.weight")
+    w_merged = tensor(merged_dir / first, key)
+    update = lora_scale * lora_b @ lora_a
+    err = (w_merged - (w0 + update)).abs().max().item()
+    print(f"{key}: max |W_merged − (W + α/r·BA)| = {err:.1e}; max |α/r·BA| = {update.abs().max().item():.1e} "
+          f"next to max |W| = {w0.abs().max().item():.2f}")
+    dtype = json.loads((merged_dir / first / "report.json").read_text(encoding="utf-8"))["dtype"]
+    assert err <= (1e-5 if dtype in ("float32", "fp32") else 1e-2 * w0.abs().max().item()), (err, dtype)
+    assert update.abs().max().item() > 0, "the adapter learned something"

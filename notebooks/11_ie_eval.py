@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -51,7 +47,7 @@ from IPython.display import Image, Markdown, display
 from microlm import stages
 from microlm.config import load_config
 from microlm.ie.evaluate import load_prompts
-from microlm.ie.metrics import aggregate, merge_records, normalize_entity, paired_bootstrap, score_answer
+from microlm.ie.metrics import paired_bootstrap
 
 cfg = load_config(profile)
 eval_dir = stages.require("ie_eval", cfg)
@@ -69,7 +65,9 @@ assert all(report["models"][n]["answers"] == report["prompts"] for n in names)  
 # birthplace; the second record writes `曹 雪芹` with a space — wrong for the strict metric, right for
 # the relaxed one.
 
-# %%
+# %% tags=["golden"]
+from microlm.ie.metrics import aggregate, merge_records, normalize_entity, score_answer
+
 ask1, ask2 = ["作者", "出版社"], ["国籍", "出生地"]
 cases = [
     ("A", ask1, '{"作者": [{"subject": "三体", "object": "刘慈欣"}], "出版社": []}',
@@ -176,3 +174,100 @@ print(f"re-run with the cache: {rerun_s:.1f} s; answers computed: "
 assert all(t["computed"] == 0 for t in again["timing"].values())
 assert {n: again["models"][n]["f1"] for n in names} == {n: report["models"][n]["f1"] for n in names}
 print("answers/s when computed:", {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]})
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden behind the toggle below its exercise; try first, then open it (it runs and
+# checks itself whenever the notebook runs).
+
+# %% [markdown]
+# ### Exercise 1 · Strict F1 by hand
+#
+# Record `C` was asked in two chunks. Gold: (三体, 作者, 刘慈欣) in the first; (刘慈欣, 国籍, 中国) and
+# (刘慈欣, 出生地, 北京) in the second. The model answers the first chunk correctly, and in the second
+# names 中国 **twice** and gives 山西 as the birthplace. Work out precision, recall and strict F1 on
+# paper (how often does the duplicate count?), then check with `score_answer`, `merge_records` and
+# `aggregate`.
+
+# %% tags=["hide-cell"]
+def pairs(**rels):
+    return json.dumps({r: [{"subject": s, "object": o} for s, o in v] for r, v in rels.items()}, ensure_ascii=False)
+
+
+chunks_c = [
+    (ask1, pairs(作者=[("三体", "刘慈欣")], 出版社=[]), pairs(作者=[("三体", "刘慈欣")], 出版社=[])),
+    (ask2, pairs(国籍=[("刘慈欣", "中国")], 出生地=[("刘慈欣", "北京")]),
+     pairs(国籍=[("刘慈欣", "中国"), ("刘慈欣", "中国")], 出生地=[("刘慈欣", "山西")])),
+]
+# by hand: the union of the chunks' triples, as sets (a duplicate is one triple)
+gold_set = {(s, r, o) for _, g, _ in chunks_c for r, v in json.loads(g).items() for s, o in (p.values() for p in v)}
+pred_set = {(s, r, o) for _, _, a in chunks_c for r, v in json.loads(a).items() for s, o in (p.values() for p in v)}
+tp = len(gold_set & pred_set)
+p_hand, r_hand = tp / len(pred_set), tp / len(gold_set)
+f_hand = 2 * p_hand * r_hand / (p_hand + r_hand)
+mc = aggregate(merge_records([{"record_id": "C", "cate": "作品", **score_answer(a, ask, g)} for ask, g, a in chunks_c]))
+print(f"by hand: tp {tp}, predicted {len(pred_set)}, gold {len(gold_set)} → P {p_hand:.3f}, R {r_hand:.3f}, "
+      f"F1 {f_hand:.3f}; metrics: P {mc['precision']:.3f}, R {mc['recall']:.3f}, F1 {mc['f1']:.3f}")
+assert (mc["tp"], mc["n_pred"], mc["n_gold"]) == (tp, len(pred_set), len(gold_set)) == (2, 3, 3)
+assert abs(mc["f1"] - f_hand) < 1e-12 and abs(f_hand - 2 / 3) < 1e-12
+
+# %% [markdown]
+# ### Exercise 2 · One renamed key
+#
+# Take the gold answer of the first hand-made case (`cases[0][2]`) and rename its key `作者` to
+# `作家` — the triple's entities stay right. Predict the error class, whether the answer counts as
+# parsed and as compliant, which triple it predicts, and its precision and recall. Check with
+# `score_answer` and `failure_kind`.
+
+# %% tags=["hide-cell"]
+from microlm.ie.metrics import failure_kind  # noqa: E402
+
+gold0 = cases[0][2]
+renamed = gold0.replace('"作者"', '"作家"', 1)
+sc = score_answer(renamed, ask1, gold0)
+mr = aggregate(merge_records([{"record_id": "R", "cate": "作品", **sc}]))
+print(f"{renamed}\n→ error {sc['error']}, parsed {sc['parsed']}, compliant {sc['compliant']}, predicted {sc['pred']}, "
+      f"gold {sc['gold']}; precision {mr['precision']}, recall {mr['recall']}; gallery class "
+      f"{failure_kind(sc, '三体的作者是刘慈欣')!r}")
+assert sc["error"] == "wrong_keys" and sc["parsed"] and not sc["compliant"]
+assert failure_kind(sc, "三体的作者是刘慈欣") == "wrong keys"
+assert sc["pred"] == [("三体", "作家", "刘慈欣")] and not set(sc["pred"]) & set(sc["gold"])
+assert (mr["precision"], mr["recall"], mr["f1"]) == (0.0, 0.0, 0.0)
+assert score_answer(gold0, ask1, gold0)["error"] == "ok"  # the unchanged answer is fine
+
+# %% [markdown]
+# ### Exercise 3 · The table from the raw answers
+#
+# `results.jsonl` holds every answer with its predicted and gold triples. Recompute each model's
+# strict counts (true positives, predicted, gold: per record the union of its chunks, then summed),
+# its F1 and its parse rate with plain Python sets, and compare with `report.json`. Which model has
+# the most predicted triples, and is it the best one?
+
+# %% tags=["hide-cell"]
+own = {}
+for n in names:
+    recs_n: dict[str, tuple[set, set]] = {}
+    answered = parsed = 0
+    for r in rows:
+        if r["model"] != n or r["error"] == "no_gold":
+            continue
+        pr, go = recs_n.setdefault(r["record_id"], (set(), set()))
+        pr.update(map(tuple, r["pred"]))
+        go.update(map(tuple, r["gold"]))
+        answered += 1
+        parsed += bool(r["parsed"])
+    tp_n = sum(len(pr & go) for pr, go in recs_n.values())
+    npred, ngold = sum(len(pr) for pr, _ in recs_n.values()), sum(len(go) for _, go in recs_n.values())
+    p_n, r_n = (tp_n / npred if npred else 0.0), (tp_n / ngold if ngold else 0.0)
+    own[n] = {"tp": tp_n, "n_pred": npred, "n_gold": ngold, "f1": 2 * p_n * r_n / (p_n + r_n) if p_n + r_n else 0.0,
+              "parse_rate": parsed / answered}
+    print(f"{n:20s} tp {tp_n:4d}  predicted {npred:4d}  gold {ngold:4d}  F1 {own[n]['f1']:.3f}  "
+          f"parse {own[n]['parse_rate']:.2f}")
+    mm = report["models"][n]
+    assert (tp_n, npred, ngold) == (mm["tp"], mm["n_pred"], mm["n_gold"]), n
+    assert abs(own[n]["f1"] - mm["f1"]) < 1e-9 and abs(own[n]["parse_rate"] - mm["parse_rate"]) < 1e-9, n
+most = max(own, key=lambda k: own[k]["n_pred"])
+best_f1 = max(v["f1"] for v in own.values())
+print(f"most predicted triples: {most} ({own[most]['n_pred']}); best F1 {best_f1:.3f}: "
+      f"{', '.join(k for k in own if own[k]['f1'] == best_f1)}")

@@ -1,11 +1,7 @@
 # ---
 # jupyter:
-#   jupytext:
-#     text_representation:
-#       extension: .py
-#       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -44,6 +40,7 @@ from IPython.display import Image, display
 
 from microlm import stages
 from microlm.config import load_config
+from microlm.io import display_path
 from microlm.serve.server import server_spec, vllm_command
 
 cfg = load_config(profile)
@@ -51,7 +48,8 @@ smoke_dir = stages.require("serve_smoke", cfg)
 smoke = json.loads((smoke_dir / "report.json").read_text(encoding="utf-8"))
 spec = server_spec(cfg, {"ie_merged": stages.stage_dir(cfg, "ie_merged")}, port=8000)
 print("the server the stages start (the port is a free one there):")
-print(" ".join(c if " " not in c else repr(c) for c in vllm_command(Path(".venv-serve/bin/python"), spec)))
+print(" ".join(repr(c) if " " in c else display_path(c) if os.path.isabs(c) else c
+               for c in vllm_command(Path(".venv-serve/bin/python"), spec)))
 
 # %% [markdown]
 # ## 1 · Smoke test and parity
@@ -169,3 +167,107 @@ assert soak["served_after_malformed"] > 0  # the server kept answering after the
 # ```
 #
 # Then any OpenAI client talks to `http://127.0.0.1:8000/v1`; Ctrl-C stops the server and its workers.
+
+# %% [markdown]
+# ## Exercises
+#
+# Each solution is hidden behind the toggle below its exercise; try first, then open it (it runs and
+# checks itself whenever the notebook runs). None of them starts a server: they read the reports the
+# stages wrote and call pure functions.
+
+# %% [markdown]
+# ### Exercise 1 · Throughput from the raw records
+#
+# The benchmark report keeps every request (`records`: `ok`, `output_tokens`, timings) next to the
+# load run's wall time `wall_s`. Recompute, for every server, prompt set and concurrency, the output
+# tokens, the output tokens/s and the requests/s from those raw numbers and compare with the reported
+# values (`wall_s` is rounded to 1 ms: how close can you expect to get?). Which server is faster at
+# the highest concurrency?
+
+# %% tags=["hide-cell"]
+import numpy as np  # noqa: E402
+
+for srv, by_ds in bench["servers"].items():
+    for ds, by_c in by_ds.items():
+        for c, s in by_c.items():
+            ok = [r for r in s["records"] if r["ok"]]
+            out_tok = sum(r["output_tokens"] for r in ok)
+            tps, rps = out_tok / s["wall_s"], len(ok) / s["wall_s"]
+            print(f"{srv:20s} {ds:6s} c={c:>3s}: {out_tok} tokens / {s['wall_s']} s = {tps:.2f} tok/s "
+                  f"(reported {s['output_tokens_per_s']}), {rps:.3f} req/s (reported {s['request_throughput']})")
+            assert out_tok == s["output_tokens"] and len(ok) == s["completed"] == len(s["records"]) - s["failed"]
+            # wall_s is rounded to 0.5 ms at most: the relative error is at most 0.0005 / wall_s (+ rounding)
+            tol = 0.0005 / s["wall_s"] + 1e-3
+            assert abs(tps - s["output_tokens_per_s"]) <= tol * tps + 0.01, (srv, ds, c)
+            assert abs(rps - s["request_throughput"]) <= tol * rps + 0.001, (srv, ds, c)
+top, ds0 = str(max(bench["concurrency"])), next(iter(next(iter(bench["servers"].values()))))
+fastest = max(bench["servers"], key=lambda k: bench["servers"][k][ds0][top]["output_tokens_per_s"] or 0)
+print(f"fastest at concurrency {top} ({ds0} prompts): {fastest}")
+
+# %% [markdown]
+# ### Exercise 2 · Latency percentiles by hand
+#
+# From the same records, compute the median and p99 of the time to first token, and each request's
+# time per output token — `(e2e − ttft) / (output_tokens − 1)`, defined for at least two tokens — and
+# its median, and compare with `ttft_ms` and `tpot_ms` of the report. With 4 requests, what is p99
+# close to?
+
+# %% tags=["hide-cell"]
+for srv, by_ds in bench["servers"].items():
+    for ds, by_c in by_ds.items():
+        for c, s in by_c.items():
+            ok = [r for r in s["records"] if r["ok"]]
+            ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None]) * 1000
+            tpot = np.array([(r["e2e"] - r["ttft"]) / (r["output_tokens"] - 1) for r in ok
+                             if r["e2e"] is not None and r["ttft"] is not None and r["output_tokens"] >= 2]) * 1000
+            if len(ttft):
+                p50, p99 = np.percentile(ttft, 50), np.percentile(ttft, 99)
+                print(f"{srv:20s} {ds:6s} c={c:>3s}: TTFT p50 {p50:.2f} p99 {p99:.2f} (max {ttft.max():.2f}) ms; "
+                      f"reported {s['ttft_ms']['p50']}/{s['ttft_ms']['p99']}")
+                assert abs(p50 - s["ttft_ms"]["p50"]) < 0.01 and abs(p99 - s["ttft_ms"]["p99"]) < 0.01
+                assert p99 <= ttft.max() + 1e-9
+            if len(tpot):
+                assert abs(np.percentile(tpot, 50) - s["tpot_ms"]["p50"]) < 0.01, (srv, ds, c)
+            else:
+                assert s["tpot_ms"]["p50"] is None
+
+# %% [markdown]
+# ### Exercise 3 · Which status does a malformed request get?
+#
+# Build the five malformed requests of the stability run with `malformed_request` and, for each,
+# say *why* the server must refuse it — check the reason locally (does the body parse as JSON? is the
+# model name the served one? how many tokens is the long prompt, against the model's context?) — and
+# predict the status class. Compare with the statuses the soak run recorded.
+
+# %% tags=["hide-cell"]
+from transformers import AutoTokenizer  # noqa: E402
+
+from microlm.serve.soak import MALFORMED, malformed_request  # noqa: E402
+
+merged_folder = Path(spec.model)
+context = json.loads((merged_folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 512)
+msgs = [{"role": "user", "content": "你好"}]
+mtok = AutoTokenizer.from_pretrained(str(merged_folder))
+why = {}
+for kind in MALFORMED:
+    body = malformed_request(kind, spec.served_name, msgs, context)
+    if isinstance(body, bytes):
+        try:
+            json.loads(body)
+            why[kind] = "parses"
+        except json.JSONDecodeError:
+            why[kind] = "the body is not JSON → 400"
+    elif body["model"] != spec.served_name:
+        why[kind] = f"model {body['model']!r} is not served → 404"
+    elif body["max_tokens"] < 1:
+        why[kind] = f"max_tokens {body['max_tokens']} < 1 → 400"
+    elif body.get("n", 1) > 1:
+        why[kind] = f"n = {body['n']:,} answers to one prompt (vLLM's cap: VLLM_MAX_N_SEQUENCES, 16,384) → 400"
+    else:
+        n_tok = len(mtok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False))
+        why[kind] = f"{n_tok:,} prompt tokens > context {context} → 400" if n_tok > context else "valid"
+    seen_status = soak["malformed"][kind]["statuses"]
+    print(f"{kind:20s} {why[kind]:80s} observed {seen_status}")
+    assert why[kind] not in ("parses", "valid"), kind  # every one has a reason to be refused
+    assert all(st.startswith("4") for st in seen_status), (kind, seen_status)

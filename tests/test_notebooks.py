@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jupytext
 import nbformat
@@ -16,6 +17,8 @@ from microlm import book
 from microlm.course import notebook_sources, to_ipynb
 from microlm.errors import MicroLMError
 
+from . import golden
+from .book_browser import BrowserMissing, check_book
 from .conftest import REPO
 
 pytestmark = pytest.mark.xdist_group("notebooks")  # one worker: the book test renders what papermill executed
@@ -27,7 +30,9 @@ IDS = [p.stem for p in NOTEBOOKS]
 def test_notebooks_exist_and_are_in_the_toc():
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    assert [f"notebooks/{s}" for s in IDS] == files
+    assert [f"notebooks/{s}" for s in IDS] == [f for f in files if f.startswith("notebooks/")]
+    assert {"book/setup", "book/results", "book/stages", "book/glossary", "book/references"} <= set(files)
+    assert all((REPO / f"{f}.md").is_file() for f in files if f.startswith("book/") and f != "book/results")
     assert IDS[:2] == ["00_overview", "01_corpus"]
 
 
@@ -75,6 +80,22 @@ def test_nbval_lax_on_overview(tmp_path):
     assert " passed" in r.stdout
 
 
+@pytest.mark.notebooks
+def test_golden_outputs_of_the_teaching_cells(tmp_path):
+    """The chapters' deterministic teaching cells (tagged ``golden``) print what tests/golden/golden.ipynb
+    stored — compared output by output by nbval (not lax), so a change to what the course teaches fails."""
+    current = golden.golden_cells()
+    assert {c for c, _ in current} >= {"02_bpe_from_scratch", "05_pretrain", "07_lora_math", "11_ie_eval"}
+    assert golden.stored_cells() == current, "a golden cell changed: run `.venv/bin/python tests/golden.py`, review the diff"
+    copy = tmp_path / "golden.ipynb"
+    shutil.copy(golden.GOLDEN, copy)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval", "--nbval-current-env", "-p", "no:cacheprovider",
+                        str(copy)], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                       env={**os.environ, "MICROLM_PROFILE": "smoke"})
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"{len(current)} passed" in r.stdout  # every golden cell ran and matched
+
+
 def _book(src, out, cache, execute="off"):
     return book.build(src, out, cache=cache, execute=execute, profile="smoke", timeout=900)
 
@@ -90,7 +111,7 @@ def test_book_builds_with_every_chapter(tmp_path, tmp_path_factory):
         for py in NOTEBOOKS:
             pm.execute_notebook(str(to_ipynb(py)), str(executed / f"{py.stem}.ipynb"), parameters={"profile": "smoke"},
                                 kernel_name="python3", cwd=str(py.parent), progress_bar=False)
-    src = book.assemble(executed, tmp_path / "src")  # one-line error naming the missing chapters
+    src = book.assemble(executed, tmp_path / "src", profiles=("smoke",))  # one-line error naming missing chapters
     r = _book(src, tmp_path / "book", tmp_path / "cache")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     html = tmp_path / "book" / "_build" / "html"
@@ -98,6 +119,26 @@ def test_book_builds_with_every_chapter(tmp_path, tmp_path_factory):
         page = (html / "notebooks" / f"{s}.html").read_text(encoding="utf-8")
         assert "Traceback" not in page
     assert "checked" in (html / "notebooks" / "01_corpus.html").read_text(encoding="utf-8")
+    # the generated pages: the pipeline figure, and the results of the run that executed the chapters
+    assert (html / "_images" / "pipelines.png").is_file() or "pipelines.png" in (html / "book" / "intro.html").read_text()
+    results = (html / "book" / "results.html").read_text(encoding="utf-8")
+    assert "smoke" in results and "No stage has finished" not in results
+    from microlm.config import load_config
+    from microlm.runs import read_manifest
+
+    pre = read_manifest(load_config("smoke").run_path / "pretrain")
+    assert f"{pre['metrics']['params']:,} params" in results  # the manifest's own numbers, not pasted ones
+    assert "pretrain-curves.png" in results and "ie_eval-metrics.png" in results
+    # in a real browser: every image loads, no error/stderr output, links resolve, search works, and no
+    # page shows a path of this machine; screenshots of the intro, a chapter and the results page
+    try:
+        report = check_book(html, REPO / "_build" / "screenshots",
+                            [str(REPO), str(tmp_path), "/tmp/", "/root/", str(Path.home()) + "/"])
+    except BrowserMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    assert report["problems"] == [], "\n".join(report["problems"][:30])
+    assert len(report["pages"]) >= len(IDS) + 6 and report["search"]["results"] > 0
+    assert len(report["screenshots"]) == 3
 
 
 def test_book_names_the_chapters_it_lacks(tmp_path):

@@ -427,3 +427,15 @@ def test_a_damaged_ie_intermediate_file_names_file_and_line(damage, needle, tmp_
     with pytest.raises(MicroLMError, match=needle) as e:
         run_step(cfg, 3, out)
     assert "02_filtered.jsonl:" in str(e.value)
+
+
+def test_display_path_never_shows_the_machines_absolute_paths(tmp_path, monkeypatch):
+    from microlm.config import REPO_ROOT
+    from microlm.io import display_path
+
+    assert display_path(REPO_ROOT / "runs" / "cpu" / "ie_data") == "runs/cpu/ie_data"
+    assert display_path("runs/smoke/hf") == "runs/smoke/hf" and display_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    monkeypatch.setenv("MICROLM_RUNS", str(tmp_path / "r"))
+    assert display_path(tmp_path / "r" / "smoke" / "hf") == "$MICROLM_RUNS/smoke/hf"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert display_path(tmp_path / "models" / "x") == "~/models/x"

@@ -2,6 +2,7 @@
 stop, the log tail when it dies or never gets healthy, a taken port, and no orphan when the parent
 is killed.  The real vLLM path runs in notebook 12 (smoke) and the course."""
 
+import json
 import os
 import signal
 import socket
@@ -147,3 +148,58 @@ def test_soak_check_fails_on_a_malformed_request_answered_200():
     with pytest.raises(MicroLMError, match="no request succeeded outside the restart"):
         check({**report, "served_steady": 0}, Path("vllm.log"))
 
+
+
+def _fake_serve_env(tmp_path: Path) -> Path:
+    """A serving environment whose python starts the stand-in server on the --port vLLM would get."""
+    from microlm.serve.env import CPU_ONLY_DROP, MARKER, has_cuda, requirements
+
+    env = tmp_path / "serve-env"
+    (env / "bin").mkdir(parents=True)
+    py = env / "bin" / "python"
+    py.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        while [ $# -gt 0 ]; do [ "$1" = --port ] && port=$2; shift; done
+        exec {sys.executable} {FAKE} "$port" ok
+        """))
+    py.chmod(0o755)
+    cuda = has_cuda()
+    (env / MARKER).write_text(json.dumps({"requirements": requirements(cuda), "drop": [] if cuda else list(CPU_ONLY_DROP)}))
+    return env
+
+
+def test_microlm_serve_runs_until_ctrl_c_and_leaves_nothing_behind(tmp_path):
+    """`microlm serve`: prints where it listens, answers there, and Ctrl-C (SIGINT to its process group,
+    as a terminal sends it) stops the server and exits 0 with no orphan and the port free again."""
+    port = free_port()
+    env = {**os.environ, "MICROLM_SERVE_ENV": str(_fake_serve_env(tmp_path)), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "microlm.cli", "serve", "--profile", "smoke", "--set",
+                             f"run_dir={tmp_path / 'runs'}", "--model", str(tmp_path), "--served-model-name", "m",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert f"serve: http://127.0.0.1:{port}/v1  model m" in "".join(lines), "".join(lines)
+        r = chat(f"http://127.0.0.1:{port}/v1", "m", [{"role": "user", "content": "hi"}], max_tokens=4, timeout=60)
+        assert r["choices"][0]["message"]["content"] == "{}"
+        server_pid = int((tmp_path / "runs" / "serve" / "vllm.pid").read_text())
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "serve: stopped" in out and "Traceback" not in out
+    deadline = time.monotonic() + 30
+    while (_alive(server_pid) or not port_free("127.0.0.1", port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(server_pid) and port_free("127.0.0.1", port)

@@ -528,10 +528,11 @@ def write_plots(report: dict, rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from microlm.plotting import cjk_font
+    from microlm.plotting import use_cjk_font
 
-    cjk_font()
-    with warnings.catch_warnings():  # topic names in a font without CJK glyphs draw as boxes, not warnings
+    if use_cjk_font():  # Noto Sans SC from the course extra: the Chinese topic names draw as characters
+        return _plots(report, rows, out, plt, np)
+    with warnings.catch_warnings():  # without it they draw as boxes, not warnings
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         return _plots(report, rows, out, plt, np)
 

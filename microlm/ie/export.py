@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.io import display_path
 
 __all__ = ["adapter_dtype", "check_adapter_base", "merge_adapter", "verify_merged", "model_card",
            "greedy_answers", "REQUIRED_FILES"]
@@ -59,6 +60,7 @@ def check_adapter_base(adapter_dir: Path, base_config: dict) -> None:
 
 
 def model_card(*, base: str, adapter: Path, lora: dict, data: dict, evals: dict | None, license_: str | None) -> str:
+    base = display_path(base)  # a local base folder relative to the project, not this machine's absolute path
     lines = [f"# {adapter.parent.name} — IE LoRA merged into {base}", "",
              "Relation extraction (InstructIE-style JSON answers), made by the MicroLM course (stage B5).", "",
              f"- base model: `{base}`" + (f" (license: {license_})" if license_ else ""),

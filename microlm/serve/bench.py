@@ -60,6 +60,9 @@ def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from microlm.plotting import use_cjk_font
+
+    use_cjk_font()
     servers = list(report["servers"])
     sets = list(report["servers"][servers[0]])
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), squeeze=False)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from microlm.errors import MicroLMError
+from microlm.io import display_path
 
 __all__ = ["serve_env_dir", "requirements", "ensure_env", "env_python", "has_cuda"]
 
@@ -71,7 +72,7 @@ def ensure_env(path: Path | None = None, *, quiet: bool = False) -> Path:
         except json.JSONDecodeError:
             pass
     say = (lambda m: None) if quiet else (lambda m: print(f"serve-env: {m}", flush=True))
-    say(f"building {path} ({', '.join(want['requirements'])}); a few minutes, once")
+    say(f"building {display_path(path)} ({', '.join(want['requirements'])}); a few minutes, once")
     if not py.is_file():
         _run([sys.executable, "-m", "venv", str(path)], "create the virtual environment")
     pip = [str(py), "-m", "pip", "--disable-pip-version-check"]

@@ -224,6 +224,9 @@ def _plot(report: dict, out) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from microlm.plotting import use_cjk_font
+
+    use_cjk_font()
     w = report["windows"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.6))
     xs = [x["start_s"] for x in w]

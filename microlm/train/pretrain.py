@@ -230,6 +230,9 @@ def plot_curves(out_dir: Path, train: list[dict], evals: list[dict], h1: float |
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from microlm.plotting import use_cjk_font
+
+    use_cjk_font()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
