@@ -192,12 +192,18 @@ def build(name: str, cfg: Config, *, force: bool = False, progress: bool = True,
         log.info("%s: up to date (%s), skipped", st.name, folder)
         return folder
     main = _env_rank() == 0  # under torchrun, rank 0 owns the folder; the others write into it as told
+    if _interrupted_run(st, folder, fp) and not force and not must_run:
+        # the same run (config, upstream, inputs) was stopped part-way: go on from its last checkpoint
+        # (exact: batches are a function of the step) instead of starting over; --force starts over
+        options = {**options, "resume": True}
+        log.warning("%s: resuming the interrupted run in %s (same config and inputs; --force starts over)",
+                    st.name, folder)
     with folder_lock(folder, st.name) if main else contextlib.nullcontext():
         if main:
             _check_folder(st, folder, inputs, options, force=force)
             recover_dir(folder)
             (folder / MANIFEST).unlink(missing_ok=True)  # from here until the end the stage is not fresh
-            _mark(folder, st.name)
+            _mark(folder, st.name, fp)
         run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options)
         started = time.time()
         if st.train:
@@ -222,18 +228,36 @@ def build(name: str, cfg: Config, *, force: bool = False, progress: bool = True,
 STAGE_MARK = ".microlm_stage"  # names the stage a folder belongs to, manifest or not (a killed or partial run)
 
 
-def _mark(folder: Path, stage: str) -> None:
+def _mark(folder: Path, stage: str, fp: str | None = None) -> None:
+    """The stage's mark: its name, and the fingerprint of the run writing the folder (atomic)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / STAGE_MARK).write_text(stage + "\n", encoding="utf-8")
+    tmp = folder / f"{STAGE_MARK}.{os.getpid()}.tmp"
+    tmp.write_text(stage + "\n" + (f"{fp}\n" if fp else ""), encoding="utf-8")
+    os.replace(tmp, folder / STAGE_MARK)
+
+
+def _mark_lines(folder: Path) -> list[str]:
+    try:
+        return (folder / STAGE_MARK).read_text(encoding="utf-8").split()
+    except OSError:
+        return []
 
 
 def folder_stage(folder: Path) -> str | None:
     """The stage a folder was built by (its mark or manifest), ``None`` for any other folder."""
-    mark = folder / STAGE_MARK
-    if mark.is_file():
-        return mark.read_text(encoding="utf-8").strip()
+    lines = _mark_lines(folder)
+    if lines:
+        return lines[0]
     m = read_manifest(folder)
     return m.get("stage") if m else None
+
+
+def _interrupted_run(st: Stage, folder: Path, fp: str) -> bool:
+    """A training stage's folder holding a checkpoint of a run of this very fingerprint that did not
+    finish (no manifest): stopped by Ctrl-C, killed, or cut with ``--stop-after``."""
+    if not any(o.name == "resume" for o in st.all_options) or read_manifest(folder) is not None:
+        return False
+    return _mark_lines(folder)[:2] == [st.name, fp] and (folder / "ckpt" / "state.json").is_file()
 
 
 def _check_folder(st: Stage, folder: Path, inputs: list[dict], options: dict, *, force: bool) -> None:

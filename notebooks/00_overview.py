@@ -37,7 +37,7 @@ import dataclasses
 from microlm.config import PROFILES, load_config
 from microlm.data.prepare_pretrain import corpus_sources
 from microlm.data.sources import ENV_DATA, data_root
-from microlm.io import display_path
+from microlm.paths import display_path
 
 cfg = load_config(profile)
 print(f"profile: {cfg.profile}   run folder: {display_path(cfg.run_path)}")

@@ -52,7 +52,7 @@ from microlm.config import load_config
 from microlm.data.sources import data_root
 from microlm.ie import TOPICS_EN
 from microlm.ie.pipeline import STEPS, ie_sources, read_jsonl
-from microlm.io import display_path
+from microlm.paths import display_path
 from microlm.plotting import cjk_font
 from microlm.tokenizer.tokenizer import render_chat
 

@@ -58,7 +58,7 @@ from microlm.ie.train_lora import (
     lora_share,
     read_lines,
 )
-from microlm.io import display_path
+from microlm.paths import display_path
 from microlm.train.pretrain import read_metrics
 
 cfg = load_config(profile)

@@ -40,7 +40,7 @@ from IPython.display import Image, display
 
 from microlm import stages
 from microlm.config import load_config
-from microlm.io import display_path
+from microlm.paths import display_path
 from microlm.serve.server import server_spec, vllm_command
 
 cfg = load_config(profile)

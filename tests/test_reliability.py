@@ -431,7 +431,7 @@ def test_a_damaged_ie_intermediate_file_names_file_and_line(damage, needle, tmp_
 
 def test_display_path_never_shows_the_machines_absolute_paths(tmp_path, monkeypatch):
     from microlm.config import REPO_ROOT
-    from microlm.io import display_path
+    from microlm.paths import display_path
 
     assert display_path(REPO_ROOT / "runs" / "cpu" / "ie_data") == "runs/cpu/ie_data"
     assert display_path("runs/smoke/hf") == "runs/smoke/hf" and display_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
@@ -439,3 +439,27 @@ def test_display_path_never_shows_the_machines_absolute_paths(tmp_path, monkeypa
     assert display_path(tmp_path / "r" / "smoke" / "hf") == "$MICROLM_RUNS/smoke/hf"
     monkeypatch.setenv("HOME", str(tmp_path))
     assert display_path(tmp_path / "models" / "x") == "~/models/x"
+
+
+def test_an_interrupted_training_stage_goes_on_by_itself(tmp_cfg, tmp_path, capsys):
+    """`make course` again after Ctrl-C (or a kill): the training stage resumes its own interrupted run
+    from the last checkpoint — same steps and losses as an uninterrupted run — but only when config,
+    upstream and inputs are the same; a changed config starts over."""
+    from microlm.train.pretrain import read_metrics
+
+    cfg = tmp_cfg(**{"pretrain.ckpt_interval": 5})
+    ref = stages.build("pretrain", cfg, progress=False, out_dir=tmp_path / "ref")
+    stages.build("pretrain", cfg, progress=False, stop_after=10)
+    assert stages.status("pretrain", cfg) == "partial"
+    capsys.readouterr()
+    folder = stages.build("pretrain", cfg, progress=False)  # no --resume: what a re-run of the course does
+    assert "at step 10" in capsys.readouterr().out and stages.status("pretrain", cfg) == "fresh"
+    got, ref_rows = read_metrics(folder)[0], read_metrics(ref)[0]
+    assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in ref_rows]
+    # an interrupted run of another config is not continued
+    other = tmp_cfg(**{"pretrain.ckpt_interval": 5, "pretrain.lr": 0.001})
+    stages.build("pretrain", other, progress=False, out_dir=tmp_path / "x", stop_after=10)
+    capsys.readouterr()
+    stages.build("pretrain", cfg, progress=False, out_dir=tmp_path / "x")
+    assert "resumed" not in capsys.readouterr().out
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "x")[0]] == [(r["step"], r["loss"]) for r in ref_rows]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from microlm.errors import MicroLMError
-from microlm.io import display_path
+from microlm.paths import display_path
 
 __all__ = ["adapter_dtype", "check_adapter_base", "merge_adapter", "verify_merged", "model_card",
            "greedy_answers", "REQUIRED_FILES"]

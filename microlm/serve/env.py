@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from microlm.errors import MicroLMError
-from microlm.io import display_path
+from microlm.paths import display_path
 
 __all__ = ["serve_env_dir", "requirements", "ensure_env", "env_python", "has_cuda"]
 
