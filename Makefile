@@ -46,9 +46,9 @@ bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA fo
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_ie_data.py
 
-soak: setup serve-env        ## the serving stability run for 10 minutes (serve_soak at $(PROFILE), 600 s)
-	$(BIN)/python -m microlm.cli serve-soak --profile $(PROFILE) --force --set serve_soak.duration_s=600 \
-	    --set serve_soak.restart_at_s=300
+soak: setup serve-env        ## the serving stability run: 10 minutes at concurrency 8, a restart at 5 min (serve_soak at $(PROFILE))
+	$(BIN)/python -m microlm.cli serve-soak --profile $(PROFILE) --out runs/$(PROFILE)/serve_soak_10min --force \
+	    --set serve_soak.duration_s=600 --set serve_soak.restart_at_s=300 --set serve_soak.concurrency=8
 
 clean:
 	rm -rf _build runs notebooks/*.ipynb

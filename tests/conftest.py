@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from microlm.config import load_config
+# `make test` runs two xdist workers on a 2-core machine: one compute thread each (torch, and every
+# subprocess it starts: notebook kernels, the CLI, torchrun), instead of two each fighting over two cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+from microlm.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,5 +1,5 @@
 """A stand-in OpenAI-compatible server for the server-management tests: /health after a delay, a
-chat completion, and modes that fail on purpose (exit while starting, never healthy)."""
+chat completion, and modes that fail on purpose (exit while starting, never healthy) or start slowly (3 s)."""
 
 import json
 import sys
@@ -27,7 +27,7 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        ready = mode != "never" and time.monotonic() - START > 0.5
+        ready = mode != "never" and time.monotonic() - START > (3.0 if mode == "slow" else 0.5)
         self._send(200 if ready else 503, {})
 
     def do_POST(self):  # validates like an OpenAI server: a bad request is a 4xx, never a 500

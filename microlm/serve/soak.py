@@ -179,9 +179,10 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
             while time.monotonic() - t0 < sc.restart_at_s:
                 time.sleep(0.2)
             restart.append(time.monotonic() - t0)
+            end[0] = float("inf")  # the clients keep going however long the server takes to come back
             srv.restart(startup_timeout_s)
             restart.append(time.monotonic() - t0)
-            end[0] = max(end[0], restart[1] + max(2 * sc.window_s, 10.0))
+            end[0] = max(float(sc.duration_s), restart[1] + max(2 * sc.window_s, 10.0))
         for th in threads:
             th.join(end[0] + sc.request_timeout_s + 60)
     finally:
