@@ -580,7 +580,7 @@ register(Stage(
     "under load",
     build="microlm.serve.soak:build", upstream=("ie_data", "ie_merged"), sections=("serve_soak", "serve"),
     key=lambda cfg, o: _serve_key(cfg, "serve_soak"),
-    outputs=("report.json", "soak.png"), notebook="12_vllm",
+    outputs=("report.json", "soak.png"), notebook="12_vllm", version=2,  # 2: the run outlasts a restart
     summary=lambda m: (f"{m['requests']} requests, steady-state error rate {m['steady_state_error_rate']}, "
                        f"malformed → 4xx {m['malformed_4xx']}, restart: {m['restart_failed']} failed in "
                        f"{m['restart_down_s']} s, RSS slope {m['rss_slope_mb_per_min']} MB/min")))
