@@ -68,7 +68,8 @@ small = ("我们今天学习分词。分词是把文本切成词元。我们的�
 chunks = collections.Counter(regex.findall(PATTERNS["gpt2"], small))
 
 
-def textbook_bpe(chunk_counts, n_merges):
+def textbook_bpe(chunk_counts, n_merges, prefer=max):
+    """Steps of (pair, count, how many pairs tied at that count); ``prefer`` breaks ties (our rule: max)."""
     words = {tuple(bytes([b]) for b in c.encode()): n for c, n in chunk_counts.items()}
     steps = []
     for _ in range(n_merges):
@@ -78,8 +79,10 @@ def textbook_bpe(chunk_counts, n_merges):
                 pairs[p] += n
         if not pairs:
             break
-        best = max(pairs, key=lambda p: (pairs[p], p))  # most frequent; ties: greater (left, right)
-        steps.append((best, pairs[best]))
+        top = max(pairs.values())
+        tied = [p for p in pairs if pairs[p] == top]
+        best = prefer(tied)  # most frequent; ties: greater (left, right) by default
+        steps.append((best, top, len(tied)))
         new_words = collections.Counter()
         for w, n in words.items():
             out, i = [], 0
@@ -96,11 +99,11 @@ def textbook_bpe(chunk_counts, n_merges):
 
 
 steps = textbook_bpe(chunks, 12)
-for k, ((a, b), n) in enumerate(steps):
+for k, ((a, b), n, _) in enumerate(steps):
     print(f"merge {k:2d}: {token_text(a):>10} + {token_text(b):<8} seen {n:2d}×  → {token_text(a + b)}")
 
 _, merges_pkg = train_bpe_from_counts(chunks, 256 + 12, [])
-assert [p for p, _ in steps] == merges_pkg, "the package's incremental trainer learns the same merges"
+assert [p for p, *_ in steps] == merges_pkg, "the package's incremental trainer learns the same merges"
 
 # %% [markdown]
 # What the first six merges do to a new sentence: apply them in the order they were learned. (This
@@ -328,37 +331,7 @@ assert {0, 1, 2} <= set(tok.encode(tricky)) and not {0, 1, 2} & set(tok.encode_o
 # differ, and what must be true of the pair counts at that step?
 
 # %% tags=["hide-cell"]
-def bpe_with_rule(chunk_counts, n_merges, prefer):
-    """The textbook loop of section 1 with the tie-break as a parameter (max or min of the tied pairs)."""
-    words = {tuple(bytes([b]) for b in c.encode()): n for c, n in chunk_counts.items()}
-    steps = []
-    for _ in range(n_merges):
-        pairs = collections.Counter()
-        for w, n in words.items():
-            for p in zip(w, w[1:], strict=False):
-                pairs[p] += n
-        if not pairs:
-            break
-        top = max(pairs.values())
-        tied = [p for p in pairs if pairs[p] == top]
-        best = prefer(tied)
-        steps.append((best, top, len(tied)))
-        new_words = collections.Counter()
-        for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new_words[tuple(out)] += n
-        words = new_words
-    return steps
-
-
-greater, smaller = bpe_with_rule(chunks, 30, max), bpe_with_rule(chunks, 30, min)
+greater, smaller = textbook_bpe(chunks, 30, max), textbook_bpe(chunks, 30, min)  # section 1, other tie rule
 k = next(i for i, (g, s) in enumerate(zip(greater, smaller, strict=True)) if g[0] != s[0])
 (ga, gb), count, n_tied = greater[k]
 (sa, sb), count_s, _ = smaller[k]
