@@ -6,6 +6,7 @@ Every stage is a verb (``microlm corpus``, ``microlm ie-data``; the seed's scrip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -225,13 +226,31 @@ def _serve(args: argparse.Namespace, cfg) -> int:
         srv.stop()
 
 
+@contextlib.contextmanager
+def term_as_interrupt():
+    """``kill`` (SIGTERM) stops the block like Ctrl-C: a ``KeyboardInterrupt`` is raised, so staging
+    folders are removed at once (``microlm.io.staged_dir``) and locks released, instead of the process
+    vanishing with them left behind."""
+    import signal
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _stage(args: argparse.Namespace, cfg) -> int:
     from microlm.runs import read_manifest
     from microlm.stages import build, get_stage
 
     st = get_stage(args.stage)
     options = {o.name: getattr(args, o.name) for o in st.all_options}
-    out = build(st.name, cfg, force=args.force, progress=not args.quiet, out_dir=args.out, **options)
+    with term_as_interrupt():
+        out = build(st.name, cfg, force=args.force, progress=not args.quiet, out_dir=args.out, **options)
     m = read_manifest(out)
     if int(os.environ.get("RANK", "0")) == 0:
         partial = any(options[o.name] not in (None, False, []) for o in st.all_options if o.partial)

@@ -26,10 +26,11 @@ from microlm.infer.config import GenerationConfig
 from microlm.model.config import LoRAConfig, ModelConfig
 from microlm.tokenizer.bpe import resolve_pattern
 
-PROFILES = ("smoke", "cpu", "gpu")
+PROFILES = ("smoke", "cpu", "laptop", "gpu")
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (shipped data, notebooks)
 CONFIG_DIR = REPO_ROOT / "configs"
 ENV_RUNS = "MICROLM_RUNS"
+ENV_QWEN = "MICROLM_QWEN"  # a local Qwen2.5 folder (or hub id): overrides the profile's ``qwen``
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path | None:
@@ -211,7 +212,9 @@ class IELoRAConfig:
     | ``microlm``).  Defaults are the Qwen2.5-1.5B-Instruct recipe: r 8, alpha 16, dropout 0.05 on
     every linear projection of the blocks (never ``lm_head`` or the embeddings)."""
 
-    runs: list[dict[str, str]] = field(default_factory=_ie_lora_runs)
+    # each run: {name, base, engine, with?}; ``with`` = settings of this section that differ for this run
+    # (dotted like --set, e.g. {train.lr: 0.0002, dropout: 0.0}: a 0.5B Qwen and the 6.4M MicroLM want other ones)
+    runs: list[dict] = field(default_factory=_ie_lora_runs)
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
@@ -222,18 +225,25 @@ class IELoRAConfig:
     gradient_checkpointing: bool = False
     val_examples: int = 200  # held-out examples in the val loss (0 = all of 06_val.jsonl)
     train_examples: int = 0  # a seeded sample of this many training conversations (0 = all of 06_train.jsonl)
+    # the training mix (microlm/ie/mix.py): balanced by topic, this share of all-empty answers (≈ the share of
+    # all-empty chunks IEPile's test protocol asks: 0.71 on the bundle) ...
+    empty_share: float = 0.7
+    # ... and no conversation whose text is a near-duplicate (MinHash Jaccard ≥ this) of a test text; null = no check
+    decontaminate: float | None = 0.8
     train: TrainConfig = field(default_factory=_ie_lora_train)
 
 
 @dataclass
 class IEMergedConfig:
-    """Stage B5: merge each ``ie_lora`` run's adapter into its base (``runs``: which; null = all) and
-    verify the folder (logits within ``logits_atol`` of base + adapter, greedy answers of up to
-    ``max_new_tokens`` identical on the evaluation prompts)."""
+    """Stage B5: merge each ``ie_lora`` run's adapter into its base (``runs``: which; null = all), save it
+    in the base's dtype and verify it (fp32 logits within ``logits_atol`` of base + adapter on every
+    evaluation prompt, greedy answers of up to ``max_new_tokens`` equal on ``greedy_prompts`` of them)."""
 
     runs: list[str] | None = None
     logits_atol: float = 1e-4
     max_new_tokens: int = 128
+    greedy_prompts: int = 0  # greedy answers compared on the first N evaluation prompts (0 = all); logits: all
+    batch_size: int = 4  # prompts per forward in the checks (logits: one batch's tokens × vocabulary in fp32)
     max_shard_size: str = "2GB"
 
 
@@ -246,7 +256,9 @@ def _ie_eval_models() -> list[dict]:
 
 
 IE_EVAL_BACKENDS = ("microlm", "transformers", "openai")
-IE_EVAL_MODEL_KEYS = ("name", "backend", "model", "adapter", "constrained", "base_url", "model_name", "api_key_env")
+IE_EVAL_MODEL_KEYS = ("name", "backend", "model", "adapter", "constrained", "base_url", "model_name", "api_key_env",
+                      "prompt")
+IE_EVAL_PROTOCOLS = ("ours", "iepile")
 
 
 @dataclass
@@ -261,7 +273,11 @@ class IEEvalConfig:
     floors: bool = True
     all: bool = False
     limit: int = 0  # the first N prompts only (0 = all)
-    max_new_tokens: int = 256
+    # ours: the fixed prompts, one chunk each; iepile: every chunk of their records under IEPile's test chunking,
+    # a record's answers merged and scored against its whole relation list (IEPile's eval_func counting)
+    protocols: list[str] = field(default_factory=lambda: ["ours"])
+    compare: list[list[str]] | None = None  # [A, B] pairs for the paired bootstrap (null = every pair)
+    max_new_tokens: int = 256  # at least: each model's cap also holds the longest gold answer it is asked for
     stop: list[str] = field(default_factory=lambda: ["<|im_end|>"])
     batch_size: int = 8
     bootstrap_samples: int = 1000
@@ -389,6 +405,10 @@ class HFConfig:
 class Config:
     profile: str = "smoke"
     seed: int = 1234
+    # the Qwen2.5 instruct model of pipeline B, named once: a hub id (fetched by transformers' cache where
+    # there is internet; HF_HUB_OFFLINE=1 respected) or a local folder; ``$MICROLM_QWEN`` overrides it.
+    # Model entries say ``qwen`` (ie_lora.runs[].base, ie_eval.models[].model) to mean this model.
+    qwen: str | None = None
     run_dir: str | None = None  # default: runs/<profile>
     data: DataConfig = field(default_factory=DataConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -573,12 +593,42 @@ def _validate_ie_data(c: IEDataConfig) -> None:
             raise ConfigError(f"ie_data.{msg}")
 
 
-def _validate_ie_lora(c: IELoRAConfig) -> None:
+def ie_lora_run_config(cfg: Config, entry: dict) -> Config:
+    """The config one ``ie_lora`` run trains with: ``ie_lora`` with the run's ``with`` settings applied."""
+    if not entry.get("with"):
+        return cfg
+    return dataclasses.replace(cfg, ie_lora=_run_section(cfg.ie_lora, entry))
+
+
+def _run_section(c: IELoRAConfig, entry: dict) -> IELoRAConfig:
+    over = entry.get("with")
+    if not isinstance(over, dict):
+        raise ConfigError(f"ie_lora.runs: {entry.get('name')!r}: with must be a mapping of settings, got {over!r}")
+    raw = dataclasses.asdict(c)
+    for key, value in over.items():
+        if not isinstance(key, str) or key.split(".")[0] in ("runs", "with"):
+            raise ConfigError(f"ie_lora.runs: {entry.get('name')!r}: with cannot set {key!r}")
+        _set_path(raw, key, value)
+    where = f"ie_lora.runs[{entry.get('name')}].with"
+    try:
+        section = _build(IELoRAConfig, raw, where)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(f"{where}.", f"{where}: ")) from None
+    try:
+        _validate_ie_lora(section, nested=True)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return section
+
+
+def _validate_ie_lora(c: IELoRAConfig, nested: bool = False) -> None:
     names = [r.get("name", "") for r in c.runs]
     for r in c.runs:
-        extra = sorted(set(r) - {"name", "base", "engine"})
-        if extra or not r.get("name") or not r.get("base"):
-            raise ConfigError(f"ie_lora.runs: each run is {{name, base, engine}}; got {r}")
+        extra = sorted(set(r) - {"name", "base", "engine", "with"})
+        if extra or not r.get("name") or not r.get("base") or not isinstance(r.get("base"), str):
+            raise ConfigError(f"ie_lora.runs: each run is {{name, base, engine, with?}}; got {r}")
+        if r.get("with") is not None and not nested:
+            _run_section(c, r)
         if r.get("engine", "peft") not in IE_LORA_ENGINES:
             raise ConfigError(f"ie_lora.runs: engine {r.get('engine')!r} is not one of {', '.join(IE_LORA_ENGINES)}")
         if not regex.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r["name"]):
@@ -592,6 +642,8 @@ def _validate_ie_lora(c: IELoRAConfig) -> None:
     if (c.cutoff_tokens is not None and c.cutoff_tokens < 16) or c.group < 1 or c.val_examples < 0 \
             or c.train_examples < 0:
         raise ConfigError("ie_lora: cutoff_tokens >= 16 (or null), group >= 1, val_examples >= 0, train_examples >= 0")
+    if not 0.0 <= c.empty_share <= 1.0 or (c.decontaminate is not None and not 0.0 < c.decontaminate <= 1.0):
+        raise ConfigError("ie_lora: empty_share must be in [0, 1] and decontaminate in (0, 1] or null")
     _validate_train("ie_lora.train", c.train)
 
 
@@ -600,8 +652,8 @@ def _validate_ie_merged(c: IEMergedConfig, lora: IELoRAConfig) -> None:
     unknown = sorted(set(c.runs or []) - names)
     if unknown:
         raise ConfigError(f"ie_merged.runs: {', '.join(unknown)} is not an ie_lora run ({', '.join(sorted(names))})")
-    if c.logits_atol <= 0 or c.max_new_tokens < 1:
-        raise ConfigError("ie_merged: logits_atol > 0 and max_new_tokens >= 1")
+    if c.logits_atol <= 0 or c.max_new_tokens < 1 or c.greedy_prompts < 0 or c.batch_size < 1:
+        raise ConfigError("ie_merged: logits_atol > 0, max_new_tokens >= 1, greedy_prompts >= 0, batch_size >= 1")
 
 
 def _validate_ie_eval(c: IEEvalConfig, lora: IELoRAConfig) -> None:
@@ -615,12 +667,21 @@ def _validate_ie_eval(c: IEEvalConfig, lora: IELoRAConfig) -> None:
             raise ConfigError(f"ie_eval.models: {m['name']!r} (openai) needs base_url")
         if m.get("constrained") and m["backend"] != "transformers":
             raise ConfigError(f"ie_eval.models: {m['name']!r}: constrained decoding is a transformers-backend option")
+        if m.get("prompt", "ie") not in ("ie", "zero_shot"):
+            raise ConfigError(f"ie_eval.models: {m['name']!r}: prompt must be ie or zero_shot, got {m.get('prompt')!r}")
         # a model naming an ie_lora run that is not configured is a counted load_error in the stage,
         # not a config error (a user may change ie_lora.runs without touching ie_eval)
         if not regex.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m["name"]) or m["name"].startswith("floor-"):
             raise ConfigError(f"ie_eval.models: name {m['name']!r} must be a folder name, not floor-*")
     if len(set(names)) != len(names):
         raise ConfigError("ie_eval.models: names must be distinct")
+    if not c.protocols or set(c.protocols) - set(IE_EVAL_PROTOCOLS) or "ours" not in c.protocols:
+        raise ConfigError(f"ie_eval.protocols: ours, and optionally iepile; got {c.protocols}")
+    known = set(names) | ({"floor-empty", "floor-rule"} if c.floors else set())
+    for pair in c.compare or []:
+        if len(pair) != 2 or pair[0] == pair[1] or set(pair) - known:
+            raise ConfigError(f"ie_eval.compare: each entry is [A, B], two different models or floors of "
+                              f"ie_eval.models; got {pair}")
     if c.max_new_tokens < 1 or c.batch_size < 1 or c.bootstrap_samples < 100 or c.concurrency < 1 \
             or c.timeout_s <= 0 or c.retries < 0 or c.backoff_s < 0 or c.limit < 0:
         raise ConfigError("ie_eval: max_new_tokens, batch_size, concurrency >= 1; bootstrap_samples >= 100; "
@@ -695,9 +756,7 @@ def resolve_config_path(profile_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[str] | dict | None = None) -> Config:
-    """Load a profile name or YAML path strictly; apply ``section.key=value`` overrides."""
-    path = resolve_config_path(profile_or_path)
+def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -708,6 +767,38 @@ def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[st
         raise ConfigError(f"{path}: the config is empty (copy a profile from configs/ and edit it)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A profile's settings: its file on top of the profile it ``extends`` (which lists only what differs)."""
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path.name}: extends must name a profile, got {parent!r}")
+    ppath = resolve_config_path(parent)
+    if ppath.resolve() in seen or ppath.resolve() == path.resolve():
+        raise ConfigError(f"{path.name}: extends {parent!r} makes a cycle")
+    base = _read_profile(ppath, (*seen, path.resolve()))
+    base.pop("profile", None)  # the child's name, not the parent's
+    return _merge(base, raw)
+
+
+def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[str] | dict | None = None) -> Config:
+    """Load a profile name or YAML path strictly (``extends: <profile>`` takes that profile as the base
+    and lists only what differs); apply ``section.key=value`` overrides."""
+    path = resolve_config_path(profile_or_path)
+    raw = _read_profile(path)
     raw.setdefault("profile", path.stem)
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:
@@ -722,6 +813,20 @@ def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[st
     cfg.model.vocab_size = cfg.tokenizer.vocab_size  # one number: the model's embedding = the tokenizer's ids
     _validate(cfg)
     return cfg
+
+
+def qwen_model(cfg: Config) -> str:
+    """The Qwen model entries called ``qwen`` mean: ``$MICROLM_QWEN``, else the profile's ``qwen``."""
+    q = os.environ.get(ENV_QWEN) or cfg.qwen
+    if not q:
+        raise ConfigError(f"a model entry says 'qwen' but profile {cfg.profile!r} names no Qwen model: set "
+                          f"qwen: in the profile, or {ENV_QWEN}=/path/to/a/local/Qwen2.5-Instruct folder")
+    return str(Path(q).expanduser()) if os.sep in q and Path(q).expanduser().exists() else q
+
+
+def resolve_model_name(cfg: Config, name: str) -> str:
+    """``qwen`` → ``qwen_model(cfg)``; any other model name or reference as given."""
+    return qwen_model(cfg) if name == "qwen" else name
 
 
 def _split_override(item: str) -> tuple[str, Any]:

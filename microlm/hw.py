@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 __all__ = ["PRECISIONS", "DTYPES", "cpu_flags", "cpu_bf16", "device_kind", "resolve_precision", "autocast",
-           "resolve_dtype", "torch_dtype"]
+           "resolve_dtype", "torch_dtype", "cpu_name", "reset_peak_rss", "peak_rss_mb"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("auto", "fp32", "bf16")
@@ -114,3 +114,41 @@ def torch_dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), with whether it has native bf16 flags — what every
+    measured number is reported with."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512-bf16" if "avx512_bf16" in flags else \
+        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa})"
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh (Linux; elsewhere nothing happens),
+    so a stage's peak is its own and not an earlier stage's of the same process."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory since start or the last ``reset_peak_rss`` (VmHWM), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -41,6 +41,7 @@ class StageRun:
     progress: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     dist: Any = None  # microlm.train.dist.DistInfo for training stages
+    force: bool = False  # --force: every part is built again (a multi-run stage keeps no finished sub-run)
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -114,7 +115,10 @@ def is_fresh(stage_dir: str | os.PathLike, fp: str) -> bool:
 
 
 def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config: dict, inputs: list[dict],
-                   outputs: list[str], metrics: dict, started: float, upstream: dict | None = None) -> dict:
+                   outputs: list[str], metrics: dict, started: float, upstream: dict | None = None,
+                   peak_rss_mb: int | None = None) -> dict:
+    from microlm.hw import cpu_name
+
     m = {
         "stage": stage,
         "fingerprint": fp,
@@ -125,8 +129,11 @@ def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fp: str, config:
         "files": folder_files(stage_dir),
         "metrics": metrics,
         "timings": {"seconds": round(time.time() - started, 3)},
+        "memory": {"peak_rss_mb": peak_rss_mb},  # this process's VmHWM while the stage built (not its servers')
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                 "cpu": cpu_name(), "cores_in_use": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count()},
     }
     write_json(Path(stage_dir) / MANIFEST, m)
     return m

@@ -26,6 +26,7 @@ from typing import Any
 
 from microlm.config import Config, stage_config, trajectory_config
 from microlm.errors import MicroLMError
+from microlm.hw import peak_rss_mb, reset_peak_rss
 from microlm.io import recover_dir
 from microlm.runs import MANIFEST, StageRun, file_digest, fingerprint, is_fresh, read_manifest, write_manifest
 
@@ -204,8 +205,9 @@ def build(name: str, cfg: Config, *, force: bool = False, progress: bool = True,
             recover_dir(folder)
             (folder / MANIFEST).unlink(missing_ok=True)  # from here until the end the stage is not fresh
             _mark(folder, st.name, fp)
-        run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options)
+        run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options, force=force)
         started = time.time()
+        reset_peak_rss()
         if st.train:
             from microlm.train.dist import distributed  # torch: only training stages need it
 
@@ -219,10 +221,18 @@ def build(name: str, cfg: Config, *, force: bool = False, progress: bool = True,
         if metrics is not None and main:
             _mark(folder, st.name)  # a stage that replaced its whole folder dropped the mark
             write_manifest(folder, stage=st.name, fp=fp, config=conf, inputs=inputs, outputs=list(st.outputs),
-                           metrics=metrics, started=started,
+                           metrics=metrics, started=started, peak_rss_mb=max([peak_rss_mb(), *_peaks(metrics)]),
                            upstream={u: {"path": str(p), "fingerprint": (read_manifest(p) or {}).get("fingerprint")}
                                      for u, p in ups.items()})
     return folder
+
+
+def _peaks(metrics) -> list[int]:
+    """Every ``peak_rss_mb`` a stage's metrics report (sub-runs reset the process's peak for their own)."""
+    if isinstance(metrics, dict):
+        return [v for k, v in metrics.items() if k == "peak_rss_mb" and isinstance(v, int)] + \
+            [p for v in metrics.values() for p in _peaks(v)]
+    return []
 
 
 STAGE_MARK = ".microlm_stage"  # names the stage a folder belongs to, manifest or not (a killed or partial run)
@@ -257,7 +267,8 @@ def _interrupted_run(st: Stage, folder: Path, fp: str) -> bool:
     finish (no manifest): stopped by Ctrl-C, killed, or cut with ``--stop-after``."""
     if not any(o.name == "resume" for o in st.all_options) or read_manifest(folder) is not None:
         return False
-    return _mark_lines(folder)[:2] == [st.name, fp] and (folder / "ckpt" / "state.json").is_file()
+    return _mark_lines(folder)[:2] == [st.name, fp] and (
+        (folder / "ckpt" / "state.json").is_file() or any(folder.glob("*/ckpt/state.json")))  # or a sub-run's
 
 
 def _check_folder(st: Stage, folder: Path, inputs: list[dict], options: dict, *, force: bool) -> None:
@@ -483,10 +494,10 @@ register(Stage(
     build="microlm.ie.pipeline:build", upstream=("tokenizer",), sections=("ie_data",),
     key=lambda cfg, o: {"ie_data": stage_config(cfg, "ie_data"), "microlm_context": cfg.model.max_seq_len,
                         "seed": cfg.seed},
-    inputs=_ie_inputs, outputs=tuple(f"06_{s}.jsonl" for s in ("train", "val", "test", "eval_prompts"))
+    inputs=_ie_inputs, outputs=tuple(f"06_{s}.jsonl" for s in ("train", "val", "test", "eval_prompts", "test_iepile"))
     + ("05_eval_prompts.jsonl",) + tuple(f"0{n}_{step}_stats.json" for n, step in
                                         enumerate(("standardize", "filter", "stratify", "derive", "sample", "render"), 1)),
-    notebook="09_ie_data",
+    notebook="09_ie_data", version=2,  # 2: the test split keeps every chunk; IEPile's test chunking
     options=(Option("step", "run one step: 1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample, 6 render "
                     "(default: all six as a stage, skipped when nothing changed)", type=int, partial=True),),
     summary=lambda m: (f"{m['records_in']:,} records in, {m['records_kept']:,} kept, {m['examples']:,} examples; "
@@ -497,10 +508,17 @@ def _ie_bases(cfg: Config, options: dict) -> tuple[str, ...]:
     return ("ie_data",) + (("hf",) if any(r["base"] == "hf" for r in cfg.ie_lora.runs) else ())
 
 
+def _qwen_key(cfg: Config, names) -> str | None:
+    """The Qwen model the ``qwen`` entries mean (``$MICROLM_QWEN`` or the profile's), when one says it."""
+    from microlm.config import qwen_model
+
+    return qwen_model(cfg) if "qwen" in names else None
+
+
 def _ie_lora_key(cfg: Config, options: dict) -> dict:
     lc = stage_config(cfg, "ie_lora")
     return {"ie_lora": {k: v for k, v in lc.items() if k != "train"}, "seed": cfg.seed,
-            "train": trajectory_config(cfg.ie_lora.train)}
+            "train": trajectory_config(cfg.ie_lora.train), "qwen": _qwen_key(cfg, [r["base"] for r in cfg.ie_lora.runs])}
 
 
 def _ie_runs(m: dict, fmt: Callable[[dict], str]) -> str:
@@ -541,7 +559,8 @@ register(Stage(
     "ie_eval", "B4", "evaluate models on the IE prompts: parse rate, schema, strict and relaxed F1 with intervals",
     build="microlm.ie.evaluate:build", upstream=("ie_data", "hf", "ie_lora", "ie_merged"), needs=_ie_eval_needs,
     sections=("ie_eval",),
-    key=lambda cfg, o: {"ie_eval": stage_config(cfg, "ie_eval"), "all": bool(o.get("all")), "seed": cfg.seed},
+    key=lambda cfg, o: {"ie_eval": stage_config(cfg, "ie_eval"), "all": bool(o.get("all")), "seed": cfg.seed,
+                        "qwen": _qwen_key(cfg, [m.get("model") for m in cfg.ie_eval.models])},
     outputs=("results.jsonl", "summary.md", "summary.csv", "failures.md", "metrics.png", "topic_f1.png",
              "answers.png", "report.json"),
     notebook="11_ie_eval",

@@ -52,3 +52,62 @@ def test_missing_config_and_bad_yaml(tmp_path):
     p.write_text("corpus: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(str(p))
+
+
+def test_a_profile_extends_another_and_lists_only_what_differs(tmp_path, monkeypatch):
+    cpu, laptop = load_config("cpu"), load_config("laptop")
+    assert laptop.profile == "laptop" and laptop.pretrain == cpu.pretrain and laptop.model == cpu.model
+    assert laptop.qwen == "Qwen/Qwen2.5-0.5B-Instruct" and cpu.qwen is None
+    assert [r["base"] for r in laptop.ie_lora.runs][0] == "qwen"
+    assert laptop.ie_lora.r == cpu.ie_lora.r  # a nested section merges key by key ...
+    assert laptop.serve_bench.concurrency == [1, 8, 16] and laptop.serve_bench.datasets == cpu.serve_bench.datasets
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "configs" / "mine.yaml").write_text("extends: laptop\nie_lora: {r: 4}\n")
+    (tmp_path / "configs" / "loop.yaml").write_text("extends: loop2\n")
+    (tmp_path / "configs" / "loop2.yaml").write_text("extends: loop\n")
+    monkeypatch.chdir(tmp_path)
+    mine = load_config("mine")
+    assert mine.profile == "mine" and mine.ie_lora.r == 4 and mine.ie_lora.runs == laptop.ie_lora.runs  # ... lists replace
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config("loop")
+
+
+def test_the_qwen_model_is_named_once_and_microlm_qwen_overrides_it(monkeypatch):
+    from microlm.config import qwen_model, resolve_model_name
+
+    cfg = load_config("laptop")
+    monkeypatch.delenv("MICROLM_QWEN", raising=False)
+    assert resolve_model_name(cfg, "qwen") == "Qwen/Qwen2.5-0.5B-Instruct" and resolve_model_name(cfg, "hf") == "hf"
+    monkeypatch.setenv("MICROLM_QWEN", "/models/my-qwen")
+    assert qwen_model(cfg) == "/models/my-qwen"
+    monkeypatch.delenv("MICROLM_QWEN")
+    with pytest.raises(ConfigError, match="MICROLM_QWEN"):
+        qwen_model(load_config("cpu"))
+
+
+def test_a_run_of_ie_lora_may_change_its_own_settings():
+    from microlm.config import ie_lora_run_config
+
+    cfg = load_config("laptop")
+    qwen = ie_lora_run_config(cfg, cfg.ie_lora.runs[0])
+    assert qwen.ie_lora.train.lr == 0.0003 and qwen.ie_lora.dropout == 0.0 and qwen.ie_lora.train.max_steps == 120
+    assert cfg.ie_lora.train.lr == 0.002 and ie_lora_run_config(cfg, cfg.ie_lora.runs[1]) is cfg
+    for bad, msg in (("{train.lrr: 1}", "unknown config key"), ("{dropout: 2}", "dropout"), ("[1]", "mapping"),
+                     ("{runs: []}", "cannot set")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config("smoke", [f"ie_lora.runs=[{{name: a, base: hf, engine: peft, with: {bad}}}]"])
+
+
+@pytest.mark.parametrize("override,msg", [
+    ({"ie_eval.protocols": ["iepile"]}, "protocols"),
+    ({"ie_eval.protocols": ["ours", "theirs"]}, "protocols"),
+    ({"ie_eval.compare": [["microlm-peft", "nosuch"]]}, "compare"),
+    ({"ie_eval.compare": [["microlm-peft", "microlm-peft"]]}, "compare"),
+    ({"ie_lora.empty_share": 1.5}, "empty_share"),
+    ({"ie_lora.decontaminate": 0.0}, "decontaminate"),
+    ({"ie_merged.greedy_prompts": -1}, "greedy_prompts"),
+])
+def test_bad_pipeline_b_settings_are_one_line_errors(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config("smoke", override)

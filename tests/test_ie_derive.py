@@ -2,7 +2,9 @@
 
 import json
 
-from microlm.ie.derive import INSTRUCTIONS, derive_examples
+import pytest
+
+from microlm.ie.derive import INSTRUCTIONS, derive_examples, derive_iepile, iepile_chunks
 
 REC = {"id": "r1", "cate": "人物", "source": "s", "stratum": "人物:配偶", "text": "李白的妻子是许氏，生于碎叶城。",
        "relation": [{"head": "李白", "relation": "配偶", "tail": "许氏"}, {"head": "李白", "relation": "配偶", "tail": "许氏"},
@@ -35,25 +37,53 @@ def test_shuffled_variants_are_reproducible_permutations_and_english_topics_get_
     assert json.loads(e["output"]) == {"spouse": [{"subject": "Li Bai", "object": "Xu"}]}
 
 
-def test_empty_chunks_are_capped_per_record_deterministically_and_counted():
+def test_empty_chunks_beyond_the_cap_are_marked_deterministically_and_counted():
     pool = POOL + ["死亡日期", "墓地", "籍贯", "职务", "别名", "作品"]  # 12 relations → 3 chunks of 4
     skipped = [0]
     exs = list(derive_examples([REC], lambda r: pool, split_num=4, shuffle_variants=0, seed=0, max_empty_chunks=1,
                                skipped=skipped))
     full = list(derive_examples([REC], lambda r: pool, split_num=4, shuffle_variants=0, seed=0))
     assert len(full) == 3 and sum(e["positives"] == 0 for e in full) == 1  # 出生地点 in chunk 0, 配偶 in chunk 1
-    assert exs == full and skipped == [0]  # one empty chunk: nothing to cap
+    assert exs == full and skipped == [0] and not any(e["capped"] for e in exs)  # one empty chunk: nothing to cap
     many = [f"r{i}" for i in range(20)]
     skipped = [0]
     exs = list(derive_examples([REC], lambda r: POOL + many, split_num=4, shuffle_variants=1, seed=0,
                                max_empty_chunks=1, skipped=skipped))
-    for v in (0, 1):
-        mine = [e for e in exs if e["variant"] == v]
-        assert sum(e["positives"] == 0 for e in mine) == 1  # one empty chunk kept per variant
-        assert sum(e["positives"] for e in mine) == 2  # every chunk with a gold pair kept
     uncapped = list(derive_examples([REC], lambda r: POOL + many, split_num=4, shuffle_variants=1, seed=0))
-    assert skipped[0] == len(uncapped) - len(exs) == sum(e["positives"] == 0 for e in uncapped) - 2
-    assert all(e in uncapped for e in exs)  # the cap only leaves examples out
+    assert len(exs) == len(uncapped)  # every chunk is still derived (the test split keeps them all) ...
+    for v in (0, 1):
+        mine = [e for e in exs if e["variant"] == v and not e["capped"]]
+        assert sum(e["positives"] == 0 for e in mine) == 1  # ... one empty chunk per variant left uncapped
+        assert sum(e["positives"] for e in mine) == 2  # every chunk with a gold pair uncapped
+    assert all(e["positives"] == 0 for e in exs if e["capped"])
+    assert skipped[0] == sum(e["capped"] for e in exs) == sum(e["positives"] == 0 for e in uncapped) - 2
+    again = list(derive_examples([REC], lambda r: POOL + many, split_num=4, shuffle_variants=1, seed=0,
+                                 max_empty_chunks=1))
+    assert [e["capped"] for e in again] == [e["capped"] for e in exs]  # seeded: the same chunks every time
+
+
+@pytest.mark.parametrize("n, size, want", [
+    (8, 4, [4, 4]),  # exact
+    (9, 4, [4, 5]),  # a remainder of 1 < 4 // 2 joins the last chunk
+    (10, 4, [4, 4, 2]),  # a remainder of 2 = 4 // 2 is its own chunk
+    (3, 4, [3]), (4, 4, [4]), (1, 4, [1]), (0, 4, []),
+    (7, 3, [3, 3, 1]),  # max(1, 3 // 2) = 1: a remainder of 1 is its own chunk
+    (11, 6, [6, 5]),  # a remainder of 5 >= 6 // 2 is its own chunk
+    (7, -1, [7]),
+])
+def test_iepile_test_chunking_sorts_the_schema_and_folds_a_short_remainder(n, size, want):
+    items = [f"关系{i:02d}" for i in range(n)][::-1]  # given unsorted
+    chunks = iepile_chunks(items, size)
+    assert [len(c) for c in chunks] == want
+    assert [x for c in chunks for x in c] == sorted(items)
+
+
+def test_iepile_examples_carry_the_whole_relation_list():
+    exs = list(derive_iepile([REC], lambda r: POOL + ["r1"], split_num=4))
+    assert [json.loads(e["instruction"])["schema"] for e in exs] == iepile_chunks(POOL + ["r1"], 4)
+    assert all(sorted(map(tuple, e["record_gold"])) == [("李白", "出生地点", "碎叶城"), ("李白", "配偶", "许氏")]
+               for e in exs)  # the duplicated triple once
+    assert sum(e["positives"] for e in exs) == 2 and len({e["id"] for e in exs}) == len(exs)
 
 
 def test_instruction_and_output_strings_are_exactly_json_dumps():

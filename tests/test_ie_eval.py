@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from microlm.errors import MicroLMError
 from microlm.ie.evaluate import evaluate, load_prompts, resolve_ref
 from microlm.ie.render import render_example
 from microlm.model import TransformerLM
@@ -190,3 +191,72 @@ def test_stage_references_resolve(tmp_path):
     assert resolve_ref("ie_lora:a", up) == str(tmp_path / "ie_lora" / "a" / "adapter")
     assert resolve_ref("ie_merged:a", up) == str(tmp_path / "ie_merged" / "a")
     assert resolve_ref("Qwen/Qwen2.5-1.5B-Instruct", up) == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def test_answers_are_cached_as_they_come_and_an_interrupted_run_keeps_them(tiny_export, tmp_path, monkeypatch):
+    import microlm.infer.generate as gen
+
+    folder = tiny_export(0)
+    models = [{"name": "ours", "backend": "microlm", "model": str(folder)}]
+    real, calls = gen.generate_ids, []
+
+    def dies_on_the_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gen, "generate_ids", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(models, tmp_path)  # batch_size 1: two answers computed before the interrupt
+    cached = list((tmp_path / "ie_eval" / ".cache").glob("ours-*.jsonl"))
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 2
+    monkeypatch.setattr(gen, "generate_ids", real)
+    rep, _, _ = _run(models, tmp_path)
+    assert rep["timing"]["ours"]["cached"] == 2 and rep["timing"]["ours"]["computed"] == 3
+
+
+def test_the_answer_cap_holds_the_longest_gold_answer():
+    from microlm.ie.evaluate import answer_cap
+
+    prompts = [{"gold": "x" * 40}, {"gold": "y" * 100}, {"gold": None}]
+    count = len  # one token per character
+    assert answer_cap(count, prompts, 24) == 126  # 100 × 5/4 + the end token: a 24-token cap would cut every gold
+    assert answer_cap(count, prompts, 500) == 500  # a larger configured cap stays
+    assert answer_cap(None, prompts, 24) == 24  # an outside endpoint: the configured cap
+
+
+def test_iepile_prompts_ask_every_chunk_of_the_evaluation_records(tmp_path):
+    d = _data(tmp_path, n=3)
+    rows = []
+    for x in ie_lines(12):
+        user = json.loads(x["messages"][1]["content"])
+        for c, rels in enumerate(([r] for r in user["schema"])):
+            rows.append({"id": f"{x['record_id']}-iepile-{c}", "record_id": x["record_id"], "cate": x["cate"],
+                         "messages": x["messages"][:1] + [{"role": "user", "content": json.dumps(
+                             {**user, "schema": rels}, ensure_ascii=False)}],
+                         "gold": json.dumps({r: [] for r in rels}), "record_gold": [["a", rels[0], "b"]]})
+    (d / "06_test_iepile.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    ours, _ = load_prompts(d)
+    theirs, _ = load_prompts(d, protocol="iepile")
+    assert {p["record_id"] for p in theirs} == {p["record_id"] for p in ours}  # the same 3 records ...
+    assert len(theirs) == sum(1 + i % 4 for i in range(3))  # ... every chunk of each
+    assert all(p["record_gold"] for p in theirs)
+    everything, _ = load_prompts(d, protocol="iepile", all_test=True)
+    assert len(everything) == len(rows)
+    with pytest.raises(MicroLMError, match="unknown evaluation protocol"):
+        load_prompts(d, protocol="nope")
+
+
+def test_the_zero_shot_prompt_describes_the_answer_format_and_is_its_own_cache_key(tiny_export, tmp_path):
+    from microlm.ie.render import ANSWER_FORMAT, prompt_messages
+
+    msgs = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "{}"}]
+    zs = prompt_messages(msgs, "zero_shot")
+    assert zs[0]["content"].endswith(ANSWER_FORMAT["zh"]) and zs[1] == msgs[1] and msgs[0]["content"] == "你是助手。"
+    assert prompt_messages(msgs, "ie") is msgs
+    folder = tiny_export(0)
+    models = [{"name": "a", "backend": "transformers", "model": str(folder)},
+              {"name": "b", "backend": "transformers", "model": str(folder), "prompt": "zero_shot"}]
+    rep, rows, _ = _run(models, tmp_path, n=2)
+    assert rep["timing"]["b"]["computed"] == 2  # not the same prompts as a's: no shared answers

@@ -375,3 +375,127 @@ def test_a_run_killed_with_sigkill_resumes_and_its_adapter_loads(tiny_llama, tmp
     assert steps == list(range(1, 61))  # lines after the last checkpoint dropped and redone, none twice
     model = PeftModel.from_pretrained(load_base(str(tiny_llama)), out / "adapter")
     assert model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("arch", ["qwen2-peft", "microlm-scratch"])
+def test_the_chunked_answer_loss_equals_the_full_vocabulary_loss(tiny_llama, tmp_path, chat_tok, arch):
+    """Only the trained positions go through the output head, a few rows at a time, each chunk
+    recomputed in the backward pass: the same summed loss and the same adapter gradients as the
+    full-vocabulary cross-entropy over all logits."""
+    from microlm.ie.lora_data import SummedTokenLoss, _trunk
+
+    if arch == "qwen2-peft":
+        base = tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
+        model = attach_peft(load_base(str(base)), 4, 8.0, 0.0, ALL_LINEAR)
+    else:
+        base = tiny_llama
+        model, _, _ = attach_microlm(tiny_llama, 4, 8.0, 0.0, ALL_LINEAR)
+    for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(p, std=0.5)  # B = 0 at init would make every adapter gradient but B's vanish
+    tok = load_tokenizer(str(base))
+    exs, _ = encode_chats(ChatEncoder(tok), ie_lines(6), 1024)
+    from microlm.ie.lora_data import LengthGroupedBatches
+
+    x, y, _ = LengthGroupedBatches(exs, 6, tok.pad_token_id, 0).collate(range(6), 1.0)
+    # 7 rows per chunk: several chunks and a ragged last one
+    chunked, full = SummedTokenLoss(model, chunk_rows=7), SummedTokenLoss(model, chunked=False)
+    assert chunked._trunk is not None and full._trunk is None and _trunk(model) is not None
+    grads = []
+    for wrapped in (full, chunked):
+        model.zero_grad()
+        loss = wrapped.summed(x, y)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (lf, gf), (lc, gc) = grads
+    assert (y[:, 1:] != -100).sum() > 7 and lc == pytest.approx(lf, rel=1e-5)
+    worst = {k: float((gf[k] - gc[k]).abs().max() / gf[k].abs().max().clamp_min(1e-12)) for k in gf}
+    assert set(gf) == set(gc) and max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    assert any(gf[k].abs().sum() > 0 for k in gf if "lora_A" in k)
+
+
+def test_batched_verification_equals_one_prompt_at_a_time(tmp_path, chat_tok):
+    """ie_merged's and serve_smoke's checks run in batches (right padding for logits, left padding for
+    generation): the same greedy answers and the same largest logit difference as one prompt at a time."""
+    from microlm.ie.greedy import greedy_ids, max_logit_diff
+
+    base = tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
+    tok = load_tokenizer(str(base))
+    model, other = load_base(str(base)).eval(), load_base(str(base)).eval()
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.add_(0.05 * torch.randn_like(other.model.layers[0].mlp.up_proj.weight))
+    enc = ChatEncoder(tok)
+    prompts = [enc.prompt_ids(x["messages"]) for x in ie_lines(7)]
+    assert len({len(p) for p in prompts}) > 2  # prompts of several lengths: the padding matters
+    batched = greedy_ids(model, tok, prompts, 10, batch_size=4)
+    assert batched == [greedy_ids(model, tok, [p], 10, batch_size=1)[0] for p in prompts]
+    assert all(len(a) >= 1 for a in batched)
+    pad = tok.pad_token_id
+    (d,) = max_logit_diff(model, [other], prompts, pad_id=pad, batch_size=3)
+    single = max(max_logit_diff(model, [other], [p], pad_id=pad, batch_size=1)[0] for p in prompts)
+    assert d > 1e-3 and d == pytest.approx(single, rel=1e-4)
+    assert max_logit_diff(model, [model], prompts, pad_id=pad, batch_size=3) == [0.0]
+
+
+def test_the_merged_folder_keeps_the_base_dtype_and_reports_the_cast(tmp_path, chat_tok):
+    """A bf16 base merges in fp32 (gated: ≤ logits_atol), is saved in bf16 (half the bytes) and the
+    cast's logit change and greedy agreement are reported, not gated."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from microlm.ie.export import merge_adapter
+
+    base = tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
+    m = AutoModelForCausalLM.from_pretrained(base)
+    shutil.rmtree(base / "model.safetensors", ignore_errors=True)
+    m.to(torch.bfloat16).save_pretrained(base)  # the published dtype of Qwen2.5: bf16
+    cfg = _cfg(tmp_path, **{"ie_lora.train.lr": 0.05, "ie_lora.train.precision": "fp32"})
+    train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(base), _data(tmp_path), tmp_path / "m",
+                  progress=False)
+    tok = load_tokenizer(str(base))
+    prompts = [ChatEncoder(tok).prompt_ids(x["messages"]) for x in ie_lines(5)]
+    rep = merge_adapter(str(base), tmp_path / "m" / "adapter", tmp_path / "merged", prompts=prompts, max_new_tokens=6,
+                        greedy_prompts=3)
+    assert rep["dtype"] == "bfloat16" and rep["logits_prompts"] == 5 and rep["greedy_prompts"] == 3
+    assert rep["logits_max_abs_diff"] <= 1e-4 and rep["greedy_identical"] == 3
+    assert 0 < rep["cast_logits_max_abs_diff"] < 1.0 and 0 <= rep["cast_greedy_identical"] <= 3
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert merged.dtype == torch.bfloat16
+    size = sum(p.stat().st_size for p in (tmp_path / "merged").glob("*.safetensors"))
+    assert size < 0.6 * sum(p.numel() * 4 for p in merged.parameters())  # 2 bytes per weight, not 4
+
+
+def test_each_ie_lora_run_is_its_own_record_reused_resumed_or_retrained(tiny_llama, tmp_path):
+    """A finished run is reused only when its own fingerprint (entry, base, settings, upstream) matches;
+    a changed setting retrains it (never a report that says r=2 beside an r=4 adapter); a run stopped
+    part-way resumes from its checkpoint; --force retrains."""
+    from microlm.ie import train_lora
+    from microlm.runs import StageRun
+
+    runs = [{"name": "a", "base": "hf", "engine": "peft"}]
+    data = _data(tmp_path)
+    up = {"hf": tiny_llama, "ie_data": data}
+
+    def build(cfg, force=False, **opts):
+        return train_lora.build(StageRun("ie_lora", cfg, tmp_path / "ie_lora", up, progress=False,
+                                         options={"resume": False, "stop_after": None, **opts}, force=force))
+
+    cfg4 = _cfg(tmp_path, **{"ie_lora.runs": runs})
+    assert build(cfg4, stop_after=3) is None  # stopped part-way: not finished
+    rep = build(cfg4)  # resumes from its step-2 checkpoint
+    steps = [json.loads(x)["step"] for x in (tmp_path / "ie_lora" / "a" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6] and rep["runs"]["a"]["train_examples"] == 20
+    report = tmp_path / "ie_lora" / "a" / "report.json"
+    stamp = report.stat().st_mtime_ns
+    build(cfg4)
+    assert report.stat().st_mtime_ns == stamp  # the same run: reused
+    cfg2 = _cfg(tmp_path, **{"ie_lora.runs": runs, "ie_lora.r": 2})
+    build(cfg2)
+    adapter = json.loads((tmp_path / "ie_lora" / "a" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and json.loads(report.read_text())["params"]["trainable"] < rep["runs"]["a"].get(
+        "trainable", 10**9) and report.stat().st_mtime_ns != stamp
+    stamp = report.stat().st_mtime_ns
+    build(cfg2, force=True)
+    assert report.stat().st_mtime_ns != stamp
+    assert (tmp_path / "ie_lora" / "a" / "base_eval.json").is_file()

@@ -146,3 +146,57 @@ def test_failure_kinds():
     assert failure_kind(row('{"作者": [], "出版社": [{"subject": "三体", "object": "刘慈欣"}]}'), text) == \
         "right pair, wrong relation"
     assert failure_kind(row('{"作者": [], "出版社": []}'), text) == "missed triples"
+
+
+def test_iepile_counting_on_hand_made_answers_in_both_modes():
+    """IEPile's eval_func counts a record's concatenated chunk predictions against its whole relation
+    list: normal mode — a triple predicted twice is one hit and one false positive, each gold triple
+    matches once; set mode — both de-duplicated."""
+    from microlm.ie.metrics import iepile_aggregate, iepile_count, iepile_records
+
+    g = [("三体", "作者", "刘慈欣"), ("三体", "出版社", "重庆出版社")]
+    pred = [("三体", "作者", "刘慈欣"), ("三体", "作者", "刘慈欣"), ("三体", "作者", "刘")]
+    assert iepile_count(pred, g, "normal") == (1, 3, 2)
+    assert iepile_count(pred, g, "set") == (1, 2, 2)
+    assert iepile_count([], g) == (0, 0, 2) and iepile_count(pred, []) == (0, 3, 0)
+    with pytest.raises(ValueError):
+        iepile_count(pred, g, "multimatch")
+    # two chunks of record A (one repeats a triple of the other), one of B; B's answer is not JSON
+    a1 = score_answer('{"作者": [{"subject": "三体", "object": "刘慈欣"}], "出版社": []}', ASK, GOLD)
+    a2 = score_answer('{"国籍": [{"subject": "三体", "object": "刘慈欣"}], "作者": [{"subject": "三体", '
+                      '"object": "刘慈欣"}]}', ["国籍", "作者"], GOLD)
+    b1 = score_answer("```json\n{}\n```", ASK, GOLD)
+    rows = [{"record_id": "A", "cate": "作品", "record_gold": g, **a1}, {"record_id": "A", "cate": "作品", "record_gold": g, **a2},
+            {"record_id": "B", "cate": "作品", "record_gold": [g[0]], **b1}]
+    recs = iepile_records(rows)
+    assert recs["A"]["pred"] == [g[0], ("三体", "国籍", "刘慈欣"), g[0]]  # in order, repeats kept
+    m = iepile_aggregate(recs)
+    # normal: tp 1 (the repeat is a false positive), pred 3, gold 2 + 1 → P 1/3, R 1/3
+    assert (m["tp"], m["n_pred"], m["n_gold"]) == (1, 3, 3) and m["f1"] == pytest.approx(1 / 3)
+    # set: A's predictions {作者, 国籍}: tp 1, pred 2; B: gold 1 → P 1/2, R 1/3, F1 0.4
+    assert m["f1_set"] == pytest.approx(0.4)
+    assert m["parse_rate"] == pytest.approx(2 / 3) and m["answers"] == 3
+
+
+def test_a_fenced_answer_is_read_fence_tolerantly_beside_the_strict_reading():
+    ans = '```json\n{"作者": [{"subject": "三体", "object": "刘慈欣"}], "出版社": []}\n```'
+    s = score_answer(ans, ASK, GOLD)
+    assert s["error"] == "fenced" and not s["parsed"] and s["pred"] == []
+    assert s["parsed_fenced"] and s["pred_fenced"] == [("三体", "作者", "刘慈欣")]
+    m = aggregate(merge_records([{"record_id": "r", "cate": "作品", **s}]))
+    assert m["f1"] == 0.0 and m["f1_fenced"] == 1.0 and m["parse_rate_fenced"] == 1.0
+    plain = score_answer('{"作者": [], "出版社": []}', ASK, GOLD)
+    assert plain["pred_fenced"] == plain["pred"] and plain["parsed_fenced"]
+
+
+def test_a_comparison_can_set_strict_against_fence_tolerant():
+    from microlm.ie.metrics import paired_bootstrap
+
+    gold = lambda i: json.dumps({"作者": [{"subject": f"书{i}", "object": f"人{i}"}]}, ensure_ascii=False)  # noqa: E731
+    a = merge_records([{"record_id": str(i), "cate": "作品", **score_answer(gold(i), ["作者"], gold(i))}
+                       for i in range(30)])
+    b = merge_records([{"record_id": str(i), "cate": "作品",
+                        **score_answer("```json\n" + gold(i) + "\n```", ["作者"], gold(i))} for i in range(30)])
+    assert paired_bootstrap(a, b)["decided"]  # strict against strict: B parses nothing
+    c = paired_bootstrap(a, b, metric_b="f1_fenced")
+    assert c["f1_diff"] == 0.0 and not c["decided"]  # B's fences forgiven: the same extraction

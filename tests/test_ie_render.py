@@ -150,3 +150,57 @@ def test_ie_data_stage_runs_all_steps_once_and_reruns_on_a_change(tmp_cfg, monke
     stages.build("ie_data", changed, progress=False)
     assert read_manifest(folder)["fingerprint"] != m["fingerprint"]
     assert read_manifest(folder)["metrics"]["examples"] != m["metrics"]["examples"]
+
+
+def test_the_test_split_keeps_every_chunk_and_iepile_chunks_cover_each_test_record(tmp_cfg, tmp_path, monkeypatch):
+    """max_empty_chunks samples negatives for training only: train and val hold no capped chunk, the
+    test split holds every chunk of its records; 05_test_iepile.jsonl asks every test record under
+    IEPile's test chunking, each chunk with the record's whole relation list."""
+    import json
+    from collections import Counter
+
+    from microlm.ie.derive import iepile_chunks
+    from microlm.ie.pipeline import run_step
+
+    monkeypatch.delenv("MICROLM_DATA", raising=False)
+    cfg = tmp_cfg(**{"ie_data.max_empty_chunks": 0, "ie_data.split_num": 2})
+    out = tmp_path / "ie"
+    stats = run_step(cfg, 5, out)
+    rows = {s: [json.loads(x) for x in (out / f"05_{s}.jsonl").read_text(encoding="utf-8").splitlines()]
+            for s in ("train", "val", "test", "test_iepile")}
+    assert not any(r["capped"] for s in ("train", "val") for r in rows[s])
+    assert any(r["capped"] for r in rows["test"]) and any(r["positives"] == 0 for r in rows["test"])
+    assert stats["splits"]["train"]["capped_empty_chunks_left_out"] > 0
+    assert stats["splits"]["test"]["capped_empty_chunks_left_out"] == 0
+    derived = Counter(json.loads(x)["record_id"] for x in (out / "04_derived.jsonl").read_text().splitlines())
+    test_ids = {r["record_id"] for r in rows["test"]}
+    assert Counter(r["record_id"] for r in rows["test"]) == {k: derived[k] for k in test_ids}  # every chunk
+    by_rec = {}
+    for r in rows["test_iepile"]:
+        by_rec.setdefault(r["record_id"], []).append(json.loads(r["instruction"])["schema"])
+    assert set(by_rec) == test_ids and stats["test_iepile"]["examples"] == len(rows["test_iepile"])
+    for rid, schemas in by_rec.items():
+        assert schemas == iepile_chunks([x for s in schemas for x in s], 2)  # sorted, short remainder folded
+        gold = next(r["record_gold"] for r in rows["test_iepile"] if r["record_id"] == rid)
+        asked = {x for s in schemas for x in s}
+        assert gold and all(rel in asked for _, rel, _ in gold)
+
+
+def test_a_record_a_source_gives_twice_becomes_one_record(tmp_cfg, tmp_path):
+    import json
+
+    from microlm.ie.pipeline import step_stratify
+
+    out = tmp_path / "ie"
+    out.mkdir()
+    rec = {"id": "x1", "cate": "其他", "text": "甲公司持有乙公司的股份。", "source": "finre"}
+    rows = [dict(rec, relation=[{"head": "甲公司", "relation": "持股", "tail": "乙公司"}]),
+            dict(rec, id="x2", relation=[{"head": "丙", "relation": "持股", "tail": "丁"}]),
+            dict(rec, relation=[{"head": "乙公司", "relation": "被持股", "tail": "甲公司"},
+                                {"head": "甲公司", "relation": "持股", "tail": "乙公司"}])]
+    (out / "02_filtered.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    stats = step_stratify(tmp_cfg(), out)
+    got = [json.loads(x) for x in (out / "03_stratified.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in got] == ["x1", "x2"] and stats["duplicate_records_merged"] == 1
+    assert [(t["head"], t["relation"]) for t in got[0]["relation"]] == [("甲公司", "持股"), ("乙公司", "被持股")]
+    assert stats["relations"]["其他"] == {"持股": 2, "被持股": 1} and all("stratum" in r for r in got)

@@ -15,7 +15,7 @@ import pytest
 
 from microlm import stages
 from microlm.config import load_config
-from microlm.io import COMPLETE, recover_dir, write_json
+from microlm.io import COMPLETE, recover_dir, staged_dir, write_json
 from microlm.model.checkpoint import read_state
 
 from .conftest import REPO, ZH, write_jsonl
@@ -463,3 +463,38 @@ def test_an_interrupted_training_stage_goes_on_by_itself(tmp_cfg, tmp_path, caps
     stages.build("pretrain", cfg, progress=False, out_dir=tmp_path / "x")
     assert "resumed" not in capsys.readouterr().out
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "x")[0]] == [(r["step"], r["loss"]) for r in ref_rows]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stage_stopped_by_kill_or_ctrl_c_removes_its_staging_folder_at_once(tmp_path, sig):
+    """What ie_merged writes (a 1–3 GB folder) is staged beside its place; `kill` or Ctrl-C while it
+    is written or verified removes the staging folder before the process exits (the CLI turns SIGTERM
+    into the interrupt Ctrl-C raises); after a SIGKILL the next write removes what is left."""
+    code = r"""
+import sys, time
+from pathlib import Path
+from microlm.cli import term_as_interrupt
+from microlm.io import staged_dir
+with term_as_interrupt():
+    with staged_dir(Path(sys.argv[1])) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 1000)
+        print("ready", flush=True)
+        time.sleep(120)
+"""
+    out = tmp_path / "merged"
+    p = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".merged.tmp")]
+    t0 = time.time()
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    assert p.returncode != 0 and time.time() - t0 < 30
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no half-written output
+    p = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert [x.name for x in tmp_path.iterdir()] != []  # SIGKILL cannot be caught: the leftover stays ...
+    with staged_dir(out) as tmp:
+        (tmp / "ok").write_text("1")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["merged"]  # ... until the next write removes it

@@ -5,10 +5,17 @@ each chunk becomes one example whose instruction is a JSON string ``{"instructio
 "input"}`` and whose expected output is a JSON string ``{"<relation>": [{"subject", "object"}],
 ...}`` over exactly the chunk's relations — relations absent from the text get ``[]``, so the
 model learns to say "nothing" as well as to extract (IEPile, Gui et al. 2024).  ``shuffle_variants``
-adds copies with the relations in another order.  ``max_empty_chunks`` caps the all-empty chunks
-per record and variant (IEPile samples its negatives too; ``None`` keeps them all) — the kept ones are
-drawn by a seeded hash, so the cap is deterministic.  The relation pool of a schema topic is its
-schema; the pool of the extra topic (unmapped relations) is what that source uses under it.
+adds copies with the relations in another order.  ``max_empty_chunks`` marks the all-empty chunks
+beyond that many per record and variant as ``capped`` (IEPile samples its training negatives too;
+``None`` marks none) — drawn by a seeded hash, so the cap is deterministic.  Step 05 leaves capped
+chunks out of train and val only: the test split keeps every chunk, so a model that hallucinates on
+an empty chunk is penalised.  The relation pool of a schema topic is its schema; the pool of the
+extra topic (unmapped relations) is what that source uses under it.
+
+**IEPile's test protocol** (``iepile_chunks``, ``derive_iepile``): IEPile's own test conversion asks
+every chunk of a record with the schema in a fixed (sorted) order and a short remainder folded into
+the last chunk (fewer than ``split_num // 2`` relations left over join the chunk before), and scores
+the merged answers against the record's whole relation list.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import xxhash
 
-__all__ = ["INSTRUCTIONS", "derive_examples", "chunk"]
+__all__ = ["INSTRUCTIONS", "derive_examples", "chunk", "iepile_chunks", "derive_iepile", "record_gold"]
 
 INSTRUCTIONS = {
     "zh": ("你是专门进行关系抽取的专家。请从input中抽取出符合schema定义的关系三元组，schema中的关系在input中不存在时"
@@ -65,6 +72,46 @@ def chunk(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def iepile_chunks(items: list[str], size: int) -> list[list[str]]:
+    """IEPile's test-time split of a schema: sorted, cut into chunks of ``size``; a remainder shorter
+    than ``max(1, size // 2)`` is folded into the last chunk (``size`` -1: one chunk)."""
+    items = sorted(items)
+    if size == -1 or len(items) <= size:
+        return [items] if items else []
+    full = len(items) // size * size
+    out = [items[i:i + size] for i in range(0, full, size)]
+    rest = items[full:]
+    if len(rest) >= max(1, size // 2):
+        out.append(rest)
+    else:
+        out[-1].extend(rest)
+    return out
+
+
+def record_gold(r: dict) -> dict[str, list[dict]]:
+    """A record's gold pairs by relation, each (subject, object) pair once (IEPile de-duplicates too)."""
+    gold: dict[str, list[dict]] = {}
+    for t in r["relation"]:
+        pair = {"subject": t["head"], "object": t["tail"]}
+        if pair not in gold.setdefault(t["relation"], []):
+            gold[t["relation"]].append(pair)
+    return gold
+
+
+def derive_iepile(records: Iterable[dict], pool_of: Callable[[dict], list[str]], *, split_num: int) -> Iterator[dict]:
+    """Every chunk of every record under IEPile's test chunking (``iepile_chunks``); each example also
+    carries ``record_gold``, the record's whole relation list as ``[subject, relation, object]``."""
+    for r in records:
+        gold = record_gold(r)
+        triples = [[p["subject"], rel, p["object"]] for rel, pairs in gold.items() for p in pairs]
+        for c, rels in enumerate(iepile_chunks(pool_of(r), split_num)):
+            yield {"id": f"{r['id']}-{r['cate']}-iepile-{c}", "record_id": r["id"], "cate": r["cate"],
+                   "stratum": r.get("stratum"), "source": r["source"], "variant": 0, "chunk": c,
+                   "instruction": _instruction_json(INSTRUCTIONS[_lang(r["cate"])], rels, r["text"]),
+                   "output": _output_json(rels, gold),
+                   "positives": sum(len(gold.get(rel, ())) for rel in rels), "record_gold": triples}
+
+
 def _lang(topic: str) -> str:
     return "en" if topic.isascii() else "zh"
 
@@ -73,15 +120,12 @@ def derive_examples(records: Iterable[dict], pool_of: Callable[[dict], list[str]
                     shuffle_variants: int, seed: int, max_empty_chunks: int | None = None,
                     skipped: list[int] | None = None) -> Iterator[dict]:
     """One example per (record, chunk, variant); ``records`` are stratified record dicts and
-    ``pool_of(record)`` is the ordered relation list its instructions draw from; the number of empty
-    chunks left out by ``max_empty_chunks`` is added to ``skipped[0]`` when a list is given."""
+    ``pool_of(record)`` is the ordered relation list its instructions draw from.  All-empty chunks
+    beyond ``max_empty_chunks`` per record and variant carry ``"capped": true`` (their number is added
+    to ``skipped[0]`` when a list is given); step 05 leaves them out of train and val."""
     for r in records:
         pool = pool_of(r)
-        gold: dict[str, list[dict]] = {}
-        for t in r["relation"]:
-            pair = {"subject": t["head"], "object": t["tail"]}
-            if pair not in gold.setdefault(t["relation"], []):
-                gold[t["relation"]].append(pair)
+        gold = record_gold(r)
         rng = random.Random(xxhash.xxh64_intdigest(f"{seed}:{r['id']}:{r['cate']}".encode()))
         orders = [list(pool)]
         for _ in range(shuffle_variants):
@@ -92,16 +136,15 @@ def derive_examples(records: Iterable[dict], pool_of: Callable[[dict], list[str]
             chunks = chunk(order, split_num)
             empty = [c for c, rels in enumerate(chunks) if gold.keys().isdisjoint(rels)]
             if max_empty_chunks is not None and len(empty) > max_empty_chunks:
-                drop = set(empty) - set(rng.sample(empty, max_empty_chunks))
+                capped = set(empty) - set(rng.sample(empty, max_empty_chunks))
                 if skipped is not None:
-                    skipped[0] += len(drop)
+                    skipped[0] += len(capped)
             else:
-                drop = set()
+                capped = set()
             for c, rels in enumerate(chunks):
-                if c in drop:
-                    continue
                 yield {"id": f"{r['id']}-{r['cate']}-{v}-{c}", "record_id": r["id"], "cate": r["cate"],
                        "stratum": r.get("stratum"), "source": r["source"], "variant": v, "chunk": c,
                        "instruction": _instruction_json(INSTRUCTIONS[_lang(r["cate"])], rels, r["text"]),
                        "output": _output_json(rels, gold),
-                       "positives": 0 if c in empty else sum(len(gold.get(rel, ())) for rel in rels)}
+                       "positives": 0 if c in empty else sum(len(gold.get(rel, ())) for rel in rels),
+                       "capped": c in capped}

@@ -9,15 +9,25 @@ same prompts, greedily, and are scored by ``microlm.ie.metrics``; two floors com
 model (all relations ``[]``, and a rule pairing known entity strings found in the text) show what
 learning added.
 
-Every answer is cached on disk (``.cache/<model>-<fingerprint>.jsonl``) keyed by the model's
-fingerprint (its files, or its stage's manifest), the prompt and the decoding settings, so a re-run
-only computes what changed; a model that fails to load, an endpoint that refuses or a prompt without
-gold is a counted error class, never a crash of the run.
+Every answer is cached on disk (``.cache/<model>-<fingerprint>.jsonl``) as it comes, keyed by the
+model's fingerprint (its files, or its stage's manifest), the prompt and the decoding settings, so an
+interrupted run keeps what it computed and a re-run only computes what changed; a model that fails
+to load, an endpoint that refuses or a prompt without gold is a counted error class, never a crash of
+the run.
+
+Two **protocols** (``ie_eval.protocols``): ``ours`` asks the fixed evaluation prompts (one chunk of a
+record each); ``iepile`` asks every chunk of the same records under IEPile's test chunking and scores
+a record's merged answers against its whole relation list (``microlm.ie.metrics``).  A model entry's
+``prompt: zero_shot`` describes the answer format in the system message (a model never trained on it
+needs that), and every row is also scored fence-tolerantly, so a zero-shot row measures extraction,
+not formatting.  The answer cap always holds the longest gold answer of the prompts asked (under the
+model's own tokenizer), whatever ``max_new_tokens`` says.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import random
@@ -35,18 +45,31 @@ __all__ = ["load_prompts", "resolve_ref", "ref_stages", "model_fingerprint", "An
            "answer_transformers", "answer_openai", "json_schema_for", "evaluate", "build", "FLOORS"]
 
 FLOORS = ("floor-empty", "floor-rule")
+PROTOCOLS = ("ours", "iepile")
 
 
 # --------------------------------------------------------------------------------------------- prompts
-def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0) -> tuple[list[dict], Counter]:
-    """The evaluation prompts (``06_eval_prompts.jsonl``) or, ``all_test``, every first-variant chunk
-    of the test split (``06_test.jsonl``); each ``{id, record_id, cate, messages, asked, gold, input}``.
-    A line without gold keeps ``gold=None`` (scored as ``no_gold``); an unreadable line is counted."""
+def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0,
+                 protocol: str = "ours") -> tuple[list[dict], Counter]:
+    """The prompts of a protocol, each ``{id, record_id, cate, messages, asked, gold, input}``
+    (IEPile's also ``record_gold``).  ``ours``: the evaluation prompts (``06_eval_prompts.jsonl``) or,
+    ``all_test``, every first-variant chunk of the test split (``06_test.jsonl``); ``iepile``: every
+    chunk, under IEPile's test chunking, of the evaluation prompts' records (``all_test``: of every
+    test record; ``06_test_iepile.jsonl``).  ``limit``: the first N prompts (IEPile: of the first N
+    records).  A line without gold keeps ``gold=None`` (scored as ``no_gold``); an unreadable line is
+    counted."""
     from microlm.ie.metrics import asked_relations
 
-    path = data_dir / ("06_test.jsonl" if all_test else "06_eval_prompts.jsonl")
+    if protocol not in PROTOCOLS:
+        raise MicroLMError(f"unknown evaluation protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    name = "06_test_iepile.jsonl" if protocol == "iepile" else "06_test.jsonl" if all_test else "06_eval_prompts.jsonl"
+    path = data_dir / name
     if not path.is_file():
         raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
+    records = None
+    if protocol == "iepile" and not all_test:
+        ours, _ = load_prompts(data_dir, limit=limit)
+        records = {p["record_id"] for p in ours}
     out, bad = [], Counter()
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -58,7 +81,9 @@ def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0) -> t
             except (json.JSONDecodeError, KeyError, TypeError):
                 bad["unreadable line"] += 1
                 continue
-            if all_test:
+            if records is not None and row.get("record_id") not in records:
+                continue
+            if all_test and protocol == "ours":
                 if row.get("id", "").rsplit("-", 2)[-2:-1] not in (["0"], []):
                     continue  # shuffled copies of a chunk are training augmentation, not test items
                 gold = msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else None
@@ -70,11 +95,17 @@ def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0) -> t
                 text_in = json.loads(user).get("input", "")
             except (json.JSONDecodeError, AttributeError):
                 text_in = ""
-            out.append({"id": row.get("id", f"line{n}"), "record_id": row.get("record_id", row.get("id", f"line{n}")),
-                        "cate": row.get("cate", "?"), "messages": msgs, "asked": asked_relations(user),
-                        "gold": gold, "input": text_in})
-            if limit and len(out) >= limit:
+            p = {"id": row.get("id", f"line{n}"), "record_id": row.get("record_id", row.get("id", f"line{n}")),
+                 "cate": row.get("cate", "?"), "messages": msgs, "asked": asked_relations(user), "gold": gold,
+                 "input": text_in}
+            if protocol == "iepile":
+                p["record_gold"] = row.get("record_gold") or []
+            out.append(p)
+            if limit and protocol == "ours" and len(out) >= limit:
                 break
+    if limit and protocol == "iepile" and all_test:
+        keep = list(dict.fromkeys(p["record_id"] for p in out))[:limit]
+        out = [p for p in out if p["record_id"] in set(keep)]
     return out, bad
 
 
@@ -105,12 +136,14 @@ def model_fingerprint(entry: dict, up: dict[str, Path]) -> str:
     from microlm.runs import fingerprint
 
     parts = {k: entry.get(k) for k in ("backend", "constrained", "base_url", "model_name")}
+    if entry.get("_started"):  # the course's own server: its port changes every start, the answers do not
+        parts["base_url"] = "serve"
     for key in ("model", "adapter"):
         ref = resolve_ref(entry.get(key), up)
         if ref is not None:
             parts[key] = _folder_digest(ref) if entry.get("backend") != "openai" else ref
-    if entry.get("_serve") is not None:  # the served folder's files, and how it is served
-        spec = entry["_serve"][0]
+    if entry.get("_serve") is not None or entry.get("_serve_spec") is not None:  # the served folder, how served
+        spec = entry.get("_serve_spec") or entry["_serve"][0]
         parts["served"] = [_folder_digest(spec.model), spec.dtype, spec.max_model_len]
     return fingerprint(parts)
 
@@ -129,7 +162,7 @@ class AnswerCache:
                 try:
                     row = json.loads(line)
                     self.rows[row["key"]] = row
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
                     continue  # a line cut by a kill
 
     def key(self, prompt: dict, decoding: dict) -> str:
@@ -155,7 +188,7 @@ def _batches(prompts: list[tuple[int, list[int]]], max_new: int, ctx: int, batch
             yield [p], ctx - len(p[1])
 
 
-def answer_microlm(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, progress=None) -> list[dict]:
+def answer_microlm(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, emit=None) -> list[dict]:
     """Greedy answers from ``microlm.infer`` (a MicroLM HF export, + a from-scratch adapter)."""
     import torch
 
@@ -177,6 +210,8 @@ def answer_microlm(entry: dict, up: dict[str, Path], prompts: list[dict], dec: d
                 for i, p in batch:
                     out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
                               "seconds": 0.0, "finish_reason": "error"}
+                if emit:
+                    emit([(i, out[i]) for i, _ in batch])
                 continue
             t0 = time.perf_counter()
             new = generate_ids(model, [p for _, p in batch], stop_ids=stops, pad_id=tok.eos_id or 0,
@@ -188,8 +223,8 @@ def answer_microlm(entry: dict, up: dict[str, Path], prompts: list[dict], dec: d
                     text = text.split(s)[0]
                 out[i] = {"text": text, "prompt_tokens": len(p), "new_tokens": len(n), "seconds": dt / len(batch),
                           "finish_reason": "length" if len(n) >= max_new else "stop"}
-            if progress:
-                progress(len(batch))
+            if emit:
+                emit([(i, out[i]) for i, _ in batch])
     return out  # type: ignore[return-value]
 
 
@@ -217,15 +252,15 @@ def _hf_load(entry: dict, up: dict[str, Path]):
     return model, tok
 
 
-def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, progress=None) -> list[dict]:
+def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, emit=None) -> list[dict]:
     """Greedy answers from ``transformers`` ``generate`` (left-padded batches; a PEFT adapter merged
     in; ``constrained``: one prompt at a time through xgrammar's JSON-schema logits processor)."""
     import torch
 
-    from microlm.ie.export import _eos_ids
+    from microlm.ie.greedy import eos_ids
 
     model, tok = _hf_load(entry, up)
-    eos = _eos_ids(tok, model)
+    eos = eos_ids(tok, model)
     ctx = getattr(model.config, "max_position_embeddings", 4096)
     ids = [(i, tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
                                        return_dict=False)) for i, p in enumerate(prompts)]
@@ -240,6 +275,8 @@ def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], d
                 for i, p in batch:
                     out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
                               "seconds": 0.0, "finish_reason": "error"}
+                if emit:
+                    emit([(i, out[i]) for i, _ in batch])
                 continue
             longest = max(len(p) for _, p in batch)
             x = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
@@ -264,8 +301,8 @@ def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], d
                     text = text.split(s)[0]
                 out[i] = {"text": text, "prompt_tokens": len(p), "new_tokens": len(new), "seconds": dt / len(batch),
                           "finish_reason": "stop" if ended else "length"}
-            if progress:
-                progress(len(batch))
+            if emit:
+                emit([(i, out[i]) for i, _ in batch])
     return out  # type: ignore[return-value]
 
 
@@ -294,21 +331,15 @@ def _post(url: str, body: dict, key: str | None, timeout: float) -> dict:
         return json.loads(r.read().decode("utf-8"))
 
 
-def answer_openai(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, progress=None) -> list[dict]:
+def answer_openai(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, emit=None) -> list[dict]:
     """Answers from an OpenAI-compatible ``/v1/chat/completions`` (concurrency ``dec["concurrency"]``;
     timeouts, refused connections, 5xx and malformed JSON retried ``dec["retries"]`` times with
     exponential backoff, then recorded as ``endpoint_error``; 4xx is not retried)."""
     import os
 
     if entry.get("_serve") is not None:  # base_url: serve — the course's own vLLM server, for this model's answers
-        from microlm.serve.env import ensure_env
-        from microlm.serve.server import ManagedServer
-
-        spec, run_dir, timeout = entry["_serve"]
-        with ManagedServer(spec, run_dir, python=ensure_env(quiet=True), name=f"vllm-{entry['name']}").start(timeout) as srv:
-            inner = {k: v for k, v in entry.items() if k != "_serve"}
-            inner.update(base_url=srv.base_url, model_name=spec.served_name)
-            return answer_openai(inner, up, prompts, dec, progress)
+        with served(entry) as inner:
+            return answer_openai(inner, up, prompts, dec, emit)
     url = entry["base_url"].rstrip("/") + "/chat/completions"
     key = os.environ.get(entry["api_key_env"]) if entry.get("api_key_env") else None
     name = entry.get("model_name") or entry["model"]
@@ -344,12 +375,29 @@ def answer_openai(entry: dict, up: dict[str, Path], prompts: list[dict], dec: di
         futs = {pool.submit(one, p): i for i, p in enumerate(prompts)}
         for fut in cf.as_completed(futs):
             out[futs[fut]] = fut.result()
-            if progress:
-                progress(1)
+            if emit:
+                emit([(futs[fut], out[futs[fut]])])
     return out  # type: ignore[return-value]
 
 
 BACKENDS = {"microlm": answer_microlm, "transformers": answer_transformers, "openai": answer_openai}
+
+
+@contextlib.contextmanager
+def served(entry: dict):
+    """For an entry with ``base_url: serve``: the course's vLLM server of ``serve.model`` started (once,
+    for all of the entry's answers) and the entry pointing at it; any other entry as it is."""
+    if entry.get("_serve") is None or entry.get("_started"):
+        yield entry
+        return
+    from microlm.serve.env import ensure_env
+    from microlm.serve.server import ManagedServer
+
+    spec, run_dir, timeout = entry["_serve"]
+    with ManagedServer(spec, run_dir, python=ensure_env(quiet=True), name=f"vllm-{entry['name']}").start(timeout) as srv:
+        inner = {k: v for k, v in entry.items() if k != "_serve"}
+        inner.update(base_url=srv.base_url, model_name=spec.served_name, _started=True, _serve_spec=spec)
+        yield inner
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -361,68 +409,153 @@ def _floor_answers(name: str, prompts: list[dict], train_answers: list[str]) -> 
              "prompt_tokens": 0, "new_tokens": 0, "seconds": 0.0, "finish_reason": "stop"} for p in prompts]
 
 
-def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: Path, dec: dict, *,
-             train_answers: list[str], floors: bool = True, progress: bool = True, seed: int = 0,
-             bootstrap_samples: int = 1000) -> dict:
-    """Answer (cache first), score and summarise; writes ``results.jsonl``; returns the report."""
+def _tokenizer_for(entry: dict, up: dict[str, Path]):
+    """A token counter of the model an entry asks (``None`` when it cannot be known: an outside endpoint)."""
+    if entry.get("_serve") is not None or entry.get("_serve_spec") is not None:
+        ref = (entry.get("_serve_spec") or entry["_serve"][0]).model
+    elif entry["backend"] == "openai":
+        return None
+    else:
+        ref = resolve_ref(entry.get("adapter"), up) or resolve_ref(entry["model"], up)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError, TypeError):
+        return None
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def answer_cap(count, prompts: list[dict], configured: int) -> int:
+    """``max_new_tokens`` for a model: at least what the longest gold answer of ``prompts`` needs under
+    its tokenizer (``count``: text → tokens) with a quarter more room and its end token — a cap below a
+    gold answer would score a right answer as truncated."""
+    golds = [p["gold"] for p in prompts if p.get("gold")]
+    if count is None or not golds:
+        return configured
+    longest = max(count(g) for g in golds)
+    return max(configured, -(-longest * 5 // 4) + 1)
+
+
+def _answer_model(entry: dict, prompts: list[dict], up: dict[str, Path], out: Path, dec: dict, progress: bool,
+                  timing: dict) -> list[dict]:
+    """Every answer of one model (cache first; the others computed and cached as they come)."""
     from tqdm.auto import tqdm
 
-    from microlm.ie.metrics import aggregate, bootstrap, merge_records, paired_bootstrap, score_answer
+    name = entry["name"]
+    t0 = time.perf_counter()
+    cap = answer_cap(_tokenizer_for(entry, up), prompts, dec["max_new_tokens"])
+    mdec = dict(dec, max_new_tokens=cap)
+    decoding = {"max_new_tokens": cap, "stop": dec["stop"]}
+    cache = AnswerCache(out / ".cache", name, model_fingerprint(entry, up))
+    keys = [cache.key(p, decoding) for p in prompts]
+    todo, seen = [], set()  # one computation per distinct prompt not in the cache
+    for i, k in enumerate(keys):
+        if k not in cache.rows and k not in seen:
+            seen.add(k)
+            todo.append(i)
+    fresh: dict[str, dict] = {}
+    if todo:
+        bar = tqdm(total=len(todo), desc=f"ie_eval {name}", disable=not progress, leave=False)
+
+        def emit(done: list[tuple[int, dict]]) -> None:
+            got = [dict(a, key=keys[todo[j]]) for j, a in done]
+            fresh.update((a["key"], a) for a in got)
+            cache.add([a for a in got if a.get("error") != "load_error"])  # a model that did not load: not cached
+            bar.update(len(done))
+
+        try:
+            answers = BACKENDS[entry["backend"]](entry, up, [prompts[i] for i in todo], mdec, emit=emit)
+            missing = [(j, a) for j, a in enumerate(answers) if keys[todo[j]] not in fresh]
+            if missing:
+                emit(missing)
+        except MicroLMError as e:  # a model that does not load: every answer is a counted error
+            err = {"text": None, "error": "load_error", "detail": str(e), "prompt_tokens": None, "new_tokens": 0,
+                   "seconds": 0.0, "finish_reason": "error"}
+            emit([(j, dict(err)) for j in range(len(todo)) if keys[todo[j]] not in fresh])
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    answers = [fresh.get(k) or cache.rows[k] for k in keys]
+    timing[name] = {"backend": entry["backend"], "computed": len(todo), "cached": len(prompts) - len(todo),
+                    "max_new_tokens": cap, "wall_s": round(seconds, 2),
+                    "answers_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+                    "generation_s": round(sum(a.get("seconds") or 0.0 for a in answers), 2)}
+    return answers
+
+
+def _scored_rows(name: str, protocol: str, prompts: list[dict], answers: list[dict]) -> list[dict]:
+    from microlm.ie.metrics import score_answer
+
+    rows = []
+    for p, a in zip(prompts, answers, strict=True):
+        s = score_answer(a.get("text"), p["asked"], p["gold"], finish_reason=a.get("finish_reason"), error=a.get("error"))
+        row = {"model": name, "protocol": protocol, "id": p["id"], "record_id": p["record_id"], "cate": p["cate"],
+               "asked": p["asked"], "answer": a.get("text"), "detail": a.get("detail"),
+               "finish_reason": a.get("finish_reason"), "prompt_tokens": a.get("prompt_tokens"),
+               "new_tokens": a.get("new_tokens"), "seconds": a.get("seconds"), **s}
+        if protocol == "iepile":
+            row["record_gold"] = p["record_gold"]
+        rows.append(row)
+    return rows
+
+
+def _styled(entry: dict, prompts: list[dict]) -> list[dict]:
+    from microlm.ie.render import prompt_messages
+
+    style = entry.get("prompt", "ie")
+    return prompts if style == "ie" else [dict(p, messages=prompt_messages(p["messages"], style)) for p in prompts]
+
+
+def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: Path, dec: dict, *,
+             train_answers: list[str], floors: bool = True, progress: bool = True, seed: int = 0,
+             bootstrap_samples: int = 1000, iepile_prompts: list[dict] | None = None,
+             compare: list[list[str]] | None = None) -> dict:
+    """Answer (cache first), score and summarise ``prompts`` (our protocol) and, given, ``iepile_prompts``
+    (IEPile's); writes ``results.jsonl``; returns the report (``models``/``comparisons``: ours;
+    ``iepile``: IEPile's).  ``compare``: the ``[A, B]`` pairs to test (default: every pair)."""
+    from microlm.ie.metrics import (
+        aggregate,
+        bootstrap,
+        iepile_aggregate,
+        iepile_bootstrap,
+        iepile_paired_bootstrap,
+        iepile_records,
+        merge_records,
+        paired_bootstrap,
+    )
     from microlm.io import atomic_open
 
-    rows_by_model: dict[str, list[dict]] = {}
+    protocols = {"ours": prompts, **({"iepile": iepile_prompts} if iepile_prompts is not None else {})}
+    rows: dict[str, dict[str, list[dict]]] = {proto: {} for proto in protocols}
     timing: dict[str, dict] = {}
-    decoding = {k: dec[k] for k in ("max_new_tokens", "stop")}
     names = [m["name"] for m in models] + (list(FLOORS) if floors else [])
     for name in names:
         entry = next((m for m in models if m["name"] == name), {"name": name, "backend": "floor"})
-        t0 = time.perf_counter()
-        computed = cached = 0
-        if entry["backend"] == "floor":
-            answers = _floor_answers(name, prompts, train_answers)
-        else:
-            fp = model_fingerprint(entry, up)
-            cache = AnswerCache(out / ".cache", name, fp)
-            keys = [cache.key(p, decoding) for p in prompts]
-            todo = [i for i, k in enumerate(keys) if k not in cache.rows]
-            cached = len(prompts) - len(todo)
-            if todo:
-                bar = tqdm(total=len(todo), desc=f"ie_eval {name}", disable=not progress, leave=False)
-                try:
-                    fresh = BACKENDS[entry["backend"]](entry, up, [prompts[i] for i in todo], dec, progress=bar.update)
-                except MicroLMError as e:  # a model that does not load: every answer is a counted error
-                    fresh = [{"text": None, "error": "load_error", "detail": str(e), "prompt_tokens": None,
-                              "new_tokens": 0, "seconds": 0.0, "finish_reason": "error"} for _ in todo]
-                finally:
-                    bar.close()
-                keep = [dict(a, key=keys[i]) for i, a in zip(todo, fresh, strict=True) if a.get("error") != "load_error"]
-                cache.add(keep)  # errors of a model that did not load are not cached: fix it and re-run
-                by_key = {keys[i]: dict(a, key=keys[i]) for i, a in zip(todo, fresh, strict=True)}
-                computed = len(todo)
-            else:
-                by_key = {}
-            answers = [by_key.get(k) or cache.rows[k] for k in keys]
-        seconds = time.perf_counter() - t0
-        gen_s = sum(a.get("seconds") or 0.0 for a in answers)
-        timing[name] = {"backend": entry["backend"], "computed": computed, "cached": cached,
-                        "wall_s": round(seconds, 2),
-                        "answers_per_s": round(computed / seconds, 3) if computed and seconds > 0 else None,
-                        "generation_s": round(gen_s, 2)}
-        rows = []
-        for p, a in zip(prompts, answers, strict=True):
-            s = score_answer(a.get("text"), p["asked"], p["gold"], finish_reason=a.get("finish_reason"),
-                             error=a.get("error"))
-            rows.append({"model": name, "id": p["id"], "record_id": p["record_id"], "cate": p["cate"],
-                         "asked": p["asked"], "answer": a.get("text"), "detail": a.get("detail"),
-                         "finish_reason": a.get("finish_reason"), "prompt_tokens": a.get("prompt_tokens"),
-                         "new_tokens": a.get("new_tokens"), "seconds": a.get("seconds"), **s})
-        rows_by_model[name] = rows
+        with served(entry) as entry:  # a server for this row is started once, for both protocols
+            for proto, ps in protocols.items():
+                asked = _styled(entry, ps)
+                t = {}
+                if entry["backend"] == "floor":
+                    answers = _floor_answers(name, asked, train_answers)
+                    t[name] = {"backend": "floor", "computed": len(asked), "cached": 0, "wall_s": 0.0,
+                               "answers_per_s": None, "generation_s": 0.0}
+                else:
+                    answers = _answer_model(entry, asked, up, out, dec, progress, t)
+                if proto == "ours":
+                    timing[name] = t[name]
+                else:
+                    timing[name][proto] = t[name]
+                rows[proto][name] = _scored_rows(name, proto, ps, answers)
     with atomic_open(out / "results.jsonl") as f:
-        for name in names:
-            for r in rows_by_model[name]:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for proto in protocols:
+            for name in names:
+                for r in rows[proto][name]:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
-    recs = {n: merge_records(rows_by_model[n]) for n in names}
+    pairs = [tuple(c) for c in compare] if compare else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [(a, b) for a, b in pairs if a in names and b in names]
+    recs = {n: merge_records(rows["ours"][n]) for n in names}
     summary = {}
     for n in names:
         m = aggregate(recs[n])
@@ -431,15 +564,31 @@ def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: 
         for rid, r in recs[n].items():
             by_topic[r["cate"]][rid] = r
         m["by_topic"] = {t: aggregate(v) for t, v in sorted(by_topic.items())}
-        m["errors"] = dict(Counter(r["error"] for r in rows_by_model[n]).most_common())
+        m["errors"] = dict(Counter(r["error"] for r in rows["ours"][n]).most_common())
         summary[n] = m
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    comparisons = [{"a": a, "b": b, **paired_bootstrap(recs[a], recs[b], samples=bootstrap_samples, seed=seed)}
-                   for a, b in pairs]
-    return {"models": summary, "comparisons": comparisons, "timing": timing, "prompts": len(prompts),
-            "records": len({p["record_id"] for p in prompts if p["gold"] is not None}),
-            "topics": len({p["cate"] for p in prompts}), "decoding": decoding, "bootstrap_samples": bootstrap_samples,
-            "seed": seed, "order": names}
+    comparisons = []
+    for a, b in pairs:  # decided on A's strict F1 against B's fence-tolerant one: B's code fences forgiven
+        c = paired_bootstrap(recs[a], recs[b], samples=bootstrap_samples, seed=seed, metric_b="f1_fenced")
+        strict = paired_bootstrap(recs[a], recs[b], samples=bootstrap_samples, seed=seed)
+        comparisons.append({"a": a, "b": b, **c, "strict": {k: strict[k] for k in ("f1_diff", "interval", "decided")}})
+    report = {"models": summary, "comparisons": comparisons, "timing": timing, "prompts": len(prompts),
+              "records": len({p["record_id"] for p in prompts if p["gold"] is not None}),
+              "topics": len({p["cate"] for p in prompts}), "decoding": {"max_new_tokens": dec["max_new_tokens"],
+                                                                         "stop": dec["stop"]},
+              "bootstrap_samples": bootstrap_samples, "seed": seed, "order": names}
+    if "iepile" in protocols:
+        irecs = {n: iepile_records(rows["iepile"][n]) for n in names}
+        models_i = {}
+        for n in names:
+            m = iepile_aggregate(irecs[n])
+            m["interval"] = iepile_bootstrap(irecs[n], samples=bootstrap_samples, seed=seed)
+            m["errors"] = dict(Counter(r["error"] for r in rows["iepile"][n]).most_common())
+            models_i[n] = m
+        report["iepile"] = {"models": models_i, "prompts": len(iepile_prompts or []),
+                            "records": len({p["record_id"] for p in iepile_prompts or []}),
+                            "comparisons": [{"a": a, "b": b, **iepile_paired_bootstrap(
+                                irecs[a], irecs[b], samples=bootstrap_samples, seed=seed)} for a, b in pairs]}
+    return report
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -448,45 +597,80 @@ def _fmt_iv(v: float, iv: list[float]) -> str:
 
 
 def write_summary(report: dict, out: Path) -> None:
-    """``summary.csv`` + ``summary.md`` (the model × metric table with intervals, the paired
-    comparisons, errors per class)."""
+    """``summary.csv`` + ``summary.md`` (the model × metric table with intervals — our protocol and,
+    when asked, IEPile's — the paired comparisons, errors per class, time)."""
     import csv
 
     from microlm.io import atomic_open
 
     cols = ["model", "backend", "parse_rate", "parse_lo", "parse_hi", "schema_rate", "precision", "recall", "f1",
-            "f1_lo", "f1_hi", "relaxed_f1", "answers", "records"]
+            "f1_lo", "f1_hi", "relaxed_f1", "parse_rate_fenced", "f1_fenced", "answers", "records",
+            "iepile_f1", "iepile_f1_lo", "iepile_f1_hi", "iepile_f1_set"]
+    ie = report.get("iepile", {}).get("models", {})
     with atomic_open(out / "summary.csv") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for n in report["order"]:
             m = report["models"][n]
+            i = ie.get(n)
             w.writerow([n, report["timing"][n]["backend"], f"{m['parse_rate']:.4f}", f"{m['interval']['parse_rate'][0]:.4f}",
                         f"{m['interval']['parse_rate'][1]:.4f}", f"{m['schema_rate']:.4f}", f"{m['precision']:.4f}",
                         f"{m['recall']:.4f}", f"{m['f1']:.4f}", f"{m['interval']['f1'][0]:.4f}",
-                        f"{m['interval']['f1'][1]:.4f}", f"{m['relaxed_f1']:.4f}", m["answers"], m["records"]])
+                        f"{m['interval']['f1'][1]:.4f}", f"{m['relaxed_f1']:.4f}", f"{m['parse_rate_fenced']:.4f}",
+                        f"{m['f1_fenced']:.4f}", m["answers"], m["records"],
+                        *([f"{i['f1']:.4f}", f"{i['interval'][0]:.4f}", f"{i['interval'][1]:.4f}", f"{i['f1_set']:.4f}"]
+                          if i else ["", "", "", ""])])
     lines = [f"# IE evaluation: {report['prompts']} prompts, {report['records']} records, {report['topics']} topics",
-             "", "Strict F1 and parse rate with a bootstrap 95 % interval (records resampled, "
-             f"{report['bootstrap_samples']} samples, seed {report['seed']}).", "",
-             "| model | backend | parse rate | schema | precision | recall | strict F1 | relaxed F1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "Our protocol (one chunk per prompt, scored against its chunk). Strict F1 and parse rate with a "
+             f"bootstrap 95 % interval (records resampled, {report['bootstrap_samples']} samples, seed "
+             f"{report['seed']}); *fenced*: the same answers read fence-tolerantly (the JSON inside a code fence).", "",
+             "| model | backend | parse rate | schema | precision | recall | strict F1 | relaxed F1 | parse (fenced) "
+             "| F1 (fenced) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in report["order"]:
         m = report["models"][n]
         lines.append(f"| {n} | {report['timing'][n]['backend']} | {_fmt_iv(m['parse_rate'], m['interval']['parse_rate'])}"
                      f" | {m['schema_rate']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                     f"{_fmt_iv(m['f1'], m['interval']['f1'])} | {m['relaxed_f1']:.3f} |")
-    lines += ["", "## Paired comparisons (strict F1, A − B)", "",
-              "| A | B | F1 difference | 95 % interval | decided |", "|---|---|---|---|---|"]
+                     f"{_fmt_iv(m['f1'], m['interval']['f1'])} | {m['relaxed_f1']:.3f} | {m['parse_rate_fenced']:.3f} | "
+                     f"{_fmt_iv(m['f1_fenced'], m['interval']['f1_fenced'])} |")
+    if ie:
+        rep = report["iepile"]
+        lines += ["", f"## IEPile's protocol: every chunk of {rep['records']} records ({rep['prompts']} prompts)", "",
+                  "A record's answers merged and scored against its whole relation list, counted as IEPile's "
+                  "`eval_func.py` does (normal mode: a triple predicted twice is one hit and one false positive; "
+                  "set mode: de-duplicated). Strict parsing.", "",
+                  "| model | parse rate | precision | recall | F1 (normal) | F1 (set) |", "|---|---|---|---|---|---|"]
+        for n in report["order"]:
+            i = ie[n]
+            lines.append(f"| {n} | {i['parse_rate']:.3f} | {i['precision']:.3f} | {i['recall']:.3f} | "
+                         f"{_fmt_iv(i['f1'], i['interval'])} | {i['f1_set']:.3f} |")
+    lines += ["", "## Paired comparisons (A − B, records resampled together)", "",
+              "Decided on A's strict F1 against B's fence-tolerant F1 (B's code fences forgiven); the strict − strict "
+              "difference beside it" + ("; IEPile's protocol in the last columns." if ie else "."), "",
+              "| A | B | F1 A − fenced F1 B | 95 % interval | decided | strict − strict |"
+              + (" IEPile F1 A − B | 95 % interval | decided |" if ie else ""),
+              "|---|---|---|---|---|---|" + ("---|---|---|" if ie else "")]
+    iec = {(c["a"], c["b"]): c for c in report.get("iepile", {}).get("comparisons", [])}
     for c in report["comparisons"]:
-        lines.append(f"| {c['a']} | {c['b']} | {c['f1_diff']:+.3f} | [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | "
-                     f"{'yes' if c['decided'] else 'no'} |")
-    lines += ["", "## Answers by error class", "", "| model | " + " | ".join(["classes"]) + " |", "|---|---|"]
+        row = (f"| {c['a']} | {c['b']} | {c['f1_diff']:+.3f} | [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | "
+               f"{'yes' if c['decided'] else 'no'} | {c['strict']['f1_diff']:+.3f} |")
+        if ie:
+            d = iec[(c["a"], c["b"])]
+            row += (f" {d['f1_diff']:+.3f} | [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] | "
+                    f"{'yes' if d['decided'] else 'no'} |")
+        lines.append(row)
+    lines += ["", "## Answers by error class", "", "| model | classes |", "|---|---|"]
     for n in report["order"]:
         lines.append(f"| {n} | " + ", ".join(f"{k} {v}" for k, v in report["models"][n]["errors"].items()) + " |")
-    lines += ["", "## Time", "", "| model | computed | cached | wall s | answers/s |", "|---|---|---|---|---|"]
+    lines += ["", "## Time", "", "Our protocol's prompts" + (", then IEPile's (computed / wall s)." if ie else "."),
+              "", "| model | computed | cached | answer cap (tokens) | wall s | answers/s |"
+              + (" IEPile: computed | IEPile: wall s |" if ie else ""), "|---|---|---|---|---|---|" + ("---|---|" if ie else "")]
     for n in report["order"]:
         t = report["timing"][n]
-        lines.append(f"| {n} | {t['computed']} | {t['cached']} | {t['wall_s']} | {t['answers_per_s'] or '—'} |")
+        row = (f"| {n} | {t['computed']} | {t['cached']} | {t.get('max_new_tokens', '—')} | {t['wall_s']} | "
+               f"{t['answers_per_s'] or '—'} |")
+        if ie:
+            row += f" {t.get('iepile', {}).get('computed', '—')} | {t.get('iepile', {}).get('wall_s', '—')} |"
+        lines.append(row)
     with atomic_open(out / "summary.md") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -498,6 +682,7 @@ def write_failures(rows: list[dict], prompts: list[dict], out: Path, per_kind: i
     from microlm.io import atomic_open
 
     text_of = {p["id"]: p["input"] for p in prompts}
+    rows = [r for r in rows if r.get("protocol", "ours") == "ours"]
     counts: dict[str, Counter] = defaultdict(Counter)
     shown: dict[tuple[str, str], int] = Counter()
     lines = ["# Failures by class", ""]
@@ -578,6 +763,7 @@ def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
     plt.close(fig)
 
     models = [n for n in names if not n.startswith("floor-")]
+    rows = [r for r in rows if r.get("protocol", "ours") == "ours"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
     for n in models:
         lens = [r["new_tokens"] or 0 for r in rows if r["model"] == n]
@@ -597,6 +783,8 @@ def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
 
 def build(run) -> dict:
     """The ``ie_eval`` stage (see the module doc)."""
+    from microlm.config import resolve_model_name
+    from microlm.hw import peak_rss_mb
     from microlm.ie.train_lora import read_lines
     from microlm.io import write_json
 
@@ -605,12 +793,17 @@ def build(run) -> dict:
     prompts, bad = load_prompts(run.up["ie_data"], all_test=all_test, limit=ec.limit)
     if not prompts:
         raise MicroLMError(f"no evaluation prompts in {run.up['ie_data']}")
+    iepile = None
+    if "iepile" in ec.protocols:
+        iepile, bad_i = load_prompts(run.up["ie_data"], all_test=all_test, limit=ec.limit, protocol="iepile")
+        bad.update(bad_i)
     train_answers = [ln["messages"][-1]["content"] for ln in read_lines(run.up["ie_data"] / "06_train.jsonl")
                      if ln.get("messages") and ln["messages"][-1]["role"] == "assistant"]
     dec = {"max_new_tokens": ec.max_new_tokens, "stop": list(ec.stop), "batch_size": ec.batch_size,
            "concurrency": ec.concurrency, "timeout_s": ec.timeout_s, "retries": ec.retries, "backoff_s": ec.backoff_s}
     models = []
     for m in ec.models:
+        m = dict(m, model=resolve_model_name(cfg, m["model"]))
         if m["backend"] == "openai" and m.get("base_url") == "serve":
             from microlm.serve.server import server_spec
 
@@ -618,7 +811,8 @@ def build(run) -> dict:
         models.append(m)
     t0 = time.time()
     report = evaluate(models, prompts, run.up, run.out, dec, train_answers=train_answers, floors=ec.floors,
-                      progress=run.progress, seed=cfg.seed, bootstrap_samples=ec.bootstrap_samples)
+                      progress=run.progress, seed=cfg.seed, bootstrap_samples=ec.bootstrap_samples,
+                      iepile_prompts=iepile, compare=ec.compare)
     report["unreadable_prompt_lines"] = dict(bad)
     report["all_test"] = all_test
     rows = [json.loads(x) for x in (run.out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -626,9 +820,19 @@ def build(run) -> dict:
     write_summary(report, run.out)
     report["plots"] = write_plots(report, rows, run.out)
     report["seconds"] = round(time.time() - t0, 1)
+    report["peak_rss_mb"] = peak_rss_mb()
     write_json(run.out / "report.json", report)
-    return {"models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
-                           "parse_rate": round(m["parse_rate"], 4), "schema_rate": round(m["schema_rate"], 4),
-                           "relaxed_f1": round(m["relaxed_f1"], 4)} for n, m in report["models"].items()},
-            "prompts": report["prompts"], "seconds": report["seconds"],
-            "answers_per_s": {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]}}
+    metrics = {"models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
+                              "parse_rate": round(m["parse_rate"], 4), "schema_rate": round(m["schema_rate"], 4),
+                              "relaxed_f1": round(m["relaxed_f1"], 4), "f1_fenced": round(m["f1_fenced"], 4),
+                              "parse_rate_fenced": round(m["parse_rate_fenced"], 4)}
+                          for n, m in report["models"].items()},
+               "prompts": report["prompts"], "seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
+               "answers_per_s": {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]},
+               "decided": [[c["a"], c["b"], round(c["f1_diff"], 4)] for c in report["comparisons"] if c["decided"]]}
+    if "iepile" in report:
+        metrics["iepile"] = {"prompts": report["iepile"]["prompts"], "records": report["iepile"]["records"],
+                             "models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]],
+                                            "f1_set": round(m["f1_set"], 4), "parse_rate": round(m["parse_rate"], 4)}
+                                        for n, m in report["iepile"]["models"].items()}}
+    return metrics

@@ -1,14 +1,17 @@
 """Stage B5 (``microlm ie-merged``): merge an IE LoRA adapter into its base → a Hugging Face folder.
 
-The base is loaded un-quantized in the adapter's dtype, the adapter applied and folded in
-(``merge_and_unload``), and the folder written atomically: safetensors (sharded above
-``max_shard_size``), tokenizer files with the chat template the adapter was trained with, a
-``generation_config.json`` whose EOS includes ``<|im_end|>`` (else generation runs on past the
-answer), tied embeddings kept tied (one tensor on disk, ``tie_word_embeddings`` unchanged) and a model
-card.  Before the folder replaces the old one it is **verified**: reloaded from disk, its logits equal
-base + adapter logits (≤ ``logits_atol`` in fp32) on real IE prompts, its greedy answers equal
-theirs on the evaluation prompts, the file list is complete and the chat template is the training
-one; otherwise the merge fails and nothing is written.
+The base is loaded un-quantized in fp32, the adapter applied and folded in (``merge_and_unload``),
+and the folder written atomically **in the base's own dtype** (a bf16 base stays bf16: 1 GB, not
+2 GB, for Qwen2.5-0.5B): safetensors (sharded above ``max_shard_size``), tokenizer files with the chat
+template the adapter was trained with, a ``generation_config.json`` whose EOS includes ``<|im_end|>``
+(else generation runs on past the answer), tied embeddings kept tied (one tensor on disk,
+``tie_word_embeddings`` unchanged) and a model card.  Before the folder replaces the old one it is
+**verified** in batches, with progress: in fp32, the merged logits equal base + adapter logits
+(≤ ``logits_atol``) on every evaluation prompt and the greedy answers on the first
+``greedy_prompts`` are the same (a divergence must be a near-tie: top-2 logit gap < 1e-3); the
+saved folder, reloaded, reports what the cast to its dtype moved (max |Δlogit|, greedy agreement —
+reported, not gated); the file list is complete and the chat template is the training one;
+otherwise the merge fails and nothing is written.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from pathlib import Path
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.hw import peak_rss_mb, reset_peak_rss
+from microlm.ie.greedy import NEAR_TIE, eos_ids, first_divergence, greedy_ids, max_logit_diff, top2_gap
 from microlm.paths import display_path
 
 __all__ = ["adapter_dtype", "check_adapter_base", "merge_adapter", "verify_merged", "model_card",
-           "greedy_answers", "REQUIRED_FILES"]
+           "greedy_answers", "saved_dtype", "REQUIRED_FILES"]
 
 REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md")
 
@@ -77,49 +82,76 @@ def model_card(*, base: str, adapter: Path, lora: dict, data: dict, evals: dict 
     return "\n".join(lines) + "\n"
 
 
-@torch.no_grad()
-def _greedy(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    eos = _eos_ids(tok, model)
-    out = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        out.append(gen[0, len(ids):].tolist())
-    return out
-
-
-def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+def greedy_answers(model, tok, prompts: list[list[int]], max_new_tokens: int, *, batch_size: int = 8) -> list[str]:
     """Greedy answers (decoded, special tokens dropped), stopping at ``<|im_end|>`` or EOS."""
     with torch.no_grad():
-        return [tok.decode(a, skip_special_tokens=True) for a in _greedy(model.eval(), tok, prompts, max_new_tokens)]
+        ids = greedy_ids(model.eval(), tok, prompts, max_new_tokens, batch_size=batch_size)
+    return [tok.decode(a, skip_special_tokens=True) for a in ids]
 
 
-def _eos_ids(tok, model=None) -> list[int]:
-    ids = {tok.convert_tokens_to_ids("<|im_end|>")}
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-    return sorted(i for i in ids if i is not None)
+def _agreement(a: list[list[int]], b: list[list[int]], prompts: list[list[int]], judge) -> dict:
+    """How two models' greedy answers agree; each divergence with ``judge``'s top-2 logit gap there."""
+    rows = []
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        at = first_divergence(x, y)
+        if at is not None:
+            gap = top2_gap(judge, list(prompts[i]) + list(x[:at])) if at < len(x) else None
+            rows.append({"prompt": i, "at": at, "top2_gap": gap, "near_tie": gap is not None and gap < NEAR_TIE})
+    return {"prompts": len(a), "identical": len(a) - len(rows), "divergences": rows}
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="prompt")
 
 
 @torch.no_grad()
-def verify_merged(folder: Path, reference, tok, prompts: list[list[int]], *, logits_atol: float,
-                  max_new_tokens: int, train_template: str) -> dict:
-    """Reload ``folder`` and compare with ``reference`` (base + adapter, unmerged): logits on
-    ``prompts``, greedy answers, files, chat template.  The checks' numbers; raises when one fails."""
+def check_merge(reference, merged, tok, prompts: list[list[int]], *, max_new_tokens: int,
+                greedy_prompts: int | None = None, batch_size: int = 4, progress: bool = False) -> dict:
+    """The merge in fp32: ``merged``'s logits against ``reference``'s (base + adapter, unmerged) on
+    every prompt, and both models' greedy answers on the first ``greedy_prompts`` (the reference's are
+    kept for the folder's check)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = _bar(len(prompts), "ie_merged logits (fp32)", progress)
+    (diff,) = max_logit_diff(reference, [merged], prompts, pad_id=pad, batch_size=batch_size, progress=bar.update)
+    bar.close()
+    g = prompts[:greedy_prompts] if greedy_prompts else prompts
+    bar = _bar(2 * len(g), "ie_merged greedy (fp32)", progress)
+    ours = greedy_ids(merged, tok, g, max_new_tokens, batch_size=2 * batch_size, progress=bar.update)
+    theirs = greedy_ids(reference, tok, g, max_new_tokens, batch_size=2 * batch_size, progress=bar.update)
+    bar.close()
+    agree = _agreement(ours, theirs, g, reference)
+    return {"logits_max_abs_diff": diff, "logits_prompts": len(prompts), "greedy_prompts": len(g),
+            "greedy_identical": agree["identical"], "greedy_divergences": agree["divergences"],
+            "first_divergence": agree["divergences"][0]["prompt"] if agree["divergences"] else None,
+            "_reference_greedy": theirs}
+
+
+@torch.no_grad()
+def verify_merged(folder: Path, reference, tok, prompts: list[list[int]], merge: dict, *, logits_atol: float,
+                  max_new_tokens: int, train_template: str, batch_size: int = 4, progress: bool = False) -> dict:
+    """Gate the merge and report the saved folder.
+
+    ``merge`` (``check_merge``): fp32 logits within ``logits_atol``, greedy answers identical except
+    near-ties — these gate.  ``folder`` (reloaded from disk in the dtype it was saved in): its max
+    |Δlogit| and greedy agreement against base + adapter in fp32 are *reported* (a bf16 cast moves
+    logits by ~0.1 and may flip a close greedy choice: the dtype's price, not a broken merge); files,
+    chat template and EOS ids gate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    reference = reference.float().eval()
-    diff = 0.0
-    for ids in prompts:
-        x = torch.tensor([ids])
-        diff = max(diff, float((merged(x).logits - reference(x).logits).abs().max()))
-    ours, theirs = _greedy(merged, tok, prompts, max_new_tokens), _greedy(reference, tok, prompts, max_new_tokens)
-    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
-    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+    saved = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = _bar(len(prompts), f"ie_merged logits ({str(saved.dtype).replace('torch.', '')} folder)", progress)
+    (cast_diff,) = max_logit_diff(reference, [saved], prompts, pad_id=pad, batch_size=batch_size, progress=bar.update)
+    bar.close()
+    theirs = merge.pop("_reference_greedy")
+    g = prompts[:len(theirs)]
+    bar = _bar(len(g), "ie_merged greedy (folder)", progress)
+    cast = greedy_ids(saved, tok, g, max_new_tokens, batch_size=2 * batch_size, progress=bar.update)
+    bar.close()
+    cast_agree = _agreement(cast, theirs, g, reference)
+    del saved
     files = sorted(p.name for p in folder.iterdir())
     missing = [f for f in REQUIRED_FILES if f not in files]
     if not any(f.endswith(".safetensors") for f in files):
@@ -129,17 +161,20 @@ def verify_merged(folder: Path, reference, tok, prompts: list[list[int]], *, log
     eos = gen.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    checks = {"logits_max_abs_diff": diff, "logits_atol": logits_atol, "greedy_prompts": len(prompts),
-              "greedy_identical": same, "first_divergence": first, "files": files, "missing_files": missing,
-              "chat_template_equal": template == train_template,
+    checks = {**merge, "logits_atol": logits_atol, "saved_dtype": conf.get("dtype") or conf.get("torch_dtype"),
+              "cast_logits_max_abs_diff": cast_diff, "cast_greedy_identical": cast_agree["identical"],
+              "cast_greedy_divergences": cast_agree["divergences"],
+              "files": files, "missing_files": missing, "chat_template_equal": template == train_template,
               "eos_includes_im_end": tok.convert_tokens_to_ids("<|im_end|>") in eos,
               "tie_word_embeddings": conf.get("tie_word_embeddings"),
-              "answers": [tok.decode(a, skip_special_tokens=True) for a in ours]}  # the merged model's, greedy
+              "answers": [tok.decode(a, skip_special_tokens=True) for a in cast]}  # the saved folder's, greedy
     problems = []
-    if diff > logits_atol:
-        problems.append(f"merged logits differ from base + adapter by {diff:.2e} > {logits_atol:g}")
-    if same != len(prompts):
-        problems.append(f"greedy answers differ on {len(prompts) - same} of {len(prompts)} prompts (first: #{first})")
+    if merge["logits_max_abs_diff"] > logits_atol:
+        problems.append(f"merged logits differ from base + adapter by {merge['logits_max_abs_diff']:.2e} > {logits_atol:g}")
+    real = [d for d in merge["greedy_divergences"] if not d["near_tie"]]
+    if real:
+        problems.append(f"greedy answers differ on {len(real)} of {merge['greedy_prompts']} prompts beyond a near-tie "
+                        f"(first: #{real[0]['prompt']}, top-2 gap {real[0]['top2_gap']})")
     if missing:
         problems.append(f"files missing: {', '.join(missing)}")
     if not checks["chat_template_equal"]:
@@ -151,10 +186,23 @@ def verify_merged(folder: Path, reference, tok, prompts: list[list[int]], *, log
     return checks
 
 
+def saved_dtype(base_config) -> torch.dtype:
+    """The dtype the base's weights are published in (its config's ``dtype``/``torch_dtype``; fp32 if
+    unstated): the merged folder keeps it, so a bf16 base does not come back twice its size."""
+    name = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
+    if isinstance(name, str):
+        name = getattr(torch, name, None)
+    return name if isinstance(name, torch.dtype) and name.is_floating_point else torch.float32
+
+
 def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[list[int]], logits_atol: float = 1e-4,
-                  max_new_tokens: int = 64, max_shard_size: str = "2GB", card: dict | None = None) -> dict:
-    """Merge ``adapter_dir`` (PEFT format) into ``base`` and write ``out_dir`` atomically, verified
-    (see the module doc); the report (also ``out_dir/report.json``)."""
+                  max_new_tokens: int = 64, max_shard_size: str = "2GB", card: dict | None = None,
+                  greedy_prompts: int | None = None, batch_size: int = 4, progress: bool = False,
+                  extra: dict | None = None) -> dict:
+    """Merge ``adapter_dir`` (PEFT format) into ``base`` in fp32, save it in the base's own dtype and
+    write ``out_dir`` atomically, verified (``verify_merged``); the report (also ``out_dir/report.json``,
+    with ``extra`` added).  Interrupted (Ctrl-C, SIGTERM), the staging folder is removed at once; after
+    a SIGKILL the next run removes it."""
     import copy
 
     from peft import PeftModel
@@ -163,38 +211,50 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
     from microlm.io import staged_dir, write_json
 
     t0 = time.time()
+    reset_peak_rss()
     adapter_dir = Path(adapter_dir)
-    dtype = adapter_dtype(adapter_dir)
-    model = load_base(base, dtype)  # refuses a quantized base
+    adapter_dtype(adapter_dir)  # the adapter file is there and holds tensors
+    from transformers import AutoConfig
+
+    from microlm.ie.train_lora import _resolve
+
+    model = load_base(base, torch.float32)  # refuses a quantized base; fp32: the merge and its check are exact
+    keep_dtype = saved_dtype(AutoConfig.from_pretrained(_resolve(base)))  # as published, not as loaded
     check_adapter_base(adapter_dir, model.config.to_dict())
     tok = (load_tokenizer(str(adapter_dir), weights=False) if (adapter_dir / "tokenizer_config.json").is_file()
            else load_tokenizer(base))  # the tokenizer (and chat template) the adapter was trained with
     try:
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise MicroLMError(f"adapter {adapter_dir} does not fit base {base}: {str(e).splitlines()[0]}") from None
-    reference = copy.deepcopy(peft_model)  # base + adapter, unmerged, for the checks
+    reference = copy.deepcopy(peft_model).eval()  # base + adapter, unmerged, for the checks
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload().eval()
     if tied:
         merged.tie_weights()
     train_template = tok.chat_template
+    merge = check_merge(reference, merged, tok, prompts, max_new_tokens=max_new_tokens, greedy_prompts=greedy_prompts,
+                        batch_size=batch_size, progress=progress)
     with staged_dir(out_dir) as tmp:
+        merged.to(keep_dtype)  # in place: the fp32 copy is not needed any more
+        merged.config.dtype = keep_dtype
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         tok.save_pretrained(tmp)
         gen = json.loads((tmp / "generation_config.json").read_text(encoding="utf-8")) if (
             tmp / "generation_config.json").is_file() else {}
-        gen["eos_token_id"] = _eos_ids(tok, merged)
+        gen["eos_token_id"] = eos_ids(tok, merged)  # before ``merged`` is released below
         gen.setdefault("pad_token_id", tok.pad_token_id)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
         info = card or {}
         (tmp / "README.md").write_text(model_card(base=base, adapter=adapter_dir, lora=info.get("lora", {}),
                                                   data=info.get("data", {}), evals=info.get("evals"),
                                                   license_=info.get("license")), encoding="utf-8")
-        checks = verify_merged(tmp, reference, tok, prompts, logits_atol=logits_atol, max_new_tokens=max_new_tokens,
-                               train_template=train_template)
-        report = {"base": base, "adapter": str(adapter_dir), "dtype": str(dtype).replace("torch.", ""),
-                  "tied_embeddings": tied, **checks, "seconds": round(time.time() - t0, 1)}
+        del merged, peft_model, model
+        checks = verify_merged(tmp, reference, tok, prompts, merge, logits_atol=logits_atol,
+                               max_new_tokens=max_new_tokens, train_template=train_template, batch_size=batch_size,
+                               progress=progress)
+        report = {"base": base, "adapter": str(adapter_dir), "dtype": checks["saved_dtype"], "tied_embeddings": tied,
+                  **checks, "seconds": round(time.time() - t0, 1), "peak_rss_mb": peak_rss_mb(), **(extra or {})}
         write_json(tmp / "report.json", report)
     return report
 
@@ -213,10 +273,13 @@ def base_license(base: str) -> str | None:
 
 def build(run) -> dict | None:
     """The ``ie_merged`` stage: each ``ie_lora`` run's adapter merged into its base →
-    ``<stage>/<name>/`` (verified; see ``merge_adapter``); manifest metrics per run."""
+    ``<stage>/<name>/`` (verified; see ``merge_adapter``); manifest metrics per run.  A run's folder
+    whose report carries the same adapter, base and settings is kept (``--force``: merged again)."""
+    from microlm.config import resolve_model_name, stage_config
     from microlm.ie.lora_data import ChatEncoder
     from microlm.ie.train_lora import base_of, load_tokenizer, read_lines
     from microlm.io import read_json, write_json
+    from microlm.runs import fingerprint, folder_files
 
     cfg, mc = run.cfg, run.cfg.ie_merged
     lines = read_lines(run.up["ie_data"] / "06_eval_prompts.jsonl")
@@ -224,18 +287,29 @@ def build(run) -> dict | None:
     for entry in cfg.ie_lora.runs:
         if mc.runs is not None and entry["name"] not in mc.runs:
             continue
-        base = base_of(entry, run.up.get("hf"))
+        base = base_of({**entry, "base": resolve_model_name(cfg, entry["base"])}, run.up.get("hf"))
         lora_dir = run.up["ie_lora"] / entry["name"]
+        if not (lora_dir / "report.json").is_file():
+            raise MicroLMError(f"ie_lora run {entry['name']!r} has no finished adapter in {lora_dir}: build ie_lora")
         rep = read_json(lora_dir / "report.json")
-        enc = ChatEncoder(load_tokenizer(str(lora_dir / "adapter"), weights=False))
-        prompts = [enc.prompt_ids(line["messages"]) for line in lines]
-        card = {"lora": {k: getattr(cfg.ie_lora, k) for k in ("r", "alpha", "dropout", "targets")},
-                "data": rep.get("train_data", {}), "license": base_license(base), "evals": None}
-        r = merge_adapter(base, lora_dir / "adapter", run.out / entry["name"], prompts=prompts,
-                          logits_atol=mc.logits_atol, max_new_tokens=mc.max_new_tokens,
-                          max_shard_size=mc.max_shard_size, card=card)
-        out[entry["name"]] = {"logits_max_abs_diff": r["logits_max_abs_diff"], "greedy_identical": r["greedy_identical"],
-                              "greedy_prompts": r["greedy_prompts"], "seconds": r["seconds"]}
+        fp = fingerprint({"adapter": fingerprint(folder_files(lora_dir / "adapter")), "base": base,
+                          "ie_merged": {k: v for k, v in stage_config(cfg, "ie_merged").items() if k != "runs"},
+                          "prompts": fingerprint(lines)})
+        done = run.out / entry["name"] / "report.json"
+        if not run.force and done.is_file() and read_json(done).get("fingerprint") == fp:
+            r = read_json(done)
+        else:
+            enc = ChatEncoder(load_tokenizer(str(lora_dir / "adapter"), weights=False))
+            prompts = [enc.prompt_ids(line["messages"]) for line in lines]
+            card = {"lora": {k: getattr(cfg.ie_lora, k) for k in ("r", "alpha", "dropout", "targets")},
+                    "data": rep.get("train_data", {}), "license": base_license(base), "evals": None}
+            r = merge_adapter(base, lora_dir / "adapter", run.out / entry["name"], prompts=prompts,
+                              logits_atol=mc.logits_atol, max_new_tokens=mc.max_new_tokens,
+                              max_shard_size=mc.max_shard_size, card=card, greedy_prompts=mc.greedy_prompts or None,
+                              batch_size=mc.batch_size, progress=run.progress, extra={"fingerprint": fp})
+        out[entry["name"]] = {k: r.get(k) for k in (
+            "logits_max_abs_diff", "greedy_identical", "greedy_prompts", "logits_prompts", "dtype",
+            "cast_logits_max_abs_diff", "cast_greedy_identical", "seconds", "peak_rss_mb")}
     if not out:
         raise MicroLMError("ie_merged.runs names none of the ie_lora runs")
     write_json(run.out / "report.json", {"runs": out})

@@ -15,7 +15,17 @@ Beside IEPile's strict F1 we report the JSON **parse rate**, **schema compliance
 asked relations, every value a list of subject/object string pairs) and a **relaxed F1** whose
 entity strings are compared after NFKC (full/half width), case folding and removal of whitespace
 and punctuation.  Every answer gets one **error class** (``ok`` or what went wrong first), so a
-broken answer is counted, never a crash.
+broken answer is counted, never a crash.  A **fence-tolerant** reading (``*_fenced`` metrics) also
+takes the JSON inside a Markdown code fence (what a chat model not trained on the format writes),
+so a zero-shot row measures extraction, not formatting; strict parsing stays IEPile's.
+
+**Two protocols.** *Ours* asks the fixed evaluation prompts (one chunk of a record each) and scores
+each against its chunk's gold.  *IEPile's* (``iepile_*``) asks every chunk of a record under IEPile's
+test chunking, concatenates the triples of its answers and scores them against the record's whole
+relation list, counting like its ``eval_func.py``: in its default ``normal`` mode a predicted triple
+counts each time it is predicted (a triple given twice is one hit and one false positive; each gold
+triple matches once), in ``set`` mode predictions and gold are sets.  IEPile prints P/R/F1 × 100;
+we keep fractions (the same numbers, unrounded).
 
 40 prompts are few: ``bootstrap`` resamples *records* (seeded) for a 95 % interval, and
 ``paired_bootstrap`` resamples the same records for two models — "A beats B" means the interval of
@@ -32,9 +42,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["ERROR_CLASSES", "read_answer", "triples_of", "gold_triples", "normalize_entity", "score_answer",
-           "merge_records", "prf", "aggregate", "bootstrap", "paired_bootstrap", "empty_answer", "RuleFloor",
-           "failure_kind", "asked_relations", "json_schema_for"]
+__all__ = ["ERROR_CLASSES", "read_answer", "triples_of", "triple_list", "gold_triples", "normalize_entity",
+           "score_answer", "strip_fence", "merge_records", "prf", "aggregate", "bootstrap", "paired_bootstrap",
+           "empty_answer", "RuleFloor", "failure_kind", "asked_relations", "json_schema_for", "iepile_count",
+           "iepile_records", "iepile_aggregate", "iepile_bootstrap", "iepile_paired_bootstrap"]
 
 # what went wrong first with an answer (``ok``: a compliant JSON object); the order is the check order
 ERROR_CLASSES = ("ok", "empty", "too_long", "fenced", "prose", "truncated", "not_json", "not_object",
@@ -120,10 +131,10 @@ def read_answer(text: str | None, asked: Sequence[str] | None = None, *, max_cha
     return obj, "ok"
 
 
-def triples_of(obj: object) -> set[tuple[str, str, str]]:
-    """IEPile's extraction: ``(subject, relation, object)`` from every well-formed item of a JSON
-    object's list values; anything else contributes nothing."""
-    out: set[tuple[str, str, str]] = set()
+def triple_list(obj: object) -> list[tuple[str, str, str]]:
+    """IEPile's extraction, in order and with repeats: ``(subject, relation, object)`` from every
+    well-formed item of a JSON object's list values; anything else contributes nothing."""
+    out: list[tuple[str, str, str]] = []
     if not isinstance(obj, dict):
         return out
     for rel, items in obj.items():
@@ -133,8 +144,21 @@ def triples_of(obj: object) -> set[tuple[str, str, str]]:
             if isinstance(it, dict):
                 h, t = it.get("subject", ""), it.get("object", "")
                 if isinstance(h, str) and isinstance(t, str):
-                    out.add((h, rel, t))
+                    out.append((h, rel, t))
     return out
+
+
+def triples_of(obj: object) -> set[tuple[str, str, str]]:
+    """``triple_list`` as a set (our protocol scores sets)."""
+    return set(triple_list(obj))
+
+
+def strip_fence(text: str | None) -> str | None:
+    """The inside of an answer that is one Markdown code fence (```json … ```), else ``None``."""
+    if text is None:
+        return None
+    m = _FENCE.match(text.strip())
+    return m.group(1) if m else None
 
 
 def gold_triples(gold: str | dict) -> set[tuple[str, str, str]]:
@@ -155,39 +179,49 @@ def _relaxed(triples: Iterable[tuple[str, str, str]]) -> set[tuple[str, str, str
 
 def score_answer(text: str | None, asked: Sequence[str], gold: str | dict | None, *,
                  finish_reason: str | None = None, error: str | None = None) -> dict:
-    """One answer's parts of the metrics: error class, parsed, compliant, predicted triples, gold
-    triples.  ``error``: the backend gave no answer (``endpoint_error``, ``load_error``,
-    ``prompt_too_long``); ``gold=None``: ``no_gold``."""
+    """One answer's parts of the metrics: error class, parsed, compliant, predicted triples (a set,
+    and IEPile's list with repeats), gold triples — strict, and fence-tolerant (``*_fenced``: the
+    inside of a code fence read as the answer).  ``error``: the backend gave no answer
+    (``endpoint_error``, ``load_error``, ``prompt_too_long``); ``gold=None``: ``no_gold``."""
     if gold is None:
-        return {"error": "no_gold", "parsed": False, "compliant": False, "pred": [], "gold": []}
+        return {"error": "no_gold", "parsed": False, "compliant": False, "pred": [], "gold": [], "pred_list": [],
+                "parsed_fenced": False, "pred_fenced": []}
     g = gold_triples(gold)
     if error is not None:
-        return {"error": error, "parsed": False, "compliant": False, "pred": [], "gold": sorted(g)}
+        return {"error": error, "parsed": False, "compliant": False, "pred": [], "gold": sorted(g), "pred_list": [],
+                "parsed_fenced": False, "pred_fenced": []}
     obj, cls = read_answer(text, asked, finish_reason=finish_reason)
     parsed = cls in ("ok", "wrong_keys", "bad_values", "not_object")  # it is JSON
+    inner = strip_fence(text) if cls == "fenced" else None
+    obj_f, cls_f = (obj, cls) if inner is None else read_answer(inner, asked, finish_reason=finish_reason)
     return {"error": cls, "parsed": parsed, "compliant": cls == "ok", "pred": sorted(triples_of(obj)),
-            "gold": sorted(g)}
+            "pred_list": triple_list(obj), "gold": sorted(g),
+            "parsed_fenced": cls_f in ("ok", "wrong_keys", "bad_values", "not_object"),
+            "pred_fenced": sorted(triples_of(obj_f))}
 
 
 def merge_records(rows: Iterable[dict]) -> dict[str, dict]:
     """Rows (``record_id``, ``cate``, ``pred``, ``gold``, ``parsed``, ``compliant``, ``error``) merged
-    per record, IEPile-style: the union of its chunks' triples; counts strict and relaxed."""
+    per record, IEPile-style: the union of its chunks' triples; counts strict, relaxed and fence-tolerant."""
     recs: dict[str, dict] = {}
     for r in rows:
         if r["error"] == "no_gold":
             continue
-        m = recs.setdefault(r["record_id"], {"cate": r["cate"], "pred": set(), "gold": set(), "answers": 0,
-                                             "parsed": 0, "compliant": 0})
+        m = recs.setdefault(r["record_id"], {"cate": r["cate"], "pred": set(), "gold": set(), "pred_f": set(),
+                                             "answers": 0, "parsed": 0, "compliant": 0, "parsed_f": 0})
         m["pred"].update(map(tuple, r["pred"]))
         m["gold"].update(map(tuple, r["gold"]))
+        m["pred_f"].update(map(tuple, r.get("pred_fenced", r["pred"])))
         m["answers"] += 1
         m["parsed"] += bool(r["parsed"])
         m["compliant"] += bool(r["compliant"])
+        m["parsed_f"] += bool(r.get("parsed_fenced", r["parsed"]))
     for m in recs.values():
         m["tp"] = len(m["pred"] & m["gold"])
         rp, rg = _relaxed(m["pred"]), _relaxed(m["gold"])
         m["tp_relaxed"], m["n_pred_relaxed"], m["n_gold_relaxed"] = len(rp & rg), len(rp), len(rg)
         m["n_pred"], m["n_gold"] = len(m["pred"]), len(m["gold"])
+        m["tp_f"], m["n_pred_f"] = len(m["pred_f"] & m["gold"]), len(m["pred_f"])
     return recs
 
 
@@ -199,23 +233,28 @@ def prf(tp: float, n_pred: float, n_gold: float) -> tuple[float, float, float]:
 
 
 _COUNTS = ("tp", "n_pred", "n_gold", "tp_relaxed", "n_pred_relaxed", "n_gold_relaxed", "answers", "parsed",
-           "compliant")
+           "compliant", "tp_f", "n_pred_f", "parsed_f")
+# the (tp, n_pred, n_gold) columns of each F1 a comparison can use; parse rate = parsed ÷ answers
+_F1_COLS = {"f1": (0, 1, 2), "relaxed_f1": (3, 4, 5), "f1_fenced": (9, 10, 2)}
 
 
-def _table(recs: dict[str, dict]) -> np.ndarray:
-    return np.array([[m[k] for k in _COUNTS] for m in recs.values()], dtype=np.float64).reshape(-1, len(_COUNTS))
+def _table(recs: dict[str, dict], counts: tuple[str, ...] = _COUNTS) -> np.ndarray:
+    return np.array([[m[k] for k in counts] for m in recs.values()], dtype=np.float64).reshape(-1, len(counts))
 
 
 def _metrics_of(sums: np.ndarray) -> dict:
-    tp, npred, ngold, tpr, nprr, ngr, ans, parsed, comp = sums
+    tp, npred, ngold, tpr, nprr, ngr, ans, parsed, comp, tpf, npf, parsedf = sums
     p, r, f = prf(tp, npred, ngold)
     _, _, fr = prf(tpr, nprr, ngr)
+    _, _, ff = prf(tpf, npf, ngold)
     return {"parse_rate": parsed / ans if ans else 0.0, "schema_rate": comp / ans if ans else 0.0,
-            "precision": p, "recall": r, "f1": f, "relaxed_f1": fr}
+            "precision": p, "recall": r, "f1": f, "relaxed_f1": fr,
+            "parse_rate_fenced": parsedf / ans if ans else 0.0, "f1_fenced": ff}
 
 
 def aggregate(recs: dict[str, dict]) -> dict:
-    """The four metrics (+ strict precision/recall and counts) over ``recs`` (``merge_records``)."""
+    """The four metrics (+ strict precision/recall, the fence-tolerant parse rate and F1, counts) over
+    ``recs`` (``merge_records``)."""
     t = _table(recs)
     sums = t.sum(axis=0) if len(t) else np.zeros(len(_COUNTS))
     out = _metrics_of(sums)
@@ -223,40 +262,129 @@ def aggregate(recs: dict[str, dict]) -> dict:
     return out
 
 
-def _boot_f1_parse(t: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = t[idx].sum(axis=1)  # (B, counts)
-    tp, npred, ngold = s[:, 0], s[:, 1], s[:, 2]
+def _f1_rows(s: np.ndarray, cols: tuple[int, int, int]) -> np.ndarray:
+    tp, npred, ngold = s[..., cols[0]], s[..., cols[1]], s[..., cols[2]]
     p = np.divide(tp, npred, out=np.zeros_like(tp), where=npred > 0)
     r = np.divide(tp, ngold, out=np.zeros_like(tp), where=ngold > 0)
-    f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
-    parse = np.divide(s[:, 7], s[:, 6], out=np.zeros_like(tp), where=s[:, 6] > 0)
-    return f, parse
+    return np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
+
+
+def _boot_f1_parse(t: np.ndarray, idx: np.ndarray, metric: str = "f1") -> tuple[np.ndarray, np.ndarray]:
+    s = t[idx].sum(axis=1)  # (B, counts)
+    parse = np.divide(s[:, 7], s[:, 6], out=np.zeros_like(s[:, 6]), where=s[:, 6] > 0)
+    return _f1_rows(s, _F1_COLS[metric]), parse
 
 
 def bootstrap(recs: dict[str, dict], *, samples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile intervals of strict F1 and parse rate, resampling records with replacement."""
+    """Percentile intervals of strict F1, fence-tolerant F1 and parse rate, resampling records with
+    replacement."""
     t = _table(recs)
     if len(t) == 0:
-        return {"f1": [0.0, 0.0], "parse_rate": [0.0, 0.0]}
+        return {"f1": [0.0, 0.0], "parse_rate": [0.0, 0.0], "f1_fenced": [0.0, 0.0]}
     idx = np.random.default_rng(seed).integers(0, len(t), size=(samples, len(t)))
     f, parse = _boot_f1_parse(t, idx)
+    ff, _ = _boot_f1_parse(t, idx, "f1_fenced")
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    return {"f1": [float(x) for x in np.percentile(f, q)], "parse_rate": [float(x) for x in np.percentile(parse, q)]}
+    return {"f1": [float(x) for x in np.percentile(f, q)], "parse_rate": [float(x) for x in np.percentile(parse, q)],
+            "f1_fenced": [float(x) for x in np.percentile(ff, q)]}
 
 
 def paired_bootstrap(a: dict[str, dict], b: dict[str, dict], *, samples: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, metric_a: str = "f1", metric_b: str = "f1") -> dict:
     """F1(a) − F1(b) on the records both scored, with a paired percentile interval (the same
-    resampled records for both); ``decided`` when the interval excludes 0."""
+    resampled records for both); ``decided`` when the interval excludes 0.  ``metric_a``/``metric_b``:
+    which F1 of each (``f1`` strict, ``f1_fenced``, ``relaxed_f1``) — e.g. a trained model's strict F1
+    against a zero-shot model's fence-tolerant one."""
     ids = sorted(set(a) & set(b))
+    if not ids:
+        return {"records": 0, "f1_diff": 0.0, "interval": [0.0, 0.0], "decided": False,
+                "metrics": [metric_a, metric_b]}
     ta, tb = _table({k: a[k] for k in ids}), _table({k: b[k] for k in ids})
-    diff = aggregate({k: a[k] for k in ids})["f1"] - aggregate({k: b[k] for k in ids})["f1"]
+    diff = float(_f1_rows(ta.sum(axis=0), _F1_COLS[metric_a]) - _f1_rows(tb.sum(axis=0), _F1_COLS[metric_b]))
+    idx = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
+    d = _boot_f1_parse(ta, idx, metric_a)[0] - _boot_f1_parse(tb, idx, metric_b)[0]
+    lo, hi = (float(x) for x in np.percentile(d, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]))
+    return {"records": len(ids), "f1_diff": diff, "interval": [lo, hi], "decided": lo > 0 or hi < 0,
+            "metrics": [metric_a, metric_b]}
+
+
+# ------------------------------------------------------------------------------------ IEPile's protocol
+def iepile_count(pred: Sequence[tuple], gold: Sequence[tuple], mode: str = "normal") -> tuple[int, int, int]:
+    """``(tp, n_pred, n_gold)`` of one record as IEPile's metric counts them: ``normal`` — every
+    predicted triple counts (repeats too), each gold triple can be matched once; ``set`` — both sides
+    de-duplicated first."""
+    if mode == "set":
+        p, g = set(map(tuple, pred)), set(map(tuple, gold))
+        return len(p & g), len(p), len(g)
+    if mode != "normal":
+        raise ValueError(f"mode must be normal or set, got {mode!r}")
+    left: dict[tuple, int] = defaultdict(int)
+    for t in gold:
+        left[tuple(t)] += 1
+    tp = 0
+    for t in pred:
+        if left.get(tuple(t), 0) > 0:
+            tp += 1
+            left[tuple(t)] -= 1
+    return tp, len(pred), len(gold)
+
+
+def iepile_records(rows: Iterable[dict]) -> dict[str, dict]:
+    """Rows of IEPile-protocol answers (``record_id``, ``cate``, ``pred_list``, ``record_gold``,
+    ``parsed``, ``compliant``, ``error``) → per record: the concatenated predictions of its chunks
+    and its whole relation list, counted in both modes."""
+    recs: dict[str, dict] = {}
+    for r in rows:
+        if r["error"] == "no_gold":
+            continue
+        m = recs.setdefault(r["record_id"], {"cate": r["cate"], "pred": [], "gold": [tuple(t) for t in r["record_gold"]],
+                                             "answers": 0, "parsed": 0, "compliant": 0})
+        m["pred"] += [tuple(t) for t in r["pred_list"]]
+        m["answers"] += 1
+        m["parsed"] += bool(r["parsed"])
+        m["compliant"] += bool(r["compliant"])
+    for m in recs.values():
+        m["tp"], m["n_pred"], m["n_gold"] = iepile_count(m["pred"], m["gold"], "normal")
+        m["tp_set"], m["n_pred_set"], m["n_gold_set"] = iepile_count(m["pred"], m["gold"], "set")
+    return recs
+
+
+_IEPILE = ("tp", "n_pred", "n_gold", "tp_set", "n_pred_set", "n_gold_set", "answers", "parsed", "compliant")
+
+
+def iepile_aggregate(recs: dict[str, dict]) -> dict:
+    """IEPile's P/R/F1 (normal mode), the set-mode F1, parse and schema rates over records."""
+    t = _table(recs, _IEPILE)
+    s = t.sum(axis=0) if len(t) else np.zeros(len(_IEPILE))
+    p, r, f = prf(s[0], s[1], s[2])
+    _, _, fs = prf(s[3], s[4], s[5])
+    return {"precision": p, "recall": r, "f1": f, "f1_set": fs, "parse_rate": s[7] / s[6] if s[6] else 0.0,
+            "schema_rate": s[8] / s[6] if s[6] else 0.0, "records": len(recs), "answers": int(s[6]),
+            "tp": int(s[0]), "n_pred": int(s[1]), "n_gold": int(s[2])}
+
+
+def iepile_bootstrap(recs: dict[str, dict], *, samples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile interval of IEPile's F1 (normal mode), resampling records."""
+    t = _table(recs, _IEPILE)
+    if len(t) == 0:
+        return [0.0, 0.0]
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(samples, len(t)))
+    f = _f1_rows(t[idx].sum(axis=1), (0, 1, 2))
+    return [float(x) for x in np.percentile(f, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])]
+
+
+def iepile_paired_bootstrap(a: dict[str, dict], b: dict[str, dict], *, samples: int = 1000, seed: int = 0,
+                            level: float = 0.95) -> dict:
+    """IEPile F1(a) − F1(b) over the records both answered, paired by record."""
+    ids = sorted(set(a) & set(b))
     if not ids:
         return {"records": 0, "f1_diff": 0.0, "interval": [0.0, 0.0], "decided": False}
+    ta, tb = _table({k: a[k] for k in ids}, _IEPILE), _table({k: b[k] for k in ids}, _IEPILE)
+    diff = float(_f1_rows(ta.sum(axis=0), (0, 1, 2)) - _f1_rows(tb.sum(axis=0), (0, 1, 2)))
     idx = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
-    d = _boot_f1_parse(ta, idx)[0] - _boot_f1_parse(tb, idx)[0]
+    d = _f1_rows(ta[idx].sum(axis=1), (0, 1, 2)) - _f1_rows(tb[idx].sum(axis=1), (0, 1, 2))
     lo, hi = (float(x) for x in np.percentile(d, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]))
-    return {"records": len(ids), "f1_diff": float(diff), "interval": [lo, hi], "decided": lo > 0 or hi < 0}
+    return {"records": len(ids), "f1_diff": diff, "interval": [lo, hi], "decided": lo > 0 or hi < 0}
 
 
 def json_schema_for(asked: list[str], max_chars: int = 64, max_items: int = 8) -> dict:

@@ -28,6 +28,7 @@ __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_strat
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 STEP_INPUTS = {2: "01_standardized.jsonl", 3: "02_filtered.jsonl", 4: "03_stratified.jsonl", 5: "04_derived.jsonl",
                6: "05_*.jsonl"}
+PROMPT_SPLITS = ("eval_prompts", "test_iepile")  # rendered without the answer (gold kept beside the messages)
 
 
 EMBEDDED = "microlm_embedded"  # source name of the project-written records
@@ -174,35 +175,60 @@ def step_filter(cfg: Config, out_dir: Path) -> dict:
 
 def step_stratify(cfg: Config, out_dir: Path) -> dict:
     """03: statistics by topic × relation × source, and a stratum per record — its topic and its
-    rarest relation (by triples of that topic), so sampling can reach the long tail.
+    rarest relation (by triples of that topic), so sampling can reach the long tail.  A record that a
+    source gives more than once (the same id and topic: e.g. one TSV line per fact of a sentence, the
+    lines apart) becomes one record with the union of its triples, at its first position.
     ``02_filtered.jsonl`` → ``03_stratified.jsonl`` (+ ``stratum``) and ``03_stratify_stats.json``."""
     t0 = time.time()
     src = _require(out_dir, "02_filtered.jsonl", 2, cfg)
+    triples: dict[tuple[str, str], dict] = {}  # (id, topic) → its triples, each once, in order
+    copies: Counter = Counter()
+    for r in read_jsonl(src):
+        key = (r["id"], r["cate"])
+        copies[key] += 1
+        seen = triples.setdefault(key, {})
+        for t in r["relation"]:
+            seen.setdefault((t["head"], t["relation"], t["tail"]), t)
     rel_count: Counter = Counter()
     topic_records, source_topic = Counter(), Counter()
-    for r in read_jsonl(src):
+    merged = sum(c - 1 for c in copies.values())
+    kept: dict[tuple[str, str], dict] = {}  # (id, topic) → the record (its first copy, all triples), in order
+    for line, r in _lines_and_rows(src):
+        key = (r["id"], r["cate"])
+        if key in kept:
+            continue  # a later copy: merged into the first
+        if copies[key] > 1:
+            r = {**r, "relation": list(triples[key].values())}
         topic_records[r["cate"]] += 1
         source_topic[(r["source"], r["cate"])] += 1
         for t in r["relation"]:
             rel_count[(r["cate"], t["relation"])] += 1
-    strata: Counter = Counter()
+        r["_line"] = line if copies[key] == 1 else None
+        kept[key] = r
+    del triples
+    # a stratum needs every record's counts first
     with atomic_open(out_dir / "03_stratified.jsonl") as f:
-        for line, r in _lines_and_rows(src):
+        by_stratum: Counter = Counter()
+        for r in kept.values():
             cate = r["cate"]
             rarest = min((t["relation"] for t in r["relation"]), key=lambda x: (rel_count[(cate, x)], x))
             stratum = f"{cate}:{rarest}"
-            strata[stratum] += 1
-            f.write(line.rstrip()[:-1] + ',"stratum":' + json_line(stratum)[:-1] + "}\n")  # the row + its stratum
+            by_stratum[stratum] += 1
+            line = r.pop("_line")
+            if line is not None:
+                f.write(line.rstrip()[:-1] + ',"stratum":' + json_line(stratum)[:-1] + "}\n")  # the row + its stratum
+            else:
+                f.write(json_line({**r, "stratum": stratum}))
     schema = _schema(cfg)
     relations: dict[str, dict[str, int]] = {}
     for (topic, rel), c in rel_count.most_common():
         relations.setdefault(topic, {})[rel] = c
     present = [c for t, c in topic_records.items() if c and t != cfg.ie_data.unmapped_topic]  # schema topics
     rare = cfg.ie_data.rare_relation_triples
-    stats = {"step": "03_stratify", "records": sum(topic_records.values()),
+    stats = {"step": "03_stratify", "records": sum(topic_records.values()), "duplicate_records_merged": merged,
              "by_topic": dict(topic_records.most_common()), "relations": relations,
              "by_source_topic": {f"{s}|{t}": c for (s, t), c in source_topic.most_common()},
-             "strata": len(strata), "largest_strata": dict(strata.most_common(10)),
+             "strata": len(by_stratum), "largest_strata": dict(by_stratum.most_common(10)),
              "imbalance_max_over_min_topic": round(max(present) / min(present), 1) if present else None,
              "schema_topics_without_records": sorted(t for t in schema if t not in topic_records),
              "rare_relations": {f"{t}:{r}": c for (t, r), c in rel_count.items() if c < rare},
@@ -244,11 +270,9 @@ def _derive_chunk(rows: list[dict]) -> tuple[str, dict]:
     return "".join(lines), st
 
 
-def step_derive(cfg: Config, out_dir: Path) -> dict:
-    """04: ``03_stratified.jsonl`` → ``04_derived.jsonl``: schema-conditioned instruction/output pairs
-    (``microlm/ie/derive.py``) + ``04_derive_stats.json``."""
-    t0 = time.time()
-    src = _require(out_dir, "03_stratified.jsonl", 3, cfg)
+def _pools(cfg: Config, src: Path):
+    """``pool_of(record)``: the ordered relation list a record's instructions draw from — its topic's
+    schema, or for the extra topic the relations its source uses under it (read from ``src``)."""
     schema = _schema(cfg)
     extra_pools: dict[str, dict[str, None]] = {}  # source → relations it uses under the extra topic
     for r in read_jsonl(src):
@@ -259,6 +283,15 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     def pool_of(r: dict) -> list[str]:
         return schema[r["cate"]] if r["cate"] in schema else sorted(extra_pools[r["source"]])
 
+    return pool_of, {k: len(v) for k, v in extra_pools.items()}
+
+
+def step_derive(cfg: Config, out_dir: Path) -> dict:
+    """04: ``03_stratified.jsonl`` → ``04_derived.jsonl``: schema-conditioned instruction/output pairs
+    (``microlm/ie/derive.py``) + ``04_derive_stats.json``."""
+    t0 = time.time()
+    src = _require(out_dir, "03_stratified.jsonl", 3, cfg)
+    pool_of, extra_pools = _pools(cfg, src)
     d = cfg.ie_data
     _WORK.clear()
     _WORK.update(pool_of=pool_of, kw={"split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
@@ -275,15 +308,18 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     stats = {"step": "04_derive", "records": n, "examples": n, "by_topic": dict(by_topic.most_common()),
              "empty_output_share": round(empty / max(n, 1), 4), "positive_pairs": positives,
              "split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
-             "max_empty_chunks": d.max_empty_chunks, "empty_chunks_left_out": skipped,
-             "extra_topic_pools": {k: len(v) for k, v in extra_pools.items()}, "seconds": round(time.time() - t0, 2)}
+             "max_empty_chunks": d.max_empty_chunks, "empty_chunks_capped": skipped,
+             "extra_topic_pools": extra_pools, "seconds": round(time.time() - t0, 2)}
     write_json(out_dir / "04_derive_stats.json", stats)
     return stats
 
 
 def step_sample(cfg: Config, out_dir: Path) -> dict:
-    """05: ``04_derived.jsonl`` → ``05_{train,val,test}.jsonl`` (split by text, stratified) and
-    ``05_eval_prompts.jsonl`` (the fixed evaluation prompts with gold answers) + ``05_sample_stats.json``."""
+    """05: ``04_derived.jsonl`` → ``05_{train,val,test}.jsonl`` (split by text, stratified; chunks capped
+    by ``max_empty_chunks`` are left out of train and val only), ``05_test_iepile.jsonl`` (every test
+    record under IEPile's own test chunking, with its whole relation list) and ``05_eval_prompts.jsonl``
+    (the fixed evaluation prompts with gold answers) + ``05_sample_stats.json``."""
+    from microlm.ie.derive import derive_iepile
     from microlm.ie.sample import assign_splits, pick_eval_prompts
 
     t0 = time.time()
@@ -297,15 +333,19 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
                              min_test=-(-d.eval_prompts // max(1, len(topics))))
     counts: dict[str, Counter] = {k: Counter() for k in ("train", "val", "test")}
     texts: dict[str, set] = {k: set() for k in counts}
+    capped = Counter()
     test_examples = []
     with atomic_open(out_dir / "05_train.jsonl") as ftr, atomic_open(out_dir / "05_val.jsonl") as fva, \
             atomic_open(out_dir / "05_test.jsonl") as fte:
         files = {"train": ftr, "val": fva, "test": fte}
         for line, e in _lines_and_rows(src):
             split = split_of[e["record_id"]]
+            texts[split].add(e["record_id"])
+            if e.get("capped") and split != "test":  # negatives are sampled for training, never for testing
+                capped[split] += 1
+                continue
             files[split].write(line)  # the row as derived, not re-encoded
             counts[split][e["cate"]] += 1
-            texts[split].add(e["record_id"])
             if split == "test":
                 test_examples.append(e)
     shared = (texts["train"] & texts["val"]) | (texts["train"] & texts["test"]) | (texts["val"] & texts["test"])
@@ -315,11 +355,25 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     with atomic_open(out_dir / "05_eval_prompts.jsonl") as f:
         for e in prompts:
             f.write(json_line(e))
+    stratified = out_dir / "03_stratified.jsonl"
+    pool_of, _ = _pools(cfg, stratified)
+    test_records = (r for r in read_jsonl(stratified) if split_of.get(r["id"]) == "test")
+    iepile = Counter()
+    with atomic_open(out_dir / "05_test_iepile.jsonl") as f:
+        for e in derive_iepile(test_records, pool_of, split_num=d.split_num):
+            f.write(json_line(e))
+            iepile["examples"] += 1
+            iepile["empty"] += e["positives"] == 0
     stats = {"step": "05_sample", "records": sum(sum(c.values()) for c in counts.values()),
              "by_topic": dict(sum(counts.values(), Counter()).most_common()),
-             "splits": {k: {"examples": sum(c.values()), "texts": len(texts[k]), "by_topic": dict(c.most_common())}
+             "splits": {k: {"examples": sum(c.values()), "texts": len(texts[k]), "by_topic": dict(c.most_common()),
+                            "capped_empty_chunks_left_out": capped.get(k, 0)}
                         for k, c in counts.items()},
              "texts_shared_between_splits": 0,
+             "test_empty_share": round(sum(1 for e in test_examples if e["positives"] == 0)
+                                       / max(1, len(test_examples)), 4),
+             "test_iepile": {"examples": iepile["examples"], "records": len(texts["test"]),
+                             "empty_share": round(iepile["empty"] / max(1, iepile["examples"]), 4)},
              "eval_prompts": {"n": len(prompts), "by_topic": dict(Counter(e["cate"] for e in prompts).most_common())},
              "seed": cfg.seed, "seconds": round(time.time() - t0, 2)}
     if len(prompts) < d.eval_prompts:
@@ -384,7 +438,7 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
 
     t0 = time.time()
     d = cfg.ie_data
-    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, cfg) for s in ("train", "val", "test", "eval_prompts")}
+    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, cfg) for s in ("train", "val", "test", *PROMPT_SPLITS)}
     if counters is None:
         if tokenizer_dir is None:
             raise MicroLMError("step 06 counts tokens with the MicroLM tokenizer: give its folder "
@@ -395,11 +449,11 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
     for split, src in inputs.items():
         with open(src, encoding="utf-8") as f:
             n_in = sum(1 for _ in f)
-        sample = d.token_sample if split != "eval_prompts" and 0 < d.token_sample < n_in else 0
+        sample = d.token_sample if split not in PROMPT_SPLITS and 0 < d.token_sample < n_in else 0
         lengths: dict[str, list[int]] = {c.name: [] for c in counters}
         splits[split] = {"in": n_in, "out": 0, "dropped_over_cutoff": 0, "measured": 0}
         _WORK.clear()
-        _WORK.update(counters=counters, sample=(cfg.seed, n_in, sample), prompt_only=split == "eval_prompts",
+        _WORK.update(counters=counters, sample=(cfg.seed, n_in, sample), prompt_only=split in PROMPT_SPLITS,
                      cutoff=d.cutoff_tokens)
         with atomic_open(out_dir / f"06_{split}.jsonl") as f:
             for text, counts, lens, topics in ordered_map(_render_chunk, batched(read_jsonl(src), batch), d.workers):

@@ -20,13 +20,47 @@ import numpy as np
 
 from microlm.tokenizer.tokenizer import render_chat
 
-__all__ = ["SYSTEM_PROMPTS", "to_messages", "render_example", "parse_answer", "TokenCounter", "length_summary"]
+__all__ = ["SYSTEM_PROMPTS", "ANSWER_FORMAT", "PROMPT_STYLES", "prompt_messages", "to_messages", "render_example",
+           "parse_answer", "TokenCounter", "length_summary"]
 
 SYSTEM_PROMPTS = {
     "zh": "你是一个信息抽取助手。请按照用户给出的schema从input中抽取关系三元组，只输出JSON字符串。",
     "en": "You are an information extraction assistant. Extract the relation triples of the given schema from "
           "the input and answer with a JSON string only.",
 }
+
+
+# what a model never trained on the answer format is told (the ``zero_shot`` prompt of ie_eval): the format
+# itself, with a made-up example — the IE instruction alone names no keys
+ANSWER_FORMAT = {
+    "zh": ("回答格式：只输出一个JSON对象，不要代码块，不要解释。键是schema中的每一个关系，值是列表，列表中的每一项是"
+           '{"subject": "头实体", "object": "尾实体"}，实体照抄input中的原文；input中没有的关系，值为[]。'
+           '例如schema为["作者", "出版社"]、input为"《三体》是刘慈欣的小说。"时，回答'
+           '{"作者": [{"subject": "三体", "object": "刘慈欣"}], "出版社": []}'),
+    "en": ("Answer format: output one JSON object only, no code block, no explanation. Its keys are every relation "
+           'of the schema; each value is a list of {"subject": "head entity", "object": "tail entity"} items, the '
+           "entities copied from the input; a relation the input does not hold gets []. For example, for the schema "
+           '["author", "publisher"] and the input "Dune is a novel by Frank Herbert." answer '
+           '{"author": [{"subject": "Dune", "object": "Frank Herbert"}], "publisher": []}'),
+}
+PROMPT_STYLES = ("ie", "zero_shot")
+
+
+def prompt_messages(messages: list[dict], style: str = "ie") -> list[dict]:
+    """The prompt a model is asked with: ``ie`` = as rendered (what the LoRA trained on); ``zero_shot`` =
+    the same with the answer format described in the system message (fair to a model never trained on
+    it)."""
+    if style == "ie":
+        return messages
+    if style != "zero_shot":
+        raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
+    out = [dict(m) for m in messages]
+    lang = "en" if out and out[0]["role"] == "system" and out[0]["content"].isascii() else "zh"
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = out[0]["content"] + "\n" + ANSWER_FORMAT[lang]
+    else:
+        out.insert(0, {"role": "system", "content": ANSWER_FORMAT[lang]})
+    return out
 
 
 def to_messages(example: dict, *, with_answer: bool = True) -> list[dict]:
@@ -40,11 +74,13 @@ def to_messages(example: dict, *, with_answer: bool = True) -> list[dict]:
 
 def render_example(example: dict, *, prompt_only: bool = False) -> dict:
     """One chat line: ids and topic kept for tracing; an evaluation prompt carries its gold answer
-    instead of the assistant turn."""
+    instead of the assistant turn (and, under IEPile's test chunking, its record's whole relation list)."""
     out = {k: example[k] for k in ("id", "record_id", "cate", "source")}
     out["messages"] = to_messages(example, with_answer=not prompt_only)
     if prompt_only:
         out["gold"] = example["output"]
+        if "record_gold" in example:
+            out["record_gold"] = example["record_gold"]
     return out
 
 

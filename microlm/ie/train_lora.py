@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.hw import peak_rss_mb, reset_peak_rss
 
 __all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_folder", "load_tokenizer",
            "load_base", "attach_peft", "attach_microlm", "copy_microlm_init_to_peft", "template_mismatch"]
@@ -97,8 +98,11 @@ def _resolve(base: str) -> str:
 
 def _hub_error(base: str, e: Exception) -> MicroLMError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    why = "it is not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline else str(e).splitlines()[0]
-    return MicroLMError(f"cannot load base model {base!r}: {why}")
+    why = ("it is not in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline
+           else f"the hub cannot be reached or has no such model ({str(e).splitlines()[0][:160]})")
+    return MicroLMError(f"cannot load base model {base!r}: {why} — run where the hub is reachable (transformers "
+                        f"caches it), or give a local folder: MICROLM_QWEN=/path/to/the/model for the profile's "
+                        f"Qwen, or the folder itself in the config")
 
 
 def load_tokenizer(base: str, *, weights: bool = True):
@@ -243,7 +247,9 @@ def lockstep_losses(model, examples, pad_id: int, steps: int, out_dir: Path, *, 
 
 
 def build_engine(engine: str, base: str, lc, *, dtype: torch.dtype = torch.float32):
-    """``(causal LM with adapters, what to save it with)`` for ``engine`` = ``peft`` | ``microlm``."""
+    """``(causal LM with adapters, what to save it with)`` for ``engine`` = ``peft`` | ``microlm``.
+    ``dtype``: the frozen base's weights (bf16 halves the memory where bf16 is native; PEFT keeps the
+    adapters themselves in fp32)."""
     if engine == "peft":
         model = load_base(base, dtype)
         if lc.gradient_checkpointing:
@@ -280,42 +286,79 @@ def read_lines(path: Path, limit: int | None = None) -> list[dict]:
     return out
 
 
+def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
+    """``ie_lora``'s training conversations (``microlm/ie/mix.py``): ``train_examples`` of
+    ``06_train.jsonl``, none whose text is (near) one of the test split's, balanced by topic, with
+    ``empty_share`` all-empty answers; and what the mix holds (for the report and the notebook)."""
+    from microlm.ie.mix import balanced_sample, contaminated, describe_mix, line_input
+
+    lc = cfg.ie_lora
+    lines = read_lines(data_dir / "06_train.jsonl")
+    if not lines:
+        raise MicroLMError(f"{data_dir / '06_train.jsonl'} holds no training conversation: the IE data is empty "
+                           f"(see ie_data's 01_standardize_stats.json)")
+    excluded, eval_texts = None, []
+    test = data_dir / "06_test.jsonl"  # the evaluation prompts are drawn from it; every test text counts
+    if lc.decontaminate is not None and test.is_file():
+        eval_texts = [line_input(x) for x in read_lines(test)]
+        excluded = contaminated([line_input(x) for x in lines], eval_texts, threshold=lc.decontaminate, seed=cfg.seed)
+    sample, report = balanced_sample(lines, lc.train_examples, empty_share=lc.empty_share, seed=cfg.seed,
+                                     excluded=excluded)
+    prompts = data_dir / "06_eval_prompts.jsonl"
+    golds = [(p["gold"], p["cate"]) for p in read_lines(prompts) if p.get("gold")] if prompts.is_file() else []
+    return sample, {**report, "decontaminate_threshold": lc.decontaminate, "eval_texts": len(set(eval_texts)),
+                    **describe_mix(sample, golds)}
+
+
+def base_dtype(cfg) -> torch.dtype:
+    """The dtype the frozen base is loaded in: bf16 where training runs in bf16 (native bf16 CPUs, GPUs)."""
+    from microlm.hw import resolve_precision
+
+    tc = cfg.ie_lora.train
+    return torch.bfloat16 if resolve_precision(tc.precision, tc.device) == "bf16" else torch.float32
+
+
 def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, resume: bool = False,
-                  progress: bool = True, stop_after: int | None = None, dist=None, init_from=None) -> dict:
+                  progress: bool = True, stop_after: int | None = None, dist=None, init_from=None,
+                  run_fingerprint: str | None = None) -> dict:
     """Train one ``ie_lora`` run (``{"name", "base", "engine"}``) on ``data_dir``'s rendered lines into
     ``out_dir`` (``adapter/`` in PEFT format + tokenizer files, ``metrics.jsonl``, ``curves.png``,
-    ``report.json``).  ``init_from``: a from-scratch LoRA model whose initial A/B the PEFT engine copies."""
+    ``report.json``).  ``init_from``: a from-scratch LoRA model whose initial A/B the PEFT engine copies;
+    ``run_fingerprint``: recorded in the checkpoints and the report (what makes this sub-run itself)."""
     import time
 
     from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
-    from microlm.io import write_json
+    from microlm.io import read_json, write_json
     from microlm.train.dist import distributed
     from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
     from microlm.train.trainer import Trainer
 
     lc = cfg.ie_lora
     tc = lc.train
+    reset_peak_rss()  # this run's peak, not an earlier run's of the same process
     with distributed(tc.device, dist) as dist:
         tok = load_tokenizer(base)
-        train_lines = read_lines(data_dir / "06_train.jsonl")
-        available = len(train_lines)
-        if 0 < lc.train_examples < available:  # encoding every line costs more than a short run trains on
-            import random
-
-            train_lines = random.Random(cfg.seed).sample(train_lines, lc.train_examples)
+        train_lines, mix = training_mix(cfg, data_dir)
         val_lines = read_lines(data_dir / "06_val.jsonl", lc.val_examples or None)
+        if not val_lines:
+            raise MicroLMError(f"{data_dir / '06_val.jsonl'} holds no conversation: nothing to validate on")
         why = template_mismatch(tok, train_lines[0]["messages"])
         if why:
             raise MicroLMError(f"the chat template of {base} differs from the one ie_data rendered with ({why})")
         enc = ChatEncoder(tok)
         torch.manual_seed(cfg.seed)
-        model, lcfg = build_engine(run["engine"], base, lc)
+        dtype = base_dtype(cfg) if run["engine"] == "peft" else torch.float32
+        model, lcfg = build_engine(run["engine"], base, lc, dtype=dtype)
+        vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
+        if vocab is not None and len(tok) > vocab:
+            raise MicroLMError(f"the tokenizer of {base} has {len(tok):,} tokens but its model only {vocab:,} "
+                               f"embeddings: tokenizer and weights do not belong together")
         limit = getattr(getattr(model, "cfg", None), "max_seq_len", None) or getattr(
             model.config, "max_position_embeddings", None)
         cutoff = min(x for x in (lc.cutoff_tokens, limit, cfg.ie_data.cutoff_tokens) if x)
         train_ex, counts = encode_chats(enc, train_lines, cutoff)
         val_ex, val_counts = encode_chats(enc, val_lines, cutoff)
-        counts["sampled_from"] = available
+        counts["sampled_from"] = mix["available"]
         if len(train_ex) < tc.batch_size:
             raise MicroLMError(f"{len(train_ex)} of {len(train_lines)} training examples fit the cutoff of {cutoff} "
                                f"tokens (the base's context is {limit}), fewer than one batch of {tc.batch_size}")
@@ -329,9 +372,15 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
                           tokens_per_step=round(tc.batch_size * mean_len), trainable_only=True,
                           run_meta={"stage": "ie_lora", "run": run, "base": base,
                                     "lora": {k: getattr(lc, k) for k in ("r", "alpha", "dropout", "targets")},
-                                    "model": {"cutoff": cutoff}})
+                                    "model": {"cutoff": cutoff}, "run_fingerprint": run_fingerprint})
         trainer.evaluate = ValLoss(val_ex, micro, tok.pad_token_id, dist.device, trainer.amp)
-        base_eval = trainer.evaluate(trainer.raw_model) if dist.is_main and not resume else None
+        base_eval = None
+        if dist.is_main:  # the base model's held-out loss, once per run (a resumed run reads it back)
+            saved = out_dir / "base_eval.json"
+            base_eval = read_json(saved) if resume and saved.is_file() else None
+            if base_eval is None:
+                base_eval = trainer.evaluate(trainer.raw_model)
+                write_json(saved, base_eval)
         t0 = time.time()
         result = trainer.fit(resume=resume, stop_after=stop_after)
         seconds = time.time() - t0
@@ -347,17 +396,22 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
             tok.save_pretrained(adapter)
             from transformers import AutoConfig
 
+            from microlm.io import share
+
+            share(adapter)  # PEFT writes its weights 0600: the folder is read by the other stages and users
             # the merge stage refuses another base with the differing fields listed
             write_json(adapter / "base_config.json", AutoConfig.from_pretrained(_resolve(base)).to_dict())
             real = sum(len(e.ids) for s in range(result["steps"]) for e in
                        (batches.examples[int(r)] for r in batches.rows(s)))
             train, evals = read_metrics(out_dir)
             report = {"run": run, "base": base, "engine": run["engine"], "params": trainable_report(model),
-                      "cutoff": cutoff, "train_data": counts, "val_data": val_counts,
+                      "base_dtype": str(dtype).replace("torch.", ""), "cutoff": cutoff, "train_data": counts,
+                      "val_data": val_counts, "mix": mix,
                       "trained_token_share": round(counts["trained_tokens"] / max(1, counts["tokens"]), 4),
-                      "steps": result["steps"], "seconds_this_run": round(seconds, 1), "precision": trainer.precision,
+                      "steps": result["steps"], "max_steps": tc.max_steps, "seconds_this_run": round(seconds, 1),
+                      "precision": trainer.precision, "run_fingerprint": run_fingerprint,
                       "useful_tokens_per_s": round(real / max(seconds, 1e-9), 1) if not resume else None,
-                      **loss_fields(train, evals, base_eval)}
+                      "peak_rss_mb": peak_rss_mb(), **loss_fields(train, evals, base_eval)}
             write_json(out_dir / "report.json", report)
             plot_curves(out_dir, train, evals)
         return report
@@ -372,30 +426,67 @@ def base_of(entry: dict, hf_dir: Path | None) -> str:
     return entry["base"]
 
 
-def build(run) -> dict | None:
-    """The ``ie_lora`` stage: every run of ``ie_lora.runs`` into ``<stage>/<name>/``.  With ``--resume``
-    a finished run is kept and an unfinished one continues from its checkpoint; manifest metrics per
-    run, ``None`` when stopped early (``--stop-after``) or on ranks other than 0."""
-    from microlm.io import read_json
+def run_fingerprint(run, cfg, entry: dict, base: str) -> str:
+    """What one ``ie_lora`` run is made of: its entry and base, the settings it trains with (``cfg``:
+    the run's own, ``with`` applied) and the upstream folders' fingerprints — a finished run is reused,
+    a checkpoint resumed, only when it is the same."""
+    from microlm.config import stage_config, trajectory_config
+    from microlm.runs import fingerprint, read_manifest
 
-    cfg, opts = run.cfg, run.options
+    lc = stage_config(cfg, "ie_lora")
+    return fingerprint({"entry": entry, "base": base, "seed": cfg.seed, "train": trajectory_config(cfg.ie_lora.train),
+                        "ie_lora": {k: v for k, v in lc.items() if k not in ("train", "runs")},
+                        "upstream": {u: (read_manifest(p) or {}).get("fingerprint") for u, p in sorted(run.up.items())}})
+
+
+def _state_fingerprint(out: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((out / "ckpt" / "state.json").read_text(encoding="utf-8")).get("run_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def build(run) -> dict | None:
+    """The ``ie_lora`` stage: every run of ``ie_lora.runs`` into ``<stage>/<name>/``.  Each run is its
+    own record: a run whose ``report.json`` carries this run's fingerprint (entry, base, settings,
+    upstream) is kept; one whose checkpoint carries it continues from there (a killed or stopped run);
+    anything else in its folder is cleared and the run trained from the start (``--force``: all of
+    them).  Manifest metrics per run; ``None`` when stopped early (``--stop-after``) or on ranks > 0."""
+    import shutil
+
+    from microlm.config import ie_lora_run_config, resolve_model_name
+    from microlm.io import read_json, write_json
+
+    opts = run.options
     reports = {}
-    for entry in cfg.ie_lora.runs:
+    for entry in run.cfg.ie_lora.runs:
+        cfg = ie_lora_run_config(run.cfg, entry)
         out = run.out / entry["name"]
+        base = base_of({**entry, "base": resolve_model_name(cfg, entry["base"])}, run.up.get("hf"))
+        fp = run_fingerprint(run, cfg, entry, base)
         done = out / "report.json"
-        if opts.get("resume") and done.is_file() and read_json(done).get("steps") == cfg.ie_lora.train.max_steps:
+        if not run.force and done.is_file() and read_json(done).get("run_fingerprint") == fp \
+                and read_json(done).get("steps") == cfg.ie_lora.train.max_steps:
             reports[entry["name"]] = read_json(done)
             continue
-        resume = bool(opts.get("resume")) and (out / "ckpt" / "state.json").is_file()
-        reports[entry["name"]] = train_ie_lora(cfg, {"engine": "peft", **entry}, base_of(entry, run.up.get("hf")),
-                                               run.up["ie_data"], out, resume=resume, progress=run.progress,
-                                               stop_after=opts.get("stop_after"), dist=run.dist)
+        resume = not run.force and _state_fingerprint(out) == fp
+        if not resume and out.exists() and (run.dist is None or run.dist.is_main):
+            shutil.rmtree(out)  # another run's files (other settings or upstream): never mixed with this one's
+        if resume:
+            done.unlink(missing_ok=True)
+        reports[entry["name"]] = train_ie_lora(cfg, {"engine": "peft", **entry}, base, run.up["ie_data"], out,
+                                               resume=resume, progress=run.progress, stop_after=opts.get("stop_after"),
+                                               dist=run.dist, run_fingerprint=fp)
     if opts.get("stop_after") is not None or not all(reports.values()):
         return None
-    from microlm.io import write_json
-
+    if any(r["steps"] < r["max_steps"] for r in reports.values()):
+        return None
     metrics = {"runs": {name: {"engine": r["engine"], "base": r["base"], "trainable_percent": r["params"]["percent"],
                                "base_val_loss": r["base_val_loss"], "final_val_loss": r["final_val_loss"],
-                               "seconds": r["seconds_this_run"]} for name, r in reports.items()}}
+                               "seconds": r["seconds_this_run"], "peak_rss_mb": r.get("peak_rss_mb"),
+                               "train_examples": r["mix"]["drawn"], "empty_share": r["mix"]["empty_share"],
+                               "decontaminated": r["mix"]["excluded"]} for name, r in reports.items()}}
     write_json(run.out / "report.json", metrics)
     return metrics

@@ -234,6 +234,18 @@ class TransformerLM(nn.Module):
             return logits, loss, weights
         return logits, loss
 
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final (normed) hidden states ``(B, T, dim)`` of a plain forward: ``lm_head`` of them are
+        the logits (what a loss over a few positions needs, without the logits of all of them)."""
+        t = idx.shape[1]
+        if t > self.rope_cos.shape[0]:
+            raise MicroLMError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.drop(self.embed(idx))
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, None, i, False, None)
+        return self.norm(x)
+
     def cast(self, dtype: torch.dtype) -> TransformerLM:
         """Weights (and so the KV cache and activations) in ``dtype`` for inference — e.g. bfloat16
         halves the bytes each decoded token reads.  The RoPE tables stay fp32 (the rotation and the

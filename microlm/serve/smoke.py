@@ -19,32 +19,23 @@ from pathlib import Path
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.ie.greedy import NEAR_TIE, chat_prompt_ids, first_divergence, greedy_ids, top2_gap
 from microlm.serve.server import server_spec
 
 __all__ = ["server_spec", "hf_greedy", "served_ids", "compare_ids", "build"]
 
 
 @torch.no_grad()
-def hf_greedy(folder: str, prompts: list[list[dict]], max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    """``transformers`` greedy new ids (stop token excluded) and the prompt ids, one prompt at a time."""
+def hf_greedy(folder: str, prompts: list[list[dict]], max_tokens: int, *, batch_size: int = 8):
+    """``transformers`` greedy new ids (stop token excluded) and the prompt ids of ``folder`` in fp32
+    (the served model is upcast to fp32 too: parity compares the same weights, not two dtypes), batched;
+    ``(outputs, prompt ids, model)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from microlm.ie.export import _eos_ids
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    eos = _eos_ids(tok, model)
-    outs, ins = [], []
-    for msgs in prompts:
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-        ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
-        x = torch.tensor([ids])
-        g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                           eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-        cut = next((i for i, t in enumerate(g) if t in eos), None)
-        outs.append(g[:cut] if cut is not None else g)
-        ins.append(ids)
-    return outs, ins
+    ins = [chat_prompt_ids(tok, msgs) for msgs in prompts]
+    return greedy_ids(model, tok, ins, max_tokens, batch_size=batch_size), ins, model
 
 
 def served_ids(resp: dict) -> list[int]:
@@ -53,21 +44,14 @@ def served_ids(resp: dict) -> list[int]:
     return [int(c["token"].split(":", 1)[1]) for c in content if c["token"].startswith("token_id:")]
 
 
-def compare_ids(ours: list[int], theirs: list[int]) -> int | None:
-    """Index of the first differing token (None when equal)."""
-    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
-        if a != b:
-            return i
-    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+compare_ids = first_divergence  # the index of the first differing token (None when equal)
 
 
 @torch.no_grad()
-def _margin(folder: str, prompt_ids: list[int], prefix: list[int], hf_tok: int | None, served_tok: int | None) -> float | None:
-    from transformers import AutoModelForCausalLM
-
+def _margin(model, prompt_ids: list[int], prefix: list[int], hf_tok: int | None, served_tok: int | None) -> float | None:
+    """transformers' logit of its own token minus that of the served token, at the divergence."""
     if hf_tok is None or served_tok is None:
         return None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     logits = model(torch.tensor([prompt_ids + prefix])).logits[0, -1]
     return float(logits[hf_tok] - logits[served_tok])
 
@@ -86,11 +70,15 @@ def build(run) -> dict:
     py = ensure_env(quiet=not run.progress)
     spec = server_spec(cfg, run.up)
     t0 = time.time()
-    hf_out, hf_in = hf_greedy(spec.model, [p["messages"] for p in prompts], sc.max_tokens)
-    hf_s = time.time() - t0
     from transformers import AutoTokenizer
 
+    from microlm.ie.evaluate import answer_cap
+
     tok = AutoTokenizer.from_pretrained(spec.model)
+    # the cap holds the longest gold answer (else an IE answer is cut by construction)
+    max_tokens = answer_cap(lambda t: len(tok(t, add_special_tokens=False)["input_ids"]), prompts, sc.max_tokens)
+    hf_out, hf_in, hf_model = hf_greedy(spec.model, [p["messages"] for p in prompts], max_tokens)
+    hf_s = time.time() - t0
     gen = json.loads((Path(spec.model) / "generation_config.json").read_text(encoding="utf-8"))
     eos = gen.get("eos_token_id")
     stop_ids = {tok.convert_tokens_to_ids("<|im_end|>"), *([eos] if isinstance(eos, int) else (eos or []))}
@@ -106,7 +94,7 @@ def build(run) -> dict:
         models = request_json(base + "/models", api_key=key)
         checks["models"] = [m["id"] for m in models.get("data", [])]
         first = prompts[0]
-        r = chat(base, spec.served_name, first["messages"], max_tokens=sc.max_tokens, api_key=key)
+        r = chat(base, spec.served_name, first["messages"], max_tokens=max_tokens, api_key=key)
         text = r["choices"][0]["message"]["content"] or ""
         checks["ie_answer"] = {"text": text[:500], "error_class": read_answer(text, first["asked"])[1],
                                "finish_reason": r["choices"][0].get("finish_reason")}
@@ -125,23 +113,26 @@ def build(run) -> dict:
         parity = []
         t2 = time.time()
         for p, ours, ins in zip(prompts, hf_out, hf_in, strict=True):
-            resp = chat(base, spec.served_name, p["messages"], max_tokens=sc.max_tokens, api_key=key, logprobs=True,
+            resp = chat(base, spec.served_name, p["messages"], max_tokens=max_tokens, api_key=key, logprobs=True,
                         top_logprobs=1, return_tokens_as_token_ids=True, skip_special_tokens=True)
             theirs = served_ids(resp)
             while theirs and theirs[-1] in stop_ids:  # vLLM lists the stop token it ended on; transformers not
                 theirs.pop()
             at = compare_ids(ours, theirs)
             row = {"id": p["id"], "identical": at is None, "hf_tokens": len(ours), "served_tokens": len(theirs)}
-            if at is not None:
+            if at is not None:  # a near-tie that rounding decided (top-2 gap < 1e-3), or a real difference
+                gap = top2_gap(hf_model, ins + ours[:at])
                 row.update(first_divergence=at, hf_text=tok.decode(ours), served_text=tok.decode(theirs),
-                           margin=_margin(spec.model, ins, ours[:at], ours[at] if at < len(ours) else None,
-                                          theirs[at] if at < len(theirs) else None))
+                           margin=_margin(hf_model, ins, ours[:at], ours[at] if at < len(ours) else None,
+                                          theirs[at] if at < len(theirs) else None),
+                           top2_gap=gap, near_tie=gap < NEAR_TIE)
             parity.append(row)
         served_s = time.time() - t2
         checks["server_rss_mb"] = round(srv.rss_mb(), 1)
     same = sum(r["identical"] for r in parity)
     report = {"model": spec.model, "served_name": spec.served_name, "dtype": spec.dtype, **checks,
-              "parity": {"prompts": len(parity), "identical": same, "max_tokens": sc.max_tokens,
+              "parity": {"prompts": len(parity), "identical": same, "max_tokens": max_tokens,
+                         "near_ties": sum(bool(r.get("near_tie")) for r in parity),
                          "hf_seconds": round(hf_s, 1), "served_seconds": round(served_s, 1),
                          "divergences": [r for r in parity if not r["identical"]]},
               "log": str(srv.log_path.relative_to(run.out))}
@@ -155,5 +146,6 @@ def build(run) -> dict:
         problems.append(f"the structured-output answer is {checks['structured']['error_class']}")
     if problems:
         raise MicroLMError("serve_smoke failed: " + "; ".join(problems) + f" (see {run.out / 'report.json'})")
-    return {"identical": same, "prompts": len(parity), "structured": checks["structured"]["error_class"],
+    return {"identical": same, "prompts": len(parity), "near_ties": report["parity"]["near_ties"],
+            "structured": checks["structured"]["error_class"],
             "ie_answer": checks["ie_answer"]["error_class"], "server_rss_mb": checks["server_rss_mb"]}
