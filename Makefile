@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: setup serve-env course notebooks book lab test test-fast lint bench soak clean
+.PHONY: setup serve-env course notebooks book lab test test-fast lint bench soak results clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,9 @@ bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA fo
 soak: setup serve-env        ## the serving stability run: 10 minutes at concurrency 8, a restart at 5 min (serve_soak at $(PROFILE))
 	$(BIN)/python -m microlm.cli serve-soak --profile $(PROFILE) --out runs/$(PROFILE)/serve_soak_10min --force \
 	    --set serve_soak.duration_s=600 --set serve_soak.restart_at_s=300 --set serve_soak.concurrency=8
+
+results: setup                ## keep a run's numbers (no data text) in data/results/ for chapters 11–12 (PROFILE=laptop)
+	$(BIN)/python -m microlm.results --profile $(PROFILE)
 
 clean:
 	rm -rf _build runs notebooks/*.ipynb

@@ -562,7 +562,7 @@ register(Stage(
     key=lambda cfg, o: {"ie_eval": stage_config(cfg, "ie_eval"), "all": bool(o.get("all")), "seed": cfg.seed,
                         "qwen": _qwen_key(cfg, [m.get("model") for m in cfg.ie_eval.models])},
     outputs=("results.jsonl", "summary.md", "summary.csv", "failures.md", "metrics.png", "topic_f1.png",
-             "answers.png", "report.json"),
+             "answers.png", "results_card.json", "report.json"),
     notebook="11_ie_eval",
     options=(Option("all", "the whole test split (first variant of each chunk) instead of the evaluation prompts",
                     flag=True),),

@@ -538,7 +538,7 @@ def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: 
                 t = {}
                 if entry["backend"] == "floor":
                     answers = _floor_answers(name, asked, train_answers)
-                    t[name] = {"backend": "floor", "computed": len(asked), "cached": 0, "wall_s": 0.0,
+                    t[name] = {"backend": "floor", "computed": 0, "cached": 0, "wall_s": 0.0,  # no model answered
                                "answers_per_s": None, "generation_s": 0.0}
                 else:
                     answers = _answer_model(entry, asked, up, out, dec, progress, t)
@@ -592,6 +592,58 @@ def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: 
 
 
 # --------------------------------------------------------------------------------------------- outputs
+def results_card(report: dict, rows: list[dict], meta: dict) -> dict:
+    """What a run's evaluation can be shown by elsewhere without its data: the tables (both protocols),
+    the comparisons, when, on what machine, with which weights and data — and per prompt only ids and
+    scores (no text: the data bundle's sentences never leave it)."""
+    keep = ("model", "protocol", "id", "record_id", "cate", "error", "parsed", "compliant", "finish_reason",
+            "new_tokens")
+    per = []
+    for r in rows:
+        gold = {tuple(t) for t in r["gold"]}
+        pred = {tuple(t) for t in r["pred"]}
+        per.append({**{k: r.get(k) for k in keep}, "tp": len(pred & gold), "n_pred": len(pred), "n_gold": len(gold),
+                    "tp_fenced": len({tuple(t) for t in r.get("pred_fenced", [])} & gold)})
+    tables = {n: {k: m[k] for k in ("parse_rate", "schema_rate", "precision", "recall", "f1", "relaxed_f1",
+                                    "parse_rate_fenced", "f1_fenced", "records", "answers")} | {"f1_interval": m["interval"]["f1"]}
+              for n, m in report["models"].items()}
+    card = {"card": "microlm ie_eval results", **meta, "prompts": report["prompts"], "records": report["records"],
+            "order": report["order"], "models": tables, "comparisons": report["comparisons"],
+            "timing": report["timing"], "per_prompt": per}
+    if "iepile" in report:
+        card["iepile"] = {k: report["iepile"][k] for k in ("models", "prompts", "records", "comparisons")}
+    return card
+
+
+def _run_meta(cfg, models: list[dict]) -> dict:
+    """Date, machine, data and weights of an evaluation run (for its results card)."""
+    import datetime as dt
+    import os
+
+    from microlm.config import qwen_model
+    from microlm.data.sources import data_root
+    from microlm.hw import cpu_name
+    from microlm.runs import file_digest
+
+    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": cfg.profile,
+            "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count()},
+            "data": "the data bundle (MICROLM_DATA)" if data_root(cfg.data.root) else "embedded (no MICROLM_DATA)"}
+    if any(m.get("model") == "qwen" for m in cfg.ie_eval.models) or any(r["base"] == "qwen" for r in cfg.ie_lora.runs):
+        q = qwen_model(cfg)
+        w = {"qwen": q if not Path(q).is_dir() else f"local folder ({Path(q).name})"}
+        if Path(q).is_dir():
+            conf = Path(q) / "config.json"
+            w["weights_digest"] = {p.name: file_digest(p) for p in sorted(Path(q).glob("*.safetensors"))}
+            if conf.is_file():
+                c = json.loads(conf.read_text(encoding="utf-8"))
+                w["architecture"] = {k: c.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                           "vocab_size", "tie_word_embeddings", "dtype")}
+        meta["weights"] = w
+    return meta
+
+
+
 def _fmt_iv(v: float, iv: list[float]) -> str:
     return f"{v:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]"
 
@@ -820,6 +872,7 @@ def build(run) -> dict:
     write_summary(report, run.out)
     report["plots"] = write_plots(report, rows, run.out)
     report["seconds"] = round(time.time() - t0, 1)
+    write_json(run.out / "results_card.json", results_card(report, rows, _run_meta(cfg, ec.models)))
     report["peak_rss_mb"] = peak_rss_mb()
     write_json(run.out / "report.json", report)
     metrics = {"models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
