@@ -78,9 +78,11 @@ def test_two_backends_agree_on_one_model_and_the_cache_recomputes_only_a_changed
     assert third["timing"]["ours"]["computed"] == 5 and third["timing"]["hf"]["computed"] == 5
 
 
-def test_constrained_decoding_gives_only_schema_json(tiny_export, tmp_path):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_constrained_decoding_gives_only_schema_json(tiny_export, tmp_path, batch):
+    """One grammar per row: batched constrained decoding gives each prompt its own schema."""
     folder = tiny_export(0)
-    dec = dict(DEC, max_new_tokens=160)
+    dec = dict(DEC, max_new_tokens=160, batch_size=batch)
     models = [{"name": "free", "backend": "transformers", "model": str(folder)},
               {"name": "json", "backend": "transformers", "model": str(folder), "constrained": True}]
     rep, rows, _ = _run(models, tmp_path, dec=dec, n=3)
@@ -231,7 +233,7 @@ def test_iepile_prompts_ask_every_chunk_of_the_evaluation_records(tmp_path):
     rows = []
     for x in ie_lines(12):
         user = json.loads(x["messages"][1]["content"])
-        for c, rels in enumerate(([r] for r in user["schema"])):
+        for c, rels in enumerate([r] for r in user["schema"]):
             rows.append({"id": f"{x['record_id']}-iepile-{c}", "record_id": x["record_id"], "cate": x["cate"],
                          "messages": x["messages"][:1] + [{"role": "user", "content": json.dumps(
                              {**user, "schema": rels}, ensure_ascii=False)}],

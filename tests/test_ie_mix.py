@@ -5,7 +5,14 @@ from collections import Counter
 
 import pytest
 
-from microlm.ie.mix import balanced_sample, contaminated, describe_mix, is_empty_answer, line_input, normalize_text
+from microlm.ie.mix import (
+    balanced_sample,
+    contaminated,
+    describe_mix,
+    is_empty_answer,
+    line_input,
+    normalize_text,
+)
 
 
 def _line(cate: str, text: str, pairs: int) -> dict:
@@ -23,23 +30,28 @@ def _lines() -> list[dict]:
     return out
 
 
+def _draw(lines, n, **kw):
+    picked, rep = balanced_sample([x["cate"] for x in lines], [is_empty_answer(x) for x in lines], n, **kw)
+    return [lines[i] for i in picked], rep
+
+
 def test_topics_are_balanced_by_water_filling_and_the_empty_share_is_held():
     lines = _lines()
-    sample, rep = balanced_sample(lines, 90, empty_share=0.5, seed=1)
+    sample, rep = _draw(lines, 90, empty_share=0.5, seed=1)
     by = Counter(x["cate"] for x in sample)
     assert len(sample) == 90 and by["人物"] == 9  # the small topic gives all it has ...
     assert sorted([by["作品"], by["其他"]]) == [40, 41]  # ... the other 81 are shared equally
     for cate in ("作品", "其他"):
         mine = [x for x in sample if x["cate"] == cate]
         assert abs(sum(map(is_empty_answer, mine)) - len(mine) / 2) <= 1
-    assert balanced_sample(lines, 90, empty_share=0.5, seed=1)[0] == sample  # seeded
-    assert balanced_sample(lines, 90, empty_share=0.5, seed=2)[0] != sample
-    none = balanced_sample(lines, 60, empty_share=0.0, seed=1)[0]
+    assert _draw(lines, 90, empty_share=0.5, seed=1)[0] == sample  # seeded
+    assert _draw(lines, 90, empty_share=0.5, seed=2)[0] != sample
+    none = _draw(lines, 60, empty_share=0.0, seed=1)[0]
     assert len(none) == 60 and not any(is_empty_answer(x) for x in none if x["cate"] == "其他")
     # a topic with too few positives fills its share with empties rather than give up examples
     assert Counter(x["cate"] for x in none)["人物"] == 9
     assert rep["drawn"] == 90 and rep["usable"] == len(lines)
-    everything, rep = balanced_sample(lines, 0, empty_share=0.7, seed=1)
+    everything, rep = _draw(lines, 0, empty_share=0.7, seed=1)
     assert len(everything) == len(lines) == rep["drawn"]  # 0 = all usable lines
 
 
@@ -58,7 +70,7 @@ def test_a_near_duplicate_of_an_evaluation_text_is_never_drawn():
     pool = lines + [near, spaced]
     bad = contaminated([line_input(x) for x in pool], ev, threshold=0.8)
     assert bad[5] and bad[-2] and bad[-1] and sum(bad) == 3
-    sample, rep = balanced_sample(pool, 0, empty_share=0.7, seed=0, excluded=bad)
+    sample, rep = _draw(pool, 0, empty_share=0.7, seed=0, excluded=bad)
     assert rep["excluded"] == 3 and all(line_input(x) not in ev for x in sample)
     assert normalize_text("Ａ b\u3000C") == "abc"
 

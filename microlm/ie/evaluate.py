@@ -266,8 +266,9 @@ def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], d
                                        return_dict=False)) for i, p in enumerate(prompts)]
     ids = [(i, list(x["input_ids"]) if isinstance(x, dict) else list(x)) for i, x in ids]
     constrained = bool(entry.get("constrained"))
-    bs = 1 if constrained else dec["batch_size"]
+    bs = dec["batch_size"]  # constrained too: one grammar matcher per row of the batch
     compiler = grammar_compiler(tok, model.config.vocab_size) if constrained else None
+    grammars: dict[tuple, object] = {}  # compiled once per asked relation list
     out: list[dict | None] = [None] * len(prompts)
     with torch.inference_mode():
         for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, bs):
@@ -286,7 +287,7 @@ def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], d
                 mask[r, longest - len(p):] = 1
             kw = {}
             if constrained:
-                kw["logits_processor"] = [_schema_processor(compiler, prompts[batch[0][0]]["asked"])]
+                kw["logits_processor"] = [_schema_processor(compiler, [prompts[i]["asked"] for i, _ in batch], grammars)]
             t0 = time.perf_counter()
             gen = model.generate(x, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
                                  pad_token_id=tok.pad_token_id, **kw)
@@ -314,13 +315,21 @@ def grammar_compiler(tok, vocab_size: int):
     return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size))
 
 
-def _schema_processor(compiler, asked: list[str]):
-    """A ``transformers`` logits processor that lets only answers of the JSON schema of ``asked``
-    through (no free whitespace); one prompt per ``generate`` call."""
+def _schema_processor(compiler, asked: list[list[str]], cache: dict | None = None):
+    """A ``transformers`` logits processor that lets only answers of the JSON schema of each row's
+    asked relations through (no free whitespace): one grammar matcher per row of a ``generate`` call
+    (a new processor per call); compiled grammars are kept in ``cache``."""
     from xgrammar.contrib.hf import LogitsProcessor
 
-    schema = json.dumps(json_schema_for(asked), ensure_ascii=False)
-    return LogitsProcessor(compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True))
+    cache = {} if cache is None else cache
+    grammars = []
+    for rels in asked:
+        key = tuple(rels)
+        if key not in cache:
+            schema = json.dumps(json_schema_for(rels), ensure_ascii=False)
+            cache[key] = compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+        grammars.append(cache[key])
+    return LogitsProcessor(grammars)
 
 
 def _post(url: str, body: dict, key: str | None, timeout: float) -> dict:

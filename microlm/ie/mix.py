@@ -107,17 +107,18 @@ def _water_fill(available: dict[str, int], n: int) -> dict[str, int]:
     return take
 
 
-def balanced_sample(lines: list[dict], n: int, *, empty_share: float, seed: int,
-                    excluded: list[bool] | None = None) -> tuple[list[dict], dict]:
-    """``n`` lines (all usable ones when ``n`` is 0 or more than there are), balanced by topic
-    (``cate``) with about ``empty_share`` of them all-empty answers; ``excluded[i]`` lines are never
-    drawn.  ``(sample, report)``; the sample is in a seeded random order."""
+def balanced_sample(topics: list[str], empty: list[bool], n: int, *, empty_share: float, seed: int,
+                    excluded: list[bool] | None = None) -> tuple[list[int], dict]:
+    """Which of the lines (given by their ``topics`` and whether each answer is all-empty) to train on:
+    ``n`` of them (all usable ones when ``n`` is 0 or more than there are), balanced by topic with
+    about ``empty_share`` all-empty answers; ``excluded[i]`` lines are never drawn.  ``(indices in a
+    seeded random order, report)`` — indices, so a caller can stream a large file and keep only these."""
     rng = random.Random(seed)
     pools: dict[str, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
-    for i, line in enumerate(lines):
+    for i, (topic, is_empty) in enumerate(zip(topics, empty, strict=True)):
         if excluded is not None and excluded[i]:
             continue
-        pools[line["cate"]][is_empty_answer(line)].append(i)
+        pools[topic][is_empty].append(i)
     usable = sum(len(p[True]) + len(p[False]) for p in pools.values())
     n = usable if n <= 0 or n >= usable else n
     per_topic = _water_fill({t: len(p[True]) + len(p[False]) for t, p in pools.items()}, n)
@@ -130,10 +131,9 @@ def balanced_sample(lines: list[dict], n: int, *, empty_share: float, seed: int,
         want_empty = min(len(empties), k - want_pos)  # too few positives: fill with empties (and back)
         picked += rng.sample(positives, want_pos) + rng.sample(empties, want_empty)
     rng.shuffle(picked)
-    sample = [lines[i] for i in picked]
-    report = {"available": len(lines), "excluded": int(sum(excluded)) if excluded is not None else 0,
-              "usable": usable, "drawn": len(sample), "empty_share_target": empty_share}
-    return sample, report
+    report = {"available": len(topics), "excluded": int(sum(excluded)) if excluded is not None else 0,
+              "usable": usable, "drawn": len(picked), "empty_share_target": empty_share}
+    return picked, report
 
 
 def describe_mix(sample: list[dict], eval_golds: Iterable[str] = ()) -> dict:

@@ -26,6 +26,7 @@ import torch
 
 from microlm.errors import MicroLMError
 from microlm.hw import peak_rss_mb, reset_peak_rss
+from microlm.io import iter_json_lines
 
 __all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_folder", "load_tokenizer",
            "load_base", "attach_peft", "attach_microlm", "copy_microlm_init_to_peft", "template_mismatch"]
@@ -289,21 +290,36 @@ def read_lines(path: Path, limit: int | None = None) -> list[dict]:
 def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
     """``ie_lora``'s training conversations (``microlm/ie/mix.py``): ``train_examples`` of
     ``06_train.jsonl``, none whose text is (near) one of the test split's, balanced by topic, with
-    ``empty_share`` all-empty answers; and what the mix holds (for the report and the notebook)."""
-    from microlm.ie.mix import balanced_sample, contaminated, describe_mix, line_input
+    ``empty_share`` all-empty answers; and what the mix holds (for the report and the notebook).  The
+    file is read twice — topics, empty answers and texts first, then only the drawn lines — so a large
+    training split is never held in memory as conversations."""
+    from microlm.ie.mix import answer_triples, balanced_sample, contaminated, describe_mix, line_input
 
     lc = cfg.ie_lora
-    lines = read_lines(data_dir / "06_train.jsonl")
-    if not lines:
-        raise MicroLMError(f"{data_dir / '06_train.jsonl'} holds no training conversation: the IE data is empty "
+    path = data_dir / "06_train.jsonl"
+    if not path.is_file():
+        raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
+    topics, empty, texts = [], [], []
+    for _, _, line in iter_json_lines(path):
+        topics.append(line["cate"])
+        empty.append(not answer_triples(line["messages"][-1]["content"]))
+        texts.append(line_input(line))
+    if not topics:
+        raise MicroLMError(f"{path} holds no training conversation: the IE data is empty "
                            f"(see ie_data's 01_standardize_stats.json)")
     excluded, eval_texts = None, []
     test = data_dir / "06_test.jsonl"  # the evaluation prompts are drawn from it; every test text counts
     if lc.decontaminate is not None and test.is_file():
-        eval_texts = [line_input(x) for x in read_lines(test)]
-        excluded = contaminated([line_input(x) for x in lines], eval_texts, threshold=lc.decontaminate, seed=cfg.seed)
-    sample, report = balanced_sample(lines, lc.train_examples, empty_share=lc.empty_share, seed=cfg.seed,
+        eval_texts = [line_input(x) for _, _, x in iter_json_lines(test)]
+        excluded = contaminated(texts, eval_texts, threshold=lc.decontaminate, seed=cfg.seed)
+    del texts
+    picked, report = balanced_sample(topics, empty, lc.train_examples, empty_share=lc.empty_share, seed=cfg.seed,
                                      excluded=excluded)
+    order = {i: k for k, i in enumerate(picked)}
+    sample: list = [None] * len(picked)
+    for n, (_, _, line) in enumerate(iter_json_lines(path)):
+        if n in order:
+            sample[order[n]] = line
     prompts = data_dir / "06_eval_prompts.jsonl"
     golds = [(p["gold"], p["cate"]) for p in read_lines(prompts) if p.get("gold")] if prompts.is_file() else []
     return sample, {**report, "decontaminate_threshold": lc.decontaminate, "eval_texts": len(set(eval_texts)),
