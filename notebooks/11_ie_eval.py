@@ -210,7 +210,8 @@ for a, b in [(a, b) for a in names for b in names if (a, b) in {(c["a"], c["b"])
         print(f"LoRA vs no LoRA ({'constrained' if ea.get('constrained') else 'free'} decoding): {a} − {b} "
               f"= {c['f1_diff']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}]"
               f"{' (decided)' if c['decided'] else ''}; parse rate {report['models'][a]['parse_rate']:.2f} vs "
-              f"{report['models'][b]['parse_rate']:.2f}")
+              f"{report['models'][b]['parse_rate']:.2f}, difference [{c['parse_interval'][0]:+.2f}, "
+              f"{c['parse_interval'][1]:+.2f}]")
 
 # %% [markdown]
 # ## 6 · Where the adapter still fails, relation by relation

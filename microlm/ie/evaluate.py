@@ -707,13 +707,14 @@ def write_summary(report: dict, out: Path) -> None:
     lines += ["", "## Paired comparisons (A − B, records resampled together)", "",
               "Decided on A's strict F1 against B's fence-tolerant F1 (B's code fences forgiven); the strict − strict "
               "difference beside it" + ("; IEPile's protocol in the last columns." if ie else "."), "",
-              "| A | B | F1 A − fenced F1 B | 95 % interval | decided | strict − strict |"
+              "| A | B | F1 A − fenced F1 B | 95 % interval | decided | strict − strict | parse rate A − B [95 %] |"
               + (" IEPile F1 A − B | 95 % interval | decided |" if ie else ""),
-              "|---|---|---|---|---|---|" + ("---|---|---|" if ie else "")]
+              "|---|---|---|---|---|---|---|" + ("---|---|---|" if ie else "")]
     iec = {(c["a"], c["b"]): c for c in report.get("iepile", {}).get("comparisons", [])}
     for c in report["comparisons"]:
         row = (f"| {c['a']} | {c['b']} | {c['f1_diff']:+.3f} | [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | "
-               f"{'yes' if c['decided'] else 'no'} | {c['strict']['f1_diff']:+.3f} |")
+               f"{'yes' if c['decided'] else 'no'} | {c['strict']['f1_diff']:+.3f} | {c['parse_diff']:+.3f} "
+               f"[{c['parse_interval'][0]:+.3f}, {c['parse_interval'][1]:+.3f}] |")
         if ie:
             d = iec[(c["a"], c["b"])]
             row += (f" {d['f1_diff']:+.3f} | [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] | "

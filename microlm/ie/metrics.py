@@ -294,18 +294,24 @@ def paired_bootstrap(a: dict[str, dict], b: dict[str, dict], *, samples: int = 1
     """F1(a) − F1(b) on the records both scored, with a paired percentile interval (the same
     resampled records for both); ``decided`` when the interval excludes 0.  ``metric_a``/``metric_b``:
     which F1 of each (``f1`` strict, ``f1_fenced``, ``relaxed_f1``) — e.g. a trained model's strict F1
-    against a zero-shot model's fence-tolerant one."""
+    against a zero-shot model's fence-tolerant one.  The parse-rate difference (strict, both) and its
+    paired interval come with it (``parse_diff``, ``parse_interval``)."""
     ids = sorted(set(a) & set(b))
     if not ids:
         return {"records": 0, "f1_diff": 0.0, "interval": [0.0, 0.0], "decided": False,
-                "metrics": [metric_a, metric_b]}
+                "metrics": [metric_a, metric_b], "parse_diff": 0.0, "parse_interval": [0.0, 0.0]}
     ta, tb = _table({k: a[k] for k in ids}), _table({k: b[k] for k in ids})
     diff = float(_f1_rows(ta.sum(axis=0), _F1_COLS[metric_a]) - _f1_rows(tb.sum(axis=0), _F1_COLS[metric_b]))
     idx = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
-    d = _boot_f1_parse(ta, idx, metric_a)[0] - _boot_f1_parse(tb, idx, metric_b)[0]
-    lo, hi = (float(x) for x in np.percentile(d, [(1 - level) / 2 * 100, (1 + level) / 2 * 100]))
+    fa, pa = _boot_f1_parse(ta, idx, metric_a)
+    fb, pb = _boot_f1_parse(tb, idx, metric_b)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    lo, hi = (float(x) for x in np.percentile(fa - fb, q))
+    sa, sb = ta.sum(axis=0), tb.sum(axis=0)
+    parse = float(sa[7] / sa[6] - sb[7] / sb[6]) if sa[6] and sb[6] else 0.0
     return {"records": len(ids), "f1_diff": diff, "interval": [lo, hi], "decided": lo > 0 or hi < 0,
-            "metrics": [metric_a, metric_b]}
+            "metrics": [metric_a, metric_b], "parse_diff": parse,
+            "parse_interval": [float(x) for x in np.percentile(pa - pb, q)]}
 
 
 # ------------------------------------------------------------------------------------ IEPile's protocol
