@@ -175,8 +175,6 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, cfg) -> int:
     """``microlm serve``: start the server, print where it listens, wait until Ctrl-C (or its exit)."""
     import dataclasses
-    import signal
-    import time
 
     from microlm import stages
     from microlm.runs import resolve_ref
@@ -206,10 +204,13 @@ def _serve(args: argparse.Namespace, cfg) -> int:
     srv = ManagedServer(dataclasses.replace(spec), cfg.run_path / "serve", python=ensure_env(),
                         kind="transformers" if args.baseline else "vllm")
     print(f"serve: starting {srv.kind} for {spec.model} (log {srv.log_path}) ...", flush=True)
-    def _term(*_):
-        raise KeyboardInterrupt
+    with term_as_interrupt():
+        return _serve_until_interrupted(srv, spec, lora, sc)
 
-    signal.signal(signal.SIGTERM, _term)
+
+def _serve_until_interrupted(srv, spec, lora, sc) -> int:
+    import time
+
     try:
         srv.start(sc.startup_timeout_s)
         print(f"serve: {srv.base_url}  model {spec.served_name}" + (f" + adapters {', '.join(lora)}" if lora else "")
@@ -230,17 +231,21 @@ def _serve(args: argparse.Namespace, cfg) -> int:
 def term_as_interrupt():
     """``kill`` (SIGTERM) stops the block like Ctrl-C: a ``KeyboardInterrupt`` is raised, so staging
     folders are removed at once (``microlm.io.staged_dir``) and locks released, instead of the process
-    vanishing with them left behind."""
+    vanishing with them left behind.  Ctrl-C (SIGINT) raises it too even where the process inherited
+    SIGINT ignored (a shell's background job, some test runners): the stages and ``microlm serve`` say
+    Ctrl-C stops them, so it does."""
     import signal
 
     def _term(*_):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, _term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def _stage(args: argparse.Namespace, cfg) -> int:

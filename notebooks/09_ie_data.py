@@ -171,7 +171,8 @@ print("zh schema topics with no record:", [t for t in missing if not t.isascii()
 print("en schema topics with no record:", len([t for t in missing if t.isascii()]), "of 12 (English data: 1 example)")
 assert not [t for t in missing if not t.isascii()] or not cfg.ie_data.embedded
 print(f"max/min records per topic: {s3['imbalance_max_over_min_topic']}; strata: {s3['strata']}")
-assert sum(s3["by_topic"].values()) == s2["records"]
+print(f"duplicated (id, topic) records merged into one (their triples united): {s3['duplicate_records_merged']}")
+assert sum(s3["by_topic"].values()) == s2["records"] - s3["duplicate_records_merged"] == s3["records"]
 
 # %% [markdown]
 # ## 04 · Derive: schema-conditioned instructions

@@ -109,7 +109,7 @@ for text in ['```json\n{"作者": []}\n```', '{"作者": [{"subject": "三体", 
 # %% tags=["golden"]
 from microlm.ie.metrics import iepile_aggregate, iepile_count, iepile_records  # noqa: E402
 
-gold_a = [("三体", "作者", "刘慈欣"), ("三体", "出版社", "重庆出版社"), ("刘慈欣", "国籍", "中国")]
+gold_a = [("三体", "作者", "刘慈欣"), ("刘慈欣", "国籍", "中国"), ("刘慈欣", "出生地", "山西")]  # record A's relation list
 ie_rows = [{**d, "record_gold": gold_a if d["record_id"] == "A" else [("红楼梦", "作者", "曹雪芹")]} for d in demo]
 mi = iepile_aggregate(iepile_records(ie_rows))
 print(f"IEPile normal mode: tp {mi['tp']}, predicted {mi['n_pred']}, gold {mi['n_gold']} → F1 {mi['f1']:.3f}; "
@@ -242,7 +242,7 @@ for m in adapted[:2]:
         for h, rel, t in gold:
             row = table.setdefault((r["cate"], rel), [0, 0, 0])
             row[0 if (h, rel, t) in pred else 1] += 1
-        for h, rel, t in pred - gold:
+        for _h, rel, _t in pred - gold:
             table.setdefault((r["cate"], rel), [0, 0, 0])[2] += 1
     by_rel = sorted(({"topic": c, "relation": rel, "found": v[0], "missed": v[1], "false positives": v[2],
                       "in training": ("✓" if seen_pos.get(f"{c}:{rel}", 0) else "✗") if seen_pos else "?"}

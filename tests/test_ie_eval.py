@@ -96,6 +96,43 @@ def test_constrained_decoding_gives_only_schema_json(tiny_export, tmp_path, batc
             assert set(json.loads(r["answer"])) == set(r["asked"])
 
 
+def test_the_grammar_never_lets_a_special_token_into_an_answer(tiny_export):
+    """xgrammar's ``from_huggingface`` reads ``<|endoftext|>`` as its literal text, so it fit inside a JSON
+    string; ``generate`` then ended (and padded) that row at its EOS id while its matcher went on, and a
+    batched constrained run crashed. Our compiler: no special token anywhere, every EOS id ends the answer."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from microlm.ie.evaluate import grammar_compiler
+    from microlm.ie.metrics import json_schema_for
+
+    tok = AutoTokenizer.from_pretrained(tiny_export(0))
+    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    special = set(tok.all_special_ids)
+    assert special >= set(eos) and tok.pad_token_id in special
+    g = grammar_compiler(tok, len(tok), eos).compile_json_schema(
+        json.dumps(json_schema_for(["作者"]), ensure_ascii=False), any_whitespace=False, strict_mode=True)
+
+    def allowed(m) -> set[int]:
+        bm = xgr.allocate_token_bitmask(1, len(tok))
+        m.fill_next_token_bitmask(bm)
+        logits = torch.zeros(1, len(tok))
+        xgr.apply_token_bitmask_inplace(logits, bm)
+        return set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
+
+    answer = '{"作者": [{"subject": "三体", "object": "刘慈欣"}]}'
+    ids = tok.encode(answer, add_special_tokens=False)
+    for k in range(len(ids) + 1):  # after every prefix: inside strings, between items, at the end
+        m = xgr.GrammarMatcher(g)
+        assert all(m.accept_token(t) for t in ids[:k])
+        ok = allowed(m)
+        assert ok and not (ok & special - set(eos)), (k, sorted(ok & special))
+        assert (ok & set(eos)) == (set(eos) if k == len(ids) else set()), k  # EOS only once the object is closed
+    for e in eos:
+        m = xgr.GrammarMatcher(g)
+        assert all(m.accept_token(t) for t in ids) and m.accept_token(e) and m.is_terminated()
+
+
 class _Stub(BaseHTTPRequestHandler):
     """A loopback OpenAI-compatible endpoint whose behaviour depends on the record in the prompt."""
 

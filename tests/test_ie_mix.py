@@ -51,6 +51,7 @@ def test_topics_are_balanced_by_water_filling_and_the_empty_share_is_held():
     # a topic with too few positives fills its share with empties rather than give up examples
     assert Counter(x["cate"] for x in none)["人物"] == 9
     assert rep["drawn"] == 90 and rep["usable"] == len(lines)
+    assert rep["usable_empty"] == sum(map(is_empty_answer, lines))
     everything, rep = _draw(lines, 0, empty_share=0.7, seed=1)
     assert len(everything) == len(lines) == rep["drawn"]  # 0 = all usable lines
 

@@ -267,7 +267,7 @@ def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], d
     ids = [(i, list(x["input_ids"]) if isinstance(x, dict) else list(x)) for i, x in ids]
     constrained = bool(entry.get("constrained"))
     bs = dec["batch_size"]  # constrained too: one grammar matcher per row of the batch
-    compiler = grammar_compiler(tok, model.config.vocab_size) if constrained else None
+    compiler = grammar_compiler(tok, model.config.vocab_size, sorted(eos)) if constrained else None
     grammars: dict[tuple, object] = {}  # compiled once per asked relation list
     out: list[dict | None] = [None] * len(prompts)
     with torch.inference_mode():
@@ -307,12 +307,25 @@ def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], d
     return out  # type: ignore[return-value]
 
 
-def grammar_compiler(tok, vocab_size: int):
+def grammar_compiler(tok, vocab_size: int, stop_ids: list[int] | None = None):
     """xgrammar's compiler for ``tok`` (the grammar engine vLLM's structured outputs use; it works on
-    token bytes, so byte-level BPE pieces of a Chinese character are handled)."""
+    token bytes, so byte-level BPE pieces of a Chinese character are handled).
+
+    ``TokenizerInfo.from_huggingface`` reads a special token such as ``<|endoftext|>`` as its literal
+    text, so the grammar would let it into a JSON string — and ``generate`` ends (and pads) a row at
+    any EOS id, leaving its matcher behind. Here every special token is never allowed and the stop
+    tokens are ``stop_ids`` (the EOS ids ``generate`` stops at): a row ends exactly when its grammar does."""
     import xgrammar as xgr
 
-    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size))
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size)
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    encoded = [""] * vocab_size  # an empty token = never allowed by a grammar
+    for piece, i in tok.get_vocab().items():
+        if i < vocab_size and i not in special:
+            encoded[i] = piece
+    stops = sorted(set(stop_ids or []) | set(info.stop_token_ids))
+    return xgr.GrammarCompiler(xgr.TokenizerInfo(encoded, info.vocab_type, vocab_size=vocab_size, stop_token_ids=stops,
+                                                 add_prefix_space=info.add_prefix_space))
 
 
 def _schema_processor(compiler, asked: list[list[str]], cache: dict | None = None):

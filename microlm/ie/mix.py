@@ -132,7 +132,8 @@ def balanced_sample(topics: list[str], empty: list[bool], n: int, *, empty_share
         picked += rng.sample(positives, want_pos) + rng.sample(empties, want_empty)
     rng.shuffle(picked)
     report = {"available": len(topics), "excluded": int(sum(excluded)) if excluded is not None else 0,
-              "usable": usable, "drawn": len(picked), "empty_share_target": empty_share}
+              "usable": usable, "usable_empty": sum(len(p[True]) for p in pools.values()), "drawn": len(picked),
+              "empty_share_target": empty_share}
     return picked, report
 
 
