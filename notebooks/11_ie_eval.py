@@ -265,7 +265,7 @@ for m in adapted[:2]:
 # %%
 from microlm.config import REPO_ROOT  # noqa: E402
 
-cards = sorted((REPO_ROOT / "data" / "results").glob("*.json"))
+cards = sorted(p for p in (REPO_ROOT / "data" / "results").glob("*.json") if not p.name.endswith("_serve.json"))
 for path in cards:
     card = json.loads(path.read_text(encoding="utf-8"))
     w = card.get("weights", {})

@@ -197,6 +197,12 @@ for path in sorted((REPO_ROOT / "data" / "results").glob("*_serve.json")):
                 print(f"  {srv:18s} {ds:6s} " + "  ".join(f"c={c}: {v['output_tokens_per_s']:.0f} tok/s, TTFT "
                                                          f"{v['ttft_p50_ms']} ms" for c, v in by_c.items()))
         print(f"  vLLM ÷ transformers serve at concurrency {b['compare_at']}: {b['ratios']}")
+    if "serve_soak" in card:
+        k = card["serve_soak"]
+        r = k.get("restart") or {}
+        print(f"  soak: {k['requests']} requests in {k['duration_s']} s at concurrency {k['concurrency']}, steady-state "
+              f"error rate {k['steady_state_error_rate']}, timeouts {k['timeouts']}; restart at {r.get('at_s')} s, "
+              f"healthy again after {r.get('down_s')} s, {r.get('served_after')} answers after it")
 
 # %% [markdown]
 # ## Exercises

@@ -299,3 +299,16 @@ def test_the_zero_shot_prompt_describes_the_answer_format_and_is_its_own_cache_k
               {"name": "b", "backend": "transformers", "model": str(folder), "prompt": "zero_shot"}]
     rep, rows, _ = _run(models, tmp_path, n=2)
     assert rep["timing"]["b"]["computed"] == 2  # not the same prompts as a's: no shared answers
+
+
+def test_default_comparisons_put_the_fine_tune_first_and_the_floors_second():
+    """A is read strictly and B fence-tolerantly, so the direction is the claim: LoRA − zero-shot,
+    LoRA − no LoRA, a model − a floor; every pair once."""
+    from microlm.ie.evaluate import default_pairs
+
+    names = ["qwen", "qwen-json", "qwen-ie", "qwen-ie-json", "floor-empty", "floor-rule"]
+    pairs = default_pairs(names)
+    assert len(pairs) == len(set(pairs)) == 15 and len({frozenset(p) for p in pairs}) == 15
+    assert {("qwen-ie", "qwen"), ("qwen-ie-json", "qwen-json"), ("qwen-ie", "floor-rule"),
+            ("floor-rule", "floor-empty")} <= set(pairs)
+    assert not [p for p in pairs if p[0].startswith("floor-") and not p[1].startswith("floor-")]

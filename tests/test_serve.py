@@ -140,6 +140,23 @@ def test_soak_counts_malformed_requests_and_a_restart_under_load(tmp_path):
     assert not (tmp_path / "fake.pid").exists()  # stopped at the end
 
 
+def test_a_slow_request_cut_by_the_restart_is_the_restart_s_failure():
+    """A real 0.5B model on 2 cores answers in ~8 s: a request sent 8 s before the restart and cut by it
+    is a restart failure, not a steady-state error (the first laptop soak counted 2 such as errors)."""
+    from microlm.serve.soak import _overlaps, _windows
+
+    restart = (20.0, 150.0)
+    events = [{"t": 2.0, "t_end": 10.5, "kind": "normal", "ok": True, "latency": 8.5},
+              {"t": 12.0, "t_end": 20.3, "kind": "normal", "ok": False, "error": "HTTP 500"},  # cut by the stop
+              {"t": 30.0, "t_end": 30.01, "kind": "normal", "ok": False, "error": "ConnectionRefusedError"},
+              {"t": 19.0, "t_end": 19.5, "kind": "normal", "ok": False, "error": "HTTP 500"},  # before it: steady
+              {"t": 151.5, "t_end": 160.0, "kind": "normal", "ok": True, "latency": 8.5}]
+    assert [_overlaps(e, restart) for e in events] == [False, True, True, False, False]
+    w = _windows(events, 10.0, restart)
+    assert (w[1]["errors"], w[1]["restart_failures"]) == (1, 1) and w[3]["restart_failures"] == 1
+    assert sum(x["requests"] for x in w) == len(events)
+
+
 def test_soak_check_fails_on_a_malformed_request_answered_200():
     from microlm.serve.soak import check
 

@@ -45,6 +45,16 @@ __all__ = ["load_prompts", "resolve_ref", "ref_stages", "model_fingerprint", "An
            "answer_transformers", "answer_openai", "json_schema_for", "evaluate", "build", "FLOORS"]
 
 FLOORS = ("floor-empty", "floor-rule")
+
+
+def default_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every pair once, as ``(A, B)`` = A − B: a model against each row listed before it (the config
+    lists a base before its fine-tunes: LoRA − zero-shot, LoRA − no LoRA) and every model against each
+    floor (the floors come last). A is read strictly, B fence-tolerantly, so the direction matters."""
+    models = [n for n in names if n not in FLOORS]
+    floors = [n for n in names if n in FLOORS]
+    return ([(b, a) for i, a in enumerate(models) for b in models[i + 1:]] + [(m, f) for m in models for f in floors]
+            + [(floors[j], floors[i]) for i in range(len(floors)) for j in range(i + 1, len(floors))])
 PROTOCOLS = ("ours", "iepile")
 
 
@@ -575,7 +585,7 @@ def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: 
                 for r in rows[proto][name]:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
-    pairs = [tuple(c) for c in compare] if compare else [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [tuple(c) for c in compare] if compare else default_pairs(names)
     pairs = [(a, b) for a, b in pairs if a in names and b in names]
     recs = {n: merge_records(rows["ours"][n]) for n in names}
     summary = {}

@@ -41,6 +41,12 @@ def malformed_request(kind: str, model: str, messages: list[dict], context: int)
     return body
 
 
+def _overlaps(e: dict, window: tuple[float, float]) -> bool:
+    """Was the request in flight at some moment of ``window`` (sent before it ended, answered or
+    failed after it began)? A request cut by the restart is the restart's, however long it ran."""
+    return e["t"] <= window[1] and e.get("t_end", e["t"]) >= window[0]
+
+
 def _windows(events: list[dict], window_s: float, restart: tuple[float, float] | None) -> list[dict]:
     if not events:
         return []
@@ -49,7 +55,7 @@ def _windows(events: list[dict], window_s: float, restart: tuple[float, float] |
     for w in range(int(end // window_s) + 1):
         lo, hi = w * window_s, (w + 1) * window_s
         ev = [e for e in events if lo <= e["t"] < hi and e["kind"] == "normal"]
-        in_restart = [e for e in ev if restart and restart[0] <= e["t"] <= restart[1]]
+        in_restart = [e for e in ev if restart and _overlaps(e, restart)]
         steady = [e for e in ev if e not in in_restart]
         lat = [e["latency"] for e in steady if e["ok"]]
         out.append({"start_s": lo, "requests": len(ev), "errors": sum(not e["ok"] for e in steady),
@@ -162,6 +168,7 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
                     time.sleep(0.2)  # the server is away (restart): do not spin
                 except (KeyError, IndexError, TypeError, ValueError):
                     ev = {"t": t - t0, "kind": "normal", "ok": False, "error": "malformed response"}
+            ev["t_end"] = time.monotonic() - t0
             with lock:
                 events.append(ev)
 
@@ -188,13 +195,13 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
     finally:
         stop.set()
         srv.stop()
-    # requests in flight when the server stopped (up to 5 s before) belong to the restart too
-    window = (max(0.0, restart[0] - 5.0), restart[1] + 1.0) if len(restart) == 2 else None
+    # requests in flight when the server stopped belong to the restart too (their end is in it)
+    window = (restart[0], restart[1] + 1.0) if len(restart) == 2 else None
     normal = [e for e in events if e["kind"] == "normal"]
     # malformed requests sent while the server was away (restart) got no answer at all: not counted
     # (in flight when the engine stopped they may even get a 500): the 4xx check is outside the restart
-    bad = [e for e in events if e["kind"] == "malformed" and not (window and window[0] <= e["t"] <= window[1])]
-    steady = [e for e in normal if not (window and window[0] <= e["t"] <= window[1])]
+    bad = [e for e in events if e["kind"] == "malformed" and not (window and _overlaps(e, window))]
+    steady = [e for e in normal if not (window and _overlaps(e, window))]
     before = [(t, m) for t, m in rss if not window or t < window[0]]
     after = [(t, m) for t, m in rss if window and t > window[1]]
     return {"duration_s": round(end[0], 1), "planned_duration_s": sc.duration_s, "concurrency": sc.concurrency,
@@ -209,7 +216,7 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
                               "statuses": sorted({str(e["status"]) for e in bad if e["what"] == k})} for k in MALFORMED},
             "restart": {"at_s": round(restart[0], 1), "healthy_again_s": round(restart[1], 1),
                         "down_s": round(restart[1] - restart[0], 1),
-                        "failed_during": sum(not e["ok"] for e in normal if window[0] <= e["t"] <= window[1]),
+                        "failed_during": sum(not e["ok"] for e in normal if _overlaps(e, window)),
                         "served_after": sum(e["ok"] for e in normal if e["t"] > window[1])}
             if window else None,
             "served_after_malformed": sum(e["ok"] for e in normal if bad and e["t"] > bad[0]["t"]),
