@@ -46,6 +46,8 @@ __all__ = ["load_prompts", "resolve_ref", "ref_stages", "model_fingerprint", "An
 
 FLOORS = ("floor-empty", "floor-rule")
 
+PROTOCOLS = ("ours", "iepile")
+
 
 def default_pairs(names: list[str]) -> list[tuple[str, str]]:
     """Every pair once, as ``(A, B)`` = A − B: a model against each row listed before it (the config
@@ -55,7 +57,6 @@ def default_pairs(names: list[str]) -> list[tuple[str, str]]:
     floors = [n for n in names if n in FLOORS]
     return ([(b, a) for i, a in enumerate(models) for b in models[i + 1:]] + [(m, f) for m in models for f in floors]
             + [(floors[j], floors[i]) for i in range(len(floors)) for j in range(i + 1, len(floors))])
-PROTOCOLS = ("ours", "iepile")
 
 
 # --------------------------------------------------------------------------------------------- prompts
