@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: setup serve-env course notebooks book lab test test-fast lint bench soak results clean
+.PHONY: setup serve-env course notebooks book map lab test test-fast lint bench soak results clean
 
 setup: $(VENV)/.installed
 
@@ -25,8 +25,11 @@ course: setup serve-env      ## every notebook through papermill at $(PROFILE), 
 	$(BIN)/python -m microlm.course --profile $(PROFILE)
 	$(MAKE) book
 
-book: setup                  ## Jupyter Book 1 from the notebooks `course` executed (no second execution)
+book: setup map              ## Jupyter Book 1 from the notebooks `course` executed (no second execution)
 	$(BIN)/python -m microlm.book --profile $(PROFILE)
+
+map: setup                   ## the course map of README.md and book/intro.md, generated from the stage registry
+	$(BIN)/python -m microlm.cli stages --write-map README.md book/intro.md
 
 lab: setup                   ## JupyterLab on 127.0.0.1 (jupytext: the .py notebooks open as notebooks); kernels get MICROLM_PROFILE=$(PROFILE)
 	$(BIN)/python -m microlm.lab --profile $(PROFILE) $(if $(PORT),--port $(PORT)) $(LAB_ARGS)

@@ -32,12 +32,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from microlm.config import load_config  # noqa: E402
 from microlm.data import clean  # noqa: E402
 from microlm.data.dedup import Deduplicator, MinHasher, estimate_jaccard, jaccard  # noqa: E402
-from microlm.data.prepare_pretrain import corpus_sources  # noqa: E402
 from microlm.data.sources import Drop, iter_lines, parse_line  # noqa: E402
 from microlm.io import write_json  # noqa: E402
+from microlm.stages import load_config  # noqa: E402
+from microlm.stages.corpus import corpus_sources  # noqa: E402
 
 WORK = REPO / "benchmarks" / "work"
 K, SHINGLE, THRESHOLD = 128, 5, 0.8
@@ -267,9 +267,10 @@ def run_stage(inputs: list[str] | None, label: str) -> dict:
     """Run the stage in a fresh process (so peak RSS is this run's) and return its report."""
     out = WORK / f"corpus_{label}"
     code = (
-        "import json,sys; from microlm.config import load_config; "
-        "from microlm.data.prepare_pretrain import prepare_pretrain; "
-        f"cfg=load_config('cpu'); r=prepare_pretrain(cfg, {str(out)!r}, inputs={inputs!r}, progress=False); "
+        "import json,sys; from microlm.stages import load_config; "
+        "from microlm.data.prepare_pretrain import prepare_pretrain; from microlm.stages.corpus import corpus_sources; "
+        f"cfg=load_config('cpu'); r=prepare_pretrain(cfg.corpus, {str(out)!r}, corpus_sources(cfg, {inputs!r}), "
+        "seed=cfg.seed, max_records=cfg.data.max_records, profile=cfg.profile, progress=False); "
         "print(json.dumps({k: r[k] for k in ('records_in','records_out','drops','throughput','memory','duplicates')}))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

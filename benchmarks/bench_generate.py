@@ -135,10 +135,10 @@ def bench_bf16(cfg, new: int, batches: list[int], reps: int, limits: dict) -> di
 
 def bench_agreement(n_prompts: int, new: int) -> dict | None:
     """Greedy ids of the cpu SFT model in bf16 against fp32 on held-out task prompts."""
-    from microlm.config import load_config
     from microlm.data.tasks import task_examples
     from microlm.infer.metrics import greedy_agreement
     from microlm.model import load_model
+    from microlm.stages import load_config
     from microlm.tokenizer import stop_ids_of
 
     cfg = load_config("cpu")
@@ -186,10 +186,11 @@ def bench_cache(cfg, lengths: list[int], reps: int) -> dict:
 
 
 def bench_repetition(n_prompts: int) -> dict | None:
-    from microlm.config import load_config
+    from microlm.data.sources import data_root
     from microlm.infer.generate import generate_text
     from microlm.infer.metrics import repetition_report
     from microlm.model import load_model
+    from microlm.stages import load_config
     from microlm.train.sft import sft_records
 
     cfg = load_config("cpu")
@@ -197,7 +198,7 @@ def bench_repetition(n_prompts: int) -> dict | None:
         print("[bench] repetition: runs/cpu/sft missing (run `make course` first); skipped", flush=True)
         return None
     model, tok = load_model(cfg.run_path / "sft", tokenizer=cfg.run_path / "tokenizer")
-    _, held, files = sft_records(cfg)
+    _, held, files = sft_records(cfg.sft.data, data_root(cfg.data.root))
     questions = [r["conversations"][0]["content"] for r in held if r.get("conversations")][:n_prompts]
     out = {"model": "runs/cpu/sft", "prompts": len(questions), "source": [Path(f).name for f in files][-1],
            "max_new_tokens": cfg.generate.max_new_tokens}

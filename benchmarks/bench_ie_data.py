@@ -36,7 +36,7 @@ from microlm.io import write_json  # noqa: E402
 RUN = r"""
 import json, resource, sys, time
 from pathlib import Path
-from microlm.config import load_config
+from microlm.stages import load_config
 from microlm.ie.pipeline import run_step
 from microlm.stages import upstream
 cfg = load_config("cpu", json.loads(sys.argv[1]))
@@ -141,7 +141,7 @@ def main() -> None:
         (root / "ie").symlink_to(Path(data).resolve() / "ie")
         n_new = scale_up(tmp / "real" / "01_standardized.jsonl", total - n_real, root / "scaleup" / "joined.jsonl",
                          seed=1234, max_chars=512)
-        from microlm.config import load_config
+        from microlm.stages import load_config
 
         sources = dict(load_config("cpu").ie_data.sources) | {"scaleup/joined.jsonl": "instructie"}
         print(f"2. scale-up: {n_real:,} real + {n_new:,} joined records", flush=True)

@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the three variants")
     args = ap.parse_args()
-    from microlm.config import load_config
+    from microlm.stages import load_config
 
     cfg = load_config(args.profile)
     base = args.base or str(cfg.run_path / "hf")

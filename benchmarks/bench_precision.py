@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import gemm_peak  # noqa: E402
 
 from microlm import stages  # noqa: E402
-from microlm.config import load_config  # noqa: E402
 from microlm.hw import cpu_bf16  # noqa: E402
 from microlm.io import write_json  # noqa: E402
 from microlm.model import TransformerLM  # noqa: E402
+from microlm.stages import load_config  # noqa: E402
 from microlm.train.pretrain import WindowBatches  # noqa: E402
 from microlm.train.trainer import Trainer  # noqa: E402
 

@@ -66,7 +66,7 @@ def child_train(impl: str, pattern: str, path: str, save: str | None) -> None:
             Tokenizer(vocab, merges, SPECIALS, pattern=pattern).save(save)
     else:
         from microlm.tokenizer.bpe import PATTERNS
-        from microlm.tokenizer.stage import hf_bpe_baseline
+        from microlm.tokenizer.training import hf_bpe_baseline
 
         hf_bpe_baseline([path], VOCAB, SPECIALS, None if pattern == "gpt2" else PATTERNS[pattern])
         dt = time.perf_counter() - t0
@@ -104,7 +104,7 @@ def run_child(*args: str) -> dict:
 # ---------------------------------------------------------------- inputs
 def corpus_dir() -> Path:
     from microlm import stages
-    from microlm.config import load_config
+    from microlm.stages import load_config
 
     return stages.corpus(load_config("cpu"), progress=False)
 
@@ -174,16 +174,17 @@ def bench_encode(tok_dir: Path, val: Path) -> dict:
 def bench_compression(corpus: Path, full: bool) -> dict:
     """Val-split compression of the tokenizers the training section saved (our trainer, each regex)
     and of Qwen2.5's — the numbers behind the choice of pattern."""
-    from microlm.config import load_config
+    from microlm.stages import load_config
+    from microlm.stages.tokenizer import qwen_tokenizer
     from microlm.tokenizer import Tokenizer
-    from microlm.tokenizer.stage import compression, load_hf_tokenizer, qwen_tokenizer_path, read_texts
+    from microlm.tokenizer.training import compression, load_hf_tokenizer, read_texts
 
     docs = read_texts(corpus / "val.jsonl")
     out = {}
     for pattern in ("gpt2", "qwen2"):
         tok = Tokenizer.load(WORK / f"tok_{'full' if full else '10mb'}_{pattern}")
         out[f"ours_{pattern}"] = compression(lambda ds, t=tok: [t.encode(d) for d in ds], docs)
-    q = qwen_tokenizer_path(load_config("cpu"))
+    q = qwen_tokenizer(load_config("cpu"))
     if q is not None:
         hf = load_hf_tokenizer(q)
         out["qwen2.5"] = compression(lambda ds: [e.ids for e in hf.encode_batch(ds)], docs)

@@ -17,11 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from microlm.config import load_config  # noqa: E402
 from microlm.data.sources import data_root  # noqa: E402
 from microlm.io import read_json, write_json  # noqa: E402
-from microlm.runs import read_manifest  # noqa: E402
-from microlm.train.pretrain import read_metrics  # noqa: E402
+from microlm.stages import load_config, read_manifest  # noqa: E402
+from microlm.train.curves import read_metrics  # noqa: E402
 from microlm.train.reference import reference_key, reference_path  # noqa: E402
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from microlm.config import REPO_ROOT
 from microlm.errors import MicroLMError
+from microlm.paths import REPO_ROOT
 
 __all__ = ["toc_files", "assemble", "build", "results_markdown"]
 
@@ -51,9 +51,7 @@ def results_markdown(profiles: list[str], out_dir: Path) -> str:
     """The results page: for each profile that has runs, one row per finished stage (time and its
     one-line summary from the manifest's metrics), then every plot and summary table the stages wrote.
     Plots are copied to ``out_dir`` (beside the page).  Generated at each build, never pasted."""
-    from microlm.config import load_config
-    from microlm.runs import read_manifest
-    from microlm.stages import REGISTRY
+    from microlm.stages import REGISTRY, load_config, read_manifest
 
     lines = ["# Results", "",
              "Generated when this book was built, from the `manifest.json` and `report.json` of every finished stage "

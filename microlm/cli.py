@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="the stage map: stage, CLI, config section, folder, notebook, status")
     _common(p)
     p.add_argument("--markdown", action="store_true", help="the course map table of the README and the book")
+    p.add_argument("--write-map", nargs="+", metavar="FILE", help="write the course map into these Markdown files "
+                   "(between their markers)")
     for st in REGISTRY.values():
         _stage_parser(sub, st)
 
@@ -141,15 +143,19 @@ def one_line(e: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from microlm.config import load_config
+    from microlm.stages import load_config
 
     cfg = load_config(args.profile, args.overrides)
     if args.command == "config":
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
     if args.command == "stages":
-        from microlm.stages import course_map_markdown, stage_table
+        from microlm.stages import course_map_markdown, stage_table, write_course_map
 
+        if args.write_map:
+            for f in args.write_map:
+                print(f"{f}: {'written' if write_course_map(f) else 'up to date'}")
+            return 0
         if args.markdown:
             print(course_map_markdown())
             return 0
@@ -174,16 +180,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, cfg) -> int:
     """``microlm serve``: start the server, print where it listens, wait until Ctrl-C (or its exit)."""
-    import dataclasses
-
     from microlm import stages
-    from microlm.runs import resolve_ref
     from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer, ServerSpec
+    from microlm.serve.server import ManagedServer
+    from microlm.stages.server import server_spec
 
-    def ref(r: str) -> str:  # a stage reference (built if missing) or a folder
+    def built(r: str) -> dict:  # the stage a reference names, built if missing
         stage = r.partition(":")[0]
-        return resolve_ref(r, {stage: stages.require(stage, cfg)} if stage in stages.REGISTRY else {})
+        return {stage: stages.require(stage, cfg)} if stage in stages.REGISTRY else {}
 
     sc = cfg.serve
     lora = {}
@@ -191,17 +195,16 @@ def _serve(args: argparse.Namespace, cfg) -> int:
         name, eq, folder = item.partition("=")
         if not eq or not name:
             raise MicroLMError(f"--lora takes NAME=FOLDER, got {item!r}")
-        lora[name] = ref(folder)
+        lora[name] = stages.resolve_ref(folder, built(folder))
     key_env = args.api_key_env or sc.api_key_env
     key = os.environ.get(key_env) if key_env else None
     if key_env and not key:
         raise MicroLMError(f"--api-key-env {key_env}: that environment variable is not set")
-    spec = ServerSpec(model=ref(args.model or sc.model), served_name=args.served_model_name or sc.served_model_name,
-                      host=args.host or sc.host, port=args.port or sc.port or 8000, api_key=key,
-                      tensor_parallel_size=args.tensor_parallel_size or sc.tensor_parallel_size,
-                      max_model_len=sc.max_model_len, dtype=sc.dtype, kv_cache_gib=sc.kv_cache_gib,
-                      max_num_seqs=sc.max_num_seqs, lora=lora)
-    srv = ManagedServer(dataclasses.replace(spec), cfg.run_path / "serve", python=ensure_env(),
+    model = args.model or sc.model
+    spec = server_spec(cfg, built(model), model=model, port=args.port or sc.port or 8000,
+                       served_name=args.served_model_name, host=args.host, api_key=key,
+                       tensor_parallel_size=args.tensor_parallel_size, lora=lora)
+    srv = ManagedServer(spec, cfg.run_path / "serve", python=ensure_env(),
                         kind="transformers" if args.baseline else "vllm")
     print(f"serve: starting {srv.kind} for {spec.model} (log {srv.log_path}) ...", flush=True)
     with term_as_interrupt():
@@ -249,8 +252,7 @@ def term_as_interrupt():
 
 
 def _stage(args: argparse.Namespace, cfg) -> int:
-    from microlm.runs import read_manifest
-    from microlm.stages import build, get_stage
+    from microlm.stages import build, get_stage, read_manifest
 
     st = get_stage(args.stage)
     options = {o.name: getattr(args, o.name) for o in st.all_options}

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from microlm.config import REPO_ROOT
+from microlm.paths import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 

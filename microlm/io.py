@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import xxhash
 
 from microlm.errors import MicroLMError
 
@@ -174,6 +176,20 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
                            f"damaged — run the step that writes it again") from None
 
 
+def read_jsonl(path: str | os.PathLike, limit: int | None = None, *, hint: str = "") -> Iterator[dict]:
+    """The rows of a JSONL file written by code, as dicts (the first ``limit``): a missing file, a
+    damaged line or a row that is not an object is a one-line ``MicroLMError`` naming file and line
+    (``hint``: what to run to write the file again)."""
+    if not Path(path).is_file():
+        raise MicroLMError(f"missing {path}" + (f": {hint}" if hint else ""))
+    for k, (n, _, row) in enumerate(iter_json_lines(path), 1):
+        if not isinstance(row, dict):
+            raise MicroLMError(f"{path}:{n}: expected a JSON object, got a {type(row).__name__}")
+        yield row
+        if limit and k >= limit:
+            return
+
+
 def share(folder: str | os.PathLike) -> None:
     """Give ``folder`` and everything in it the modes ``open``/``mkdir`` give (0644/0755 under the usual
     umask): some writers (safetensors, ``mkstemp``) make 0600 files another account could not read."""
@@ -218,3 +234,55 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
     replace_dir(tmp, out_dir)
 
+
+# --------------------------------------------------------------------------- content digests
+
+DIGEST_MAX = 8 << 20  # files up to this size are recorded with a content digest, larger ones by size + mtime
+MANIFEST = "manifest.json"  # a stage folder's description of itself (microlm.stages): never part of its content
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """xxh3-128 of a file's content (GB/s: cheap enough to hash the whole corpus every run)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of any JSON-serialisable object (config sections, input digests, versions)."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def folder_files(folder: str | os.PathLike) -> dict[str, dict]:
+    """Every file in a folder (not a stage manifest, not dot-files): ``{relative path: {"size",
+    "digest"}}`` — or ``{"size", "mtime_ns"}`` for files over ``DIGEST_MAX``."""
+    root = Path(folder)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or rel.name == MANIFEST or any(part.startswith(".") for part in rel.parts):
+            continue
+        st = p.stat()
+        out[rel.as_posix()] = ({"size": st.st_size, "digest": file_digest(p)} if st.st_size <= DIGEST_MAX
+                               else {"size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def files_unchanged(folder: str | os.PathLike, files: dict[str, dict]) -> bool:
+    """True when every file of a ``folder_files`` listing is still there, unchanged."""
+    for rel, want in files.items():
+        p = Path(folder) / rel
+        try:
+            st = p.stat()
+        except OSError:
+            return False
+        if st.st_size != want["size"]:
+            return False
+        if "digest" in want and file_digest(p) != want["digest"]:
+            return False
+        if "mtime_ns" in want and st.st_mtime_ns != want["mtime_ns"]:
+            return False
+    return True

@@ -15,9 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from microlm.config import REPO_ROOT, load_config
 from microlm.errors import MicroLMError
 from microlm.io import read_json, write_json
+from microlm.paths import REPO_ROOT
+from microlm.stages import load_config
 
 __all__ = ["serve_card", "save_cards", "main"]
 

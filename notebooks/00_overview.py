@@ -34,10 +34,11 @@ profile = os.environ.get("MICROLM_PROFILE", "cpu")
 # %%
 import dataclasses
 
-from microlm.config import PROFILES, load_config
-from microlm.data.prepare_pretrain import corpus_sources
+from microlm.config import PROFILES
 from microlm.data.sources import ENV_DATA, data_root
 from microlm.paths import display_path
+from microlm.stages import load_config
+from microlm.stages.corpus import corpus_sources
 
 cfg = load_config(profile)
 print(f"profile: {cfg.profile}   run folder: {display_path(cfg.run_path)}")

@@ -36,11 +36,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.data import clean
 from microlm.data.dedup import MinHasher, candidate_probability, estimate_jaccard, jaccard
-from microlm.data.prepare_pretrain import corpus_sources, exact_hash, iter_corpus, split_of
+from microlm.data.prepare_pretrain import exact_hash, iter_corpus, split_of
 from microlm.data.sources import Drop, iter_lines, parse_line
+from microlm.stages import load_config
+from microlm.stages.corpus import corpus_sources
 
 cfg = load_config(profile)
 corpus_dir = stages.require("corpus", cfg)  # builds the stage if missing or stale, else skips

@@ -39,11 +39,11 @@ import matplotlib.pyplot as plt
 import regex
 
 from microlm import stages
-from microlm.config import load_config
+from microlm.stages import load_config
 from microlm.tokenizer import PATTERNS, Tokenizer, render_chat
 from microlm.tokenizer.bpe import train_bpe_from_counts
-from microlm.tokenizer.stage import read_texts
 from microlm.tokenizer.tokenizer import token_text
+from microlm.tokenizer.training import read_texts
 
 cfg = load_config(profile)
 tok_dir = stages.require("tokenizer", cfg)  # trains it if missing or stale, else skips

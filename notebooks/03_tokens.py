@@ -36,10 +36,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from microlm import stages
-from microlm.config import load_config
+from microlm.stages import load_config
 from microlm.tokenizer import Tokenizer
 from microlm.tokenizer.memmap import TokenWindows, open_tokens, read_index
-from microlm.tokenizer.stage import read_texts
+from microlm.tokenizer.training import read_texts
 
 cfg = load_config(profile)
 tokens_dir = stages.require("tokens", cfg)  # encodes the corpus if missing or stale, else skips

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.infer import generate_ids
 from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM, load_model
 from microlm.model.transformer import apply_rope, rope_tables
+from microlm.stages import load_config
 
 cfg = load_config(profile)
 pre_dir = stages.require("pretrain", cfg)

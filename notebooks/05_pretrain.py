@@ -35,9 +35,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.model import TransformerLM
-from microlm.train.pretrain import read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
 from microlm.train.trainer import lr_at
 
 cfg = load_config(profile)
@@ -163,8 +163,9 @@ assert all(math.isclose(r["flops_per_s"], r["tokens_per_s"] * fpt, rel_tol=1e-9)
 # %%
 import json as _json
 
-from microlm.config import REPO_ROOT, trajectory_config
 from microlm.hw import cpu_bf16
+from microlm.paths import REPO_ROOT
+from microlm.train.settings import trajectory_config
 
 native, why = cpu_bf16()
 print(f"this machine: bf16 native = {native} ({why}); this run trained in "

@@ -39,10 +39,10 @@ import json
 import matplotlib.pyplot as plt
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.data.sft import SFTExample, encode_conversation, show_mask
+from microlm.stages import load_config
 from microlm.tokenizer import Tokenizer, render_chat
-from microlm.train.pretrain import read_metrics
+from microlm.train.curves import read_metrics
 
 cfg = load_config(profile)
 sft_dir = stages.require("sft", cfg)

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.model import MODEL_PRESETS, TransformerLM, load_model
 from microlm.model.lora import LoRAConfig, apply_lora, lora_modules, merge_lora, unmerge_lora
-from microlm.train.pretrain import read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
 
 cfg = load_config(profile)
 lora_dir = stages.require("lora", cfg)

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.infer.chat import ChatSession, run_chat
 from microlm.infer.generate import generate_ids, generate_text, process_logits, stream_text
 from microlm.infer.metrics import repetition_report
 from microlm.model import load_model
 from microlm.plotting import cjk_font
+from microlm.stages import load_config
 
 cfg = load_config(profile)
 sft_dir = stages.require("sft", cfg)

@@ -48,12 +48,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.data.sources import data_root
 from microlm.ie import TOPICS_EN
-from microlm.ie.pipeline import STEPS, ie_sources, read_jsonl
+from microlm.ie.pipeline import STEPS, ie_sources
+from microlm.io import read_jsonl
 from microlm.paths import display_path
 from microlm.plotting import cjk_font
+from microlm.stages import load_config
 from microlm.tokenizer.tokenizer import render_chat
 
 cfg = load_config(profile)

@@ -45,9 +45,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from microlm import stages
-from microlm.config import load_config
-from microlm.ie.export import greedy_answers
 from microlm.ie.lora_data import ChatEncoder, encode_chats, show_labels
+from microlm.ie.merge import greedy_answers
 from microlm.ie.render import parse_answer
 from microlm.ie.train_lora import (
     QWEN25_15B,
@@ -61,7 +60,8 @@ from microlm.ie.train_lora import (
     read_lines,
 )
 from microlm.paths import display_path
-from microlm.train.pretrain import read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
 
 cfg = load_config(profile)
 lora_dir = stages.require("ie_lora", cfg)

@@ -56,9 +56,9 @@ import time
 from IPython.display import Image, Markdown, display
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.ie.evaluate import load_prompts
 from microlm.ie.metrics import paired_bootstrap
+from microlm.stages import load_config
 
 cfg = load_config(profile)
 eval_dir = stages.require("ie_eval", cfg)
@@ -263,7 +263,7 @@ for m in adapted[:2]:
 # its README reports under `data/results/`. Here they are beside this run's table:
 
 # %%
-from microlm.config import REPO_ROOT  # noqa: E402
+from microlm.paths import REPO_ROOT  # noqa: E402
 
 cards = sorted(p for p in (REPO_ROOT / "data" / "results").glob("*.json") if not p.name.endswith("_serve.json"))
 for path in cards:

@@ -40,9 +40,10 @@ from pathlib import Path
 from IPython.display import Image, display
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.paths import display_path
-from microlm.serve.server import server_spec, vllm_command
+from microlm.serve.server import vllm_command
+from microlm.stages import load_config
+from microlm.stages.server import server_spec
 
 cfg = load_config(profile)
 smoke_dir = stages.require("serve_smoke", cfg)
@@ -178,7 +179,7 @@ assert soak["served_after_malformed"] > 0  # the server kept answering after the
 # `data/results/`. The runs the README reports:
 
 # %%
-from microlm.config import REPO_ROOT  # noqa: E402
+from microlm.paths import REPO_ROOT  # noqa: E402
 
 for path in sorted((REPO_ROOT / "data" / "results").glob("*_serve.json")):
     card = json.loads(path.read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from microlm.config import load_config  # noqa: E402
+from microlm.stages import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from microlm.config import load_config
 from microlm.ie.train_lora import train_ie_lora
+from microlm.stages import load_config
 
 
 def main(argv: list[str]) -> None:

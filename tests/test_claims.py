@@ -14,8 +14,8 @@ import pytest
 
 from microlm import stages
 from microlm.claims import failed, lora_claims, pretrain_claims, sft_claims
-from microlm.config import load_config
-from microlm.train.pretrain import read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
 
 from .conftest import real_data_available
 

@@ -1,7 +1,8 @@
 import pytest
 
-from microlm.config import PROFILES, load_config
+from microlm.config import PROFILES
 from microlm.errors import ConfigError
+from microlm.stages import load_config
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -87,7 +88,7 @@ def test_the_qwen_model_is_named_once_and_microlm_qwen_overrides_it(monkeypatch)
 
 
 def test_a_run_of_ie_lora_may_change_its_own_settings():
-    from microlm.config import ie_lora_run_config
+    from microlm.stages.ie_lora import ie_lora_run_config
 
     cfg = load_config("laptop")
     qwen = ie_lora_run_config(cfg, cfg.ie_lora.runs[0])

@@ -12,8 +12,8 @@ import torch
 
 from microlm.errors import MicroLMError
 from microlm.infer.config import GenerationConfig
-from microlm.infer.export import verify_export
 from microlm.infer.generate import generate_ids
+from microlm.infer.verify import verify_export
 from microlm.model import ModelConfig, TransformerLM, load_model
 from microlm.model.hf_export import (
     export_hf,
@@ -126,8 +126,9 @@ def test_import_back_is_exact_and_lora_is_merged_on_export(exported, tmp_path):
 
 
 def test_imported_checkpoint_trains_further_with_our_trainer(exported, tmp_path):
-    from microlm.config import TrainConfig
-    from microlm.train.pretrain import WindowBatches, read_metrics
+    from microlm.train.curves import read_metrics
+    from microlm.train.pretrain import WindowBatches
+    from microlm.train.settings import TrainConfig
     from microlm.train.trainer import Trainer
 
     model, tok, folder = exported

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from microlm.errors import MicroLMError
-from microlm.ie.evaluate import evaluate, load_prompts, resolve_ref
+from microlm.ie.evaluate import evaluate, load_prompts
 from microlm.ie.render import render_example
 from microlm.model import TransformerLM
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import export_hf
+from microlm.stages import resolve_ref
 
 from .test_ie_lora import ie_lines
 
@@ -51,7 +52,7 @@ def _run(models, tmp_path, dec=DEC, **kw):
     prompts, bad = load_prompts(_data(tmp_path, **kw))
     out = tmp_path / "ie_eval"
     out.mkdir(exist_ok=True)
-    rep = evaluate(models, prompts, {}, out, dec, train_answers=[], floors=True, progress=False, seed=0,
+    rep = evaluate(models, prompts, lambda ref: ref, out, dec, train_answers=[], floors=True, progress=False, seed=0,
                    bootstrap_samples=200)
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     return rep, rows, bad
@@ -103,7 +104,7 @@ def test_the_grammar_never_lets_a_special_token_into_an_answer(tiny_export):
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
-    from microlm.ie.evaluate import grammar_compiler
+    from microlm.ie.answers import grammar_compiler
     from microlm.ie.metrics import json_schema_for
 
     tok = AutoTokenizer.from_pretrained(tiny_export(0))

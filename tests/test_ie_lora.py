@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from microlm.config import load_config
 from microlm.errors import ConfigError, MicroLMError
 from microlm.ie.lora_data import ChatEncoder, encode_chats
 from microlm.ie.render import render_example
@@ -31,7 +30,8 @@ from microlm.ie.train_lora import (
 from microlm.model import TransformerLM
 from microlm.model.config import ModelConfig
 from microlm.model.hf_export import export_hf
-from microlm.train.pretrain import read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
 
 from .conftest import REPO
 
@@ -222,7 +222,7 @@ def test_peft_trains_a_tiny_qwen2_with_the_real_qwen_tokenizer(tmp_path, chat_to
 def test_the_merged_folder_is_verified_and_complete(tiny_llama, tmp_path, chat_tok, arch):
     from transformers import AutoModelForCausalLM
 
-    from microlm.ie.export import merge_adapter
+    from microlm.ie.merge import merge_adapter
 
     base = tiny_llama if arch == "llama" else tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
     cfg = _cfg(tmp_path, **{"ie_lora.train.lr": 0.05})
@@ -253,7 +253,7 @@ def test_the_merged_folder_is_verified_and_complete(tiny_llama, tmp_path, chat_t
 
 
 def test_a_merge_that_fails_its_checks_writes_nothing(tiny_llama, tmp_path, chat_tok, monkeypatch):
-    from microlm.ie import export
+    from microlm.ie import merge as export
 
     cfg = _cfg(tmp_path)
     train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(tiny_llama), _data(tmp_path),
@@ -275,8 +275,9 @@ def test_a_merge_that_fails_its_checks_writes_nothing(tiny_llama, tmp_path, chat
 def test_the_stages_train_every_run_and_merge_each(tiny_llama, tmp_path, chat_tok):
     """``ie_lora`` trains each configured run into its own folder (both engines on one base), skips
     finished runs on ``--resume``; ``ie_merged`` merges each into ``<name>/`` verified on the eval prompts."""
-    from microlm.ie import export, train_lora
-    from microlm.runs import StageRun
+    from microlm.stages import StageRun
+    from microlm.stages import ie_lora as train_lora
+    from microlm.stages import ie_merged as export
 
     runs = [{"name": "peft", "base": "hf", "engine": "peft"}, {"name": "scratch", "base": "hf", "engine": "microlm"}]
     cfg = _cfg(tmp_path, **{"ie_lora.runs": runs, "ie_merged.max_new_tokens": 8})
@@ -416,7 +417,7 @@ def test_the_chunked_answer_loss_equals_the_full_vocabulary_loss(tiny_llama, tmp
 def test_batched_verification_equals_one_prompt_at_a_time(tmp_path, chat_tok):
     """ie_merged's and serve_smoke's checks run in batches (right padding for logits, left padding for
     generation): the same greedy answers and the same largest logit difference as one prompt at a time."""
-    from microlm.ie.greedy import greedy_ids, max_logit_diff
+    from microlm.infer.greedy import greedy_ids, max_logit_diff
 
     base = tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
     tok = load_tokenizer(str(base))
@@ -443,7 +444,7 @@ def test_the_merged_folder_keeps_the_base_dtype_and_reports_the_cast(tmp_path, c
 
     from transformers import AutoModelForCausalLM
 
-    from microlm.ie.export import merge_adapter
+    from microlm.ie.merge import merge_adapter
 
     base = tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
     m = AutoModelForCausalLM.from_pretrained(base)
@@ -469,8 +470,8 @@ def test_each_ie_lora_run_is_its_own_record_reused_resumed_or_retrained(tiny_lla
     """A finished run is reused only when its own fingerprint (entry, base, settings, upstream) matches;
     a changed setting retrains it (never a report that says r=2 beside an r=4 adapter); a run stopped
     part-way resumes from its checkpoint; --force retrains."""
-    from microlm.ie import train_lora
-    from microlm.runs import StageRun
+    from microlm.stages import StageRun
+    from microlm.stages import ie_lora as train_lora
 
     runs = [{"name": "a", "base": "hf", "engine": "peft"}]
     data = _data(tmp_path)

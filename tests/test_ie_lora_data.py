@@ -35,10 +35,10 @@ def _tokenizers(tmp_path, chat_tok):
     write_hf_tokenizer(chat_tok, tmp_path / "microlm")
     out["microlm"] = AutoTokenizer.from_pretrained(tmp_path / "microlm")
     if real_data_available():
-        from microlm.config import load_config
-        from microlm.tokenizer.stage import qwen_tokenizer_path
+        from microlm.stages import load_config
+        from microlm.stages.tokenizer import qwen_tokenizer
 
-        src = qwen_tokenizer_path(load_config("smoke"))
+        src = qwen_tokenizer(load_config("smoke"))
         (tmp_path / "qwen").mkdir()
         with gzip.open(src, "rb") as f, open(tmp_path / "qwen" / "tokenizer.json", "wb") as g:
             shutil.copyfileobj(f, g)

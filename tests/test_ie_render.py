@@ -136,7 +136,7 @@ def test_ie_data_stage_runs_all_steps_once_and_reruns_on_a_change(tmp_cfg, monke
     import logging
 
     from microlm import stages
-    from microlm.runs import read_manifest
+    from microlm.stages import read_manifest
 
     monkeypatch.delenv("MICROLM_DATA", raising=False)
     cfg = tmp_cfg()

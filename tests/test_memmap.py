@@ -9,7 +9,7 @@ import pytest
 
 from microlm import stages
 from microlm.errors import MicroLMError
-from microlm.runs import read_manifest
+from microlm.stages import read_manifest
 from microlm.tokenizer import Tokenizer, train_bpe
 from microlm.tokenizer.memmap import TokenWindows, open_tokens, read_index, write_token_file
 
@@ -124,10 +124,11 @@ def test_tokens_stage_builds_skips_and_refuses_wide_vocab(tmp_path, tmp_cfg):
     vocab = dict(tok.vocab)
     vocab[70000] = b"\xe5\xa4\xa7\xe8\xaf\x8d"
     Tokenizer(vocab, tok.merges, SPECIALS, pattern=tok.pattern).save(big)
-    from microlm.tokenizer.stage import tokenize_corpus
+    from microlm.tokenizer.training import tokenize_corpus
 
     with pytest.raises(MicroLMError, match="does not fit uint16"):
-        tokenize_corpus(cfg, cfg.run_path / "corpus", big, tmp_path / "tokens2", progress=False)
+        tokenize_corpus(cfg.run_path / "corpus", big, tmp_path / "tokens2", workers=cfg.tokens.workers,
+                        batch_docs=cfg.tokens.batch_docs, progress=False)
 
 
 def test_cli_train_tokenizer_and_tokenize(tmp_path):

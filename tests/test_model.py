@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from microlm.config import load_config
 from microlm.errors import MicroLMError
 from microlm.infer import generate_ids
 from microlm.model import MODEL_PRESETS, ModelConfig, TransformerLM
 from microlm.model.transformer import apply_rope, rope_tables
+from microlm.stages import load_config
 
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
 

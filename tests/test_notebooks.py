@@ -123,8 +123,7 @@ def test_book_builds_with_every_chapter(tmp_path, tmp_path_factory):
     assert (html / "_images" / "pipelines.png").is_file() or "pipelines.png" in (html / "book" / "intro.html").read_text()
     results = (html / "book" / "results.html").read_text(encoding="utf-8")
     assert "smoke" in results and "No stage has finished" not in results
-    from microlm.config import load_config
-    from microlm.runs import read_manifest
+    from microlm.stages import load_config, read_manifest
 
     pre = read_manifest(load_config("smoke").run_path / "pretrain")
     assert f"{pre['metrics']['params']:,} params" in results  # the manifest's own numbers, not pasted ones

@@ -140,7 +140,7 @@ def test_stage_plots_use_the_font(tmp_path):
     """The stages' own plotting code turns the font on: loss curves, and the IE evaluation's topic
     heatmap whose tick labels are Chinese topic names."""
     from microlm.ie.evaluate import write_plots
-    from microlm.train.pretrain import plot_curves
+    from microlm.train.curves import plot_curves
 
     matplotlib.rcdefaults()
     assert plot_curves(tmp_path, [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}], []).is_file()

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from microlm import hw
-from microlm.config import TrainConfig, load_config, trajectory_config
 from microlm.errors import MicroLMError
 from microlm.model import ModelConfig, TransformerLM, load_model
 from microlm.model.checkpoint import save_checkpoint
+from microlm.stages import load_config
+from microlm.train.settings import TrainConfig, trajectory_config
 from microlm.train.trainer import Trainer
 
 TINY = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=32)

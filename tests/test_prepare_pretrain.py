@@ -7,7 +7,8 @@ import pytest
 from microlm import stages
 from microlm.data.prepare_pretrain import exact_hash, iter_corpus, prepare_pretrain, split_of
 from microlm.errors import MicroLMError
-from microlm.runs import read_manifest
+from microlm.stages import read_manifest
+from microlm.stages.corpus import corpus_sources
 
 from .conftest import REPO, real_data_available, write_jsonl
 
@@ -15,6 +16,12 @@ from .conftest import REPO, real_data_available, write_jsonl
 def read_split(folder, split):
     return [json.loads(line)["text"] for line in open(folder / f"{split}.jsonl", encoding="utf-8")]
 
+
+
+def _prepare(cfg, out, inputs=None) -> dict:
+    """The corpus step as the stage runs it (sources from ``inputs`` or the config)."""
+    return prepare_pretrain(cfg.corpus, out, corpus_sources(cfg, inputs), seed=cfg.seed,
+                            max_records=cfg.data.max_records, profile=cfg.profile, progress=False)
 
 def test_bad_inputs_are_counted_never_lost(tmp_path, tmp_cfg, zh_docs):
     p = tmp_path / "mixed.jsonl"
@@ -33,7 +40,7 @@ def test_bad_inputs_are_counted_never_lost(tmp_path, tmp_cfg, zh_docs):
     empty.write_bytes(b"")
     cfg = tmp_cfg(**{"corpus.max_line_bytes": 1024 * 1024})
     out = tmp_path / "corpus"
-    rep = prepare_pretrain(cfg, out, inputs=[str(p), str(empty)], progress=False)
+    rep = _prepare(cfg, out, [str(p), str(empty)])
     assert rep["records_in"] == len(zh_docs) + 6
     assert rep["drops"]["invalid_utf8"] == 1
     assert rep["drops"]["malformed_json"] == 1
@@ -52,10 +59,10 @@ def test_all_empty_inputs_and_all_dropped_are_clear_errors(tmp_path, tmp_cfg):
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     with pytest.raises(MicroLMError, match="no records"):
-        prepare_pretrain(tmp_cfg(), tmp_path / "o", inputs=[str(empty)], progress=False)
+        _prepare(tmp_cfg(), tmp_path / "o", [str(empty)])
     short = write_jsonl(tmp_path / "short.jsonl", ["短", "也短"])
     with pytest.raises(MicroLMError, match="no document survived"):
-        prepare_pretrain(tmp_cfg(), tmp_path / "o", inputs=[str(short)], progress=False)
+        _prepare(tmp_cfg(), tmp_path / "o", [str(short)])
     assert not (tmp_path / "o").exists(), "a failed run leaves no half-written stage folder"
 
 
@@ -63,8 +70,8 @@ def test_split_is_stable_when_data_is_added(tmp_path, tmp_cfg, zh_docs):
     cfg = tmp_cfg(**{"corpus.val_fraction": 0.5})
     a = write_jsonl(tmp_path / "a.jsonl", zh_docs[:3])
     b = write_jsonl(tmp_path / "b.jsonl", zh_docs[3:], gz=False)
-    prepare_pretrain(cfg, tmp_path / "one", inputs=[str(a)], progress=False)
-    prepare_pretrain(cfg, tmp_path / "two", inputs=[str(b), str(a)], progress=False)
+    _prepare(cfg, tmp_path / "one", [str(a)])
+    _prepare(cfg, tmp_path / "two", [str(b), str(a)])
     for split in ("train", "val"):
         first = set(read_split(tmp_path / "one", split))
         assert first <= set(read_split(tmp_path / "two", split))
@@ -76,7 +83,7 @@ def test_near_duplicates_dropped_and_reported(tmp_path, tmp_cfg, zh_docs):
     base = "".join(zh_docs)  # one long document
     variant = base[:100] + "这里改了几个字" + base[107:]
     p = write_jsonl(tmp_path / "n.jsonl", [base, variant])
-    rep = prepare_pretrain(tmp_cfg(), tmp_path / "o", inputs=[str(p)], progress=False)
+    rep = _prepare(tmp_cfg(), tmp_path / "o", [str(p)])
     assert rep["drops"] == {"near_duplicate": 1}
     pair = rep["near_duplicate_pairs"][0]
     assert pair["kept"].startswith(base[:50]) and pair["similarity"] >= 0.8
@@ -86,8 +93,8 @@ def test_near_duplicates_dropped_and_reported(tmp_path, tmp_cfg, zh_docs):
 def test_workers_give_the_same_output_as_in_process(tmp_path, tmp_cfg):
     cfg0 = tmp_cfg(**{"data.max_records": 1500})
     cfg2 = tmp_cfg(**{"data.max_records": 1500, "corpus.workers": 2, "corpus.batch_size": 200})
-    r0 = prepare_pretrain(cfg0, tmp_path / "w0", progress=False)
-    r2 = prepare_pretrain(cfg2, tmp_path / "w2", progress=False)
+    r0 = _prepare(cfg0, tmp_path / "w0")
+    r2 = _prepare(cfg2, tmp_path / "w2")
     assert r0["drops"] == r2["drops"]
     for split in ("train", "val"):
         assert (tmp_path / "w0" / f"{split}.jsonl").read_bytes() == (tmp_path / "w2" / f"{split}.jsonl").read_bytes()

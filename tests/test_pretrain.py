@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from microlm import stages
-from microlm.config import TrainConfig, load_config
 from microlm.errors import MicroLMError
 from microlm.model import ModelConfig, TransformerLM
 from microlm.model.checkpoint import load_checkpoint, save_checkpoint
-from microlm.train.pretrain import WindowBatches, check_token_range, read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
+from microlm.train.pretrain import WindowBatches, check_token_range
+from microlm.train.settings import TrainConfig
 from microlm.train.trainer import Trainer, lr_at, param_groups
 
 from .conftest import REPO, ZH, write_jsonl

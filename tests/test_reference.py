@@ -4,8 +4,8 @@ import gzip
 import json
 
 from microlm import stages
-from microlm.config import load_config
-from microlm.data.prepare_pretrain import corpus_sources
+from microlm.stages import load_config
+from microlm.stages.corpus import corpus_sources
 from microlm.train import reference
 from microlm.train.reference import find_reference, reference_key, references
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.io import COMPLETE, recover_dir, staged_dir, write_json
 from microlm.model.checkpoint import read_state
+from microlm.stages import load_config
 
 from .conftest import REPO, ZH, write_jsonl
 
@@ -432,8 +432,7 @@ def test_a_damaged_ie_intermediate_file_names_file_and_line(damage, needle, tmp_
 
 
 def test_display_path_never_shows_the_machines_absolute_paths(tmp_path, monkeypatch):
-    from microlm.config import REPO_ROOT
-    from microlm.paths import display_path
+    from microlm.paths import REPO_ROOT, display_path
 
     assert display_path(REPO_ROOT / "runs" / "cpu" / "ie_data") == "runs/cpu/ie_data"
     assert display_path("runs/smoke/hf") == "runs/smoke/hf" and display_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
@@ -447,7 +446,7 @@ def test_an_interrupted_training_stage_goes_on_by_itself(tmp_cfg, tmp_path, caps
     """`make course` again after Ctrl-C (or a kill): the training stage resumes its own interrupted run
     from the last checkpoint — same steps and losses as an uninterrupted run — but only when config,
     upstream and inputs are the same; a changed config starts over."""
-    from microlm.train.pretrain import read_metrics
+    from microlm.train.curves import read_metrics
 
     cfg = tmp_cfg(**{"pretrain.ckpt_interval": 5})
     ref = stages.build("pretrain", cfg, progress=False, out_dir=tmp_path / "ref")

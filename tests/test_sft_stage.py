@@ -4,8 +4,8 @@ import gzip
 import json
 
 from microlm import stages
-from microlm.config import load_config
-from microlm.train.pretrain import read_metrics
+from microlm.stages import load_config
+from microlm.train.curves import read_metrics
 
 from .test_pretrain import data_dir, overrides  # noqa: F401  (module fixture reused)
 

@@ -3,14 +3,14 @@ the package's layering has no import cycle."""
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from microlm import cli, stages
-from microlm.config import load_config
 from microlm.errors import ConfigError, MicroLMError
-from microlm.runs import StageRun
+from microlm.stages import StageRun, load_config
 
 from .conftest import REPO
 
@@ -29,10 +29,12 @@ def build_echo(run: StageRun) -> dict | None:
 @pytest.fixture
 def echo_stage(monkeypatch):
     """A stage added with nothing but a registry entry (and it goes away after the test)."""
-    monkeypatch.setattr(stages, "REGISTRY", dict(stages.REGISTRY))
+    registry = dict(stages.REGISTRY)
+    monkeypatch.setattr(stages.registry, "REGISTRY", registry)
+    monkeypatch.setattr(stages, "REGISTRY", registry)
     CALLS.clear()
     return stages.register(stages.Stage(
-        "echo_text", "Z1", "echo the first training document", build="tests.test_stages:build_echo",
+        "echo_text", "Z1", "echo the first training document", build=build_echo,
         outputs=("echo.txt",), upstream=("corpus",), sections=("tokens",), notebook="99_echo",
         options=(stages.Option("shout", "upper-case it", flag=True, run=True),),
         summary=lambda m: f"{m['chars']} chars"))
@@ -145,9 +147,9 @@ def test_ie_formats_are_the_adapters():
 
 # ------------------------------------------------------------------------------------------ layering
 
-def _imports() -> dict[str, set[str]]:
-    """``module → microlm modules it imports`` (anywhere in the file, also inside functions; not
-    under ``if TYPE_CHECKING``).  Importing ``a.b.c`` also imports the packages ``a.b`` and ``a``."""
+def _imports(type_only: bool = False) -> dict[str, set[str]]:
+    """``module → microlm modules it imports`` (anywhere in the file, also inside functions; under
+    ``if TYPE_CHECKING`` only with ``type_only``).  Importing ``a.b.c`` also imports the packages ``a.b`` and ``a``."""
     root = REPO / "microlm"
     mods = {}
     for path in root.rglob("*.py"):
@@ -157,8 +159,8 @@ def _imports() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        skip = set() if type_only else {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                                        and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
         pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
         out = set()
         for node in ast.walk(tree):
@@ -230,6 +232,144 @@ def test_layering():
             bad = {d for d in deps if d.startswith("microlm.train")}
             assert not bad, f"{mod} imports {sorted(bad)}"
     assert not (REPO / "microlm" / "train" / "checkpoint.py").exists()  # moved to model/
+
+
+# The layers, lowest first: a module may import its own layer and the ones listed for it — counting
+# imports inside functions and type-only ones.  Domain code never imports the stage layer, the
+# config, or the top; ``ie`` and ``serve`` never import each other.
+BASE = ("microlm.errors", "microlm.paths", "microlm.io", "microlm.hw", "microlm.plotting")
+LAYERS = {
+    "base": (BASE, ()),
+    "model": (("microlm.model",), ("base", "tokenizer")),  # the export writes the tokenizer files
+    "tokenizer": (("microlm.tokenizer",), ("base",)),
+    "data": (("microlm.data",), ("base", "tokenizer")),
+    "train": (("microlm.train",), ("base", "model", "tokenizer", "data", "infer")),  # samples at eval points
+    "infer": (("microlm.infer",), ("base", "model", "tokenizer")),
+    "ie": (("microlm.ie",), ("base", "model", "tokenizer", "data", "train", "infer")),
+    "serve": (("microlm.serve",), ("base", "infer")),
+    "config": (("microlm.config",), ("base",)),
+    "stages": (("microlm.stages",), ("base", "model", "tokenizer", "data", "train", "infer", "ie", "serve", "config")),
+    "top": (("microlm.cli", "microlm.course", "microlm.book", "microlm.lab", "microlm.results", "microlm.claims",
+             "microlm.diagram", "microlm.__main__", "microlm"), None),  # anything
+}
+
+
+def _layer(mod: str) -> str:
+    best = ("", "")
+    for name, (prefixes, _) in LAYERS.items():
+        for p in prefixes:
+            if (mod == p or mod.startswith(p + ".")) and len(p) > len(best[1]):
+                best = (name, p)
+    assert best[0], f"{mod} is in no layer: add it to LAYERS"
+    return best[0]
+
+
+def test_every_import_follows_the_layer_table():
+    bad = []
+    for mod, deps in _imports(type_only=True).items():
+        allowed = LAYERS[_layer(mod)][1]
+        if allowed is None:
+            continue
+        for d in deps:
+            if d == "microlm":
+                continue
+            lay = _layer(d)
+            if lay != _layer(mod) and lay not in allowed:
+                bad.append(f"{mod} → {d} ({_layer(mod)} may not import {lay})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert _layer("microlm.ie.evaluate") == "ie" and _layer("microlm.stages.ie_eval") == "stages"
+    assert "serve" not in LAYERS["ie"][1] and "ie" not in LAYERS["serve"][1]  # the ie ↔ serve knot stays cut
+    assert "stages" not in LAYERS["train"][1] and "config" not in LAYERS["data"][1]
+
+
+def test_stage_modules_import_domain_code_only_inside_functions():
+    """Loading a profile needs no torch: a stage module's top level imports only torch-free
+    dataclass modules of the domain (listed), the config and the registry."""
+    torch_free = {"microlm.model.config", "microlm.infer.config", "microlm.train.settings", "microlm.data.tasks",
+                  "microlm.ie.formats", "microlm.tokenizer.bpe", "microlm.io", "microlm.errors", "microlm.config"}
+    for path in sorted((REPO / "microlm" / "stages").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("microlm"):
+                mod = node.module
+                assert mod.startswith("microlm.stages") or mod in torch_free, \
+                    f"{path.name} imports {mod} at its top level (import domain code inside build)"
+
+
+def test_no_torch_to_load_a_profile_or_print_help():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "from microlm import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['config', '-p', 'cpu'])\n"
+            "    with contextlib.suppress(SystemExit):\n"
+            "        cli.main(['--help'])\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "False"], r.stdout
+
+
+def test_a_new_stage_is_one_module(tmp_path):
+    """A throwaway stage added as one file in a copy of the package — its section, CLI verb, build,
+    manifest and course-map row all follow, with no other file touched."""
+    import shutil
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "src" / "microlm"
+    shutil.copytree(REPO / "microlm", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "configs", tmp_path / "src" / "configs")
+    (tmp_path / "src" / "data").symlink_to(REPO / "data")
+    (pkg / "stages" / "echo_len.py").write_text('''"""A throwaway stage: the corpus train split's first line, measured."""
+
+from dataclasses import dataclass
+
+from microlm.stages.registry import Stage
+
+
+@dataclass
+class EchoLenConfig:
+    times: int = 1
+
+
+def check(cfg):
+    if cfg.echo_len.times < 1:
+        raise ValueError("echo_len.times must be >= 1")
+
+
+def build(run):
+    line = (run.up["corpus"] / "train.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "len.txt").write_text(str(len(line) * run.cfg.echo_len.times), encoding="utf-8")
+    return {"chars": len(line) * run.cfg.echo_len.times}
+
+
+STAGE = Stage("echo_len", "Z9", "measure the first training document", build=build, section=EchoLenConfig,
+              check=check, outputs=("len.txt",), upstream=("corpus",), sections=("echo_len",), notebook="99_echo",
+              summary=lambda m: f"{m['chars']} chars")
+''', encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "MICROLM_RUNS": str(tmp_path / "runs")}
+    env.pop("MICROLM_DATA", None)
+    args = ["-p", "smoke", "--set", "data.max_records=300", "--set", "echo_len.times=3", "-q"]
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "echo-len", *args], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = (tmp_path / "runs" / "smoke" / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    assert (tmp_path / "runs" / "smoke" / "echo_len" / "len.txt").read_text() == str(3 * len(first))
+    m = json.loads((tmp_path / "runs" / "smoke" / "echo_len" / "manifest.json").read_text())
+    assert m["config"] == {"echo_len": {"times": 3}} and m["outputs"] == ["len.txt"]
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "stages", "--markdown"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert "| Z9 | **echo_len**" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "echo-len", *args[:-3], "--set", "echo_len.times=0"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode != 0 and "echo_len.times must be >= 1" in r.stderr
 
 
 def test_manifests_written_by_the_registry_are_json(tmp_path):

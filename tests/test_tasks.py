@@ -5,10 +5,10 @@ import json
 import pytest
 
 from microlm import stages
-from microlm.config import load_config
 from microlm.data import tasks
 from microlm.data.sources import embedded_sources, iter_lines, parse_line
 from microlm.errors import MicroLMError
+from microlm.stages import load_config
 
 
 def test_entities_from_tags_merge_person_parts_and_keep_order():

@@ -23,14 +23,12 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from microlm.config import Config, CorpusConfig
 from microlm.data import clean
 from microlm.data.dedup import Deduplicator, MinHasher
-from microlm.data.sources import Drop, Source, data_root, iter_lines, parse_line, resolve_sources
+from microlm.data.sources import Drop, Source, iter_lines, parse_line
 from microlm.data.tasks import heldout_paragraph_keys
 from microlm.errors import MicroLMError
 from microlm.io import staged_dir, write_json
-from microlm.runs import StageRun
 
 STAGE = "corpus"
 # character-length histogram edges (the last bin is open-ended)
@@ -70,7 +68,7 @@ class BatchResult:
 _W: dict = {}
 
 
-def _init_worker(c: CorpusConfig, seed: int) -> None:
+def _init_worker(c, seed: int) -> None:
     d = c.dedup
     _W["cfg"] = c
     _W["rules"] = clean.QualityRules(c.min_chars, c.max_chars, c.min_cjk_ratio, c.max_dup_line_ratio,
@@ -82,7 +80,7 @@ def _init_worker(c: CorpusConfig, seed: int) -> None:
 
 def process_batch(batch: tuple[str, int, list[tuple[int, bytes | None]]]) -> BatchResult:
     fmt, src_idx, lines = batch
-    cfg: CorpusConfig = _W["cfg"]
+    cfg = _W["cfg"]  # the corpus section
     rules = _W["rules"]
     res = BatchResult()
     for line_no, raw in lines:
@@ -125,14 +123,13 @@ def process_batch(batch: tuple[str, int, list[tuple[int, bytes | None]]]) -> Bat
 # ---------------------------------------------------------------------------------------------
 # main side: read → (pool) → dedup → split → write
 # ---------------------------------------------------------------------------------------------
-def _batches(sources: list[Source], cfg: Config) -> Iterator[tuple[str, int, list]]:
-    """Raw-line batches; stops after ``data.max_records`` non-blank lines."""
-    limit = cfg.data.max_records
-    size = cfg.corpus.batch_size
+def _batches(sources: list[Source], c, limit: int | None) -> Iterator[tuple[str, int, list]]:
+    """Raw-line batches of the corpus section ``c``'s size; stops after ``limit`` non-blank lines."""
+    size = c.batch_size
     seen = 0
     for si, src in enumerate(sources):
         buf: list[tuple[int, bytes | None]] = []
-        for line_no, raw in iter_lines(src, cfg.corpus.max_line_bytes):
+        for line_no, raw in iter_lines(src, c.max_line_bytes):
             if raw is not None and not raw.strip():
                 continue
             buf.append((line_no, raw))
@@ -158,29 +155,21 @@ def _rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def corpus_sources(cfg: Config, inputs: list[str] | None = None) -> list[Source]:
-    """Explicit ``inputs``, else ``data.pretrain`` under the data root, else the embedded corpus."""
-    root = None if inputs else data_root(cfg.data.root)
-    return resolve_sources(cfg.data.pretrain, root, inputs)
-
-
-def prepare_pretrain(cfg: Config, out_dir: str | os.PathLike, inputs: list[str] | None = None,
-                     progress: bool = True, sources: list[Source] | None = None) -> dict:
-    """Run the corpus stage into ``out_dir`` (replaced atomically at the end); return the report.
-
-    ``sources`` (already resolved) wins over ``inputs`` (file paths)."""
-    sources = sources or corpus_sources(cfg, inputs)
+def prepare_pretrain(c, out_dir: str | os.PathLike, sources: list[Source], *, seed: int,
+                     max_records: int | None = None, profile: str | None = None, progress: bool = True) -> dict:
+    """Clean, dedup and split ``sources`` with the corpus settings ``c`` (the ``corpus`` section) into
+    ``out_dir`` (replaced atomically at the end); return the report."""
     with staged_dir(Path(out_dir)) as tmp_dir:  # a failure or kill leaves no half-written folder behind
-        return _write_corpus(cfg, sources, tmp_dir, progress)
+        return _write_corpus(c, sources, tmp_dir, progress, seed=seed, max_records=max_records, profile=profile)
 
 
-def _write_corpus(cfg: Config, sources: list[Source], tmp_dir: Path, progress: bool) -> dict:
-    c = cfg.corpus
+def _write_corpus(c, sources: list[Source], tmp_dir: Path, progress: bool, *, seed: int, max_records: int | None,
+                  profile: str | None) -> dict:
 
     dd = c.dedup
     dedup = Deduplicator(exact=dd.exact, near=dd.near, threshold=dd.threshold, num_perm=dd.num_perm,
-                         bands=dd.bands, verify=dd.verify, seed=cfg.seed)
-    init_args = (c, cfg.seed)
+                         bands=dd.bands, verify=dd.verify, seed=seed)
+    init_args = (c, seed)
     t0 = time.perf_counter()
     counts: collections.Counter[str] = collections.Counter()
     per_source = [collections.Counter() for _ in sources]
@@ -199,10 +188,10 @@ def _write_corpus(cfg: Config, sources: list[Source], tmp_dir: Path, progress: b
     if c.workers > 0:
         ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
         pool = ctx.Pool(c.workers, initializer=_init_worker, initargs=init_args)
-        results = pool.imap(process_batch, _batches(sources, cfg), chunksize=1)
+        results = pool.imap(process_batch, _batches(sources, c, max_records), chunksize=1)
     else:
         _init_worker(*init_args)
-        results = map(process_batch, _batches(sources, cfg))
+        results = map(process_batch, _batches(sources, c, max_records))
 
     bar = tqdm(desc="corpus", unit="rec", disable=not progress, mininterval=1.0, smoothing=0.1)
     try:
@@ -271,7 +260,7 @@ def _write_corpus(cfg: Config, sources: list[Source], tmp_dir: Path, progress: b
     sizes = collections.Counter(cluster_size.values())
     report = {
         "stage": STAGE,
-        "profile": cfg.profile,
+        "profile": profile,
         "inputs": [{"name": s.name, "path": s.path, "format": s.format, "records": sum(pc.values()),
                     "kept": pc.get("kept", 0), "drops": {k: v for k, v in pc.items() if k != "kept"}}
                    for s, pc in zip(sources, per_source, strict=True)],
@@ -316,14 +305,6 @@ def _write_corpus(cfg: Config, sources: list[Source], tmp_dir: Path, progress: b
     return report
 
 
-def build(run: StageRun) -> dict:
-    """The ``corpus`` stage (registry entry in ``microlm.stages``): its manifest metrics."""
-    report = prepare_pretrain(run.cfg, run.out, inputs=run.options.get("input"), progress=run.progress)
-    metrics = {k: report[k] for k in ("records_in", "records_out", "train_docs", "val_docs", "drops")}
-    metrics["records_per_s"] = report["throughput"]["records_per_s"]
-    return metrics
-
-
 def _read_lines(folder: Path, wanted: dict[int, tuple[str, int]]) -> dict[int, str]:
     out: dict[int, str] = {}
     for split in ("train", "val"):
@@ -347,4 +328,4 @@ def iter_corpus(path: str | os.PathLike, strip_eos: str | None = None) -> Iterat
             yield t.removesuffix(strip_eos) if strip_eos else t
 
 
-__all__ = ["prepare_pretrain", "corpus_sources", "iter_corpus", "split_of", "exact_hash", "process_batch"]
+__all__ = ["prepare_pretrain", "iter_corpus", "split_of", "exact_hash", "process_batch"]

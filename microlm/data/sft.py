@@ -233,6 +233,6 @@ def embedded_sft_records() -> list[dict]:
     ``data/sft/chat_zh.jsonl`` (everyday questions, facts, arithmetic, idioms, advice, a few
     multi-turn chats) + ``data/sft/identity.jsonl``.  The derived tasks (``microlm/data/tasks.py``)
     are added to this — and to the bundle's SFT files — by the SFT stage."""
-    from microlm.config import REPO_ROOT
+    from microlm.paths import REPO_ROOT
 
     return [r for name in ("chat_zh.jsonl", "identity.jsonl") for r in read_sft_file(REPO_ROOT / "data" / "sft" / name)]

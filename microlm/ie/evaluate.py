@@ -1,11 +1,7 @@
 """Stage B4 (``microlm ie-eval``): every model of ``ie_eval.models`` answers the IE evaluation prompts.
 
-Where the two pipelines meet: a MicroLM model (``microlm`` backend: ``microlm.infer``, batched with
-the KV cache, optionally with a from-scratch LoRA adapter), a Hugging Face folder or hub id
-(``transformers`` backend: batched left-padded greedy ``generate``, optionally a PEFT adapter and
-JSON-schema-constrained decoding) and a served OpenAI-compatible endpoint (``openai`` backend:
-bounded concurrency, retries with backoff, then the answer is recorded as an error) all answer the
-same prompts, greedily, and are scored by ``microlm.ie.metrics``; two floors computed without a
+Where the two pipelines meet: a MicroLM model, a Hugging Face folder or hub id and a served
+OpenAI-compatible endpoint (the backends of ``microlm.ie.answers``) all answer the same prompts, greedily, and are scored by ``microlm.ie.metrics``; two floors computed without a
 model (all relations ``[]``, and a rule pairing known entity strings found in the text) show what
 learning added.
 
@@ -26,23 +22,17 @@ model's own tokenizer), whatever ``max_new_tokens`` says.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import hashlib
 import json
-import random
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from microlm.errors import MicroLMError
-from microlm.ie.metrics import json_schema_for
-from microlm.runs import resolve_ref
+from microlm.ie.answers import BACKENDS
 
-__all__ = ["load_prompts", "resolve_ref", "ref_stages", "model_fingerprint", "AnswerCache", "answer_microlm",
-           "answer_transformers", "answer_openai", "json_schema_for", "evaluate", "build", "FLOORS"]
+__all__ = ["load_prompts", "ref_stages", "model_fingerprint", "AnswerCache", "evaluate", "answer_cap", "FLOORS"]
 
 FLOORS = ("floor-empty", "floor-rule")
 
@@ -133,7 +123,7 @@ def ref_stages(entry: dict, known) -> set[str]:
 
 
 def _folder_digest(path: str) -> str:
-    from microlm.runs import fingerprint, folder_files
+    from microlm.io import fingerprint, folder_files
 
     p = Path(path)
     if p.is_dir():
@@ -141,16 +131,16 @@ def _folder_digest(path: str) -> str:
     return fingerprint({"id": path})  # a hub id (its cache is transformers' business) or an endpoint
 
 
-def model_fingerprint(entry: dict, up: dict[str, Path]) -> str:
+def model_fingerprint(entry: dict, resolve) -> str:
     """What an answer depends on besides the prompt: the backend, the files of model and adapter (a
     model retrained = a new fingerprint), constrained decoding, the endpoint."""
-    from microlm.runs import fingerprint
+    from microlm.io import fingerprint
 
     parts = {k: entry.get(k) for k in ("backend", "constrained", "base_url", "model_name")}
     if entry.get("_started"):  # the course's own server: its port changes every start, the answers do not
         parts["base_url"] = "serve"
     for key in ("model", "adapter"):
-        ref = resolve_ref(entry.get(key), up)
+        ref = resolve(entry.get(key))
         if ref is not None:
             parts[key] = _folder_digest(ref) if entry.get("backend") != "openai" else ref
     if entry.get("_serve") is not None or entry.get("_serve_spec") is not None:  # the served folder, how served
@@ -188,251 +178,6 @@ class AnswerCache:
             f.flush()
 
 
-def _batches(prompts: list[tuple[int, list[int]]], max_new: int, ctx: int, batch_size: int):
-    """Batches of ``(index, ids)`` with one ``max_new_tokens`` each: prompts that leave room for
-    ``max_new`` go together (sorted by length); a longer one alone with what room is left."""
-    fit = sorted((p for p in prompts if len(p[1]) + max_new <= ctx), key=lambda p: len(p[1]))
-    for i in range(0, len(fit), batch_size):
-        yield fit[i:i + batch_size], max_new
-    for p in prompts:
-        if len(p[1]) + max_new > ctx:
-            yield [p], ctx - len(p[1])
-
-
-def answer_microlm(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, emit=None) -> list[dict]:
-    """Greedy answers from ``microlm.infer`` (a MicroLM HF export, + a from-scratch adapter)."""
-    import torch
-
-    from microlm.infer.generate import generate_ids
-    from microlm.model.hf_export import import_hf
-    from microlm.model.lora import load_adapter, merge_lora
-    from microlm.tokenizer.tokenizer import stop_ids_of
-
-    model, tok = import_hf(resolve_ref(entry["model"], up))
-    if entry.get("adapter"):
-        load_adapter(model, resolve_ref(entry["adapter"], up))
-        merge_lora(model)  # folded in: the same answers, a plain forward per token
-    ctx, stops = model.cfg.max_seq_len, stop_ids_of(tok)
-    ids = [(i, tok.encode_chat(p["messages"], add_generation_prompt=True)) for i, p in enumerate(prompts)]
-    out: list[dict | None] = [None] * len(prompts)
-    with torch.inference_mode():
-        for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, dec["batch_size"]):
-            if max_new < 1:
-                for i, p in batch:
-                    out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
-                              "seconds": 0.0, "finish_reason": "error"}
-                if emit:
-                    emit([(i, out[i]) for i, _ in batch])
-                continue
-            t0 = time.perf_counter()
-            new = generate_ids(model, [p for _, p in batch], stop_ids=stops, pad_id=tok.eos_id or 0,
-                               max_new_tokens=max_new, temperature=0.0, repetition_penalty=1.0, top_k=0, top_p=1.0)
-            dt = time.perf_counter() - t0
-            for (i, p), n in zip(batch, new, strict=True):
-                text = tok.decode(n)
-                for s in dec["stop"]:
-                    text = text.split(s)[0]
-                out[i] = {"text": text, "prompt_tokens": len(p), "new_tokens": len(n), "seconds": dt / len(batch),
-                          "finish_reason": "length" if len(n) >= max_new else "stop"}
-            if emit:
-                emit([(i, out[i]) for i, _ in batch])
-    return out  # type: ignore[return-value]
-
-
-def _hf_load(entry: dict, up: dict[str, Path]):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from microlm.ie.train_lora import load_tokenizer
-
-    model_ref, adapter = resolve_ref(entry["model"], up), resolve_ref(entry.get("adapter"), up)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise MicroLMError(f"cannot load {model_ref}: {str(e).splitlines()[0]}") from None
-    tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_ref
-    tok = load_tokenizer(tok_src, weights=False)
-    if adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise MicroLMError(f"adapter {adapter} does not fit {model_ref}: {str(e).splitlines()[0]}") from None
-    tok.padding_side = "left"
-    return model, tok
-
-
-def answer_transformers(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, emit=None) -> list[dict]:
-    """Greedy answers from ``transformers`` ``generate`` (left-padded batches; a PEFT adapter merged
-    in; ``constrained``: one prompt at a time through xgrammar's JSON-schema logits processor)."""
-    import torch
-
-    from microlm.ie.greedy import eos_ids
-
-    model, tok = _hf_load(entry, up)
-    eos = eos_ids(tok, model)
-    ctx = getattr(model.config, "max_position_embeddings", 4096)
-    ids = [(i, tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False)) for i, p in enumerate(prompts)]
-    ids = [(i, list(x["input_ids"]) if isinstance(x, dict) else list(x)) for i, x in ids]
-    constrained = bool(entry.get("constrained"))
-    bs = dec["batch_size"]  # constrained too: one grammar matcher per row of the batch
-    compiler = grammar_compiler(tok, model.config.vocab_size, sorted(eos)) if constrained else None
-    grammars: dict[tuple, object] = {}  # compiled once per asked relation list
-    out: list[dict | None] = [None] * len(prompts)
-    with torch.inference_mode():
-        for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, bs):
-            if max_new < 1:
-                for i, p in batch:
-                    out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
-                              "seconds": 0.0, "finish_reason": "error"}
-                if emit:
-                    emit([(i, out[i]) for i, _ in batch])
-                continue
-            longest = max(len(p) for _, p in batch)
-            x = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for r, (_, p) in enumerate(batch):
-                x[r, longest - len(p):] = torch.tensor(p)
-                mask[r, longest - len(p):] = 1
-            kw = {}
-            if constrained:
-                kw["logits_processor"] = [_schema_processor(compiler, [prompts[i]["asked"] for i, _ in batch], grammars)]
-            t0 = time.perf_counter()
-            gen = model.generate(x, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=tok.pad_token_id, **kw)
-            dt = time.perf_counter() - t0
-            for r, (i, p) in enumerate(batch):
-                new = gen[r, longest:].tolist()
-                n = next((k for k, t in enumerate(new) if t in eos), None)
-                ended = n is not None
-                new = new[:n] if ended else new
-                text = tok.decode(new, skip_special_tokens=True)
-                for s in dec["stop"]:
-                    text = text.split(s)[0]
-                out[i] = {"text": text, "prompt_tokens": len(p), "new_tokens": len(new), "seconds": dt / len(batch),
-                          "finish_reason": "stop" if ended else "length"}
-            if emit:
-                emit([(i, out[i]) for i, _ in batch])
-    return out  # type: ignore[return-value]
-
-
-def grammar_compiler(tok, vocab_size: int, stop_ids: list[int] | None = None):
-    """xgrammar's compiler for ``tok`` (the grammar engine vLLM's structured outputs use; it works on
-    token bytes, so byte-level BPE pieces of a Chinese character are handled).
-
-    ``TokenizerInfo.from_huggingface`` reads a special token such as ``<|endoftext|>`` as its literal
-    text, so the grammar would let it into a JSON string — and ``generate`` ends (and pads) a row at
-    any EOS id, leaving its matcher behind. Here every special token is never allowed and the stop
-    tokens are ``stop_ids`` (the EOS ids ``generate`` stops at): a row ends exactly when its grammar does."""
-    import xgrammar as xgr
-
-    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size)
-    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    encoded = [""] * vocab_size  # an empty token = never allowed by a grammar
-    for piece, i in tok.get_vocab().items():
-        if i < vocab_size and i not in special:
-            encoded[i] = piece
-    stops = sorted(set(stop_ids or []) | set(info.stop_token_ids))
-    return xgr.GrammarCompiler(xgr.TokenizerInfo(encoded, info.vocab_type, vocab_size=vocab_size, stop_token_ids=stops,
-                                                 add_prefix_space=info.add_prefix_space))
-
-
-def _schema_processor(compiler, asked: list[list[str]], cache: dict | None = None):
-    """A ``transformers`` logits processor that lets only answers of the JSON schema of each row's
-    asked relations through (no free whitespace): one grammar matcher per row of a ``generate`` call
-    (a new processor per call); compiled grammars are kept in ``cache``."""
-    from xgrammar.contrib.hf import LogitsProcessor
-
-    cache = {} if cache is None else cache
-    grammars = []
-    for rels in asked:
-        key = tuple(rels)
-        if key not in cache:
-            schema = json.dumps(json_schema_for(rels), ensure_ascii=False)
-            cache[key] = compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-        grammars.append(cache[key])
-    return LogitsProcessor(grammars)
-
-
-def _post(url: str, body: dict, key: str | None, timeout: float) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {key}"} if key else {})})
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (the configured endpoint)
-        return json.loads(r.read().decode("utf-8"))
-
-
-def answer_openai(entry: dict, up: dict[str, Path], prompts: list[dict], dec: dict, emit=None) -> list[dict]:
-    """Answers from an OpenAI-compatible ``/v1/chat/completions`` (concurrency ``dec["concurrency"]``;
-    timeouts, refused connections, 5xx and malformed JSON retried ``dec["retries"]`` times with
-    exponential backoff, then recorded as ``endpoint_error``; 4xx is not retried)."""
-    import os
-
-    if entry.get("_serve") is not None:  # base_url: serve — the course's own vLLM server, for this model's answers
-        with served(entry) as inner:
-            return answer_openai(inner, up, prompts, dec, emit)
-    url = entry["base_url"].rstrip("/") + "/chat/completions"
-    key = os.environ.get(entry["api_key_env"]) if entry.get("api_key_env") else None
-    name = entry.get("model_name") or entry["model"]
-
-    def one(p: dict) -> dict:
-        body = {"model": name, "messages": p["messages"], "max_tokens": dec["max_new_tokens"], "temperature": 0,
-                **({"stop": dec["stop"]} if dec["stop"] else {})}
-        err = "?"
-        for attempt in range(dec["retries"] + 1):
-            t0 = time.perf_counter()
-            try:
-                r = _post(url, body, key, dec["timeout_s"])
-                ch = r["choices"][0]
-                usage = r.get("usage") or {}
-                return {"text": ch["message"]["content"] or "", "prompt_tokens": usage.get("prompt_tokens"),
-                        "new_tokens": usage.get("completion_tokens"), "seconds": time.perf_counter() - t0,
-                        "finish_reason": ch.get("finish_reason"), "attempts": attempt + 1}
-            except urllib.error.HTTPError as e:
-                err = f"HTTP {e.code}"
-                if e.code < 500 and e.code != 429:
-                    break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                err = type(getattr(e, "reason", e)).__name__
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                err = "malformed response"
-            if attempt < dec["retries"]:
-                time.sleep(dec["backoff_s"] * 2 ** attempt * (1 + random.random() / 2))
-        return {"text": None, "error": "endpoint_error", "detail": err, "prompt_tokens": None, "new_tokens": 0,
-                "seconds": 0.0, "finish_reason": "error", "attempts": dec["retries"] + 1}
-
-    out: list[dict | None] = [None] * len(prompts)
-    with cf.ThreadPoolExecutor(max_workers=max(1, dec["concurrency"])) as pool:
-        futs = {pool.submit(one, p): i for i, p in enumerate(prompts)}
-        for fut in cf.as_completed(futs):
-            out[futs[fut]] = fut.result()
-            if emit:
-                emit([(futs[fut], out[futs[fut]])])
-    return out  # type: ignore[return-value]
-
-
-BACKENDS = {"microlm": answer_microlm, "transformers": answer_transformers, "openai": answer_openai}
-
-
-@contextlib.contextmanager
-def served(entry: dict):
-    """For an entry with ``base_url: serve``: the course's vLLM server of ``serve.model`` started (once,
-    for all of the entry's answers) and the entry pointing at it; any other entry as it is."""
-    if entry.get("_serve") is None or entry.get("_started"):
-        yield entry
-        return
-    from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer
-
-    spec, run_dir, timeout = entry["_serve"]
-    with ManagedServer(spec, run_dir, python=ensure_env(quiet=True), name=f"vllm-{entry['name']}").start(timeout) as srv:
-        inner = {k: v for k, v in entry.items() if k != "_serve"}
-        inner.update(base_url=srv.base_url, model_name=spec.served_name, _started=True, _serve_spec=spec)
-        yield inner
-
-
 # ------------------------------------------------------------------------------------------ evaluation
 def _floor_answers(name: str, prompts: list[dict], train_answers: list[str]) -> list[dict]:
     from microlm.ie.metrics import RuleFloor, empty_answer
@@ -442,14 +187,14 @@ def _floor_answers(name: str, prompts: list[dict], train_answers: list[str]) -> 
              "prompt_tokens": 0, "new_tokens": 0, "seconds": 0.0, "finish_reason": "stop"} for p in prompts]
 
 
-def _tokenizer_for(entry: dict, up: dict[str, Path]):
+def _tokenizer_for(entry: dict, resolve):
     """A token counter of the model an entry asks (``None`` when it cannot be known: an outside endpoint)."""
     if entry.get("_serve") is not None or entry.get("_serve_spec") is not None:
         ref = (entry.get("_serve_spec") or entry["_serve"][0]).model
     elif entry["backend"] == "openai":
         return None
     else:
-        ref = resolve_ref(entry.get("adapter"), up) or resolve_ref(entry["model"], up)
+        ref = resolve(entry.get("adapter")) or resolve(entry["model"])
     try:
         from transformers import AutoTokenizer
 
@@ -470,17 +215,17 @@ def answer_cap(count, prompts: list[dict], configured: int) -> int:
     return max(configured, -(-longest * 5 // 4) + 1)
 
 
-def _answer_model(entry: dict, prompts: list[dict], up: dict[str, Path], out: Path, dec: dict, progress: bool,
+def _answer_model(entry: dict, prompts: list[dict], resolve, out: Path, dec: dict, progress: bool,
                   timing: dict) -> list[dict]:
     """Every answer of one model (cache first; the others computed and cached as they come)."""
     from tqdm.auto import tqdm
 
     name = entry["name"]
     t0 = time.perf_counter()
-    cap = answer_cap(_tokenizer_for(entry, up), prompts, dec["max_new_tokens"])
+    cap = answer_cap(_tokenizer_for(entry, resolve), prompts, dec["max_new_tokens"])
     mdec = dict(dec, max_new_tokens=cap)
     decoding = {"max_new_tokens": cap, "stop": dec["stop"]}
-    cache = AnswerCache(out / ".cache", name, model_fingerprint(entry, up))
+    cache = AnswerCache(out / ".cache", name, model_fingerprint(entry, resolve))
     keys = [cache.key(p, decoding) for p in prompts]
     todo, seen = [], set()  # one computation per distinct prompt not in the cache
     for i, k in enumerate(keys):
@@ -498,7 +243,7 @@ def _answer_model(entry: dict, prompts: list[dict], up: dict[str, Path], out: Pa
             bar.update(len(done))
 
         try:
-            answers = BACKENDS[entry["backend"]](entry, up, [prompts[i] for i in todo], mdec, emit=emit)
+            answers = BACKENDS[entry["backend"]](entry, resolve, [prompts[i] for i in todo], mdec, emit=emit)
             missing = [(j, a) for j, a in enumerate(answers) if keys[todo[j]] not in fresh]
             if missing:
                 emit(missing)
@@ -540,13 +285,20 @@ def _styled(entry: dict, prompts: list[dict]) -> list[dict]:
     return prompts if style == "ie" else [dict(p, messages=prompt_messages(p["messages"], style)) for p in prompts]
 
 
-def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: Path, dec: dict, *,
+@contextlib.contextmanager
+def _unserved(entry: dict):
+    yield entry
+
+
+def evaluate(models: list[dict], prompts: list[dict], resolve, out: Path, dec: dict, *,
              train_answers: list[str], floors: bool = True, progress: bool = True, seed: int = 0,
              bootstrap_samples: int = 1000, iepile_prompts: list[dict] | None = None,
-             compare: list[list[str]] | None = None) -> dict:
+             compare: list[list[str]] | None = None, serve=None) -> dict:
     """Answer (cache first), score and summarise ``prompts`` (our protocol) and, given, ``iepile_prompts``
     (IEPile's); writes ``results.jsonl``; returns the report (``models``/``comparisons``: ours;
-    ``iepile``: IEPile's).  ``compare``: the ``[A, B]`` pairs to test (default: every pair)."""
+    ``iepile``: IEPile's).  ``compare``: the ``[A, B]`` pairs to test (default: every pair).  ``resolve``:
+    a model/adapter reference → a folder or hub id; ``serve(entry)``: a context manager giving the
+    entry its server started (an entry with ``base_url: serve``), default none."""
     from microlm.ie.metrics import (
         aggregate,
         bootstrap,
@@ -565,7 +317,7 @@ def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: 
     names = [m["name"] for m in models] + (list(FLOORS) if floors else [])
     for name in names:
         entry = next((m for m in models if m["name"] == name), {"name": name, "backend": "floor"})
-        with served(entry) as entry:  # a server for this row is started once, for both protocols
+        with (serve or _unserved)(entry) as entry:  # a server for this row is started once, for both protocols
             for proto, ps in protocols.items():
                 asked = _styled(entry, ps)
                 t = {}
@@ -574,7 +326,7 @@ def evaluate(models: list[dict], prompts: list[dict], up: dict[str, Path], out: 
                     t[name] = {"backend": "floor", "computed": 0, "cached": 0, "wall_s": 0.0,  # no model answered
                                "answers_per_s": None, "generation_s": 0.0}
                 else:
-                    answers = _answer_model(entry, asked, up, out, dec, progress, t)
+                    answers = _answer_model(entry, asked, resolve, out, dec, progress, t)
                 if proto == "ours":
                     timing[name] = t[name]
                 else:
@@ -646,35 +398,6 @@ def results_card(report: dict, rows: list[dict], meta: dict) -> dict:
     if "iepile" in report:
         card["iepile"] = {k: report["iepile"][k] for k in ("models", "prompts", "records", "comparisons")}
     return card
-
-
-def _run_meta(cfg, models: list[dict]) -> dict:
-    """Date, machine, data and weights of an evaluation run (for its results card)."""
-    import datetime as dt
-    import os
-
-    from microlm.config import qwen_model
-    from microlm.data.sources import data_root
-    from microlm.hw import cpu_name
-    from microlm.runs import file_digest
-
-    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "profile": cfg.profile,
-            "machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                        else os.cpu_count()},
-            "data": "the data bundle (MICROLM_DATA)" if data_root(cfg.data.root) else "embedded (no MICROLM_DATA)"}
-    if any(m.get("model") == "qwen" for m in cfg.ie_eval.models) or any(r["base"] == "qwen" for r in cfg.ie_lora.runs):
-        q = qwen_model(cfg)
-        w = {"qwen": q if not Path(q).is_dir() else f"local folder ({Path(q).name})"}
-        if Path(q).is_dir():
-            conf = Path(q) / "config.json"
-            w["weights_digest"] = {p.name: file_digest(p) for p in sorted(Path(q).glob("*.safetensors"))}
-            if conf.is_file():
-                c = json.loads(conf.read_text(encoding="utf-8"))
-                w["architecture"] = {k: c.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                                                           "vocab_size", "tie_word_embeddings", "dtype")}
-        meta["weights"] = w
-    return meta
-
 
 
 def _fmt_iv(v: float, iv: list[float]) -> str:
@@ -867,59 +590,3 @@ def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
     return ["metrics.png", "topic_f1.png", "answers.png"]
 
 
-def build(run) -> dict:
-    """The ``ie_eval`` stage (see the module doc)."""
-    from microlm.config import resolve_model_name
-    from microlm.hw import peak_rss_mb
-    from microlm.ie.train_lora import read_lines
-    from microlm.io import write_json
-
-    cfg, ec = run.cfg, run.cfg.ie_eval
-    all_test = bool(run.options.get("all")) or ec.all
-    prompts, bad = load_prompts(run.up["ie_data"], all_test=all_test, limit=ec.limit)
-    if not prompts:
-        raise MicroLMError(f"no evaluation prompts in {run.up['ie_data']}")
-    iepile = None
-    if "iepile" in ec.protocols:
-        iepile, bad_i = load_prompts(run.up["ie_data"], all_test=all_test, limit=ec.limit, protocol="iepile")
-        bad.update(bad_i)
-    train_answers = [ln["messages"][-1]["content"] for ln in read_lines(run.up["ie_data"] / "06_train.jsonl")
-                     if ln.get("messages") and ln["messages"][-1]["role"] == "assistant"]
-    dec = {"max_new_tokens": ec.max_new_tokens, "stop": list(ec.stop), "batch_size": ec.batch_size,
-           "concurrency": ec.concurrency, "timeout_s": ec.timeout_s, "retries": ec.retries, "backoff_s": ec.backoff_s}
-    models = []
-    for m in ec.models:
-        m = dict(m, model=resolve_model_name(cfg, m["model"]))
-        if m["backend"] == "openai" and m.get("base_url") == "serve":
-            from microlm.serve.server import server_spec
-
-            m = dict(m, _serve=(server_spec(cfg, run.up, port=0), run.out, cfg.serve.startup_timeout_s))
-        models.append(m)
-    t0 = time.time()
-    report = evaluate(models, prompts, run.up, run.out, dec, train_answers=train_answers, floors=ec.floors,
-                      progress=run.progress, seed=cfg.seed, bootstrap_samples=ec.bootstrap_samples,
-                      iepile_prompts=iepile, compare=ec.compare)
-    report["unreadable_prompt_lines"] = dict(bad)
-    report["all_test"] = all_test
-    rows = [json.loads(x) for x in (run.out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
-    report["failures"] = write_failures(rows, prompts, run.out)
-    write_summary(report, run.out)
-    report["plots"] = write_plots(report, rows, run.out)
-    report["seconds"] = round(time.time() - t0, 1)
-    write_json(run.out / "results_card.json", results_card(report, rows, _run_meta(cfg, ec.models)))
-    report["peak_rss_mb"] = peak_rss_mb()
-    write_json(run.out / "report.json", report)
-    metrics = {"models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
-                              "parse_rate": round(m["parse_rate"], 4), "schema_rate": round(m["schema_rate"], 4),
-                              "relaxed_f1": round(m["relaxed_f1"], 4), "f1_fenced": round(m["f1_fenced"], 4),
-                              "parse_rate_fenced": round(m["parse_rate_fenced"], 4)}
-                          for n, m in report["models"].items()},
-               "prompts": report["prompts"], "seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
-               "answers_per_s": {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]},
-               "decided": [[c["a"], c["b"], round(c["f1_diff"], 4)] for c in report["comparisons"] if c["decided"]]}
-    if "iepile" in report:
-        metrics["iepile"] = {"prompts": report["iepile"]["prompts"], "records": report["iepile"]["records"],
-                             "models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]],
-                                            "f1_set": round(m["f1_set"], 4), "parse_rate": round(m["parse_rate"], 4)}
-                                        for n, m in report["iepile"]["models"].items()}}
-    return metrics

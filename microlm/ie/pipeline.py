@@ -14,16 +14,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from microlm.config import Config
 from microlm.errors import MicroLMError
-from microlm.io import atomic_open, batched, iter_json_lines, json_line, ordered_map, write_json
-from microlm.runs import StageRun
+from microlm.io import atomic_open, batched, iter_json_lines, json_line, ordered_map, read_jsonl, write_json
 
 log = logging.getLogger("microlm")
 
 __all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
-           "render_counters", "schema_paths", "read_jsonl", "read_records", "run_step",
-           "build"]
+           "render_counters", "schema_paths", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
 STEP_INPUTS = {2: "01_standardized.jsonl", 3: "02_filtered.jsonl", 4: "03_stratified.jsonl", 5: "04_derived.jsonl",
@@ -34,7 +31,7 @@ PROMPT_SPLITS = ("eval_prompts", "test_iepile")  # rendered without the answer (
 EMBEDDED = "microlm_embedded"  # source name of the project-written records
 
 
-def ie_sources(cfg: Config) -> list[tuple[Path, str, str]]:
+def ie_sources(cfg) -> list[tuple[Path, str, str]]:
     """``(file, format, source name)`` for every file matched by ``ie_data.sources`` under the data
     root (the source name is the file's folder, or its stem for files directly under ``ie/``), then
     the project-written InstructIE records when ``ie_data.embedded`` (the only source without a data
@@ -61,7 +58,7 @@ def ie_sources(cfg: Config) -> list[tuple[Path, str, str]]:
     return out
 
 
-def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, str]] | None = None) -> dict:
+def step_standardize(cfg, out_dir: Path, sources: list[tuple[Path, str, str]] | None = None) -> dict:
     """01: every source file → ``01_standardized.jsonl`` (``IERecord`` per line) and
     ``01_standardize_stats.json`` (records and triples per source and topic, issues by reason with
     samples, per file)."""
@@ -98,14 +95,6 @@ def step_standardize(cfg: Config, out_dir: Path, sources: list[tuple[Path, str, 
     return stats
 
 
-def read_jsonl(path: Path):
-    """The rows of a step's JSONL output, as dicts (a damaged line: one line naming file and line)."""
-    for n, _, row in iter_json_lines(path):
-        if not isinstance(row, dict):
-            raise MicroLMError(f"{path}:{n}: expected a JSON object, got a {type(row).__name__}")
-        yield row
-
-
 def _lines_and_rows(path: Path):
     for _, line, row in iter_json_lines(path):
         yield line, row
@@ -123,7 +112,7 @@ def read_records(path: Path):
                                f"that writes it again") from None
 
 
-def _require(out_dir: Path, name: str, step: int, cfg: Config) -> Path:
+def _require(out_dir: Path, name: str, step: int, cfg) -> Path:
     """An earlier step's output, produced first when it is missing."""
     path = out_dir / name
     if not path.is_file():
@@ -131,7 +120,7 @@ def _require(out_dir: Path, name: str, step: int, cfg: Config) -> Path:
     return path
 
 
-def step_filter(cfg: Config, out_dir: Path) -> dict:
+def step_filter(cfg, out_dir: Path) -> dict:
     """02: ``01_standardized.jsonl`` → ``02_filtered.jsonl`` + ``02_filter_stats.json`` (records in and
     out by source and topic, drops by reason with samples)."""
     from microlm.ie.filter import filter_records
@@ -173,7 +162,7 @@ def step_filter(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
-def step_stratify(cfg: Config, out_dir: Path) -> dict:
+def step_stratify(cfg, out_dir: Path) -> dict:
     """03: statistics by topic × relation × source, and a stratum per record — its topic and its
     rarest relation (by triples of that topic), so sampling can reach the long tail.  A record that a
     source gives more than once (the same id and topic: e.g. one TSV line per fact of a sentence, the
@@ -237,7 +226,7 @@ def step_stratify(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
-def schema_paths(cfg: Config) -> list[Path]:
+def schema_paths(cfg) -> list[Path]:
     """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``
     (the project's own schema: the relations its records use)."""
     from microlm.data.sources import data_root
@@ -247,7 +236,7 @@ def schema_paths(cfg: Config) -> list[Path]:
     return [EMBEDDED_SCHEMA] if root is None else [root / p for p in cfg.ie_data.schema]
 
 
-def _schema(cfg: Config) -> dict[str, list[str]]:
+def _schema(cfg) -> dict[str, list[str]]:
     from microlm.ie.filter import load_schema
 
     return load_schema(schema_paths(cfg))
@@ -270,7 +259,7 @@ def _derive_chunk(rows: list[dict]) -> tuple[str, dict]:
     return "".join(lines), st
 
 
-def _pools(cfg: Config, src: Path):
+def _pools(cfg, src: Path):
     """``pool_of(record)``: the ordered relation list a record's instructions draw from — its topic's
     schema, or for the extra topic the relations its source uses under it (read from ``src``)."""
     schema = _schema(cfg)
@@ -286,7 +275,7 @@ def _pools(cfg: Config, src: Path):
     return pool_of, {k: len(v) for k, v in extra_pools.items()}
 
 
-def step_derive(cfg: Config, out_dir: Path) -> dict:
+def step_derive(cfg, out_dir: Path) -> dict:
     """04: ``03_stratified.jsonl`` → ``04_derived.jsonl``: schema-conditioned instruction/output pairs
     (``microlm/ie/derive.py``) + ``04_derive_stats.json``."""
     t0 = time.time()
@@ -314,7 +303,7 @@ def step_derive(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
-def step_sample(cfg: Config, out_dir: Path) -> dict:
+def step_sample(cfg, out_dir: Path) -> dict:
     """05: ``04_derived.jsonl`` → ``05_{train,val,test}.jsonl`` (split by text, stratified; chunks capped
     by ``max_empty_chunks`` are left out of train and val only), ``05_test_iepile.jsonl`` (every test
     record under IEPile's own test chunking, with its whole relation list) and ``05_eval_prompts.jsonl``
@@ -382,15 +371,17 @@ def step_sample(cfg: Config, out_dir: Path) -> dict:
     return stats
 
 
-def render_counters(cfg: Config, tokenizer_dir: Path) -> list:
+def render_counters(cfg, tokenizer_dir: Path) -> list:
     """Step 06's tokenizers: Qwen2.5 (``$MICROLM_DATA/tokenizers/qwen2.5``, when there) and the
     MicroLM tokenizer in ``tokenizer_dir`` (the ``tokenizer`` stage's folder)."""
     from microlm.ie.render import TokenCounter
     from microlm.tokenizer import Tokenizer
-    from microlm.tokenizer.stage import load_hf_tokenizer, qwen_tokenizer_path
+    from microlm.tokenizer.training import load_hf_tokenizer, qwen_tokenizer_path
 
     out = []
-    qwen = qwen_tokenizer_path(cfg)
+    from microlm.data.sources import data_root
+
+    qwen = qwen_tokenizer_path(data_root(cfg.data.root))
     if qwen is not None:
         out.append(TokenCounter.hf("qwen2.5", load_hf_tokenizer(qwen)))
     out.append(TokenCounter.microlm(Tokenizer.load(tokenizer_dir)))
@@ -426,7 +417,7 @@ def _render_chunk(rows: list[dict]) -> tuple[str, dict, dict, Counter]:
     return "".join(lines), counts, lengths, by_topic
 
 
-def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch: int = 1000, *,
+def step_render(cfg, out_dir: Path, counters: list | None = None, batch: int = 1000, *,
                 tokenizer_dir: Path | None = None) -> dict:
     """06: ``05_{train,val,test,eval_prompts}.jsonl`` → ``06_*.jsonl`` chat lines (``messages``, and
     ``tokens`` per tokenizer where measured) + ``06_render_stats.json``.  Examples over
@@ -474,7 +465,7 @@ def step_render(cfg: Config, out_dir: Path, counters: list | None = None, batch:
     return stats
 
 
-def run_step(cfg: Config, step: int, out_dir: Path | None = None, *, tokenizer_dir: Path | None = None) -> dict:
+def run_step(cfg, step: int, out_dir: Path | None = None, *, tokenizer_dir: Path | None = None) -> dict:
     """Step ``step`` (1–6) into ``out_dir`` (default ``runs/<profile>/ie_data``); its stats.  Step 6
     needs ``tokenizer_dir``, the MicroLM tokenizer it measures lengths with."""
     fns = {1: step_standardize, 2: step_filter, 3: step_stratify, 4: step_derive, 5: step_sample}
@@ -493,18 +484,3 @@ def run_step(cfg: Config, step: int, out_dir: Path | None = None, *, tokenizer_d
                            f"damaged — run `microlm ie-data --step {step - 1}` (or the stage with --force)") from None
 
 
-def build(run: StageRun) -> dict | None:
-    """The ``ie_data`` stage (registry entry in ``microlm.stages``): all six steps and the manifest
-    metrics, or (option ``step``) one step and no manifest."""
-    only = run.options.get("step")
-    stats = {}
-    for step in [only] if only is not None else STEPS:
-        st = stats[step] = run_step(run.cfg, step, run.out, tokenizer_dir=run.up["tokenizer"])
-        issues = st.get("issues", {}).get("counts", {})
-        extra = f"; {sum(issues.values()):,} issues in {len(issues)} reasons" if issues else ""
-        log.info("ie_data %s: %s records%s; %s s", st["step"], f"{st['records']:,}", extra, st["seconds"])
-    if only is not None:
-        return None
-    return {"records_in": stats[1]["records"], "records_kept": stats[2]["records"], "examples": stats[4]["examples"],
-            "train_examples": stats[6]["splits"]["train"]["out"],
-            "eval_prompts": stats[6]["splits"]["eval_prompts"]["out"]}

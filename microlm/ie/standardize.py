@@ -33,9 +33,9 @@ from pathlib import Path
 
 import xxhash
 
-from microlm.config import REPO_ROOT
 from microlm.errors import MicroLMError
 from microlm.io import parse_json_line
+from microlm.paths import REPO_ROOT
 
 __all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", "read_xlsx_rows", "ADAPTERS",
            "standardize_file"]

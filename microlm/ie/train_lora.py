@@ -26,7 +26,7 @@ import torch
 
 from microlm.errors import MicroLMError
 from microlm.hw import peak_rss_mb, reset_peak_rss
-from microlm.io import iter_json_lines
+from microlm.io import iter_json_lines, read_jsonl
 
 __all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_folder", "load_tokenizer",
            "load_base", "attach_peft", "attach_microlm", "copy_microlm_init_to_peft", "template_mismatch"]
@@ -89,7 +89,7 @@ def check_base_folder(folder: Path) -> None:
         raise MicroLMError(f"base model folder {folder} is missing {', '.join(missing)}")
 
 
-def _resolve(base: str) -> str:
+def resolve_base(base: str) -> str:
     p = Path(base)
     if p.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
         check_base_folder(p.expanduser())
@@ -111,7 +111,7 @@ def load_tokenizer(base: str, *, weights: bool = True):
     tokenizer (an adapter folder)."""
     from transformers import AutoTokenizer
 
-    src = _resolve(base) if weights else base
+    src = resolve_base(base) if weights else base
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
@@ -141,7 +141,7 @@ def load_base(base: str, dtype: torch.dtype = torch.float32):
     """The ``transformers`` causal LM of ``base`` (un-quantized; a quantized base is refused)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    src = _resolve(base)
+    src = resolve_base(base)
     try:
         conf = AutoConfig.from_pretrained(src)
     except (OSError, ValueError) as e:
@@ -232,8 +232,8 @@ def lockstep_losses(model, examples, pad_id: int, steps: int, out_dir: Path, *, 
     length-grouped batches of ``examples`` every time it is called with the same ``seed``: what the
     two-engines check runs once per engine (cosine from ``lr`` to ``min_lr`` = lr/10, no warmup, fp32
     unless asked)."""
-    from microlm.config import TrainConfig
     from microlm.ie.lora_data import LengthGroupedBatches, SummedTokenLoss
+    from microlm.train.settings import TrainConfig
     from microlm.train.trainer import Trainer
 
     tc = TrainConfig(batch_size=batch_size, max_steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=0, weight_decay=0.0,
@@ -258,7 +258,7 @@ def build_engine(engine: str, base: str, lc, *, dtype: torch.dtype = torch.float
             model.enable_input_require_grads()
         return attach_peft(model, lc.r, lc.alpha, lc.dropout, lc.targets), None
     if engine == "microlm":
-        folder = Path(_resolve(base))
+        folder = Path(resolve_base(base))
         if not folder.is_dir():
             raise MicroLMError(f"the microlm engine needs a local Llama-architecture folder, not {base!r}")
         model, lcfg, _ = attach_microlm(folder, lc.r, lc.alpha, lc.dropout, lc.targets)
@@ -273,18 +273,8 @@ def trainable_report(model) -> dict:
 
 
 def read_lines(path: Path, limit: int | None = None) -> list[dict]:
-    import json
-
-    if not path.is_file():
-        raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit and len(out) >= limit:
-                    break
-    return out
+    """An ie_data file's rows (the first ``limit``)."""
+    return list(read_jsonl(path, limit, hint="run the ie_data stage first (`microlm ie-data`)"))
 
 
 def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
@@ -345,8 +335,8 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
 
     from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
     from microlm.io import read_json, write_json
+    from microlm.train.curves import loss_fields, plot_curves, read_metrics
     from microlm.train.dist import distributed
-    from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
     from microlm.train.trainer import Trainer
 
     lc = cfg.ie_lora
@@ -416,7 +406,7 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
 
             share(adapter)  # PEFT writes its weights 0600: the folder is read by the other stages and users
             # the merge stage refuses another base with the differing fields listed
-            write_json(adapter / "base_config.json", AutoConfig.from_pretrained(_resolve(base)).to_dict())
+            write_json(adapter / "base_config.json", AutoConfig.from_pretrained(resolve_base(base)).to_dict())
             real = sum(len(e.ids) for s in range(result["steps"]) for e in
                        (batches.examples[int(r)] for r in batches.rows(s)))
             train, evals = read_metrics(out_dir)
@@ -433,76 +423,3 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
         return report
 
 
-def base_of(entry: dict, hf_dir: Path | None) -> str:
-    """A run's base model: ``hf`` = the hf stage's folder (MicroLM's export), else as given."""
-    if entry["base"] == "hf":
-        if hf_dir is None:
-            raise MicroLMError(f"ie_lora run {entry['name']!r} uses the hf stage's model, which is not built")
-        return str(hf_dir)
-    return entry["base"]
-
-
-def run_fingerprint(run, cfg, entry: dict, base: str) -> str:
-    """What one ``ie_lora`` run is made of: its entry and base, the settings it trains with (``cfg``:
-    the run's own, ``with`` applied) and the upstream folders' fingerprints — a finished run is reused,
-    a checkpoint resumed, only when it is the same."""
-    from microlm.config import stage_config, trajectory_config
-    from microlm.runs import fingerprint, read_manifest
-
-    lc = stage_config(cfg, "ie_lora")
-    return fingerprint({"entry": entry, "base": base, "seed": cfg.seed, "train": trajectory_config(cfg.ie_lora.train),
-                        "ie_lora": {k: v for k, v in lc.items() if k not in ("train", "runs")},
-                        "upstream": {u: (read_manifest(p) or {}).get("fingerprint") for u, p in sorted(run.up.items())}})
-
-
-def _state_fingerprint(out: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((out / "ckpt" / "state.json").read_text(encoding="utf-8")).get("run_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def build(run) -> dict | None:
-    """The ``ie_lora`` stage: every run of ``ie_lora.runs`` into ``<stage>/<name>/``.  Each run is its
-    own record: a run whose ``report.json`` carries this run's fingerprint (entry, base, settings,
-    upstream) is kept; one whose checkpoint carries it continues from there (a killed or stopped run);
-    anything else in its folder is cleared and the run trained from the start (``--force``: all of
-    them).  Manifest metrics per run; ``None`` when stopped early (``--stop-after``) or on ranks > 0."""
-    import shutil
-
-    from microlm.config import ie_lora_run_config, resolve_model_name
-    from microlm.io import read_json, write_json
-
-    opts = run.options
-    reports = {}
-    for entry in run.cfg.ie_lora.runs:
-        cfg = ie_lora_run_config(run.cfg, entry)
-        out = run.out / entry["name"]
-        base = base_of({**entry, "base": resolve_model_name(cfg, entry["base"])}, run.up.get("hf"))
-        fp = run_fingerprint(run, cfg, entry, base)
-        done = out / "report.json"
-        if not run.force and done.is_file() and read_json(done).get("run_fingerprint") == fp \
-                and read_json(done).get("steps") == cfg.ie_lora.train.max_steps:
-            reports[entry["name"]] = read_json(done)
-            continue
-        resume = not run.force and _state_fingerprint(out) == fp
-        if not resume and out.exists() and (run.dist is None or run.dist.is_main):
-            shutil.rmtree(out)  # another run's files (other settings or upstream): never mixed with this one's
-        if resume:
-            done.unlink(missing_ok=True)
-        reports[entry["name"]] = train_ie_lora(cfg, {"engine": "peft", **entry}, base, run.up["ie_data"], out,
-                                               resume=resume, progress=run.progress, stop_after=opts.get("stop_after"),
-                                               dist=run.dist, run_fingerprint=fp)
-    if opts.get("stop_after") is not None or not all(reports.values()):
-        return None
-    if any(r["steps"] < r["max_steps"] for r in reports.values()):
-        return None
-    metrics = {"runs": {name: {"engine": r["engine"], "base": r["base"], "trainable_percent": r["params"]["percent"],
-                               "base_val_loss": r["base_val_loss"], "final_val_loss": r["final_val_loss"],
-                               "seconds": r["seconds_this_run"], "peak_rss_mb": r.get("peak_rss_mb"),
-                               "train_examples": r["mix"]["drawn"], "empty_share": r["mix"]["empty_share"],
-                               "decontaminated": r["mix"]["excluded"]} for name, r in reports.items()}}
-    write_json(run.out / "report.json", metrics)
-    return metrics

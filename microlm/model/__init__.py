@@ -1,7 +1,19 @@
-"""The model: the TransformerLM, LoRA, checkpoint I/O, the Hugging Face conversion and the one loader."""
+"""The model: the TransformerLM, LoRA, checkpoint I/O, the Hugging Face conversion and the one loader.
 
-from microlm.model.config import MODEL_PRESETS, ModelConfig
-from microlm.model.load import load_model
-from microlm.model.transformer import KVCache, TransformerLM, count_parameters
+Names are imported lazily, so ``from microlm.model.config import ModelConfig`` needs no torch.
+"""
 
-__all__ = ["ModelConfig", "MODEL_PRESETS", "TransformerLM", "KVCache", "count_parameters", "load_model"]
+from __future__ import annotations
+
+from importlib import import_module
+
+_WHERE = {"ModelConfig": "config", "MODEL_PRESETS": "config", "load_model": "load", "KVCache": "transformer",
+          "TransformerLM": "transformer", "count_parameters": "transformer"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f"microlm.model.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'microlm.model' has no attribute {name!r}")

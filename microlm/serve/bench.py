@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
-from microlm.errors import MicroLMError
-
-__all__ = ["random_prompts", "build"]
-
+__all__ = ["random_prompts", "run_levels", "plot_bench"]
 
 
 def random_prompts(tokenizer_dir: str, n: int, tokens: int, seed: int) -> list[list[dict]]:
@@ -33,7 +29,7 @@ def random_prompts(tokenizer_dir: str, n: int, tokens: int, seed: int) -> list[l
     return [[{"role": "user", "content": tok.decode(rng.choices(ids, k=tokens))}] for _ in range(n)]
 
 
-def _loads(srv, model_name: str, sets: dict, levels: list[int], bc, progress) -> dict:
+def run_levels(srv, model_name: str, sets: dict, levels: list[int], bc, progress) -> dict:
     from microlm.serve.client import records_json, run_load, summarize
 
     out = {}
@@ -53,7 +49,7 @@ def _loads(srv, model_name: str, sets: dict, levels: list[int], bc, progress) ->
     return out
 
 
-def _plots(report: dict, out: Path) -> list[str]:
+def plot_bench(report: dict, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,65 +93,6 @@ def _plots(report: dict, out: Path) -> list[str]:
     fig.savefig(out / "latency_cdf.png", dpi=110)
     plt.close(fig)
     return ["throughput.png", "latency_cdf.png"]
-
-
-def build(run) -> dict:
-    import dataclasses
-
-    from microlm.ie.evaluate import load_prompts
-    from microlm.io import write_json
-    from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer, free_port, server_spec
-
-    cfg, bc = run.cfg, run.cfg.serve_bench
-    py = ensure_env(quiet=not run.progress)
-    spec = server_spec(cfg, run.up)
-    ie, _ = load_prompts(run.up["ie_data"])
-    sets = {}
-    if "ie" in bc.datasets:
-        sets["ie"] = ([p["messages"] for p in ie], bc.ie_max_tokens, False)
-    if "random" in bc.datasets:
-        # no ignore_eos: it is a vLLM extension `transformers serve` rejects (422); the same request for both
-        sets["random"] = (random_prompts(spec.model, 64, bc.random_input_tokens, cfg.seed), bc.random_output_tokens,
-                          False)
-    if not sets:
-        raise MicroLMError("serve_bench.datasets names neither ie nor random")
-    servers = {}
-    startup = {}
-    for kind, label in (("vllm", "vllm"), ("transformers", "transformers serve")):
-        if kind == "transformers" and not bc.baseline:
-            continue
-        s = dataclasses.replace(spec, port=free_port(spec.host))
-        srv = ManagedServer(s, run.out, python=py, kind=kind, name=kind)
-        t0 = time.time()
-        srv.start(cfg.serve.startup_timeout_s)
-        startup[label] = round(time.time() - t0, 1)
-        with srv:
-            name = s.served_name if kind == "vllm" else s.model
-            from microlm.serve.client import stream_chat
-
-            for p in list(sets.values())[0][0][:2]:  # warm-up (first-request compilation, caches)
-                stream_chat(srv.base_url, name, p, max_tokens=8, timeout=bc.timeout_s)
-            servers[label] = _loads(srv, name, sets, list(bc.concurrency), bc, run.progress)
-            servers[label]["rss_mb"] = round(srv.rss_mb(), 1)
-    rss = {k: v.pop("rss_mb") for k, v in servers.items()}
-    at = str(bc.compare_at)
-    ratios = {}
-    if "transformers serve" in servers:
-        for ds in sets:
-            ours, theirs = servers["vllm"][ds].get(at), servers["transformers serve"][ds].get(at)
-            if ours and theirs and theirs["output_tokens_per_s"]:
-                ratios[ds] = round(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"], 2)
-    report = {"model": spec.model, "dtype": spec.dtype, "compare_at": bc.compare_at, "concurrency": list(bc.concurrency),
-              "startup_s": startup, "server_rss_mb": rss, "servers": servers, "output_tps_ratio_at_compare": ratios}
-    report["plots"] = _plots(report, run.out)
-    write_json(run.out / "report.json", report)
-    brief = {srv: {ds: {c: {k: v[k] for k in ("output_tokens_per_s", "request_throughput", "failed")} | {
-        "ttft_p50_ms": v["ttft_ms"]["p50"], "tpot_p50_ms": v["tpot_ms"]["p50"]} for c, v in by.items()}
-        for ds, by in d.items()} for srv, d in servers.items()}
-    write_json(run.out / "summary.json", brief)
-    return {"ratio_at": bc.compare_at, "ratios": ratios, "startup_s": startup,
-            "vllm_tps": {ds: servers["vllm"][ds][at]["output_tokens_per_s"] for ds in sets if at in servers["vllm"][ds]}}
 
 
 def load_report(folder: Path) -> dict:

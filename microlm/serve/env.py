@@ -31,7 +31,7 @@ MARKER = ".microlm-serve.json"
 
 def serve_env_dir() -> Path:
     """``$MICROLM_SERVE_ENV``, else ``<project>/.venv-serve``."""
-    from microlm.config import project_root
+    from microlm.paths import project_root
 
     env = os.environ.get("MICROLM_SERVE_ENV")
     return Path(env) if env else (project_root() or Path.cwd()) / ".venv-serve"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from microlm.errors import MicroLMError
 
-__all__ = ["server_spec", "ServerSpec", "ManagedServer", "port_free", "free_port", "vllm_command", "transformers_command",
+__all__ = ["ServerSpec", "ManagedServer", "port_free", "free_port", "vllm_command", "transformers_command",
            "log_tail"]
 
 
@@ -224,17 +224,3 @@ class ManagedServer:
         self.stop()
 
 
-def server_spec(cfg, up: dict[str, Path], *, port: int | None = None):
-    """The ``ServerSpec`` of the ``serve`` section (``model``: a stage reference like
-    ``ie_merged:<run>``, or a folder); port 0 = a free port."""
-    from microlm.runs import resolve_ref
-
-    sc = cfg.serve
-    model = resolve_ref(sc.model, up)
-    if not Path(model).is_dir():
-        raise MicroLMError(f"serve.model {sc.model!r} is not a built folder ({model})")
-    p = sc.port if port is None else port
-    return ServerSpec(model=model, served_name=sc.served_model_name, host=sc.host, port=p or free_port(sc.host),
-                      api_key=os.environ.get(sc.api_key_env) if sc.api_key_env else None,
-                      tensor_parallel_size=sc.tensor_parallel_size, max_model_len=sc.max_model_len, dtype=sc.dtype,
-                      kv_cache_gib=sc.kv_cache_gib, max_num_seqs=sc.max_num_seqs)

@@ -12,7 +12,6 @@ slope within one server lifetime).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 
 from microlm.errors import MicroLMError
 
-__all__ = ["MALFORMED", "malformed_request", "soak", "check", "build"]
+__all__ = ["MALFORMED", "malformed_request", "soak", "check", "plot_soak"]
 
 MALFORMED = ("bad_json_body", "unknown_model", "prompt_too_long", "negative_max_tokens", "huge_n")
 
@@ -77,30 +76,6 @@ def _slope_mb_per_min(samples: list[tuple[float, float]]) -> float | None:
     return round(float(np.polyfit(t / 60.0, m, 1)[0]), 2)
 
 
-def build(run) -> dict:
-    from microlm.ie.evaluate import load_prompts
-    from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer, server_spec
-
-    cfg, sc = run.cfg, run.cfg.serve_soak
-    py = ensure_env(quiet=not run.progress)
-    spec = server_spec(cfg, run.up)
-    prompts, _ = load_prompts(run.up["ie_data"])
-    context = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 512)
-    srv = ManagedServer(spec, run.out, python=py, name="vllm")
-    report = soak(srv, prompts, sc, context=context, startup_timeout_s=cfg.serve.startup_timeout_s)
-    _plot(report, run.out)
-    from microlm.io import write_json
-
-    write_json(run.out / "report.json", report)
-    check(report, run.out / "vllm.log")
-    return {"requests": report["requests"], "steady_state_error_rate": report["steady_state_error_rate"],
-            "restart_failed": (report["restart"] or {}).get("failed_during"),
-            "restart_down_s": (report["restart"] or {}).get("down_s"),
-            "malformed_4xx": sum(v["got_4xx"] for v in report["malformed"].values()),
-            "rss_slope_mb_per_min": report["rss_mb"]["slope_mb_per_min_after_restart"]}
-
-
 def check(report: dict, log: Path) -> None:
     """The soak's failures, as one-line errors: nothing served, or a malformed request not given a 4xx."""
     if not report["served_steady"]:
@@ -110,13 +85,13 @@ def check(report: dict, log: Path) -> None:
         raise MicroLMError(f"serve_soak: malformed requests not answered with 4xx: {wrong}")
 
 
-def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float) -> dict:
+def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float, is_json=None) -> dict:
     """Run the soak against ``srv`` (a :class:`ManagedServer`, started here and stopped at the end).
 
     The run lasts ``duration_s``; when the server is restarted it goes on until at least two windows
     (and 10 s) after the server is healthy again, so the state after the restart is always measured.
+    ``is_json(text, prompt)``: whether an answer counts as JSON (the share is reported per window).
     """
-    from microlm.ie.metrics import read_answer
     from microlm.serve.client import HTTPStatusError, request_json
 
     srv.start(startup_timeout_s)
@@ -160,7 +135,7 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
                     r = request_json(url, body, timeout=sc.request_timeout_s)
                     text = r["choices"][0]["message"]["content"] or ""
                     ev = {"t": t - t0, "kind": "normal", "ok": True, "latency": time.monotonic() - t,
-                          "json": read_answer(text, p["asked"])[1] in ("ok", "wrong_keys", "bad_values", "not_object")}
+                          "json": bool(is_json and is_json(text, p))}
                 except HTTPStatusError as e:
                     ev = {"t": t - t0, "kind": "normal", "ok": False, "error": f"HTTP {e.status}"}
                 except (OSError, TimeoutError) as e:
@@ -226,7 +201,7 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
                        "slope_mb_per_min_after_restart": _slope_mb_per_min(after)}}
 
 
-def _plot(report: dict, out) -> None:
+def plot_soak(report: dict, out) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from microlm.config import Config
 from microlm.data.sft import SFTBatches, encode_records
 from microlm.data.tasks import task_examples
 from microlm.errors import MicroLMError
@@ -24,50 +23,49 @@ from microlm.io import write_json
 from microlm.model import TransformerLM
 from microlm.model.checkpoint import load_checkpoint
 from microlm.model.lora import LoRAConfig, apply_lora, save_adapter
-from microlm.runs import StageRun
+from microlm.train.curves import loss_fields, plot_curves, read_metrics
 from microlm.train.dist import DistInfo, distributed
-from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.sft import SFTEvaluator, baseline_scores, score_task
 from microlm.train.trainer import Trainer
 
-__all__ = ["lora_task", "run_lora", "build"]
+__all__ = ["lora_task", "run_lora"]
 
 
-def lora_task(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """``(train, held-out)`` conversations of ``lora.task``."""
-    lc = cfg.lora
-    train = task_examples(lc.task, "train", lc.train_records, cfg.seed)
-    held = task_examples(lc.task, "heldout", lc.eval_records, cfg.seed)
+def lora_task(lc, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, held-out)`` conversations of ``lc.task`` (``lc``: the ``lora`` section)."""
+    train = task_examples(lc.task, "train", lc.train_records, seed)
+    held = task_examples(lc.task, "heldout", lc.eval_records, seed)
     if len(held) < lc.eval_records:
         raise MicroLMError(f"only {len(held)} held-out {lc.task} examples, fewer than lora.eval_records="
                            f"{lc.eval_records}")
     return train, held
 
 
-def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resume: bool = False,
+def run_lora(lc, mc, base_dir: Path, tok_dir: Path, out_dir: Path, *, seed: int, resume: bool = False,
              progress: bool = True, stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
+    """Adapters (``lc``: the ``lora`` section, its loop ``lc.train``) on the SFT model in ``base_dir``."""
     from microlm.tokenizer import Tokenizer
 
-    tc, mc, lc = cfg.lora.train, cfg.model, cfg.lora
+    tc = lc.train
     with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
-        train_recs, held = lora_task(cfg)
+        train_recs, held = lora_task(lc, seed)
         train_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
         if not train_ex:
             raise MicroLMError(f"no usable lora training conversations: {train_rep.to_dict()} "
                                f"(a longer lora.train.seq_len may help)")
         val_ex, _ = encode_records(tok, held, tc.seq_len)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         model = TransformerLM(mc)
         load_checkpoint(base_dir / "ckpt", model, expect={"model": mc.to_dict()}, restore_rng=False)
         before = score_task(model, tok, held) if dist.is_main else None  # base weights, even on --resume
         lcfg = LoRAConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets))  # without task sizes
         params = apply_lora(model, lcfg)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
-        trainer = Trainer(model, tc, out_dir, batches=SFTBatches(train_ex, tc.batch_size, tok.eos_id, cfg.seed),
-                          dist=dist, seed=cfg.seed, progress=progress,
+        trainer = Trainer(model, tc, out_dir, batches=SFTBatches(train_ex, tc.batch_size, tok.eos_id, seed),
+                          dist=dist, seed=seed, progress=progress,
                           run_meta={"model": mc.to_dict(), "stage": "lora", "lora": lcfg.__dict__},
-                          evaluate=SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, cfg.seed), tc.eval_batches,
+                          evaluate=SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, seed), tc.eval_batches,
                                                 dist.device))
         base_eval = trainer.evaluate(trainer.raw_model) if dist.is_main and not resume else None
         t0 = time.time()
@@ -87,13 +85,3 @@ def run_lora(cfg: Config, base_dir: Path, tok_dir: Path, out_dir: Path, *, resum
         return report
 
 
-def build(run: StageRun) -> dict | None:
-    """The ``lora`` stage (registry entry in ``microlm.stages``): manifest metrics, ``None`` when the run
-    stopped early (``--stop-after``) or on ranks other than 0."""
-    r = run_lora(run.cfg, run.up["sft"], run.up["tokenizer"], run.out, resume=run.options["resume"],
-                 progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
-    if not r or run.options["stop_after"] is not None:
-        return None
-    return {"adapter_params": r["params"]["adapter_params"], "percent_of_base": r["params"]["percent_of_base"],
-            "task": r["task"], "f1_before": r["before"]["f1"], "f1_after": r["after"]["f1"],
-            "exact_match_before": r["before"]["exact_match"], "exact_match_after": r["after"]["exact_match"]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -11,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microlm.config import Config, trajectory_config
 from microlm.errors import MicroLMError
 from microlm.hw import autocast
 from microlm.io import write_json
 from microlm.model import TransformerLM
-from microlm.runs import StageRun
 from microlm.tokenizer.memmap import open_tokens
+from microlm.train.curves import plot_curves, read_metrics
 from microlm.train.dist import DistInfo, distributed
+from microlm.train.settings import trajectory_config
 from microlm.train.trainer import Trainer
 
-__all__ = ["WindowBatches", "Evaluator", "Sampler", "pretrain", "unigram_entropy", "check_token_range",
-           "build"]
+__all__ = ["WindowBatches", "Evaluator", "Sampler", "pretrain", "unigram_entropy", "check_token_range"]
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -129,12 +127,12 @@ def byte_lengths(tokenizer) -> np.ndarray:
     return lens
 
 
-def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, resume: bool = False,
+def pretrain(mc, tc, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, seed: int, resume: bool = False,
              progress: bool = True, stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
-    """Train (or resume) the model of ``cfg.model`` with ``cfg.pretrain``; write ``report.json``."""
+    """Train (or resume) the model ``mc`` (a ``ModelConfig``) with the loop ``tc`` (a ``TrainConfig``)
+    on ``tokens_dir``'s token files; write ``report.json``."""
     from microlm.tokenizer import Tokenizer
 
-    tc, mc = cfg.pretrain, cfg.model
     with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
         if tok.vocab_size != mc.vocab_size:
@@ -143,16 +141,16 @@ def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, res
         train_bin, val_bin = tokens_dir / "train.bin", tokens_dir / "val.bin"
         for p in (train_bin, val_bin):
             check_token_range(p, mc.vocab_size)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         model = TransformerLM(mc)
         n_params = model.num_parameters()
-        batches = WindowBatches(train_bin, tc.seq_len, tc.batch_size, cfg.seed)
+        batches = WindowBatches(train_bin, tc.seq_len, tc.batch_size, seed)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
         amp = autocast(tc.precision, dist.device)
-        evaluator = Evaluator(val_bin, tc.seq_len, micro, tc.eval_batches, cfg.seed, byte_lengths(tok),
+        evaluator = Evaluator(val_bin, tc.seq_len, micro, tc.eval_batches, seed, byte_lengths(tok),
                               dist.device, amp)
-        sampler = Sampler(tok, tc.sample_prompts, tc.sample_tokens, dist.device, cfg.seed) if tc.sample_tokens else None
-        trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed,
+        sampler = Sampler(tok, tc.sample_prompts, tc.sample_tokens, dist.device, seed) if tc.sample_tokens else None
+        trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=seed,
                           run_meta={"model": mc.to_dict()}, evaluate=evaluator, sample=sampler, progress=progress,
                           flops_per_token=model.flops_per_token(tc.seq_len))
         t0 = time.time()
@@ -160,91 +158,34 @@ def pretrain(cfg: Config, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, res
         seconds = time.time() - t0
         report = {}
         if dist.is_main:
-            report = summarize(out_dir, cfg, n_params, train_bin, seconds, result, dist.world_size)
+            report = summarize(out_dir, mc, tc, seed, n_params, train_bin, seconds, result, dist.world_size)
         return report
 
 
-def build(run: StageRun) -> dict | None:
-    """The ``pretrain`` stage (registry entry in ``microlm.stages``): manifest metrics, ``None`` when
-    the run stopped early (``--stop-after``) or on ranks other than 0."""
-    r = pretrain(run.cfg, run.up["tokens"], run.up["tokenizer"], run.out, resume=run.options["resume"],
-                 progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
-    if not r or run.options["stop_after"] is not None:
-        return None
-    return {k: r[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss", "final_val_loss",
-                              "final_val_bpb", "unigram_entropy")}
-
-
-def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
-    train, evals = [], []
-    path = Path(out_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                (evals if rec.get("type") == "eval" else train).append(rec)
-    return train, evals
-
-
-def loss_fields(train: list[dict], evals: list[dict], base_eval: dict | None) -> dict:
-    """Held-out loss before training, at the first and last eval, and the last train loss."""
-    return {"base_val_loss": base_eval["val_loss"] if base_eval else None,
-            "first_val_loss": evals[0]["val_loss"] if evals else None,
-            "final_val_loss": evals[-1]["val_loss"] if evals else None,
-            "final_train_loss": train[-1]["loss"] if train else None}
-
-
-def summarize(out_dir: Path, cfg: Config, n_params: int, train_bin: Path, seconds: float, result: dict,
+def summarize(out_dir: Path, mc, tc, seed: int, n_params: int, train_bin: Path, seconds: float, result: dict,
               world: int) -> dict:
     train, evals = read_metrics(out_dir)
-    h1 = unigram_entropy(train_bin, cfg.model.vocab_size)
+    h1 = unigram_entropy(train_bin, mc.vocab_size)
     tps = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
     last = evals[-1] if evals else {}
     report = {
         "params": n_params,
-        "model": cfg.model.to_dict(),
+        "model": mc.to_dict(),
         "steps": result["steps"],
-        "tokens_seen": result["steps"] * cfg.pretrain.batch_size * cfg.pretrain.seq_len,
+        "tokens_seen": result["steps"] * tc.batch_size * tc.seq_len,
         "seconds_this_run": round(seconds, 1),
         "tokens_per_s": round(float(np.median(tps)), 1) if tps else None,
         "processes": world,
-        "precision": trajectory_config(cfg.pretrain)["precision"],
+        "precision": trajectory_config(tc)["precision"],
         "final_train_loss": train[-1]["loss"] if train else None,
         "final_val_loss": last.get("val_loss"),
         "final_val_bpb": last.get("val_bpb"),
         "unigram_entropy": h1,
         "samples": last.get("samples", []),
-        "seed": cfg.seed,
+        "seed": seed,
     }
     write_json(Path(out_dir) / "report.json", report)
     plot_curves(out_dir, train, evals, h1)
     return report
 
 
-def plot_curves(out_dir: Path, train: list[dict], evals: list[dict], h1: float | None = None) -> Path | None:
-    """``curves.png``: train and val loss against tokens seen (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    from microlm.plotting import use_cjk_font
-
-    use_cjk_font()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss")
-    if h1:
-        ax.axhline(h1, color="gray", ls="--", label="unigram entropy")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(out_dir) / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from microlm.config import REPO_ROOT, Config, trajectory_config
+from microlm.paths import REPO_ROOT
+from microlm.train.settings import trajectory_config
 
 __all__ = ["REFERENCE_DIR", "reference_key", "reference_path", "references", "find_reference", "LANDING_GAP"]
 
@@ -26,7 +27,7 @@ REFERENCE_DIR = REPO_ROOT / "data" / "reference_curves"
 LANDING_GAP = 0.15  # nats: a same-key run's final val loss lands this close to the recorded one
 
 
-def reference_key(cfg: Config, data_fingerprint: str) -> dict:
+def reference_key(cfg, data_fingerprint: str) -> dict:
     return {"profile": cfg.profile, "seed": cfg.seed, "data_fingerprint": data_fingerprint,
             "precision": trajectory_config(cfg.pretrain)["precision"],
             "config": {"model": cfg.model.to_dict(), "steps": cfg.pretrain.max_steps}}
@@ -47,7 +48,7 @@ def references(profile: str | None = None) -> list[dict]:
     return out
 
 
-def find_reference(cfg: Config, data_fingerprint: str) -> dict | None:
+def find_reference(cfg, data_fingerprint: str) -> dict | None:
     """The reference recorded with this profile's config, seed, precision and data, or ``None``."""
     want = reference_key(cfg, data_fingerprint)
     for ref in references(cfg.profile):

@@ -14,50 +14,36 @@ from pathlib import Path
 
 import torch
 
-from microlm.config import Config
 from microlm.data.sft import SFTBatches, embedded_sft_records, encode_records, read_sft_file
 from microlm.data.tasks import baseline_answers, entity_scores, format_answer, parse_entities, task_examples
 from microlm.errors import MicroLMError
 from microlm.io import write_json
 from microlm.model import TransformerLM
 from microlm.model.checkpoint import load_checkpoint
-from microlm.runs import StageRun
+from microlm.train.curves import loss_fields, plot_curves, read_metrics
 from microlm.train.dist import DistInfo, distributed
-from microlm.train.pretrain import loss_fields, plot_curves, read_metrics
 from microlm.train.trainer import Trainer
 
-__all__ = ["sft_records", "task_records", "SFTEvaluator", "answers", "score_task", "baseline_scores", "run_sft", "sft_files",
-           "build"]
+__all__ = ["sft_records", "task_records", "SFTEvaluator", "answers", "score_task", "baseline_scores", "run_sft"]
 
 
-def sft_files(cfg: Config) -> list[str]:
-    """The SFT files under the data root (training and held out); none without a data root."""
-    from microlm.data.sources import data_root
-
-    root = data_root(cfg.data.root)
-    pats = cfg.sft.data.files + cfg.sft.data.heldout
-    return sorted({p for pat in pats for p in glob.glob(str(root / pat))}) if root else []
-
-
-def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
+def sft_records(sd, root: Path | None) -> tuple[list, list, list[str]]:
     """``(train records, held-out records, input files)`` of the general conversations; held-out files
     are never trained on.  Without a data root: the embedded set, one conversation in five held out
-    by a hash of its content.  The derived tasks are added by :func:`task_records`."""
+    by a hash of its content.  The derived tasks are added by :func:`task_records`.  ``sd``: the
+    ``sft.data`` settings; ``root``: the data bundle's folder (``None``: none)."""
     import xxhash
 
-    from microlm.data.sources import data_root
-
-    root = data_root(cfg.data.root)
     if root is None:
         train, held = [], []
         for r in embedded_sft_records():
             key = xxhash.xxh64_intdigest(str(r["conversations"]).encode())
             (held if key % 5 == 0 else train).append(r)
         return train, held, ["<embedded: data/sft/chat_zh.jsonl + data/sft/identity.jsonl>"]
-    held_files = sorted({p for pat in cfg.sft.data.heldout for p in glob.glob(str(root / pat))})
-    files = sorted({p for pat in cfg.sft.data.files for p in glob.glob(str(root / pat))} - set(held_files))
+    held_files = sorted({p for pat in sd.heldout for p in glob.glob(str(root / pat))})
+    files = sorted({p for pat in sd.files for p in glob.glob(str(root / pat))} - set(held_files))
     if not files:
-        raise MicroLMError(f"no SFT files match {cfg.sft.data.files} under {root}")
+        raise MicroLMError(f"no SFT files match {sd.files} under {root}")
     train = [r for f in files for r in read_sft_file(f)]
     held = [r for f in held_files for r in read_sft_file(f)]
     if not held:  # no separate held-out file: hold out every 20th record
@@ -65,11 +51,10 @@ def sft_records(cfg: Config) -> tuple[list, list, list[str]]:
     return train, held, files + held_files
 
 
-def task_records(cfg: Config) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    """``({task: train examples}, {task: held-out examples})`` for ``sft.data.tasks``."""
-    sd = cfg.sft.data
-    return ({t: task_examples(t, "train", sd.task_records, cfg.seed) for t in sd.tasks},
-            {t: task_examples(t, "heldout", sd.task_eval, cfg.seed) for t in sd.tasks})
+def task_records(sd, seed: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """``({task: train examples}, {task: held-out examples})`` for ``sd.tasks`` (``sd``: ``sft.data``)."""
+    return ({t: task_examples(t, "train", sd.task_records, seed) for t in sd.tasks},
+            {t: task_examples(t, "heldout", sd.task_eval, seed) for t in sd.tasks})
 
 
 def sample_weights(n_general: int, n_task: int, min_task_share: float) -> tuple[list[float] | None, float]:
@@ -142,43 +127,45 @@ class SFTEvaluator:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
 
 
-def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume: bool = False, progress: bool = True,
-            stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
+def run_sft(sd, tc, mc, pre_dir: Path, tok_dir: Path, out_dir: Path, *, seed: int, data_root: Path | None,
+            resume: bool = False, progress: bool = True, stop_after: int | None = None,
+            dist: DistInfo | None = None) -> dict:
+    """SFT of the pretrained model in ``pre_dir`` on ``sd`` (``sft.data``) with the loop ``tc`` into
+    ``out_dir``; the report (held-out answers and task scores before and after)."""
     from microlm.tokenizer import Tokenizer
 
-    tc, mc = cfg.sft.train, cfg.model
     with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
-        train_recs, held_recs, files = sft_records(cfg)
-        if cfg.sft.data.max_records is not None:
-            train_recs = train_recs[: cfg.sft.data.max_records]
-        task_train, task_held = task_records(cfg)
+        train_recs, held_recs, files = sft_records(sd, data_root)
+        if sd.max_records is not None:
+            train_recs = train_recs[: sd.max_records]
+        task_train, task_held = task_records(sd, seed)
         general_held = held_recs
         held_recs = _interleave(held_recs, *task_held.values())  # the loss is held out on both kinds
         general_ex, train_rep = encode_records(tok, train_recs, tc.seq_len)
-        task_ex, task_rep = encode_records(tok, [r for t in cfg.sft.data.tasks for r in task_train[t]], tc.seq_len)
+        task_ex, task_rep = encode_records(tok, [r for t in sd.tasks for r in task_train[t]], tc.seq_len)
         train_rep = train_rep + task_rep
         train_ex = general_ex + task_ex
         if not train_ex:
             raise MicroLMError(f"no usable sft training conversations: {train_rep.to_dict()} "
                                f"(a longer sft.train.seq_len may help)")
-        weights, task_share = sample_weights(len(general_ex), len(task_ex), cfg.sft.data.min_task_share)
-        val_ex, val_rep = encode_records(tok, held_recs, tc.seq_len, max_kept=cfg.sft.data.val_records)
+        weights, task_share = sample_weights(len(general_ex), len(task_ex), sd.min_task_share)
+        val_ex, val_rep = encode_records(tok, held_recs, tc.seq_len, max_kept=sd.val_records)
         if not val_ex:
             raise MicroLMError(f"no usable held-out SFT conversations: {val_rep.to_dict()} "
                                f"(a longer sft.train.seq_len may help)")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         model = TransformerLM(mc)
         load_checkpoint(pre_dir / "ckpt", model, expect={"model": mc.to_dict()}, restore_rng=False)
-        questions = [r["conversations"][0]["content"] for r in general_held[: cfg.sft.data.show_answers]
+        questions = [r["conversations"][0]["content"] for r in general_held[: sd.show_answers]
                      if isinstance(r, dict) and r.get("conversations")]
         before = answers(model, tok, questions) if dist.is_main and not resume else None
         # the pretrained weights are loaded even on --resume, so the task scores "before" always exist
-        tasks_before = {t: score_task(model, tok, task_held[t]) for t in cfg.sft.data.tasks} if dist.is_main else {}
-        batches = SFTBatches(train_ex, tc.batch_size, tok.eos_id, cfg.seed, weights=weights)
+        tasks_before = {t: score_task(model, tok, task_held[t]) for t in sd.tasks} if dist.is_main else {}
+        batches = SFTBatches(train_ex, tc.batch_size, tok.eos_id, seed, weights=weights)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
-        evaluator = SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, cfg.seed), tc.eval_batches, dist.device)
-        trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed,
+        evaluator = SFTEvaluator(SFTBatches(val_ex, micro, tok.eos_id, seed), tc.eval_batches, dist.device)
+        trainer = Trainer(model, tc, out_dir, batches=batches, dist=dist, seed=seed,
                           run_meta={"model": mc.to_dict(), "stage": "sft"}, evaluate=evaluator, progress=progress,
                           flops_per_token=model.flops_per_token(tc.seq_len))
         base_eval = trainer.evaluate(trainer.raw_model) if dist.is_main and not resume else None
@@ -189,7 +176,7 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
             after = answers(trainer.raw_model, tok, questions)
             tasks = {t: {"train_examples": len(task_train[t]), "before": tasks_before[t],
                          "after": score_task(trainer.raw_model, tok, task_held[t]),
-                         "baselines": baseline_scores(task_train[t], task_held[t])} for t in cfg.sft.data.tasks}
+                         "baselines": baseline_scores(task_train[t], task_held[t])} for t in sd.tasks}
             train, evals = read_metrics(out_dir)
             report = {
                 "inputs": files, "train_data": train_rep.to_dict(), "val_data": val_rep.to_dict(),
@@ -206,13 +193,3 @@ def run_sft(cfg: Config, pre_dir: Path, tok_dir: Path, out_dir: Path, *, resume:
         return report
 
 
-def build(run: StageRun) -> dict | None:
-    """The ``sft`` stage (registry entry in ``microlm.stages``): manifest metrics, ``None`` when the run
-    stopped early (``--stop-after``) or on ranks other than 0."""
-    r = run_sft(run.cfg, run.up["pretrain"], run.up["tokenizer"], run.out, resume=run.options["resume"],
-                progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
-    if not r or run.options["stop_after"] is not None:
-        return None
-    return {**{k: r[k] for k in ("steps", "base_val_loss", "first_val_loss", "final_val_loss", "final_train_loss")},
-            "kept": r["train_data"]["kept"],
-            "task_f1": {t: [v["before"]["f1"], v["after"]["f1"]] for t, v in r["tasks"].items()}}

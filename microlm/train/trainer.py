@@ -22,11 +22,11 @@ from typing import Protocol
 
 import torch
 
-from microlm.config import TrainConfig, trajectory_config
 from microlm.errors import MicroLMError
 from microlm.hw import autocast, resolve_precision
 from microlm.model.checkpoint import load_checkpoint, save_checkpoint
 from microlm.train.dist import DistInfo
+from microlm.train.settings import TrainConfig, trajectory_config
 
 __all__ = ["Trainer", "BatchSource", "lr_at", "param_groups", "trajectory_config"]
 

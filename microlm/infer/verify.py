@@ -1,5 +1,5 @@
-"""Stage A8, the ``hf`` stage: a model of the course as a transformers/vLLM-loadable Llama folder, and
-the check that transformers computes what we compute (``verify_export``)."""
+"""The check that transformers computes what we compute on an exported folder (``verify_export``; the
+``hf`` stage exports with ``microlm.model.hf_export`` and checks with this)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,10 @@ from pathlib import Path
 
 import torch
 
-from microlm.errors import MicroLMError
 from microlm.infer.generate import generate_ids
-from microlm.io import write_json
-from microlm.model.hf_export import export_hf
-from microlm.model.load import load_model
-from microlm.runs import StageRun
 from microlm.tokenizer import render_chat
 
-__all__ = ["verify_export", "build", "VERIFY_PROMPTS"]
+__all__ = ["verify_export", "VERIFY_PROMPTS"]
 
 VERIFY_PROMPTS = ["中国的首都是哪里？", "请写一首关于春天的短诗。", "Hello, how are you? 你好！"]
 
@@ -54,18 +49,3 @@ def verify_export(folder: str | Path, model, tok, prompts: list[str] = VERIFY_PR
             "chat_template_equal": same_template, "tokenizer_ids_equal": same_ids}
 
 
-def build(run: StageRun) -> dict:
-    """The ``hf`` stage (registry entry in ``microlm.stages``): export the ``source`` model (option, else
-    ``hf.source``; ``lora``: the SFT model with the adapter merged), check it, its manifest metrics."""
-    source = run.options.get("source") or run.cfg.hf.source
-    model_dir = run.up["sft" if source == "lora" else source]
-    adapter = run.up["lora"] / "adapter" if source == "lora" else None
-    model, tok = load_model(model_dir, tokenizer=run.up["tokenizer"], adapter=adapter)
-    export_hf(model, tok, run.out, run.cfg.generate, source={"stage": source, "folder": str(model_dir),
-                                                             "adapter": str(adapter) if adapter else None})
-    check = verify_export(run.out, model, tok)
-    write_json(run.out / "report.json", {"source": source, "params": model.num_parameters(), "check": check})
-    if check["checked"] and not (check["logits_max_abs_diff"] <= 1e-4 and check["greedy_tokens_equal"]
-                                 and check["chat_template_equal"] and check["tokenizer_ids_equal"]):
-        raise MicroLMError(f"the exported model does not match ours: {check}")
-    return {"source": source, **{k: check.get(k) for k in ("checked", "logits_max_abs_diff", "greedy_tokens_equal")}}

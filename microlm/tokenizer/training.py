@@ -1,4 +1,4 @@
-"""The A3 (``microlm tokenizer``) and A4 (``microlm tokens``) stages: what they read, write and report."""
+"""Training the tokenizer on a corpus folder (A3) and encoding the corpus into token files (A4), with their reports."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from pathlib import Path
 
 import regex
 
-from microlm.config import Config
 from microlm.errors import MicroLMError
 from microlm.io import staged_dir, write_json
-from microlm.runs import StageRun
 
 __all__ = ["train_tokenizer", "tokenize_corpus", "compression", "read_texts", "qwen_tokenizer_path",
            "hf_bpe_baseline"]
@@ -47,11 +45,9 @@ def compression(encode_batch: Callable[[list[str]], list[list[int]]], docs: list
             "han_per_token": round(n_han / max(n_tok, 1), 4), "encode_s": round(dt, 3)}
 
 
-def qwen_tokenizer_path(cfg: Config) -> Path | None:
-    """``$MICROLM_DATA/tokenizers/qwen2.5/tokenizer.json(.gz)`` when real data is there."""
-    from microlm.data.sources import data_root
-
-    root = data_root(cfg.data.root)
+def qwen_tokenizer_path(root: Path | None) -> Path | None:
+    """``<data root>/tokenizers/qwen2.5/tokenizer.json(.gz)`` when real data is there (``root``: the data
+    bundle's folder, ``None`` without one)."""
     if root is None:
         return None
     for name in ("tokenizer.json", "tokenizer.json.gz"):
@@ -96,13 +92,14 @@ def _jsonl_to_text(jsonl: Path, out_txt: Path) -> None:
                 o.write("\n")
 
 
-def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: bool = True) -> dict:
-    """Train the MicroLM tokenizer on ``corpus/train.jsonl``; write it (ours + HF files) and
-    ``report.json`` with compression on ``corpus/val.jsonl`` beside the baselines."""
+def train_tokenizer(tc, corpus_dir: Path, out_dir: Path, *, qwen_tokenizer: Path | None = None,
+                    progress: bool = True) -> dict:
+    """Train the MicroLM tokenizer (settings ``tc``: the ``tokenizer`` section) on ``corpus/train.jsonl``;
+    write it (ours + HF files) and ``report.json`` with compression on ``corpus/val.jsonl`` beside the
+    baselines (and Qwen2.5's tokenizer, given its ``tokenizer.json``)."""
     from microlm.tokenizer.bpe import resolve_pattern, train_bpe
     from microlm.tokenizer.tokenizer import Tokenizer, token_text
 
-    tc = cfg.tokenizer
     train_path, val_path = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
     for p in (train_path, val_path):
         if not p.is_file():
@@ -135,9 +132,8 @@ def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: b
             txt.unlink()
             table["hf_bpe_gpt2_6400"] = compression(lambda ds: [e.ids for e in base.encode_batch(ds)], val_docs)
             table["hf_bpe_gpt2_6400"]["train_s"] = round(base_s, 2)
-        qpath = qwen_tokenizer_path(cfg)
-        if qpath is not None:
-            q = load_hf_tokenizer(qpath)
+        if qwen_tokenizer is not None:
+            q = load_hf_tokenizer(qwen_tokenizer)
             table["qwen2.5"] = compression(lambda ds: [e.ids for e in q.encode_batch(ds)], val_docs)
             table["qwen2.5"]["vocab_size"] = q.get_vocab_size()
         longest = sorted((b for i, b in vocab.items() if i >= len(tc.special_tokens) + 256), key=len, reverse=True)
@@ -159,7 +155,8 @@ def train_tokenizer(cfg: Config, corpus_dir: Path, out_dir: Path, *, progress: b
     return report
 
 
-def tokenize_corpus(cfg: Config, corpus_dir: Path, tok_dir: Path, out_dir: Path, *, progress: bool = True) -> dict:
+def tokenize_corpus(corpus_dir: Path, tok_dir: Path, out_dir: Path, *, workers: int = 1, batch_docs: int = 256,
+                    progress: bool = True) -> dict:
     """Encode both corpus splits into ``{train,val}.bin`` + ``.idx``; write ``meta.json``."""
     from microlm.tokenizer.memmap import DTYPE, check_vocab_fits, write_token_file
     from microlm.tokenizer.tokenizer import Tokenizer
@@ -173,7 +170,7 @@ def tokenize_corpus(cfg: Config, corpus_dir: Path, tok_dir: Path, out_dir: Path,
         splits = {}
         for split in ("train", "val"):
             splits[split] = write_token_file(corpus_dir / f"{split}.jsonl", tok_dir, tmp / f"{split}.bin",
-                                             workers=cfg.tokens.workers, batch_docs=cfg.tokens.batch_docs,
+                                             workers=workers, batch_docs=batch_docs,
                                              progress=progress)
         dt = time.time() - t0
         total = sum(s["tokens"] for s in splits.values())
@@ -185,21 +182,9 @@ def tokenize_corpus(cfg: Config, corpus_dir: Path, tok_dir: Path, out_dir: Path,
             "tokens_total": total,
             "seconds": round(dt, 2),
             "tokens_per_s": round(total / max(dt, 1e-9)),
-            "workers": cfg.tokens.workers,
+            "workers": workers,
         }
         write_json(tmp / "meta.json", meta)
     return meta
 
 
-def build(run: StageRun) -> dict:
-    """The ``tokenizer`` stage (registry entry in ``microlm.stages``): its manifest metrics."""
-    report = train_tokenizer(run.cfg, run.up["corpus"], run.out, progress=run.progress)
-    return {"vocab_size": report["vocab_size"], "train_s": report["train_s"], "peak_rss_mb": report["peak_rss_mb"],
-            "compression": {k: v["chars_per_token"] for k, v in report["compression"].items()}}
-
-
-def build_tokens(run: StageRun) -> dict:
-    """The ``tokens`` stage (registry entry in ``microlm.stages``): its manifest metrics."""
-    meta = tokenize_corpus(run.cfg, run.up["corpus"], run.up["tokenizer"], run.out, progress=run.progress)
-    return {**{k: meta[k] for k in ("tokens_total", "tokens_per_s", "vocab_size")},
-            "docs": {k: v["docs"] for k, v in meta["splits"].items()}}

@@ -24,7 +24,7 @@ import torch
 
 from microlm.errors import MicroLMError
 from microlm.hw import peak_rss_mb, reset_peak_rss
-from microlm.ie.greedy import NEAR_TIE, eos_ids, first_divergence, greedy_ids, max_logit_diff, top2_gap
+from microlm.infer.greedy import NEAR_TIE, eos_ids, first_divergence, greedy_ids, max_logit_diff, top2_gap
 from microlm.paths import display_path
 
 __all__ = ["adapter_dtype", "check_adapter_base", "merge_adapter", "verify_merged", "model_card",
@@ -216,10 +216,10 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
     adapter_dtype(adapter_dir)  # the adapter file is there and holds tensors
     from transformers import AutoConfig
 
-    from microlm.ie.train_lora import _resolve
+    from microlm.ie.train_lora import resolve_base
 
     model = load_base(base, torch.float32)  # refuses a quantized base; fp32: the merge and its check are exact
-    keep_dtype = saved_dtype(AutoConfig.from_pretrained(_resolve(base)))  # as published, not as loaded
+    keep_dtype = saved_dtype(AutoConfig.from_pretrained(resolve_base(base)))  # as published, not as loaded
     check_adapter_base(adapter_dir, model.config.to_dict())
     tok = (load_tokenizer(str(adapter_dir), weights=False) if (adapter_dir / "tokenizer_config.json").is_file()
            else load_tokenizer(base))  # the tokenizer (and chat template) the adapter was trained with
@@ -271,46 +271,3 @@ def base_license(base: str) -> str | None:
     return lic.group(1) if lic else None
 
 
-def build(run) -> dict | None:
-    """The ``ie_merged`` stage: each ``ie_lora`` run's adapter merged into its base →
-    ``<stage>/<name>/`` (verified; see ``merge_adapter``); manifest metrics per run.  A run's folder
-    whose report carries the same adapter, base and settings is kept (``--force``: merged again)."""
-    from microlm.config import resolve_model_name, stage_config
-    from microlm.ie.lora_data import ChatEncoder
-    from microlm.ie.train_lora import base_of, load_tokenizer, read_lines
-    from microlm.io import read_json, write_json
-    from microlm.runs import fingerprint, folder_files
-
-    cfg, mc = run.cfg, run.cfg.ie_merged
-    lines = read_lines(run.up["ie_data"] / "06_eval_prompts.jsonl")
-    out = {}
-    for entry in cfg.ie_lora.runs:
-        if mc.runs is not None and entry["name"] not in mc.runs:
-            continue
-        base = base_of({**entry, "base": resolve_model_name(cfg, entry["base"])}, run.up.get("hf"))
-        lora_dir = run.up["ie_lora"] / entry["name"]
-        if not (lora_dir / "report.json").is_file():
-            raise MicroLMError(f"ie_lora run {entry['name']!r} has no finished adapter in {lora_dir}: build ie_lora")
-        rep = read_json(lora_dir / "report.json")
-        fp = fingerprint({"adapter": fingerprint(folder_files(lora_dir / "adapter")), "base": base,
-                          "ie_merged": {k: v for k, v in stage_config(cfg, "ie_merged").items() if k != "runs"},
-                          "prompts": fingerprint(lines)})
-        done = run.out / entry["name"] / "report.json"
-        if not run.force and done.is_file() and read_json(done).get("fingerprint") == fp:
-            r = read_json(done)
-        else:
-            enc = ChatEncoder(load_tokenizer(str(lora_dir / "adapter"), weights=False))
-            prompts = [enc.prompt_ids(line["messages"]) for line in lines]
-            card = {"lora": {k: getattr(cfg.ie_lora, k) for k in ("r", "alpha", "dropout", "targets")},
-                    "data": rep.get("train_data", {}), "license": base_license(base), "evals": None}
-            r = merge_adapter(base, lora_dir / "adapter", run.out / entry["name"], prompts=prompts,
-                              logits_atol=mc.logits_atol, max_new_tokens=mc.max_new_tokens,
-                              max_shard_size=mc.max_shard_size, card=card, greedy_prompts=mc.greedy_prompts or None,
-                              batch_size=mc.batch_size, progress=run.progress, extra={"fingerprint": fp})
-        out[entry["name"]] = {k: r.get(k) for k in (
-            "logits_max_abs_diff", "greedy_identical", "greedy_prompts", "logits_prompts", "dtype",
-            "cast_logits_max_abs_diff", "cast_greedy_identical", "seconds", "peak_rss_mb")}
-    if not out:
-        raise MicroLMError("ie_merged.runs names none of the ie_lora runs")
-    write_json(run.out / "report.json", {"runs": out})
-    return {"runs": out}

@@ -1,0 +1,108 @@
+"""Stage B6b ``serve_bench``: benchmark the served model like ``vllm bench serve`` — vLLM against
+``transformers serve``, same load, concurrency 1–64 (``microlm.serve.bench``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from microlm.errors import ConfigError, MicroLMError
+from microlm.stages.registry import Stage, StageRun
+from microlm.stages.server import serve_key, server_spec
+
+
+@dataclass
+class ServeBenchConfig:
+    """Stage B6b: the same load (the IE prompts and random prompts, each at every ``concurrency``)
+    against vLLM and the ``transformers serve`` baseline; ``compare_at`` = the concurrency of the ratio."""
+
+    datasets: list[str] = field(default_factory=lambda: ["ie", "random"])
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    requests_min: int = 8
+    requests_per_concurrency: int = 2  # requests per level = max(requests_min, this × concurrency)
+    ie_max_tokens: int = 128
+    random_input_tokens: int = 128
+    random_output_tokens: int = 64
+    compare_at: int = 16
+    baseline: bool = True
+    timeout_s: float = 600.0
+
+
+def check(cfg) -> None:
+    c = cfg.serve_bench
+    if not c.datasets or set(c.datasets) - {"ie", "random"}:
+        raise ConfigError(f"serve_bench.datasets: a non-empty subset of [ie, random], got {c.datasets}")
+    if not c.concurrency or min(c.concurrency) < 1 or c.compare_at not in c.concurrency:
+        raise ConfigError("serve_bench: concurrency levels >= 1, and compare_at must be one of them")
+    if min(c.requests_min, c.requests_per_concurrency, c.ie_max_tokens, c.random_input_tokens,
+           c.random_output_tokens) < 1 or c.timeout_s <= 0:
+        raise ConfigError("serve_bench: requests_*, *_tokens >= 1 and timeout_s > 0")
+
+
+def build(run: StageRun) -> dict:
+    """vLLM and (``baseline``) ``transformers serve`` under the same load; report, summary and plots."""
+    from microlm.ie.evaluate import load_prompts
+    from microlm.io import write_json
+    from microlm.serve.bench import plot_bench, random_prompts, run_levels
+    from microlm.serve.client import stream_chat
+    from microlm.serve.env import ensure_env
+    from microlm.serve.server import ManagedServer, free_port
+
+    cfg, bc = run.cfg, run.cfg.serve_bench
+    py = ensure_env(quiet=not run.progress)
+    spec = server_spec(cfg, run.up)
+    ie, _ = load_prompts(run.up["ie_data"])
+    sets = {}
+    if "ie" in bc.datasets:
+        sets["ie"] = ([p["messages"] for p in ie], bc.ie_max_tokens, False)
+    if "random" in bc.datasets:
+        # no ignore_eos: it is a vLLM extension `transformers serve` rejects (422); the same request for both
+        sets["random"] = (random_prompts(spec.model, 64, bc.random_input_tokens, cfg.seed), bc.random_output_tokens,
+                          False)
+    if not sets:
+        raise MicroLMError("serve_bench.datasets names neither ie nor random")
+    servers = {}
+    startup = {}
+    for kind, label in (("vllm", "vllm"), ("transformers", "transformers serve")):
+        if kind == "transformers" and not bc.baseline:
+            continue
+        s = dataclasses.replace(spec, port=free_port(spec.host))
+        srv = ManagedServer(s, run.out, python=py, kind=kind, name=kind)
+        t0 = time.time()
+        srv.start(cfg.serve.startup_timeout_s)
+        startup[label] = round(time.time() - t0, 1)
+        with srv:
+            name = s.served_name if kind == "vllm" else s.model
+            for p in list(sets.values())[0][0][:2]:  # warm-up (first-request compilation, caches)
+                stream_chat(srv.base_url, name, p, max_tokens=8, timeout=bc.timeout_s)
+            servers[label] = run_levels(srv, name, sets, list(bc.concurrency), bc, run.progress)
+            servers[label]["rss_mb"] = round(srv.rss_mb(), 1)
+    rss = {k: v.pop("rss_mb") for k, v in servers.items()}
+    at = str(bc.compare_at)
+    ratios = {}
+    if "transformers serve" in servers:
+        for ds in sets:
+            ours, theirs = servers["vllm"][ds].get(at), servers["transformers serve"][ds].get(at)
+            if ours and theirs and theirs["output_tokens_per_s"]:
+                ratios[ds] = round(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"], 2)
+    report = {"model": spec.model, "dtype": spec.dtype, "compare_at": bc.compare_at, "concurrency": list(bc.concurrency),
+              "startup_s": startup, "server_rss_mb": rss, "servers": servers, "output_tps_ratio_at_compare": ratios}
+    report["plots"] = plot_bench(report, run.out)
+    write_json(run.out / "report.json", report)
+    brief = {srv: {ds: {c: {k: v[k] for k in ("output_tokens_per_s", "request_throughput", "failed")} | {
+        "ttft_p50_ms": v["ttft_ms"]["p50"], "tpot_p50_ms": v["tpot_ms"]["p50"]} for c, v in by.items()}
+        for ds, by in d.items()} for srv, d in servers.items()}
+    write_json(run.out / "summary.json", brief)
+    return {"ratio_at": bc.compare_at, "ratios": ratios, "startup_s": startup,
+            "vllm_tps": {ds: servers["vllm"][ds][at]["output_tokens_per_s"] for ds in sets if at in servers["vllm"][ds]}}
+
+
+STAGE = Stage(
+    "serve_bench", "B6b", "benchmark the served model like `vllm bench serve`: vLLM vs `transformers serve`, same "
+    "load, concurrency 1–64",
+    build=build, section=ServeBenchConfig, check=check, upstream=("ie_data", "ie_merged"),
+    sections=("serve_bench", "serve"), key=lambda cfg, o: serve_key(cfg, "serve_bench") | {"seed": cfg.seed},
+    outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm", version=2,
+    summary=lambda m: (f"vLLM ÷ transformers serve, output tokens/s at concurrency {m['ratio_at']}: "
+                       + ", ".join(f"{k} ×{v}" for k, v in m["ratios"].items()) + f"; vLLM {m['vllm_tps']} tok/s"))
