@@ -47,10 +47,10 @@ print(f"profile: {cfg.profile}   run folder: {display_path(cfg.run_path)}")
 # ## The stage map
 #
 # One name per concept, everywhere: a stage's name is its artifact folder `runs/<profile>/<stage>/`,
-# its config section and its CLI verb (`microlm <stage>`). The stages are declared once, in the
-# registry `microlm/stages.py`; the table below is read from it, with each stage's status at this
-# profile: *missing* (never built here), *partial* (a run that stopped part-way left a checkpoint to
-# resume from), *stale* (its config, an upstream stage or an input file changed since) or *fresh*.
+# its config section and its CLI verb (`microlm <stage>`). Each stage is declared once, in its own
+# module `microlm/stages/<stage>.py` (registered by `microlm/stages/registry.py`); the table below is
+# read from the registry, with each stage's status at this profile: *missing* (never built here),
+# *partial* (a run that stopped part-way left a checkpoint to resume from), *stale* (its config, an upstream stage or an input file changed since) or *fresh*.
 # Every stage writes a `manifest.json` (config, upstream fingerprints, input digests, metrics,
 # timings) and is skipped when it is fresh.
 

@@ -25,8 +25,8 @@
 #
 # | stage | module | CLI | artifacts |
 # |---|---|---|---|
-# | B3 `ie_lora` | `microlm/ie/train_lora.py`, `microlm/ie/lora_data.py` | `microlm ie-lora` | `runs/<profile>/ie_lora/<run>/`: `adapter/` (PEFT format + tokenizer), `metrics.jsonl`, `curves.png`, `report.json` |
-# | B5 `ie_merged` | `microlm/ie/export.py` | `microlm ie-merged` | `runs/<profile>/ie_merged/<run>/`: safetensors, tokenizer, chat template, `generation_config.json`, model card, `report.json` |
+# | B3 `ie_lora` | `microlm/stages/ie_lora.py`, `microlm/ie/train_lora.py`, `microlm/ie/lora_data.py` | `microlm ie-lora` | `runs/<profile>/ie_lora/<run>/`: `adapter/` (PEFT format + tokenizer), `metrics.jsonl`, `curves.png`, `report.json` |
+# | B5 `ie_merged` | `microlm/ie/merge.py` | `microlm ie-merged` | `runs/<profile>/ie_merged/<run>/`: safetensors, tokenizer, chat template, `generation_config.json`, model card, `report.json` |
 #
 # Another local model folder with a chat template works too, e.g.
 # `microlm ie-lora --set 'ie_lora.runs=[{name: qwen0.5b, base: /models/Qwen2.5-0.5B-Instruct, engine: peft}]'`.

@@ -17,6 +17,7 @@ import regex
 from microlm.config import resolve_model_name, stage_config, with_settings
 from microlm.errors import ConfigError, MicroLMError
 from microlm.io import fingerprint
+from microlm.stages.pretrain import fmt_loss
 from microlm.stages.registry import Stage, StageRun, read_manifest
 from microlm.train.settings import TrainConfig, trajectory_config
 
@@ -207,14 +208,10 @@ def runs_summary(m: dict, fmt: Callable[[dict], str]) -> str:
     return "; ".join(f"{name}: {fmt(r)}" for name, r in m["runs"].items())
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 STAGE = Stage(
     "ie_lora", "B3", "LoRA fine-tune for IE on the rendered chats (PEFT, or the from-scratch LoRA): one adapter per run",
     build=build, section=IELoRAConfig, check=check, upstream=("ie_data", "hf"), needs=ie_bases, sections=("ie_lora",),
     key=_key, outputs=("report.json",), files={"run": "{run}/adapter"}, notebook="10_qwen_lora", train="ie_lora.train",
     summary=lambda m: runs_summary(m, lambda r: (f"{r['engine']}, {r['trainable_percent']} % trainable, val loss "
-                                                 f"{_pct(r['base_val_loss'])} -> {_pct(r['final_val_loss'])}, "
+                                                 f"{fmt_loss(r['base_val_loss'])} -> {fmt_loss(r['final_val_loss'])}, "
                                                  f"{r['seconds']} s")))

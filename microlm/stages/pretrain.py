@@ -44,7 +44,7 @@ def build(run: StageRun) -> dict | None:
                               "final_val_bpb", "unigram_entropy")}
 
 
-def _pct(x) -> str:
+def fmt_loss(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
@@ -55,6 +55,6 @@ STAGE = Stage(
     key=lambda cfg, o: {"model": stage_config(cfg, "model"), "seed": cfg.seed, "train": trajectory_config(cfg.pretrain)},
     outputs=("ckpt/model.safetensors", "metrics.jsonl", "report.json"), files={"ckpt": "ckpt", "curves": "curves.png"},
     notebook="05_pretrain", train="pretrain",
-    summary=lambda m: (f"{m['params']:,} params, {m['steps']} steps, val loss {_pct(m['final_val_loss'])}, "
-                       f"bpb {_pct(m['final_val_bpb'])}, unigram entropy {_pct(m['unigram_entropy'])}, "
+    summary=lambda m: (f"{m['params']:,} params, {m['steps']} steps, val loss {fmt_loss(m['final_val_loss'])}, "
+                       f"bpb {fmt_loss(m['final_val_bpb'])}, unigram entropy {fmt_loss(m['unigram_entropy'])}, "
                        f"{m['tokens_per_s']} tokens/s"))

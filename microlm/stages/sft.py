@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from microlm.config import require, stage_config
 from microlm.data.tasks import TASKS
 from microlm.errors import ConfigError
-from microlm.stages.pretrain import _pct, check_train
+from microlm.stages.pretrain import check_train, fmt_loss
 from microlm.stages.registry import Stage, StageRun
 from microlm.train.settings import TrainConfig, trajectory_config
 
@@ -86,6 +86,6 @@ STAGE = Stage(
                         "train": trajectory_config(cfg.sft.train)},
     inputs=lambda cfg, o: sft_files(cfg), outputs=("ckpt/model.safetensors", "metrics.jsonl", "report.json"),
     files={"ckpt": "ckpt", "curves": "curves.png"}, notebook="06_sft", train="sft.train", version=3,
-    summary=lambda m: (f"{m['kept']:,} conversations, {m['steps']} steps, held-out loss {_pct(m['base_val_loss'])} "
-                       f"-> {_pct(m['final_val_loss'])}; "
+    summary=lambda m: (f"{m['kept']:,} conversations, {m['steps']} steps, held-out loss {fmt_loss(m['base_val_loss'])} "
+                       f"-> {fmt_loss(m['final_val_loss'])}; "
                        + ", ".join(f"{t} F1 {b:.2f} -> {a:.2f}" for t, (b, a) in m.get("task_f1", {}).items())))
