@@ -39,12 +39,13 @@ from pathlib import Path
 from microlm.stages import load_config
 from microlm.ie.pipeline import run_step
 from microlm.stages import upstream
+from microlm.stages.ie_data import pipeline
 cfg = load_config("cpu", json.loads(sys.argv[1]))
 out = Path(sys.argv[2])
 steps = {}
 for s in range(1, 7):
     t0 = time.time()
-    st = run_step(cfg, s, out, tokenizer_dir=upstream("tokenizer", cfg))
+    st = run_step(pipeline(cfg), s, out, tokenizer_dir=upstream("tokenizer", cfg))
     steps[st["step"]] = {"seconds": round(time.time() - t0, 2), "records": st["records"],
                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 print(json.dumps(steps))

@@ -1,7 +1,8 @@
 """Profiles: loading, merging and path discovery (no stage knows this module's internals).
 
 A profile is ``configs/<name>.yaml``: ``extends: <profile>`` takes that profile and lists only what
-differs.  Every key must be known (a typo is an error, not a silently ignored setting) and every
+differs (the shipped ones extend ``configs/base.yaml``, the settings they all share, which is not a
+profile itself).  Every key must be known (a typo is an error, not a silently ignored setting) and every
 value is checked against its dataclass field's type.  The sections themselves are declared by the
 stage modules (``microlm/stages/<stage>.py``); ``microlm.stages.load_config`` puts them together.
 ``overrides`` take ``"section.key=value"`` strings (values parsed as YAML), as the CLI's ``--set``.
@@ -24,6 +25,7 @@ from microlm.errors import ConfigError
 from microlm.paths import ENV_RUNS, REPO_ROOT, project_root
 
 PROFILES = ("smoke", "cpu", "laptop", "gpu")
+BASE = "base"  # configs/base.yaml: the settings every profile shares (``extends: base``); not a profile
 CONFIG_DIR = REPO_ROOT / "configs"
 ENV_QWEN = "MICROLM_QWEN"  # a local Qwen2.5 folder (or hub id): overrides the profile's ``qwen``
 
@@ -195,7 +197,8 @@ def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(parent, str):
         raise ConfigError(f"{path.name}: extends must name a profile, got {parent!r}")
-    ppath = resolve_config_path(parent)
+    sibling = path.parent / f"{parent}.yaml"  # the profile beside the file first (a project's own configs/ cannot shadow the shipped base)
+    ppath = sibling if sibling.is_file() else resolve_config_path(parent)
     if ppath.resolve() in seen or ppath.resolve() == path.resolve():
         raise ConfigError(f"{path.name}: extends {parent!r} makes a cycle")
     base = _read_profile(ppath, (*seen, path.resolve()))
@@ -208,6 +211,9 @@ def read_settings(profile_or_path: str | os.PathLike = "smoke",
     """A profile's file and its settings (``extends`` resolved, ``section.key=value`` overrides applied)."""
     path = resolve_config_path(profile_or_path)
     raw = _read_profile(path)
+    if path.stem == BASE and "profile" not in raw:
+        raise ConfigError(f"{path.name} holds the settings every profile shares, it is not a profile to run "
+                          f"(profiles: {', '.join(PROFILES)})")
     raw.setdefault("profile", path.stem)
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for key, value in items:

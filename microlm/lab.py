@@ -20,7 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # as microlm.config.REPO_ROOT (not imported: it loads torch)
+from microlm.config import BASE
+from microlm.paths import REPO_ROOT
+
 HOST = "127.0.0.1"
 SETTINGS_DIR = REPO_ROOT / "_build" / "lab" / "settings"  # JupyterLab app settings (generated, git-ignored)
 
@@ -38,11 +40,11 @@ def resolve_profile(profile: str) -> str:
     """The profile as the notebooks will read it: a name with ``configs/<name>.yaml``, or a YAML path
     (made absolute: the kernel runs in ``notebooks/``).  Fails early on anything else."""
     if os.sep not in profile and not profile.endswith((".yaml", ".yml")):
-        if (REPO_ROOT / "configs" / f"{profile}.yaml").is_file():
+        if profile != BASE and (REPO_ROOT / "configs" / f"{profile}.yaml").is_file():
             return profile
     elif Path(profile).is_file():
         return str(Path(profile).resolve())
-    names = ", ".join(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml")))
+    names = ", ".join(sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml") if p.stem != BASE))
     raise SystemExit(f"microlm.lab: no profile {profile!r} (profiles: {names}, or a YAML path)")
 
 

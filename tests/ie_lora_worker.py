@@ -13,7 +13,8 @@ from microlm.stages import load_config
 def main(argv: list[str]) -> None:
     sets, base, data, out, engine = argv[:5]
     cfg = load_config("smoke", json.loads(sets))
-    train_ie_lora(cfg, {"name": "t", "base": "hf", "engine": engine}, base, Path(data), Path(out), progress=False,
+    train_ie_lora(cfg.ie_lora, {"name": "t", "base": "hf", "engine": engine}, base, Path(data), Path(out), seed=cfg.seed,
+                  data_cutoff=cfg.ie_data.cutoff_tokens, progress=False,
                   resume="--resume" in argv)
 
 

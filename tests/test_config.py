@@ -112,3 +112,34 @@ def test_a_run_of_ie_lora_may_change_its_own_settings():
 def test_bad_pipeline_b_settings_are_one_line_errors(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config("smoke", override)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """``{"a.b.c": value}``: a mapping's settings by key path (a list is one setting)."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_base_holds_the_shared_settings_and_no_profile_repeats_them():
+    import yaml
+
+    from microlm.config import CONFIG_DIR
+
+    base = _leaves(yaml.safe_load((CONFIG_DIR / "base.yaml").read_text(encoding="utf-8")))
+    assert "base" not in PROFILES and "profile" not in base and "extends" not in base
+    for name in ("smoke", "cpu", "gpu"):
+        raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+        assert raw["extends"] == "base"
+        repeated = [k for k, v in _leaves(raw).items() if k in base and base[k] == v]
+        assert not repeated, f"{name}.yaml repeats what base.yaml already says: {repeated}"
+    with pytest.raises(ConfigError, match=r"not a profile.*smoke, cpu, laptop, gpu"):
+        load_config("base")
+
+
+def test_an_unknown_key_in_a_profile_that_extends_another_is_an_error(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("extends: smoke\ncorpus:\n  dedup: {treshold: 0.9}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'corpus\.dedup\.treshold'"):
+        load_config(str(p))

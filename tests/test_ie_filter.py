@@ -7,6 +7,7 @@ import pytest
 from microlm.errors import MicroLMError
 from microlm.ie.filter import filter_records, load_schema
 from microlm.ie.standardize import IERecord, Issues, record_id
+from microlm.stages.ie_data import pipeline
 
 SCHEMA = {"人物": ["出生地点", "配偶"], "作品": ["作者"]}
 
@@ -87,7 +88,7 @@ def test_step_02_runs_step_01_when_needed_and_writes_stats(tmp_cfg, tmp_path):
                                                  encoding="utf-8")
     cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/src/*.json": "duie_spo"},
                      "ie_data.schema": ["ie/schema.json"], "ie_data.embedded": False})
-    stats = run_step(cfg, 2)
+    stats = run_step(pipeline(cfg), 2, cfg.run_path / "ie_data")
     folder = cfg.run_path / "ie_data"
     assert (folder / "01_standardized.jsonl").is_file()
     kept = [json.loads(x) for x in (folder / "02_filtered.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -112,18 +113,18 @@ def test_step_03_strata_follow_the_rarest_relation(tmp_cfg, tmp_path):
     cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/src/*.json": "duie_spo"},
                      "ie_data.schema": ["ie/schema.json"], "ie_data.rare_relation_triples": 2,
                      "ie_data.embedded": False})
-    stats = run_step(cfg, 3)
+    stats = run_step(pipeline(cfg), 3, cfg.run_path / "ie_data")
     rows = [json.loads(x) for x in (cfg.run_path / "ie_data" / "03_stratified.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stratum"] for r in rows] == ["作品:作者"] * 3 + ["作品:导演"]  # 导演 (1 triple) is rarer than 作者 (4)
     assert stats["relations"] == {"作品": {"作者": 4, "导演": 1}}
     assert stats["rare_relations"] == {"作品:导演": 1} and stats["schema_topics_without_records"] == ["人物"]
     assert stats["by_source_topic"] == {"src|作品": 4} and stats["imbalance_max_over_min_topic"] == 1.0
-    stats = run_step(cfg, 4)  # derive: 作品's pool is its schema (作者, 导演) → one chunk per record
+    stats = run_step(pipeline(cfg), 4, cfg.run_path / "ie_data")  # derive: 作品's pool is its schema (作者, 导演) → one chunk per record
     exs = [json.loads(x) for x in (cfg.run_path / "ie_data" / "04_derived.jsonl").read_text(encoding="utf-8").splitlines()]
     assert stats["examples"] == 4 and [json.loads(e["instruction"])["schema"] for e in exs] == [["作者", "导演"]] * 4
     assert json.loads(exs[0]["output"]) == {"作者": [{"subject": "书0", "object": "作家0"}], "导演": []}
     assert stats["empty_output_share"] == 0.0
-    stats = run_step(cfg, 5)  # sample: 4 texts in 2 strata (< 3 texts in 导演's) → all train; no eval prompt
+    stats = run_step(pipeline(cfg), 5, cfg.run_path / "ie_data")  # sample: 4 texts in 2 strata (< 3 texts in 导演's) → all train; no eval prompt
     # 4 texts: 5 % is none, but the test split keeps a quarter of a topic for the evaluation prompts
     assert stats["splits"]["train"]["texts"] == 3 and stats["splits"]["test"]["texts"] == 1
     assert stats["texts_shared_between_splits"] == 0

@@ -39,6 +39,11 @@ RELS = ["出生地点", "毕业院校", "国籍", "职业"]
 PEOPLE = [("李白", "碎叶城"), ("杜甫", "巩县"), ("苏轼", "眉山"), ("王维", "祁县"), ("白居易", "新郑"), ("韩愈", "河阳")]
 
 
+
+def _train_run(cfg, *args, **kw) -> dict:
+    """One ie_lora run as the stage starts it (the run's section, the seed, ie_data's cutoff)."""
+    return train_ie_lora(cfg.ie_lora, *args, seed=cfg.seed, data_cutoff=cfg.ie_data.cutoff_tokens, **kw)
+
 def ie_lines(n: int) -> list[dict]:
     out = []
     for i in range(n):
@@ -116,14 +121,14 @@ def test_a_killed_run_resumes_and_its_adapter_loads(tiny_llama, tmp_path, engine
     cfg = _cfg(tmp_path)
     data, out = _data(tmp_path), tmp_path / "run"
     run = {"name": "t", "base": "hf", "engine": engine}
-    train_ie_lora(cfg, run, str(tiny_llama), data, out, progress=False, stop_after=3)
+    _train_run(cfg, run, str(tiny_llama), data, out, progress=False, stop_after=3)
     state = json.loads((out / "ckpt" / "state.json").read_text())
     assert state["step"] == 2  # checkpoints every 2 steps: the kill at 3 loses one step
     from safetensors.torch import load_file
 
     saved = load_file(out / "ckpt" / "model.safetensors")
     assert saved and all("lora_" in k for k in saved)  # the adapters only, not the base
-    rep = train_ie_lora(cfg, run, str(tiny_llama), data, out, progress=False, resume=True)
+    rep = _train_run(cfg, run, str(tiny_llama), data, out, progress=False, resume=True)
     assert rep["steps"] == 6
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["type"] == "train"]
@@ -173,7 +178,7 @@ def test_bad_bases_and_settings_are_one_line_errors(tiny_llama, tmp_path):
     (other / "tokenizer_config.json").write_text(json.dumps(conf))
     cfg = _cfg(tmp_path)
     with pytest.raises(MicroLMError, match="differs from the one ie_data rendered"):
-        train_ie_lora(cfg, {"name": "t", "base": "x", "engine": "peft"}, str(other), _data(tmp_path),
+        _train_run(cfg, {"name": "t", "base": "x", "engine": "peft"}, str(other), _data(tmp_path),
                       tmp_path / "o", progress=False)
 
 
@@ -209,7 +214,7 @@ def test_peft_trains_a_tiny_qwen2_with_the_real_qwen_tokenizer(tmp_path, chat_to
     assert model.config.model_type == "qwen2" and model.model.layers[0].self_attn.q_proj.bias is not None
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     cfg = _cfg(tmp_path)
-    rep = train_ie_lora(cfg, {"name": "q", "base": "x", "engine": "peft"}, str(base), _data(tmp_path),
+    rep = _train_run(cfg, {"name": "q", "base": "x", "engine": "peft"}, str(base), _data(tmp_path),
                         tmp_path / "q", progress=False)
     assert rep["steps"] == 6 and rep["final_val_loss"] < rep["base_val_loss"]
     assert rep["params"]["trainable"] == 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
@@ -226,7 +231,7 @@ def test_the_merged_folder_is_verified_and_complete(tiny_llama, tmp_path, chat_t
 
     base = tiny_llama if arch == "llama" else tiny_qwen2(tmp_path / "qwen2", None, chat_tok)
     cfg = _cfg(tmp_path, **{"ie_lora.train.lr": 0.05})
-    train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(base), _data(tmp_path), tmp_path / "m",
+    _train_run(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(base), _data(tmp_path), tmp_path / "m",
                   progress=False)
     tok = load_tokenizer(str(base))
     enc = ChatEncoder(tok)
@@ -256,7 +261,7 @@ def test_a_merge_that_fails_its_checks_writes_nothing(tiny_llama, tmp_path, chat
     from microlm.ie import merge as export
 
     cfg = _cfg(tmp_path)
-    train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(tiny_llama), _data(tmp_path),
+    _train_run(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(tiny_llama), _data(tmp_path),
                   tmp_path / "m", progress=False)
     adapter = tmp_path / "m" / "adapter"
     # another base: the differing fields are listed
@@ -451,7 +456,7 @@ def test_the_merged_folder_keeps_the_base_dtype_and_reports_the_cast(tmp_path, c
     shutil.rmtree(base / "model.safetensors", ignore_errors=True)
     m.to(torch.bfloat16).save_pretrained(base)  # the published dtype of Qwen2.5: bf16
     cfg = _cfg(tmp_path, **{"ie_lora.train.lr": 0.05, "ie_lora.train.precision": "fp32"})
-    train_ie_lora(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(base), _data(tmp_path), tmp_path / "m",
+    _train_run(cfg, {"name": "m", "base": "x", "engine": "peft"}, str(base), _data(tmp_path), tmp_path / "m",
                   progress=False)
     tok = load_tokenizer(str(base))
     prompts = [ChatEncoder(tok).prompt_ids(x["messages"]) for x in ie_lines(5)]

@@ -9,6 +9,7 @@ from pathlib import Path
 import jinja2
 
 from microlm.ie.render import SYSTEM_PROMPTS, TokenCounter, length_summary, render_example, to_messages
+from microlm.stages.ie_data import pipeline
 from microlm.tokenizer.hf import hf_tokenizer_config, hf_tokenizer_json
 from microlm.tokenizer.tokenizer import render_chat
 
@@ -71,11 +72,11 @@ def test_step_06_on_the_embedded_records_drops_over_cutoff_and_keeps_prompts(tmp
     monkeypatch.delenv("MICROLM_DATA", raising=False)  # the project-written records and schema alone
     cfg = tmp_cfg(**{"ie_data.cutoff_tokens": 400, "ie_data.token_sample": 0})
     out = cfg.run_path / "ie_data"
-    s5 = run_step(cfg, 5)  # runs 01–04 first
+    s5 = run_step(pipeline(cfg), 5, cfg.run_path / "ie_data")  # runs 01–04 first
     assert s5["eval_prompts"]["n"] == 40 and len(s5["eval_prompts"]["by_topic"]) == 12  # every topic, 3–4 each
     assert min(s5["eval_prompts"]["by_topic"].values()) == 3
     qwen_like = TokenCounter.hf("qwen2.5", HFTokenizer.from_str(json.dumps(hf_tokenizer_json(chat_tok))))
-    stats = step_render(cfg, out, counters=[qwen_like, TokenCounter.microlm(chat_tok)])
+    stats = step_render(pipeline(cfg), out, counters=[qwen_like, TokenCounter.microlm(chat_tok)])
     for split in ("train", "val", "test"):
         rows = [json.loads(x) for x in (out / f"06_{split}.jsonl").read_text(encoding="utf-8").splitlines()]
         sp = stats["splits"][split]
@@ -88,7 +89,7 @@ def test_step_06_on_the_embedded_records_drops_over_cutoff_and_keeps_prompts(tmp
     assert len(prompts) == 40 and all("gold" in p and p["messages"][-1]["role"] == "user" for p in prompts)
     assert stats["splits"]["eval_prompts"]["dropped_over_cutoff"] == 0  # the fixed set is never cut
     cfg2 = tmp_cfg(**{"ie_data.token_sample": 50})
-    stats2 = step_render(cfg2, out, counters=[TokenCounter.microlm(chat_tok)])
+    stats2 = step_render(pipeline(cfg2), out, counters=[TokenCounter.microlm(chat_tok)])
     assert 20 <= stats2["splits"]["train"]["measured"] <= 90 < stats2["splits"]["train"]["in"]
     assert stats2["splits"]["eval_prompts"]["measured"] == stats2["splits"]["eval_prompts"]["in"]  # never sampled
     assert not stats2["cutoff_applied"] and stats2["splits"]["train"]["out"] == stats2["splits"]["train"]["in"]
@@ -105,7 +106,7 @@ def test_embedded_records_cover_all_12_topics_and_pass_every_filter(tmp_cfg, mon
     assert len(by_topic) == 12 and min(by_topic.values()) >= 20 and set(by_topic) == set(schema)
     real = Path(os.environ.get("MICROLM_DATA", "/nonexistent")) / "ie" / "instructie_schema_zh.json"
     monkeypatch.delenv("MICROLM_DATA", raising=False)
-    stats = run_step(tmp_cfg(), 2)
+    stats = run_step(pipeline(c := tmp_cfg()), 2, c.run_path / "ie_data")
     assert stats["records_in"] == stats["records"] == len(rows) and stats["issues"]["counts"] == {}
     for p in (real, REPO / ".." / "shared" / "datasets" / "ie" / "instructie_schema_zh.json"):
         if p.is_file():  # the relation names are InstructIE's: the records also pass the full schema
@@ -122,8 +123,8 @@ def test_worker_processes_write_byte_identical_files(tmp_cfg, tmp_path, monkeypa
     for workers in (1, 2):
         cfg = tmp_cfg(**{"ie_data.workers": workers, "ie_data.token_sample": 40, "ie_data.cutoff_tokens": 350})
         out = tmp_path / f"w{workers}"
-        run_step(cfg, 5, out)
-        stats = step_render(cfg, out, counters=[TokenCounter.microlm(chat_tok)], batch=16)  # many chunks
+        run_step(pipeline(cfg), 5, out)
+        stats = step_render(pipeline(cfg), out, counters=[TokenCounter.microlm(chat_tok)], batch=16)  # many chunks
         stats.pop("seconds")
         files[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("0[46]_*.jsonl"))}, stats
     assert files[1][0] == files[2][0]
@@ -167,7 +168,7 @@ def test_the_test_split_keeps_every_chunk_and_iepile_chunks_cover_each_test_reco
     monkeypatch.delenv("MICROLM_DATA", raising=False)
     cfg = tmp_cfg(**{"ie_data.max_empty_chunks": 0, "ie_data.split_num": 2})
     out = tmp_path / "ie"
-    stats = run_step(cfg, 5, out)
+    stats = run_step(pipeline(cfg), 5, out)
     rows = {s: [json.loads(x) for x in (out / f"05_{s}.jsonl").read_text(encoding="utf-8").splitlines()]
             for s in ("train", "val", "test", "test_iepile")}
     assert not any(r["capped"] for s in ("train", "val") for r in rows[s])
@@ -201,7 +202,7 @@ def test_a_record_a_source_gives_twice_becomes_one_record(tmp_cfg, tmp_path):
             dict(rec, relation=[{"head": "乙公司", "relation": "被持股", "tail": "甲公司"},
                                 {"head": "甲公司", "relation": "持股", "tail": "乙公司"}])]
     (out / "02_filtered.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    stats = step_stratify(tmp_cfg(), out)
+    stats = step_stratify(pipeline(tmp_cfg()), out)
     got = [json.loads(x) for x in (out / "03_stratified.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in got] == ["x1", "x2"] and stats["duplicate_records_merged"] == 1
     assert [(t["head"], t["relation"]) for t in got[0]["relation"]] == [("甲公司", "持股"), ("乙公司", "被持股")]

@@ -7,6 +7,7 @@ import pytest
 
 from microlm.errors import MicroLMError
 from microlm.ie.standardize import Issues, RelationMap, record_id, standardize_file
+from microlm.stages.ie_data import pipeline
 
 RMAP = RelationMap()
 
@@ -107,7 +108,7 @@ def test_step_01_writes_records_and_stats_and_names_missing_sources(tmp_cfg, tmp
     (root / "relation2id.txt").write_text("unknown 0\n", encoding="utf-8")
     cfg = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/thunlp_finre/[tv]*.txt": "finre"},
                      "ie_data.embedded": False})
-    stats = run_step(cfg, 1)
+    stats = run_step(pipeline(cfg), 1, cfg.run_path / "ie_data")
     lines = (cfg.run_path / "ie_data" / "01_standardized.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(x)["text"] for x in lines] == ["甲公司收购了乙公司。"]
     saved = json.loads((cfg.run_path / "ie_data" / "01_standardize_stats.json").read_text(encoding="utf-8"))
@@ -117,11 +118,11 @@ def test_step_01_writes_records_and_stats_and_names_missing_sources(tmp_cfg, tmp
     assert saved["files"][0]["file"] == "train.txt"  # relation2id.txt is not a data file
     bad = tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/nothing/*.json": "finre"}})
     with pytest.raises(MicroLMError, match="matches no file"):
-        run_step(bad, 1)
+        run_step(pipeline(bad), 1, bad.run_path / "ie_data")
     with pytest.raises(MicroLMError, match=r"unknown format\(s\) \['brat'\]"):  # refused when the config loads
         tmp_cfg(**{"data.root": str(tmp_path / "data"), "ie_data.sources": {"ie/re_raw/*/*.txt": "brat"}})
     with pytest.raises(MicroLMError, match="steps are 1–6"):
-        run_step(cfg, 7)
+        run_step(pipeline(cfg), 7, cfg.run_path / "ie_data")
 
 
 def _xlsx(path, rows, inline_row=None):

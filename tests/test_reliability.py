@@ -17,6 +17,7 @@ from microlm import stages
 from microlm.io import COMPLETE, recover_dir, staged_dir, write_json
 from microlm.model.checkpoint import read_state
 from microlm.stages import load_config
+from microlm.stages.ie_data import pipeline
 
 from .conftest import REPO, ZH, write_jsonl
 
@@ -423,11 +424,11 @@ def test_a_damaged_ie_intermediate_file_names_file_and_line(damage, needle, tmp_
     monkeypatch.delenv("MICROLM_DATA", raising=False)
     cfg = tmp_cfg()
     out = cfg.run_path / "ie"
-    run_step(cfg, 2, out)
+    run_step(pipeline(cfg), 2, out)
     f = out / "02_filtered.jsonl"
     f.write_bytes(damage(f.read_bytes()))
     with pytest.raises(MicroLMError, match=needle) as e:
-        run_step(cfg, 3, out)
+        run_step(pipeline(cfg), 3, out)
     assert "02_filtered.jsonl:" in str(e.value)
 
 

@@ -12,14 +12,16 @@ import glob
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, batched, iter_json_lines, json_line, ordered_map, read_jsonl, write_json
 
 log = logging.getLogger("microlm")
 
-__all__ = ["STEPS", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
+__all__ = ["STEPS", "IEPipeline", "ie_sources", "step_standardize", "step_filter", "step_stratify", "step_derive", "step_sample", "step_render",
            "render_counters", "schema_paths", "read_records", "run_step"]
 
 STEPS = {1: "standardize", 2: "filter", 3: "stratify", 4: "derive", 5: "sample", 6: "render"}
@@ -31,17 +33,28 @@ PROMPT_SPLITS = ("eval_prompts", "test_iepile")  # rendered without the answer (
 EMBEDDED = "microlm_embedded"  # source name of the project-written records
 
 
-def ie_sources(cfg) -> list[tuple[Path, str, str]]:
+@dataclass(frozen=True)
+class IEPipeline:
+    """What the six steps read: ``d``, the ``ie_data`` settings; ``root``, the data bundle's folder
+    (``None``: the project-written records only); the seed; MicroLM's context (step 06 counts the
+    examples that would not fit it)."""
+
+    d: Any
+    root: Path | None
+    seed: int
+    microlm_context: int
+
+
+def ie_sources(ps: IEPipeline) -> list[tuple[Path, str, str]]:
     """``(file, format, source name)`` for every file matched by ``ie_data.sources`` under the data
     root (the source name is the file's folder, or its stem for files directly under ``ie/``), then
     the project-written InstructIE records when ``ie_data.embedded`` (the only source without a data
     root)."""
-    from microlm.data.sources import data_root
     from microlm.ie.standardize import ADAPTERS, EMBEDDED_RECORDS
 
-    root = data_root(cfg.data.root)
+    root = ps.root
     out = []
-    for pattern, fmt in (cfg.ie_data.sources.items() if root is not None else ()):
+    for pattern, fmt in (ps.d.sources.items() if root is not None else ()):
         if fmt not in ADAPTERS:
             raise MicroLMError(f"ie_data.sources: unknown format {fmt!r} for {pattern!r} (known: {', '.join(ADAPTERS)})")
         files = sorted(glob.glob(str(root / pattern)))
@@ -51,29 +64,29 @@ def ie_sources(cfg) -> list[tuple[Path, str, str]]:
             p = Path(f)
             name = p.parent.name if p.parent.name not in ("ie", "re_raw", "iepile_raw") else p.name.split(".")[0]
             out.append((p, fmt, name))
-    if cfg.ie_data.embedded:
+    if ps.d.embedded:
         out.append((EMBEDDED_RECORDS, "instructie", EMBEDDED))
     if not out:
         raise MicroLMError("no IE data: set MICROLM_DATA to the dataset bundle or keep ie_data.embedded: true")
     return out
 
 
-def step_standardize(cfg, out_dir: Path, sources: list[tuple[Path, str, str]] | None = None) -> dict:
+def step_standardize(ps: IEPipeline, out_dir: Path, sources: list[tuple[Path, str, str]] | None = None) -> dict:
     """01: every source file → ``01_standardized.jsonl`` (``IERecord`` per line) and
     ``01_standardize_stats.json`` (records and triples per source and topic, issues by reason with
     samples, per file)."""
     from microlm.ie.standardize import Issues, RelationMap, standardize_file
 
     t0 = time.time()
-    sources = sources if sources is not None else ie_sources(cfg)
-    rmap = RelationMap(unmapped_topic=cfg.ie_data.unmapped_topic)
+    sources = sources if sources is not None else ie_sources(ps)
+    rmap = RelationMap(unmapped_topic=ps.d.unmapped_topic)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_file, by_topic, by_source = [], Counter(), Counter()
-    all_issues = Issues(keep=cfg.ie_data.keep_samples)
+    all_issues = Issues(keep=ps.d.keep_samples)
     n = 0
     with atomic_open(out_dir / "01_standardized.jsonl") as f:
         for path, fmt, name in sources:
-            issues = Issues(keep=cfg.ie_data.keep_samples)
+            issues = Issues(keep=ps.d.keep_samples)
             n_file = n_triples = 0
             for r in standardize_file(path, fmt, name, rmap, issues):
                 f.write(json_line(r.to_dict()))
@@ -90,7 +103,7 @@ def step_standardize(cfg, out_dir: Path, sources: list[tuple[Path, str, str]] | 
                              "triples": n_triples, "issues": issues.to_dict()})
     stats = {"step": "01_standardize", "records": n, "by_topic": dict(by_topic.most_common()),
              "by_source": dict(by_source.most_common()), "issues": all_issues.to_dict(), "files": per_file,
-             "unmapped_topic": cfg.ie_data.unmapped_topic, "seconds": round(time.time() - t0, 2)}
+             "unmapped_topic": ps.d.unmapped_topic, "seconds": round(time.time() - t0, 2)}
     write_json(out_dir / "01_standardize_stats.json", stats)
     return stats
 
@@ -112,24 +125,24 @@ def read_records(path: Path):
                                f"that writes it again") from None
 
 
-def _require(out_dir: Path, name: str, step: int, cfg) -> Path:
+def _require(out_dir: Path, name: str, step: int, ps) -> Path:
     """An earlier step's output, produced first when it is missing."""
     path = out_dir / name
     if not path.is_file():
-        run_step(cfg, step, out_dir)
+        run_step(ps, step, out_dir)
     return path
 
 
-def step_filter(cfg, out_dir: Path) -> dict:
+def step_filter(ps: IEPipeline, out_dir: Path) -> dict:
     """02: ``01_standardized.jsonl`` → ``02_filtered.jsonl`` + ``02_filter_stats.json`` (records in and
     out by source and topic, drops by reason with samples)."""
     from microlm.ie.filter import filter_records
     from microlm.ie.standardize import Issues
 
     t0 = time.time()
-    src = _require(out_dir, "01_standardized.jsonl", 1, cfg)
-    d = cfg.ie_data
-    schema = _schema(cfg)
+    src = _require(out_dir, "01_standardized.jsonl", 1, ps)
+    d = ps.d
+    schema = _schema(ps)
     issues = Issues(keep=d.keep_samples)
     before_topic, before_source = Counter(), Counter()
 
@@ -141,7 +154,7 @@ def step_filter(cfg, out_dir: Path) -> dict:
 
     kept = filter_records(counted(), schema, extra_topic=d.unmapped_topic, min_chars=d.min_text_chars,
                           max_chars=d.max_text_chars, max_entity_chars=d.max_entity_chars,
-                          near_threshold=d.near_dup_threshold, issues=issues, seed=cfg.seed,
+                          near_threshold=d.near_dup_threshold, issues=issues, seed=ps.seed,
                           workers=d.workers)
     after_topic, after_source, n_kept, n_triples = Counter(), Counter(), 0, 0
     with atomic_open(out_dir / "02_filtered.jsonl") as f:
@@ -162,14 +175,14 @@ def step_filter(cfg, out_dir: Path) -> dict:
     return stats
 
 
-def step_stratify(cfg, out_dir: Path) -> dict:
+def step_stratify(ps: IEPipeline, out_dir: Path) -> dict:
     """03: statistics by topic × relation × source, and a stratum per record — its topic and its
     rarest relation (by triples of that topic), so sampling can reach the long tail.  A record that a
     source gives more than once (the same id and topic: e.g. one TSV line per fact of a sentence, the
     lines apart) becomes one record with the union of its triples, at its first position.
     ``02_filtered.jsonl`` → ``03_stratified.jsonl`` (+ ``stratum``) and ``03_stratify_stats.json``."""
     t0 = time.time()
-    src = _require(out_dir, "02_filtered.jsonl", 2, cfg)
+    src = _require(out_dir, "02_filtered.jsonl", 2, ps)
     triples: dict[tuple[str, str], dict] = {}  # (id, topic) → its triples, each once, in order
     copies: Counter = Counter()
     for r in read_jsonl(src):
@@ -208,12 +221,12 @@ def step_stratify(cfg, out_dir: Path) -> dict:
                 f.write(line.rstrip()[:-1] + ',"stratum":' + json_line(stratum)[:-1] + "}\n")  # the row + its stratum
             else:
                 f.write(json_line({**r, "stratum": stratum}))
-    schema = _schema(cfg)
+    schema = _schema(ps)
     relations: dict[str, dict[str, int]] = {}
     for (topic, rel), c in rel_count.most_common():
         relations.setdefault(topic, {})[rel] = c
-    present = [c for t, c in topic_records.items() if c and t != cfg.ie_data.unmapped_topic]  # schema topics
-    rare = cfg.ie_data.rare_relation_triples
+    present = [c for t, c in topic_records.items() if c and t != ps.d.unmapped_topic]  # schema topics
+    rare = ps.d.rare_relation_triples
     stats = {"step": "03_stratify", "records": sum(topic_records.values()), "duplicate_records_merged": merged,
              "by_topic": dict(topic_records.most_common()), "relations": relations,
              "by_source_topic": {f"{s}|{t}": c for (s, t), c in source_topic.most_common()},
@@ -226,20 +239,19 @@ def step_stratify(cfg, out_dir: Path) -> dict:
     return stats
 
 
-def schema_paths(cfg) -> list[Path]:
+def schema_paths(ps: IEPipeline) -> list[Path]:
     """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``
     (the project's own schema: the relations its records use)."""
-    from microlm.data.sources import data_root
     from microlm.ie.standardize import EMBEDDED_SCHEMA
 
-    root = data_root(cfg.data.root)
-    return [EMBEDDED_SCHEMA] if root is None else [root / p for p in cfg.ie_data.schema]
+    root = ps.root
+    return [EMBEDDED_SCHEMA] if root is None else [root / p for p in ps.d.schema]
 
 
-def _schema(cfg) -> dict[str, list[str]]:
+def _schema(ps: IEPipeline) -> dict[str, list[str]]:
     from microlm.ie.filter import load_schema
 
-    return load_schema(schema_paths(cfg))
+    return load_schema(schema_paths(ps))
 
 
 _WORK: dict = {}  # what the forked workers of ``ordered_map`` need (set before the pool starts)
@@ -259,10 +271,10 @@ def _derive_chunk(rows: list[dict]) -> tuple[str, dict]:
     return "".join(lines), st
 
 
-def _pools(cfg, src: Path):
+def _pools(ps: IEPipeline, src: Path):
     """``pool_of(record)``: the ordered relation list a record's instructions draw from — its topic's
     schema, or for the extra topic the relations its source uses under it (read from ``src``)."""
-    schema = _schema(cfg)
+    schema = _schema(ps)
     extra_pools: dict[str, dict[str, None]] = {}  # source → relations it uses under the extra topic
     for r in read_jsonl(src):
         if r["cate"] not in schema:
@@ -275,16 +287,16 @@ def _pools(cfg, src: Path):
     return pool_of, {k: len(v) for k, v in extra_pools.items()}
 
 
-def step_derive(cfg, out_dir: Path) -> dict:
+def step_derive(ps: IEPipeline, out_dir: Path) -> dict:
     """04: ``03_stratified.jsonl`` → ``04_derived.jsonl``: schema-conditioned instruction/output pairs
     (``microlm/ie/derive.py``) + ``04_derive_stats.json``."""
     t0 = time.time()
-    src = _require(out_dir, "03_stratified.jsonl", 3, cfg)
-    pool_of, extra_pools = _pools(cfg, src)
-    d = cfg.ie_data
+    src = _require(out_dir, "03_stratified.jsonl", 3, ps)
+    pool_of, extra_pools = _pools(ps, src)
+    d = ps.d
     _WORK.clear()
     _WORK.update(pool_of=pool_of, kw={"split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
-                                      "seed": cfg.seed, "max_empty_chunks": d.max_empty_chunks})
+                                      "seed": ps.seed, "max_empty_chunks": d.max_empty_chunks})
     n, empty, by_topic, positives, skipped = 0, 0, Counter(), 0, 0
     with atomic_open(out_dir / "04_derived.jsonl") as f:
         for text, st in ordered_map(_derive_chunk, batched(read_jsonl(src), 1000), d.workers):
@@ -303,7 +315,7 @@ def step_derive(cfg, out_dir: Path) -> dict:
     return stats
 
 
-def step_sample(cfg, out_dir: Path) -> dict:
+def step_sample(ps: IEPipeline, out_dir: Path) -> dict:
     """05: ``04_derived.jsonl`` → ``05_{train,val,test}.jsonl`` (split by text, stratified; chunks capped
     by ``max_empty_chunks`` are left out of train and val only), ``05_test_iepile.jsonl`` (every test
     record under IEPile's own test chunking, with its whole relation list) and ``05_eval_prompts.jsonl``
@@ -312,13 +324,13 @@ def step_sample(cfg, out_dir: Path) -> dict:
     from microlm.ie.sample import assign_splits, pick_eval_prompts
 
     t0 = time.time()
-    src = _require(out_dir, "04_derived.jsonl", 4, cfg)
-    d = cfg.ie_data
+    src = _require(out_dir, "04_derived.jsonl", 4, ps)
+    d = ps.d
     strata: dict[str, str] = {}
     for e in read_jsonl(src):
         strata.setdefault(e["record_id"], e["stratum"] or e["cate"])
     topics = {s.split(":")[0] for s in strata.values()}
-    split_of = assign_splits(strata, d.val_fraction, d.test_fraction, cfg.seed,
+    split_of = assign_splits(strata, d.val_fraction, d.test_fraction, ps.seed,
                              min_test=-(-d.eval_prompts // max(1, len(topics))))
     counts: dict[str, Counter] = {k: Counter() for k in ("train", "val", "test")}
     texts: dict[str, set] = {k: set() for k in counts}
@@ -340,12 +352,12 @@ def step_sample(cfg, out_dir: Path) -> dict:
     shared = (texts["train"] & texts["val"]) | (texts["train"] & texts["test"]) | (texts["val"] & texts["test"])
     if shared:  # by construction impossible; a broken invariant must not pass silently
         raise MicroLMError(f"{len(shared)} texts are in more than one split")
-    prompts = pick_eval_prompts(test_examples, d.eval_prompts, d.unmapped_topic, cfg.seed)
+    prompts = pick_eval_prompts(test_examples, d.eval_prompts, d.unmapped_topic, ps.seed)
     with atomic_open(out_dir / "05_eval_prompts.jsonl") as f:
         for e in prompts:
             f.write(json_line(e))
     stratified = out_dir / "03_stratified.jsonl"
-    pool_of, _ = _pools(cfg, stratified)
+    pool_of, _ = _pools(ps, stratified)
     test_records = (r for r in read_jsonl(stratified) if split_of.get(r["id"]) == "test")
     iepile = Counter()
     with atomic_open(out_dir / "05_test_iepile.jsonl") as f:
@@ -364,14 +376,14 @@ def step_sample(cfg, out_dir: Path) -> dict:
              "test_iepile": {"examples": iepile["examples"], "records": len(texts["test"]),
                              "empty_share": round(iepile["empty"] / max(1, iepile["examples"]), 4)},
              "eval_prompts": {"n": len(prompts), "by_topic": dict(Counter(e["cate"] for e in prompts).most_common())},
-             "seed": cfg.seed, "seconds": round(time.time() - t0, 2)}
+             "seed": ps.seed, "seconds": round(time.time() - t0, 2)}
     if len(prompts) < d.eval_prompts:
         stats["eval_prompts"]["short_by"] = d.eval_prompts - len(prompts)
     write_json(out_dir / "05_sample_stats.json", stats)
     return stats
 
 
-def render_counters(cfg, tokenizer_dir: Path) -> list:
+def render_counters(ps: IEPipeline, tokenizer_dir: Path) -> list:
     """Step 06's tokenizers: Qwen2.5 (``$MICROLM_DATA/tokenizers/qwen2.5``, when there) and the
     MicroLM tokenizer in ``tokenizer_dir`` (the ``tokenizer`` stage's folder)."""
     from microlm.ie.render import TokenCounter
@@ -379,9 +391,7 @@ def render_counters(cfg, tokenizer_dir: Path) -> list:
     from microlm.tokenizer.training import load_hf_tokenizer, qwen_tokenizer_path
 
     out = []
-    from microlm.data.sources import data_root
-
-    qwen = qwen_tokenizer_path(data_root(cfg.data.root))
+    qwen = qwen_tokenizer_path(ps.root)
     if qwen is not None:
         out.append(TokenCounter.hf("qwen2.5", load_hf_tokenizer(qwen)))
     out.append(TokenCounter.microlm(Tokenizer.load(tokenizer_dir)))
@@ -417,7 +427,7 @@ def _render_chunk(rows: list[dict]) -> tuple[str, dict, dict, Counter]:
     return "".join(lines), counts, lengths, by_topic
 
 
-def step_render(cfg, out_dir: Path, counters: list | None = None, batch: int = 1000, *,
+def step_render(ps: IEPipeline, out_dir: Path, counters: list | None = None, batch: int = 1000, *,
                 tokenizer_dir: Path | None = None) -> dict:
     """06: ``05_{train,val,test,eval_prompts}.jsonl`` → ``06_*.jsonl`` chat lines (``messages``, and
     ``tokens`` per tokenizer where measured) + ``06_render_stats.json``.  Examples over
@@ -428,14 +438,14 @@ def step_render(cfg, out_dir: Path, counters: list | None = None, batch: int = 1
     from microlm.ie.render import length_summary
 
     t0 = time.time()
-    d = cfg.ie_data
-    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, cfg) for s in ("train", "val", "test", *PROMPT_SPLITS)}
+    d = ps.d
+    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, ps) for s in ("train", "val", "test", *PROMPT_SPLITS)}
     if counters is None:
         if tokenizer_dir is None:
             raise MicroLMError("step 06 counts tokens with the MicroLM tokenizer: give its folder "
                                "(`microlm ie-data --step 6` builds the tokenizer stage first)")
-        counters = render_counters(cfg, tokenizer_dir)
-    limits = {"qwen2.5": {"cutoff": d.cutoff_tokens}, "microlm": {"context": cfg.model.max_seq_len}}
+        counters = render_counters(ps, tokenizer_dir)
+    limits = {"qwen2.5": {"cutoff": d.cutoff_tokens}, "microlm": {"context": ps.microlm_context}}
     splits, tokens, by_topic = {}, {}, Counter()
     for split, src in inputs.items():
         with open(src, encoding="utf-8") as f:
@@ -444,7 +454,7 @@ def step_render(cfg, out_dir: Path, counters: list | None = None, batch: int = 1
         lengths: dict[str, list[int]] = {c.name: [] for c in counters}
         splits[split] = {"in": n_in, "out": 0, "dropped_over_cutoff": 0, "measured": 0}
         _WORK.clear()
-        _WORK.update(counters=counters, sample=(cfg.seed, n_in, sample), prompt_only=split in PROMPT_SPLITS,
+        _WORK.update(counters=counters, sample=(ps.seed, n_in, sample), prompt_only=split in PROMPT_SPLITS,
                      cutoff=d.cutoff_tokens)
         with atomic_open(out_dir / f"06_{split}.jsonl") as f:
             for text, counts, lens, topics in ordered_map(_render_chunk, batched(read_jsonl(src), batch), d.workers):
@@ -459,23 +469,22 @@ def step_render(cfg, out_dir: Path, counters: list | None = None, batch: int = 1
              "by_topic": dict(by_topic.most_common()), "splits": splits, "tokens": tokens,
              "tokenizers": [c.name for c in counters], "cutoff_tokens": d.cutoff_tokens,
              "cutoff_applied": any(c.name == "qwen2.5" for c in counters),
-             "microlm_context": cfg.model.max_seq_len, "token_sample": d.token_sample,
+             "microlm_context": ps.microlm_context, "token_sample": d.token_sample,
              "seconds": round(time.time() - t0, 2)}
     write_json(out_dir / "06_render_stats.json", stats)
     return stats
 
 
-def run_step(cfg, step: int, out_dir: Path | None = None, *, tokenizer_dir: Path | None = None) -> dict:
-    """Step ``step`` (1–6) into ``out_dir`` (default ``runs/<profile>/ie_data``); its stats.  Step 6
-    needs ``tokenizer_dir``, the MicroLM tokenizer it measures lengths with."""
+def run_step(ps: IEPipeline, step: int, out_dir: Path, *, tokenizer_dir: Path | None = None) -> dict:
+    """Step ``step`` (1–6) into ``out_dir`` (the ie_data stage's folder); its stats.  Step 6 needs
+    ``tokenizer_dir``, the MicroLM tokenizer it measures lengths with."""
     fns = {1: step_standardize, 2: step_filter, 3: step_stratify, 4: step_derive, 5: step_sample}
     if step not in (*fns, 6):
         raise MicroLMError(f"ie-data steps are 1–6, got {step}")
-    out_dir = out_dir or cfg.run_path / "ie_data"
     try:
         if step == 6:
-            return step_render(cfg, out_dir, tokenizer_dir=tokenizer_dir)
-        return fns[step](cfg, out_dir)
+            return step_render(ps, out_dir, tokenizer_dir=tokenizer_dir)
+        return fns[step](ps, out_dir)
     except (KeyError, TypeError, ValueError) as e:
         if step == 1 or isinstance(e, MicroLMError):
             raise

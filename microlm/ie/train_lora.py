@@ -277,7 +277,7 @@ def read_lines(path: Path, limit: int | None = None) -> list[dict]:
     return list(read_jsonl(path, limit, hint="run the ie_data stage first (`microlm ie-data`)"))
 
 
-def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
+def training_mix(lc, data_dir: Path, seed: int) -> tuple[list[dict], dict]:
     """``ie_lora``'s training conversations (``microlm/ie/mix.py``): ``train_examples`` of
     ``06_train.jsonl``, none whose text is (near) one of the test split's, balanced by topic, with
     ``empty_share`` all-empty answers; and what the mix holds (for the report and the notebook).  The
@@ -285,7 +285,6 @@ def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
     training split is never held in memory as conversations."""
     from microlm.ie.mix import answer_triples, balanced_sample, contaminated, describe_mix, line_input
 
-    lc = cfg.ie_lora
     path = data_dir / "06_train.jsonl"
     if not path.is_file():
         raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
@@ -301,9 +300,9 @@ def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
     test = data_dir / "06_test.jsonl"  # the evaluation prompts are drawn from it; every test text counts
     if lc.decontaminate is not None and test.is_file():
         eval_texts = [line_input(x) for _, _, x in iter_json_lines(test)]
-        excluded = contaminated(texts, eval_texts, threshold=lc.decontaminate, seed=cfg.seed)
+        excluded = contaminated(texts, eval_texts, threshold=lc.decontaminate, seed=seed)
     del texts
-    picked, report = balanced_sample(topics, empty, lc.train_examples, empty_share=lc.empty_share, seed=cfg.seed,
+    picked, report = balanced_sample(topics, empty, lc.train_examples, empty_share=lc.empty_share, seed=seed,
                                      excluded=excluded)
     order = {i: k for k, i in enumerate(picked)}
     sample: list = [None] * len(picked)
@@ -316,18 +315,19 @@ def training_mix(cfg, data_dir: Path) -> tuple[list[dict], dict]:
                     **describe_mix(sample, golds)}
 
 
-def base_dtype(cfg) -> torch.dtype:
+def base_dtype(tc) -> torch.dtype:
     """The dtype the frozen base is loaded in: bf16 where training runs in bf16 (native bf16 CPUs, GPUs)."""
     from microlm.hw import resolve_precision
 
-    tc = cfg.ie_lora.train
     return torch.bfloat16 if resolve_precision(tc.precision, tc.device) == "bf16" else torch.float32
 
 
-def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, resume: bool = False,
+def train_ie_lora(lc, run: dict, base: str, data_dir: Path, out_dir: Path, *, seed: int, data_cutoff: int | None = None,
+                  resume: bool = False,
                   progress: bool = True, stop_after: int | None = None, dist=None, init_from=None,
                   run_fingerprint: str | None = None) -> dict:
-    """Train one ``ie_lora`` run (``{"name", "base", "engine"}``) on ``data_dir``'s rendered lines into
+    """Train one ``ie_lora`` run (``{"name", "base", "engine"}``) with the settings ``lc`` (the run's
+    ``ie_lora`` section; ``data_cutoff``: ie_data's token cutoff) on ``data_dir``'s rendered lines into
     ``out_dir`` (``adapter/`` in PEFT format + tokenizer files, ``metrics.jsonl``, ``curves.png``,
     ``report.json``).  ``init_from``: a from-scratch LoRA model whose initial A/B the PEFT engine copies;
     ``run_fingerprint``: recorded in the checkpoints and the report (what makes this sub-run itself)."""
@@ -339,12 +339,11 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
     from microlm.train.dist import distributed
     from microlm.train.trainer import Trainer
 
-    lc = cfg.ie_lora
     tc = lc.train
     reset_peak_rss()  # this run's peak, not an earlier run's of the same process
     with distributed(tc.device, dist) as dist:
         tok = load_tokenizer(base)
-        train_lines, mix = training_mix(cfg, data_dir)
+        train_lines, mix = training_mix(lc, data_dir, seed)
         val_lines = read_lines(data_dir / "06_val.jsonl", lc.val_examples or None)
         if not val_lines:
             raise MicroLMError(f"{data_dir / '06_val.jsonl'} holds no conversation: nothing to validate on")
@@ -352,8 +351,8 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
         if why:
             raise MicroLMError(f"the chat template of {base} differs from the one ie_data rendered with ({why})")
         enc = ChatEncoder(tok)
-        torch.manual_seed(cfg.seed)
-        dtype = base_dtype(cfg) if run["engine"] == "peft" else torch.float32
+        torch.manual_seed(seed)
+        dtype = base_dtype(lc.train) if run["engine"] == "peft" else torch.float32
         model, lcfg = build_engine(run["engine"], base, lc, dtype=dtype)
         vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
         if vocab is not None and len(tok) > vocab:
@@ -361,7 +360,7 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
                                f"embeddings: tokenizer and weights do not belong together")
         limit = getattr(getattr(model, "cfg", None), "max_seq_len", None) or getattr(
             model.config, "max_position_embeddings", None)
-        cutoff = min(x for x in (lc.cutoff_tokens, limit, cfg.ie_data.cutoff_tokens) if x)
+        cutoff = min(x for x in (lc.cutoff_tokens, limit, data_cutoff) if x)
         train_ex, counts = encode_chats(enc, train_lines, cutoff)
         val_ex, val_counts = encode_chats(enc, val_lines, cutoff)
         counts["sampled_from"] = mix["available"]
@@ -371,10 +370,10 @@ def train_ie_lora(cfg, run: dict, base: str, data_dir: Path, out_dir: Path, *, r
         if init_from is not None:
             copy_microlm_init_to_peft(init_from, model)
         wrapped = SummedTokenLoss(model)
-        batches = LengthGroupedBatches(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, group=lc.group)
+        batches = LengthGroupedBatches(train_ex, tc.batch_size, tok.pad_token_id, seed, group=lc.group)
         mean_len = sum(len(e.ids) for e in train_ex) / len(train_ex)
         micro = tc.micro_batch_size or max(1, tc.batch_size // dist.world_size)
-        trainer = Trainer(wrapped, tc, out_dir, batches=batches, dist=dist, seed=cfg.seed, progress=progress,
+        trainer = Trainer(wrapped, tc, out_dir, batches=batches, dist=dist, seed=seed, progress=progress,
                           tokens_per_step=round(tc.batch_size * mean_len), trainable_only=True,
                           run_meta={"stage": "ie_lora", "run": run, "base": base,
                                     "lora": {k: getattr(lc, k) for k in ("r", "alpha", "dropout", "targets")},

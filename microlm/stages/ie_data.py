@@ -87,12 +87,22 @@ def check(cfg) -> None:
 
 
 
+def pipeline(cfg):
+    """The plain settings the six steps read (``microlm.ie.pipeline.IEPipeline``) from a profile."""
+    from microlm.data.sources import data_root
+    from microlm.ie.pipeline import IEPipeline
+
+    return IEPipeline(d=cfg.ie_data, root=data_root(cfg.data.root), seed=cfg.seed,
+                      microlm_context=cfg.model.max_seq_len)
+
+
 def _inputs(cfg, options: dict) -> list:
     from microlm.ie.pipeline import ie_sources, schema_paths
     from microlm.ie.standardize import RELATION_MAP
 
     q = qwen_tokenizer(cfg)
-    return [p for p, _, _ in ie_sources(cfg)] + schema_paths(cfg) + [RELATION_MAP] + ([q] if q else [])
+    ps = pipeline(cfg)
+    return [p for p, _, _ in ie_sources(ps)] + schema_paths(ps) + [RELATION_MAP] + ([q] if q else [])
 
 
 def build(run: StageRun) -> dict | None:
@@ -100,9 +110,10 @@ def build(run: StageRun) -> dict | None:
     from microlm.ie.pipeline import STEPS, run_step
 
     only = run.options.get("step")
+    ps = pipeline(run.cfg)
     stats = {}
     for step in [only] if only is not None else STEPS:
-        st = stats[step] = run_step(run.cfg, step, run.out, tokenizer_dir=run.up["tokenizer"])
+        st = stats[step] = run_step(ps, step, run.out, tokenizer_dir=run.up["tokenizer"])
         issues = st.get("issues", {}).get("counts", {})
         extra = f"; {sum(issues.values()):,} issues in {len(issues)} reasons" if issues else ""
         log.info("ie_data %s: %s records%s; %s s", st["step"], f"{st['records']:,}", extra, st["seconds"])
@@ -122,6 +133,9 @@ STAGE = Stage(
     + ("05_eval_prompts.jsonl",) + tuple(f"0{n}_{step}_stats.json" for n, step in enumerate(STEP_NAMES, 1)),
     files={"train": "06_train.jsonl", "val": "06_val.jsonl", "test": "06_test.jsonl",
            "eval_prompts": "06_eval_prompts.jsonl", "test_iepile": "06_test_iepile.jsonl",
+           "standardized": "01_standardized.jsonl", "filtered": "02_filtered.jsonl",
+           "stratified": "03_stratified.jsonl", "derived": "04_derived.jsonl",
+           **{f"sample_{s}": f"05_{s}.jsonl" for s in ("train", "val", "test", "eval_prompts", "test_iepile")},
            **{f"{step}_stats": f"0{n}_{step}_stats.json" for n, step in enumerate(STEP_NAMES, 1)}},
     notebook="09_ie_data", version=2,  # 2: the test split keeps every chunk; IEPile's test chunking
     options=(Option("step", "run one step: 1 standardize, 2 filter, 3 stratify, 4 derive, 5 sample, 6 render "

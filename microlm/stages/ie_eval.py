@@ -224,6 +224,7 @@ STAGE = Stage(
                         "qwen": qwen_key(cfg, [m.get("model") for m in cfg.ie_eval.models])},
     outputs=("results.jsonl", "summary.md", "summary.csv", "failures.md", "metrics.png", "topic_f1.png",
              "answers.png", "results_card.json", "report.json"),
+    files={"summary": "summary.md", "summary_csv": "summary.csv"},
     notebook="11_ie_eval",
     options=(Option("all", "the whole test split (first variant of each chunk) instead of the evaluation prompts",
                     flag=True),),

@@ -170,7 +170,8 @@ def build(run: StageRun) -> dict | None:
             shutil.rmtree(out)  # another run's files (other settings or upstream): never mixed with this one's
         if resume:
             done.unlink(missing_ok=True)
-        reports[entry["name"]] = train_ie_lora(cfg, {"engine": "peft", **entry}, base, run.up["ie_data"], out,
+        reports[entry["name"]] = train_ie_lora(cfg.ie_lora, {"engine": "peft", **entry}, base, run.up["ie_data"], out,
+                                               seed=cfg.seed, data_cutoff=cfg.ie_data.cutoff_tokens,
                                                resume=resume, progress=run.progress, stop_after=opts.get("stop_after"),
                                                dist=run.dist, run_fingerprint=fp)
     if opts.get("stop_after") is not None or not all(reports.values()):
@@ -211,7 +212,8 @@ def runs_summary(m: dict, fmt: Callable[[dict], str]) -> str:
 STAGE = Stage(
     "ie_lora", "B3", "LoRA fine-tune for IE on the rendered chats (PEFT, or the from-scratch LoRA): one adapter per run",
     build=build, section=IELoRAConfig, check=check, upstream=("ie_data", "hf"), needs=ie_bases, sections=("ie_lora",),
-    key=_key, outputs=("report.json",), files={"run": "{run}/adapter"}, notebook="10_qwen_lora", train="ie_lora.train",
+    key=_key, outputs=("report.json",), files={"run": "{run}/adapter", "run_report": "{run}/report.json"},
+    notebook="10_qwen_lora", train="ie_lora.train",
     summary=lambda m: runs_summary(m, lambda r: (f"{r['engine']}, {r['trainable_percent']} % trainable, val loss "
                                                  f"{fmt_loss(r['base_val_loss'])} -> {fmt_loss(r['final_val_loss'])}, "
                                                  f"{r['seconds']} s")))

@@ -83,6 +83,8 @@ STAGE = Stage(
     "ie_merged", "B5", "merge each IE adapter into its base: a verified Hugging Face folder per run",
     build=build, section=IEMergedConfig, check=check, upstream=("ie_data", "hf", "ie_lora"),
     needs=lambda cfg, o: ie_bases(cfg, o) + ("ie_lora",), sections=("ie_merged",),
-    outputs=("report.json",), files={"run": "{run}"}, notebook="10_qwen_lora",
+    outputs=("report.json",), files={"run": "{run}", "run_report": "{run}/report.json", "run_readme": "{run}/README.md",
+                                     "run_generation_config": "{run}/generation_config.json"},
+    notebook="10_qwen_lora",
     summary=lambda m: runs_summary(m, lambda r: (f"max |Δlogit| {r['logits_max_abs_diff']:.1e}, greedy identical "
                                                  f"{r['greedy_identical']}/{r['greedy_prompts']}")))

@@ -36,6 +36,8 @@ STAGE = Stage(
     "tokens", "A4", "encode the corpus splits into uint16 token files + index",
     build=build, section=TokensConfig, check=check, upstream=("corpus", "tokenizer"), sections=("tokens",),
     key=lambda cfg, o: {},  # workers and batch size do not change the bytes written (tested)
-    outputs=("train.bin", "train.idx", "val.bin", "val.idx", "meta.json"), notebook="03_tokens",
+    outputs=("train.bin", "train.idx", "val.bin", "val.idx", "meta.json"),
+    files={"train": "train.bin", "val": "val.bin", "train_index": "train.idx", "val_index": "val.idx"},
+    notebook="03_tokens",
     aliases=("tokenize",),
     summary=lambda m: (f"{m['tokens_total']:,} tokens, docs {m['docs']}; {m['tokens_per_s']:,} tokens/s"))
