@@ -44,8 +44,8 @@ from microlm.stages import load_config
 from microlm.stages.corpus import corpus_sources
 
 cfg = load_config(profile)
-corpus_dir = stages.require("corpus", cfg)  # builds the stage if missing or stale, else skips
-report = json.loads((corpus_dir / "report.json").read_text(encoding="utf-8"))
+stages.require("corpus", cfg)  # builds the stage if missing or stale, else skips
+report = json.loads(stages.output(cfg, "corpus", "report").read_text(encoding="utf-8"))
 sources = corpus_sources(cfg)
 print(f"{report['records_in']:,} records in -> {report['records_out']:,} out "
       f"({report['train_docs']:,} train / {report['val_docs']:,} val) in {report['throughput']['seconds']} s")
@@ -266,7 +266,7 @@ eos = cfg.corpus.eos
 n_checked = 0
 seen = set()
 for split in ("train", "val"):
-    for doc in itertools.islice(iter_corpus(corpus_dir / f"{split}.jsonl"), 20000):
+    for doc in itertools.islice(iter_corpus(stages.output(cfg, "corpus", split)), 20000):
         assert doc.endswith(eos) and doc.count(eos) == 1, "exactly one EOS, at the end"
         body = doc.removesuffix(eos)
         dh, sh = exact_hash(body)
@@ -320,7 +320,8 @@ def digit_ratio(text):
     return len(DIGIT.findall(text)) / n if n else 0.0
 
 
-kept = [d.removesuffix(eos) for d in itertools.islice(iter_corpus(corpus_dir / "train.jsonl"), 20000)]
+kept = [d.removesuffix(eos)
+        for d in itertools.islice(iter_corpus(stages.output(cfg, "corpus", "train")), 20000)]
 ratios = np.array([digit_ratio(t) for t in kept])
 bound = 1 - cfg.corpus.min_cjk_ratio
 counts = {t: int((ratios > t).sum()) for t in (0.05, 0.1, 0.2, 0.3, bound)}
@@ -344,7 +345,7 @@ assert list(counts.values()) == sorted(counts.values(), reverse=True), "a strict
 
 # %% tags=["hide-cell"]
 docs = [d.removesuffix(eos) for split in ("train", "val")
-        for d in itertools.islice(iter_corpus(corpus_dir / f"{split}.jsonl"), 20000)]
+        for d in itertools.islice(iter_corpus(stages.output(cfg, "corpus", split)), 20000)]
 split_hashes = [exact_hash(d)[1] for d in docs]
 f = cfg.corpus.val_fraction
 val_now = {k for k, h in enumerate(split_hashes) if split_of(h, f) == "val"}

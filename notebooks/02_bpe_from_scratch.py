@@ -47,8 +47,7 @@ from microlm.tokenizer.training import read_texts
 
 cfg = load_config(profile)
 tok_dir = stages.require("tokenizer", cfg)  # trains it if missing or stale, else skips
-corpus_dir = stages.stage_dir(cfg, "corpus")  # built above as the tokenizer's upstream
-report = json.loads((tok_dir / "report.json").read_text(encoding="utf-8"))
+report = json.loads(stages.output(cfg, "tokenizer", "report").read_text(encoding="utf-8"))
 tok = Tokenizer.load(tok_dir)
 print(tok, f"trained in {report['train_s']} s on {report['train_bytes'] / 1e6:.1f} MB")
 assert tok.vocab_size == cfg.tokenizer.vocab_size
@@ -207,7 +206,7 @@ if "hf_bpe_gpt2_6400" in rows:  # same vocab size, same text: within a few perce
 # training run: the gain per extra token falls fast once common characters are single tokens.
 
 # %%
-val_docs = read_texts(corpus_dir / "val.jsonl", limit=300)
+val_docs = read_texts(stages.output(cfg, "corpus", "val"), limit=300)
 val_bytes = sum(len(d.encode()) for d in val_docs)
 sizes = [259, 400, 800, 1600, 3200, 4800, tok.vocab_size]
 bpt = []
@@ -306,8 +305,8 @@ assert "".join(pieces) + dec.flush() == reply and "\ufffd" not in "".join(pieces
 # %%
 from tokenizers import Tokenizer as HFTokenizer
 
-hf = HFTokenizer.from_file(str(tok_dir / "tokenizer.json"))
-check = read_texts(corpus_dir / "val.jsonl", limit=1000)
+hf = HFTokenizer.from_file(str(stages.output(cfg, "tokenizer", "tokenizer")))
+check = read_texts(stages.output(cfg, "corpus", "val"), limit=1000)
 same = sum(e.ids == tok.encode(d)
            for e, d in zip(hf.encode_batch(check, add_special_tokens=False), check, strict=True))
 print(f"identical ids on {same}/{len(check)} val documents")

@@ -42,14 +42,14 @@ from microlm.tokenizer.memmap import TokenWindows, open_tokens, read_index
 from microlm.tokenizer.training import read_texts
 
 cfg = load_config(profile)
-tokens_dir = stages.require("tokens", cfg)  # encodes the corpus if missing or stale, else skips
+stages.require("tokens", cfg)  # encodes the corpus if missing or stale, else skips
 tok = Tokenizer.load(stages.stage_dir(cfg, "tokenizer"))
-meta = json.loads((tokens_dir / "meta.json").read_text(encoding="utf-8"))
+meta = json.loads(stages.output(cfg, "tokens", "meta").read_text(encoding="utf-8"))
 print(json.dumps(meta, indent=1))
-train = open_tokens(tokens_dir / "train.bin")
-idx = read_index(tokens_dir / "train.bin")
+train = open_tokens(stages.output(cfg, "tokens", "train"))
+idx = read_index(stages.output(cfg, "tokens", "train"))
 assert train.dtype == np.uint16 and len(train) == meta["splits"]["train"]["tokens"]
-assert (tokens_dir / "train.bin").stat().st_size == 2 * len(train), "two bytes per token"
+assert (stages.output(cfg, "tokens", "train")).stat().st_size == 2 * len(train), "two bytes per token"
 assert idx[0] == 0 and idx[-1] == len(train) and np.all(np.diff(idx) > 0)
 
 # %% [markdown]
@@ -63,7 +63,7 @@ first = train[idx[0]:idx[1]]
 print(first[:40].tolist())
 print([tok.id_to_token(int(i)) for i in first[:20]])
 print(repr(tok.decode(first.tolist())[:120]))
-docs_train = read_texts(stages.stage_dir(cfg, "corpus") / "train.jsonl", limit=50)
+docs_train = read_texts(stages.output(cfg, "corpus", "train"), limit=50)
 for k in range(min(50, len(idx) - 1)):
     doc = train[idx[k]:idx[k + 1]].tolist()
     assert doc[-1] == tok.eos_id and doc.count(tok.eos_id) == 1
@@ -136,7 +136,7 @@ assert counts.sum() == len(sample) and used > 0.5 * tok.vocab_size
 
 # %%
 block = 64 if profile == "smoke" else 256
-windows = TokenWindows(tokens_dir / "train.bin", block_size=block, seed=cfg.seed)
+windows = TokenWindows(stages.output(cfg, "tokens", "train"), block_size=block, seed=cfg.seed)
 x, y = windows.batch(4)
 print(x.shape, y.shape)
 print("x:", repr(tok.decode(x[0, :24].tolist())))
@@ -161,13 +161,13 @@ assert xt.shape == (8, block) and str(xt.dtype) == "torch.int64"
 
 # %% tags=["hide-cell"]
 EOS = "<|endoftext|>"
-val = open_tokens(tokens_dir / "val.bin")
-vidx = read_index(tokens_dir / "val.bin")
-val_texts = read_texts(stages.stage_dir(cfg, "corpus") / "val.jsonl")
+val = open_tokens(stages.output(cfg, "tokens", "val"))
+vidx = read_index(stages.output(cfg, "tokens", "val"))
+val_texts = read_texts(stages.output(cfg, "corpus", "val"))
 n_docs = len(vidx) - 1
 body_bytes = sum(len(t.removesuffix(EOS).encode("utf-8")) for t in val_texts)
 bpt = body_bytes / (len(val) - n_docs)
-tok_report = json.loads((stages.stage_dir(cfg, "tokenizer") / "report.json").read_text(encoding="utf-8"))
+tok_report = json.loads(stages.output(cfg, "tokenizer", "report").read_text(encoding="utf-8"))
 ours = tok_report["compression"]["microlm"]
 with_eos = (body_bytes + n_docs * len(EOS.encode())) / len(val)  # each EOS: 13 bytes of text, one token
 print(f"val: {n_docs:,} documents, {len(val):,} tokens, {body_bytes:,} bytes -> {bpt:.4f} bytes/token "
@@ -189,7 +189,7 @@ assert round(with_eos, 4) == ours["bytes_per_token"] and with_eos > bpt
 import math
 
 p_inside = np.maximum(doc_tokens - block, 0).sum() / (len(train) - block)
-sampler = TokenWindows(tokens_dir / "train.bin", block_size=block, seed=cfg.seed + 1)
+sampler = TokenWindows(stages.output(cfg, "tokens", "train"), block_size=block, seed=cfg.seed + 1)
 xs, _ = sampler.batch(4000)
 seen = float((xs != tok.eos_id).all(axis=1).mean())
 sigma = math.sqrt(p_inside * (1 - p_inside) / len(xs))

@@ -42,7 +42,7 @@ from microlm.train.trainer import lr_at
 
 cfg = load_config(profile)
 pre_dir = stages.require("pretrain", cfg)
-report = json.loads((pre_dir / "report.json").read_text(encoding="utf-8"))
+report = json.loads(stages.output(cfg, "pretrain", "report").read_text(encoding="utf-8"))
 train, evals = read_metrics(pre_dir)
 print(json.dumps({k: v for k, v in report.items() if k not in ("samples", "model")}, indent=1))
 assert report["steps"] == cfg.pretrain.max_steps and len(evals) >= 1
@@ -252,7 +252,7 @@ from microlm.train.pretrain import EVAL_SEED_OFFSET, WindowBatches, byte_lengths
 tc = cfg.pretrain
 byte_len = byte_lengths(Tokenizer.load(stages.stage_dir(cfg, "tokenizer")))
 micro = tc.micro_batch_size or max(1, tc.batch_size // report["processes"])
-windows = WindowBatches(stages.stage_dir(cfg, "tokens") / "val.bin", tc.seq_len, micro, cfg.seed + EVAL_SEED_OFFSET)
+windows = WindowBatches(stages.output(cfg, "tokens", "val"), tc.seq_len, micro, cfg.seed + EVAL_SEED_OFFSET)
 n_tok = n_bytes = 0
 for i in range(tc.eval_batches):
     _, y = windows.gather(windows.starts(i))

@@ -47,7 +47,7 @@ from microlm.train.curves import read_metrics
 cfg = load_config(profile)
 sft_dir = stages.require("sft", cfg)
 tok = Tokenizer.load(stages.stage_dir(cfg, "tokenizer"))
-report = json.loads((sft_dir / "report.json").read_text(encoding="utf-8"))
+report = json.loads(stages.output(cfg, "sft", "report").read_text(encoding="utf-8"))
 print(json.dumps({k: report[k] for k in ("train_data", "val_data", "steps", "first_val_loss", "final_val_loss")},
                  ensure_ascii=False, indent=1))
 d = report["train_data"]

@@ -38,7 +38,7 @@ from microlm.train.curves import read_metrics
 
 cfg = load_config(profile)
 lora_dir = stages.require("lora", cfg)
-report = json.loads((lora_dir / "report.json").read_text(encoding="utf-8"))
+report = json.loads(stages.output(cfg, "lora", "report").read_text(encoding="utf-8"))
 print(json.dumps({k: report[k] for k in ("params", "task", "steps", "heldout")}, ensure_ascii=False, indent=1))
 
 # %% [markdown]
@@ -91,7 +91,8 @@ pre, _ = load_model(stages.stage_dir(cfg, "pretrain"), tokenizer=tok_dir)
 sft, _ = load_model(stages.stage_dir(cfg, "sft"), tokenizer=tok_dir)
 q = cfg.model.dim
 full_delta = (sft.layers[0].attn.qkv_proj.weight - pre.layers[0].attn.qkv_proj.weight)[:q].detach()
-lora_model, _ = load_model(stages.stage_dir(cfg, "sft"), tokenizer=tok_dir, adapter=lora_dir / "adapter")
+lora_model, _ = load_model(stages.stage_dir(cfg, "sft"), tokenizer=tok_dir,
+                           adapter=stages.output(cfg, "lora", "adapter"))
 layer = lora_model.layers[0].attn.qkv_proj
 lora_delta = layer.delta_weight(layer.index[0]).detach()
 s_full = torch.linalg.svdvals(full_delta).numpy()

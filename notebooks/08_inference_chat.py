@@ -229,7 +229,8 @@ assert err.getvalue().count("tokens/s") == 3
 # %%
 hf_dir = stages.require("hf", cfg)
 print(sorted(p.name for p in hf_dir.iterdir()))
-print(json.dumps(json.loads((hf_dir / "report.json").read_text(encoding="utf-8"))["check"], indent=1))
+hf_report = json.loads(stages.output(cfg, "hf", "report").read_text(encoding="utf-8"))
+print(json.dumps(hf_report["check"], indent=1))
 
 import transformers  # noqa: E402
 

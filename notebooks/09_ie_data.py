@@ -18,18 +18,20 @@
 # are absent must be answered with `[]`), samples train/val/test by *text*, fixes 40 evaluation
 # prompts, and renders chat lines that Qwen2.5 and MicroLM read through the same ChatML template.
 #
-# | step | module | output (`runs/<profile>/ie_data/`) |
-# |---|---|---|
-# | 01 standardize | `microlm/ie/standardize.py` | `01_standardized.jsonl` |
-# | 02 filter | `microlm/ie/filter.py` | `02_filtered.jsonl` |
-# | 03 stratify | `microlm/ie/pipeline.py` | `03_stratified.jsonl` |
-# | 04 derive | `microlm/ie/derive.py` | `04_derived.jsonl` |
-# | 05 sample | `microlm/ie/sample.py` | `05_{train,val,test,eval_prompts}.jsonl` |
-# | 06 render | `microlm/ie/render.py` | `06_{train,val,test,eval_prompts}.jsonl` |
+# | step | module | output (`runs/<profile>/ie_data/`) | key |
+# |---|---|---|---|
+# | 01 standardize | `microlm/ie/standardize.py` | `01_standardized.jsonl` | `standardized` |
+# | 02 filter | `microlm/ie/filter.py` | `02_filtered.jsonl` | `filtered` |
+# | 03 stratify | `microlm/ie/pipeline.py` | `03_stratified.jsonl` | `stratified` |
+# | 04 derive | `microlm/ie/derive.py` | `04_derived.jsonl` | `derived` |
+# | 05 sample | `microlm/ie/sample.py` | `05_{train,val,test,eval_prompts}.jsonl` | `sample_train`, `sample_val`, … |
+# | 06 render | `microlm/ie/render.py` | `06_{train,val,test,eval_prompts}.jsonl` | `train`, `val`, … |
 #
-# Each step also writes `0N_*_stats.json`. CLI: `microlm ie-data --profile cpu` runs the six as one
-# stage (with a manifest, skipped when nothing changed); `--step N` runs one step (a step whose
-# input is missing runs the one before it). Data: `$MICROLM_DATA/ie` (≈40k real labelled
+# Each step also writes `0N_*_stats.json` (key `<step>_stats`, e.g. `render_stats`). The notebook asks
+# the registry for a file by its key: `stages.output(cfg, "ie_data", "derived")` is
+# `runs/<profile>/ie_data/04_derived.jsonl`. CLI: `microlm ie-data --profile cpu` runs the six as one
+# stage (`microlm/stages/ie_data.py`: its config section and checks; a manifest, skipped when nothing
+# changed); `--step N` runs one step (a step whose input is missing runs the one before it). Data: `$MICROLM_DATA/ie` (≈40k real labelled
 # sentences: DuIE/SKE, DeepKE CSV, CMeIE, FinRE, SanWen, a people-relation TSV, IEPile samples,
 # InstructIE examples) plus 255 InstructIE-format records written for this course
 # (`data/ie/embedded_zh.jsonl`, ≥ 21 per topic), which alone run the pipeline on a fresh machine.
@@ -55,6 +57,7 @@ from microlm.io import read_jsonl
 from microlm.paths import display_path
 from microlm.plotting import cjk_font
 from microlm.stages import load_config
+from microlm.stages.ie_data import pipeline
 from microlm.tokenizer.tokenizer import render_chat
 
 cfg = load_config(profile)
@@ -65,10 +68,10 @@ real = data_root(cfg.data.root) is not None
 print(f"profile {profile}; real data: {real}; output {display_path(out)} ({time.time() - t0:.1f} s)")
 stats = {}
 for step, name in STEPS.items():
-    stats[name] = json.loads((out / f"{step:02d}_{name}_stats.json").read_text(encoding="utf-8"))
+    stats[name] = json.loads(stages.output(cfg, "ie_data", f"{name}_stats").read_text(encoding="utf-8"))
     print(f"{step:02d} {name:<11} {stats[name]['records']:>9,} rows  {stats[name]['seconds']:6.1f} s")
-assert all((out / f).is_file() for f in ("01_standardized.jsonl", "02_filtered.jsonl", "03_stratified.jsonl",
-                                          "04_derived.jsonl", "05_eval_prompts.jsonl", "06_train.jsonl"))
+assert all(stages.output(cfg, "ie_data", k).is_file()
+           for k in ("standardized", "filtered", "stratified", "derived", "sample_eval_prompts", "train"))
 
 
 def label(topic: str) -> str:
@@ -91,7 +94,7 @@ def label(topic: str) -> str:
 
 # %%
 s1 = stats["standardize"]
-print(f"{len(ie_sources(cfg))} files → {s1['records']:,} records")
+print(f"{len(ie_sources(pipeline(cfg)))} files → {s1['records']:,} records")
 for f in s1["files"]:
     top = ", ".join(f"{k} {v}" for k, v in list(f["issues"]["counts"].items())[:3])
     print(f"  {f['source']:<26} {f['format']:<14} {f['records']:>7,} records {f['triples']:>7,} triples  {top}")
@@ -189,8 +192,9 @@ assert sum(s3["by_topic"].values()) == s2["records"] - s3["duplicate_records_mer
 
 # %%
 s4 = stats["derive"]
-rec = next(r for r in read_jsonl(out / "03_stratified.jsonl") if r["source"] == "microlm_embedded" or real)
-exs = [e for e in read_jsonl(out / "04_derived.jsonl") if e["record_id"] == rec["id"]]
+rec = next(r for r in read_jsonl(stages.output(cfg, "ie_data", "stratified"))
+           if r["source"] == "microlm_embedded" or real)
+exs = [e for e in read_jsonl(stages.output(cfg, "ie_data", "derived")) if e["record_id"] == rec["id"]]
 print(rec["text"])
 for e in exs:
     ins, ans = json.loads(e["instruction"]), json.loads(e["output"])
@@ -222,9 +226,10 @@ assert {p["subject"] for e in exs for v in json.loads(e["output"]).values() for 
 
 # %%
 s5 = stats["sample"]
-ids = {k: {e["record_id"] for e in read_jsonl(out / f"05_{k}.jsonl")} for k in ("train", "val", "test")}
+ids = {k: {e["record_id"] for e in read_jsonl(stages.output(cfg, "ie_data", f"sample_{k}"))}
+       for k in ("train", "val", "test")}
 assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
-prompts = list(read_jsonl(out / "05_eval_prompts.jsonl"))
+prompts = list(read_jsonl(stages.output(cfg, "ie_data", "sample_eval_prompts")))
 by_t = Counter(p["cate"] for p in prompts)
 fig, ax = plt.subplots(figsize=(10, 3))
 ax.bar([label(t) for t in by_t], list(by_t.values()), color="#47a")
@@ -237,13 +242,13 @@ assert len(prompts) == min(cfg.ie_data.eval_prompts, len(prompts)) and all(p["po
 assert len({p["record_id"] for p in prompts}) == len(prompts)
 if real or cfg.ie_data.embedded:
     assert len(by_t) >= 12  # every InstructIE topic (the project-written records guarantee it)
-iep = list(read_jsonl(out / "05_test_iepile.jsonl"))
-test_rows = list(read_jsonl(out / "05_test.jsonl"))
+iep = list(read_jsonl(stages.output(cfg, "ie_data", "sample_test_iepile")))
+test_rows = list(read_jsonl(stages.output(cfg, "ie_data", "sample_test")))
 print(f"test split: {len(test_rows):,} chunks (ours, every one kept; {s5['test_empty_share']:.1%} all-empty); "
       f"IEPile's chunking: {len(iep):,} chunks of {len({e['record_id'] for e in iep}):,} records "
       f"({s5['test_iepile']['empty_share']:.1%} all-empty)")
-assert {e["record_id"] for e in iep} == ids["test"] and not any(e["capped"] for k in ("train", "val")
-                                                                   for e in read_jsonl(out / f"05_{k}.jsonl"))
+assert {e["record_id"] for e in iep} == ids["test"] and not any(
+    e["capped"] for k in ("train", "val") for e in read_jsonl(stages.output(cfg, "ie_data", f"sample_{k}")))
 one = [e for e in iep if e["record_id"] == prompts[0]["record_id"]]
 print(f"record {one[0]['record_id']} under IEPile's chunking: " + " | ".join(
     ", ".join(json.loads(e["instruction"])["schema"]) for e in one))
@@ -265,7 +270,7 @@ assert sorted(map(tuple, one[0]["record_gold"])) == sorted({(h, r, t) for e in o
 # %%
 s6 = stats["render"]
 before = prompts[0]
-after = next(read_jsonl(out / "06_eval_prompts.jsonl"))
+after = next(read_jsonl(stages.output(cfg, "ie_data", "eval_prompts")))
 print("derived:", json.dumps({k: before[k] for k in ("instruction", "output")}, ensure_ascii=False)[:400])
 print("\nrendered (generation prompt added, gold kept aside):")
 print(render_chat(after["messages"], add_generation_prompt=True))
@@ -310,9 +315,9 @@ if profile == "cpu":  # the cpu model reads 512 tokens so that pipeline B's cpu 
 
 # %%
 by_src_topic_in, by_src_topic_out = Counter(), Counter()
-for r in read_jsonl(out / "01_standardized.jsonl"):
+for r in read_jsonl(stages.output(cfg, "ie_data", "standardized")):
     by_src_topic_in[(r["source"], r["cate"])] += 1
-for r in read_jsonl(out / "02_filtered.jsonl"):
+for r in read_jsonl(stages.output(cfg, "ie_data", "filtered")):
     by_src_topic_out[(r["source"], r["cate"])] += 1
 print("| source | topic | in | out |\n|---|---|---|---|")
 for (src, t), c in sorted(by_src_topic_in.items(), key=lambda kv: (kv[0][0], -kv[1])):
@@ -335,7 +340,7 @@ assert sum(by_src_topic_out.values()) == s2["records"]
 
 # %% tags=["hide-cell"]
 per_topic, strata_seen = Counter(), set()
-for r in read_jsonl(out / "03_stratified.jsonl"):
+for r in read_jsonl(stages.output(cfg, "ie_data", "stratified")):
     per_topic[r["cate"]] += 1
     strata_seen.add(r["stratum"])
     assert r["stratum"].split(":", 1)[0] == r["cate"]  # a stratum is topic:rarest relation
@@ -357,7 +362,7 @@ assert ratio == s3["imbalance_max_over_min_topic"]
 
 # %% tags=["hide-cell"]
 n_ex, n_empty, pairs, empty_per_record = 0, 0, 0, Counter()
-for e in read_jsonl(out / "04_derived.jsonl"):
+for e in read_jsonl(stages.output(cfg, "ie_data", "derived")):
     ans = json.loads(e["output"])
     k = sum(len(v) for v in ans.values())
     n_ex += 1
@@ -371,7 +376,8 @@ print(f"{n_ex:,} examples, {n_empty:,} empty ({n_empty / n_ex:.2%}; stats {s4['e
 assert n_ex == s4["examples"] and pairs == s4["positive_pairs"]
 assert round(n_empty / n_ex, 4) == s4["empty_output_share"]
 if cfg.ie_data.max_empty_chunks is not None:  # uncapped empty chunks per record (a record given twice is merged in 03)
-    uncapped = Counter((e["record_id"], e["cate"], e["variant"]) for e in read_jsonl(out / "04_derived.jsonl")
+    uncapped = Counter((e["record_id"], e["cate"], e["variant"])
+                       for e in read_jsonl(stages.output(cfg, "ie_data", "derived"))
                        if e["positives"] == 0 and not e["capped"])
     assert all(n <= cfg.ie_data.max_empty_chunks for n in uncapped.values())
 
@@ -390,7 +396,7 @@ import math  # noqa: E402
 
 texts = {k: {} for k in ("train", "val", "test")}
 for k in texts:
-    for e in read_jsonl(out / f"05_{k}.jsonl"):
+    for e in read_jsonl(stages.output(cfg, "ie_data", f"sample_{k}")):
         texts[k][e["record_id"]] = e["cate"]
 all_texts = sum(len(v) for v in texts.values())
 print({k: len(v) for k, v in texts.items()}, f"texts; test share {len(texts['test']) / all_texts:.1%} "

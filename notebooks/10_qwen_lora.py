@@ -26,7 +26,7 @@
 # | stage | module | CLI | artifacts |
 # |---|---|---|---|
 # | B3 `ie_lora` | `microlm/stages/ie_lora.py`, `microlm/ie/train_lora.py`, `microlm/ie/lora_data.py` | `microlm ie-lora` | `runs/<profile>/ie_lora/<run>/`: `adapter/` (PEFT format + tokenizer), `metrics.jsonl`, `curves.png`, `report.json` |
-# | B5 `ie_merged` | `microlm/ie/merge.py` | `microlm ie-merged` | `runs/<profile>/ie_merged/<run>/`: safetensors, tokenizer, chat template, `generation_config.json`, model card, `report.json` |
+# | B5 `ie_merged` | `microlm/stages/ie_merged.py`, `microlm/ie/merge.py` | `microlm ie-merged` | `runs/<profile>/ie_merged/<run>/`: safetensors, tokenizer, chat template, `generation_config.json`, model card, `report.json` |
 #
 # Another local model folder with a chat template works too, e.g.
 # `microlm ie-lora --set 'ie_lora.runs=[{name: qwen0.5b, base: /models/Qwen2.5-0.5B-Instruct, engine: peft}]'`.
@@ -66,10 +66,18 @@ from microlm.train.curves import read_metrics
 cfg = load_config(profile)
 lora_dir = stages.require("ie_lora", cfg)
 merged_dir = stages.require("ie_merged", cfg)
-data_dir = stages.stage_dir(cfg, "ie_data")
 lc = cfg.ie_lora
 names = [r["name"] for r in lc.runs]
-reports = {n: json.loads((lora_dir / n / "report.json").read_text(encoding="utf-8")) for n in names}
+
+
+def of_run(pattern: Path, run: str) -> Path:
+    """A file of one run: the registry's pattern (`stages.output(cfg, "ie_lora", "run_report")` is
+    `runs/<profile>/ie_lora/{run}/report.json`) with the run's name in place of `{run}`."""
+    return Path(str(pattern).format(run=run))
+
+
+reports = {n: json.loads(of_run(stages.output(cfg, "ie_lora", "run_report"), n).read_text(encoding="utf-8"))
+           for n in names}
 for n, r in reports.items():
     print(f"{n:18s} engine {r['engine']:8s} base {display_path(r['base'])}\n{'':18s} {r['params']['trainable']:,} trainable "
           f"({r['params']['percent']} %), {r['train_data']['kept']:,} train examples "
@@ -89,9 +97,9 @@ for n, r in reports.items():
 
 # %%
 first = names[0]
-tok = load_tokenizer(str(lora_dir / first / "adapter"), weights=False)
+tok = load_tokenizer(str(of_run(stages.output(cfg, "ie_lora", "run"), first)), weights=False)  # the adapter
 enc = ChatEncoder(tok)
-line = read_lines(data_dir / "06_train.jsonl", 1)[0]
+line = read_lines(stages.output(cfg, "ie_data", "train"), 1)[0]
 ex = enc.encode(line["messages"])
 print(show_labels(tok, ex, "【{}】"))
 trained = [i for i, lab in enumerate(ex.labels) if lab != -100]
@@ -150,7 +158,8 @@ if hf_base is not None:
     peft_model = attach_peft(load_base(hf_base), lc.r, lc.alpha, 0.0, lc.targets)
     copied = copy_microlm_init_to_peft(scratch, peft_model)
     htok = load_tokenizer(hf_base)
-    examples, _ = encode_chats(ChatEncoder(htok), read_lines(data_dir / "06_train.jsonl", 200), reports[first]["cutoff"])
+    examples, _ = encode_chats(ChatEncoder(htok), read_lines(stages.output(cfg, "ie_data", "train"), 200),
+                               reports[first]["cutoff"])
     with tempfile.TemporaryDirectory() as tmp:
         steps = 20
         a = lockstep_losses(scratch, examples, htok.pad_token_id, steps, Path(tmp) / "a", lr=lc.train.lr * 5)
@@ -251,9 +260,10 @@ for n, r in reports.items():
 # precision/recall/F1 with intervals, and the zero-shot model given a description of the format.)
 
 # %%
-merged_reports = {n: json.loads((merged_dir / n / "report.json").read_text(encoding="utf-8")) for n in names}
+merged_reports = {n: json.loads(of_run(stages.output(cfg, "ie_merged", "run_report"), n)
+                                 .read_text(encoding="utf-8")) for n in names}
 k_prompts = min(len(r["answers"]) for r in merged_reports.values())
-prompts_lines = read_lines(data_dir / "06_eval_prompts.jsonl")[:k_prompts]
+prompts_lines = read_lines(stages.output(cfg, "ie_data", "eval_prompts"))[:k_prompts]
 schemas = [json.loads(p["messages"][1]["content"])["schema"] for p in prompts_lines]
 golds = [parse_answer(p["gold"], s) for p, s in zip(prompts_lines, schemas, strict=True)]
 assert all(g is not None for g in golds), "every gold answer parses"
@@ -305,7 +315,7 @@ for n in names:  # the adapter taught the answer format: the merged model parses
 
 # %%
 for n in names:
-    rep = json.loads((merged_dir / n / "report.json").read_text(encoding="utf-8"))
+    rep = json.loads(of_run(stages.output(cfg, "ie_merged", "run_report"), n).read_text(encoding="utf-8"))
     sizes = {p.name: p.stat().st_size for p in (merged_dir / n).iterdir()}
     print(f"{n}: fp32 merge: max |Δlogit| {rep['logits_max_abs_diff']:.1e} (≤ {rep['logits_atol']:g}) on "
           f"{rep['logits_prompts']} prompts, greedy answers identical {rep['greedy_identical']}/{rep['greedy_prompts']}; "
@@ -316,9 +326,11 @@ for n in names:
     assert rep["logits_max_abs_diff"] <= rep["logits_atol"]
     assert all(d["near_tie"] for d in rep["greedy_divergences"]), rep["greedy_divergences"]
     assert not rep["missing_files"] and rep["chat_template_equal"] and rep["eos_includes_im_end"]
-    gen = json.loads((merged_dir / n / "generation_config.json").read_text(encoding="utf-8"))
+    gen_path = of_run(stages.output(cfg, "ie_merged", "run_generation_config"), n)
+    gen = json.loads(gen_path.read_text(encoding="utf-8"))
     assert im_end in ([gen["eos_token_id"]] if isinstance(gen["eos_token_id"], int) else gen["eos_token_id"])
-print("\n" + (merged_dir / names[0] / "README.md").read_text(encoding="utf-8")[:600])
+card_path = of_run(stages.output(cfg, "ie_merged", "run_readme"), names[0])  # the model card
+print("\n" + card_path.read_text(encoding="utf-8")[:600])
 
 # %% [markdown]
 # The merged folders are what the evaluation (B4) and serving (B6) stages read. A last check by
@@ -326,10 +338,11 @@ print("\n" + (merged_dir / names[0] / "README.md").read_text(encoding="utf-8")[:
 # PEFT to load it:
 
 # %%
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 m = AutoModelForCausalLM.from_pretrained(merged_dir / names[0], dtype=torch.float32)
-assert not (merged_dir / names[0] / "adapter_config.json").exists()
+assert not (merged_dir / names[0] / ADAPTER_CONFIG).exists()  # PEFT's adapter_config.json
 assert not any("lora_" in k for k in m.state_dict())
 print(type(m).__name__, f"{sum(p.numel() for p in m.parameters()):,} parameters, no LoRA modules")
 
@@ -414,8 +427,8 @@ def tensor(folder: Path, key: str) -> torch.Tensor:
 base_folder = Path(reports[first]["base"])
 if base_folder.is_dir():  # a local base (MicroLM's export on smoke/cpu; a hub id is read from the cache instead)
     key = "model.layers.0.self_attn.q_proj.weight"
-    adapter = lora_dir / first / "adapter"
-    acfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    adapter = of_run(stages.output(cfg, "ie_lora", "run"), first)
+    acfg = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))  # PEFT's adapter_config.json
     lora_scale = acfg["lora_alpha"] / acfg["r"]
     w0 = tensor(base_folder, key)
     lora_a = tensor(adapter, f"base_model.model.{key[:-len('.weight')]}.lora_A.weight")
@@ -425,6 +438,7 @@ if base_folder.is_dir():  # a local base (MicroLM's export on smoke/cpu; a hub i
     err = (w_merged - (w0 + update)).abs().max().item()
     print(f"{key}: max |W_merged − (W + α/r·BA)| = {err:.1e}; max |α/r·BA| = {update.abs().max().item():.1e} "
           f"next to max |W| = {w0.abs().max().item():.2f}")
-    dtype = json.loads((merged_dir / first / "report.json").read_text(encoding="utf-8"))["dtype"]
+    merged_report = of_run(stages.output(cfg, "ie_merged", "run_report"), first)
+    dtype = json.loads(merged_report.read_text(encoding="utf-8"))["dtype"]
     assert err <= (1e-5 if dtype in ("float32", "fp32") else 1e-2 * w0.abs().max().item()), (err, dtype)
     assert update.abs().max().item() > 0, "the adapter learned something"

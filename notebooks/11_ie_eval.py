@@ -42,7 +42,7 @@
 #
 # | stage | module | CLI | artifacts |
 # |---|---|---|---|
-# | B4 `ie_eval` | `microlm/ie/evaluate.py`, `microlm/ie/metrics.py` | `microlm ie-eval [--all]` | `runs/<profile>/ie_eval/`: `results.jsonl`, `summary.md`, `summary.csv`, `failures.md`, `metrics.png`, `topic_f1.png`, `answers.png`, `report.json` |
+# | B4 `ie_eval` | `microlm/stages/ie_eval.py`, `microlm/ie/evaluate.py`, `answers.py`, `metrics.py` | `microlm ie-eval [--all]` | `runs/<profile>/ie_eval/`: `results.jsonl`, `summary.md`, `summary.csv`, `failures.md`, `metrics.png`, `topic_f1.png`, `answers.png`, `report.json` |
 
 # %% tags=["parameters"]
 import os
@@ -50,8 +50,10 @@ import os
 profile = os.environ.get("MICROLM_PROFILE", "cpu")
 
 # %%
+import glob
 import json
 import time
+from pathlib import Path
 
 from IPython.display import Image, Markdown, display
 
@@ -61,9 +63,9 @@ from microlm.ie.metrics import paired_bootstrap
 from microlm.stages import load_config
 
 cfg = load_config(profile)
-eval_dir = stages.require("ie_eval", cfg)
-report = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
-rows = [json.loads(x) for x in (eval_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+stages.require("ie_eval", cfg)
+report = json.loads(stages.output(cfg, "ie_eval", "report").read_text(encoding="utf-8"))
+rows = [json.loads(x) for x in stages.output(cfg, "ie_eval", "results").read_text(encoding="utf-8").splitlines()]
 names = report["order"]
 ours_rows = [r for r in rows if r.get("protocol", "ours") == "ours"]
 print(f"{report['prompts']} prompts over {report['topics']} topics ({report['records']} records); models: {', '.join(names)}")
@@ -131,7 +133,7 @@ assert fenced["pred"] == [] and fenced["pred_fenced"] == [("三体", "作者", "
 # replacement (seeded) and the metric recomputed; the interval is the middle 95 % of those values.
 
 # %%
-display(Markdown((eval_dir / "summary.md").read_text(encoding="utf-8").split("## Paired")[0]))
+display(Markdown(stages.output(cfg, "ie_eval", "summary").read_text(encoding="utf-8").split("## Paired")[0]))
 for n in names:
     mm = report["models"][n]
     lo, hi = mm["interval"]["f1"]
@@ -139,8 +141,8 @@ for n in names:
 assert report["models"]["floor-empty"]["parse_rate"] == 1.0 and report["models"]["floor-empty"]["f1"] == 0.0
 
 # %%
-display(Image(filename=str(eval_dir / "metrics.png")))
-display(Image(filename=str(eval_dir / "topic_f1.png")))
+display(Image(filename=str(stages.output(cfg, "ie_eval", "metrics"))))
+display(Image(filename=str(stages.output(cfg, "ie_eval", "topic_f1"))))
 
 # %% [markdown]
 # ## 3 · One prompt, every model
@@ -171,8 +173,8 @@ for n in names:
 for n in names:
     print(f"{n:20s}", report["failures"].get(n, {}))
 print()
-print((eval_dir / "failures.md").read_text(encoding="utf-8")[:2500])
-display(Image(filename=str(eval_dir / "answers.png")))
+print(stages.output(cfg, "ie_eval", "failures").read_text(encoding="utf-8")[:2500])
+display(Image(filename=str(stages.output(cfg, "ie_eval", "answers"))))
 
 # %% [markdown]
 # ## 5 · What 40 prompts can and cannot tell
@@ -229,9 +231,9 @@ def md_table(rows: list[dict]) -> Markdown:
 
 
 lora_report = {}
-lora_dir_ = stages.stage_dir(cfg, "ie_lora")
-for rdir in lora_dir_.glob("*/report.json"):
-    lora_report[rdir.parent.name] = json.loads(rdir.read_text(encoding="utf-8"))
+# every ie_lora run's report: the registry's pattern `ie_lora/{run}/report.json` with `*` for the run
+for rpath in glob.glob(str(stages.output(cfg, "ie_lora", "run_report")).format(run="*")):
+    lora_report[Path(rpath).parent.name] = json.loads(Path(rpath).read_text(encoding="utf-8"))
 adapted = [m for m in cfg.ie_eval.models if m.get("adapter") and m["name"] in names]
 for m in adapted[:2]:
     run = m["adapter"].split(":", 1)[1] if m["adapter"].startswith("ie_lora:") else None
@@ -298,7 +300,7 @@ print("\nthis run:", {n: round(report["models"][n]["f1"], 3) for n in names})
 t0 = time.time()
 stages.build("ie_eval", cfg, force=True, progress=False)
 rerun_s = time.time() - t0
-again = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
+again = json.loads(stages.output(cfg, "ie_eval", "report").read_text(encoding="utf-8"))
 print(f"re-run with the cache: {rerun_s:.1f} s; answers computed: "
       f"{ {n: t['computed'] for n, t in again['timing'].items()} }")
 assert all(t["computed"] == 0 and t.get("iepile", {}).get("computed", 0) == 0 for t in again["timing"].values())

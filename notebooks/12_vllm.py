@@ -23,10 +23,10 @@
 #
 # | stage | module | CLI | artifacts |
 # |---|---|---|---|
-# | `serve` (a command) | `microlm/serve/server.py`, `env.py` | `microlm serve [--port 8000] [--lora name=folder]` | `runs/<profile>/serve/vllm.log`, `vllm.pid` |
-# | B6 `serve_smoke` | `microlm/serve/smoke.py` | `microlm serve-smoke` | `report.json` |
-# | B6 `serve_bench` | `microlm/serve/bench.py`, `client.py` | `microlm serve-bench` | `report.json`, `summary.json`, `throughput.png`, `latency_cdf.png` |
-# | B6 `serve_soak` | `microlm/serve/soak.py` | `microlm serve-soak` (`make soak`: 10 minutes) | `report.json`, `soak.png` |
+# | `serve` (a command) | `microlm/stages/server.py`, `microlm/serve/server.py`, `env.py` | `microlm serve [--port 8000] [--lora name=folder]` | `runs/<profile>/serve/vllm.log`, `vllm.pid` |
+# | B6a `serve_smoke` | `microlm/stages/serve_smoke.py`, `microlm/serve/smoke.py` | `microlm serve-smoke` | `report.json` |
+# | B6b `serve_bench` | `microlm/stages/serve_bench.py`, `microlm/serve/bench.py`, `client.py` | `microlm serve-bench` | `report.json`, `summary.json`, `throughput.png`, `latency_cdf.png` |
+# | B6c `serve_soak` | `microlm/stages/serve_soak.py`, `microlm/serve/soak.py` | `microlm serve-soak` (`make soak`: 10 minutes) | `report.json`, `soak.png` |
 
 # %% tags=["parameters"]
 import os
@@ -46,8 +46,8 @@ from microlm.stages import load_config
 from microlm.stages.server import server_spec
 
 cfg = load_config(profile)
-smoke_dir = stages.require("serve_smoke", cfg)
-smoke = json.loads((smoke_dir / "report.json").read_text(encoding="utf-8"))
+stages.require("serve_smoke", cfg)
+smoke = json.loads(stages.output(cfg, "serve_smoke", "report").read_text(encoding="utf-8"))
 spec = server_spec(cfg, {"ie_merged": stages.stage_dir(cfg, "ie_merged")}, port=8000)
 print("the server the stages start (the port is a free one there):")
 print(" ".join(repr(c) if " " in c else display_path(c) if os.path.isabs(c) else c
@@ -90,8 +90,9 @@ assert par["identical"] + len(par["divergences"]) == par["prompts"]
 # `transformers` row of the same adapter:
 
 # %%
-ev = json.loads((stages.require("ie_eval", cfg) / "report.json").read_text(encoding="utf-8"))
-rows = [json.loads(x) for x in (stages.stage_dir(cfg, "ie_eval") / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+stages.require("ie_eval", cfg)
+ev = json.loads(stages.output(cfg, "ie_eval", "report").read_text(encoding="utf-8"))
+rows = [json.loads(x) for x in stages.output(cfg, "ie_eval", "results").read_text(encoding="utf-8").splitlines()]
 served = next((m for m in cfg.ie_eval.models if m.get("base_url") == "serve"), None)
 if served:
     run_name = cfg.serve.model.split(":", 1)[1]  # serve.model = ie_merged:<run>: its unmerged twin is base + adapter
@@ -113,8 +114,8 @@ if served:
 # time per output token (TPOT), inter-token latency (ITL) and end-to-end latency.
 
 # %%
-bench_dir = stages.require("serve_bench", cfg)
-bench = json.loads((bench_dir / "report.json").read_text(encoding="utf-8"))
+stages.require("serve_bench", cfg)
+bench = json.loads(stages.output(cfg, "serve_bench", "report").read_text(encoding="utf-8"))
 print(f"{'server':20s} {'prompts':8s} {'conc.':>5s} {'req/s':>7s} {'out tok/s':>10s} {'TTFT p50/p99 ms':>18s} "
       f"{'TPOT p50/p99 ms':>18s} {'failed':>6s}")
 for srv, by_ds in bench["servers"].items():
@@ -125,8 +126,8 @@ for srv, by_ds in bench["servers"].items():
                   f"{s['tpot_ms']['p99']!s:<9s} {s['failed']:6d}")
 print(f"\nvLLM ÷ transformers serve, output tokens/s at concurrency {bench['compare_at']}: "
       f"{bench['output_tps_ratio_at_compare']}")
-display(Image(filename=str(bench_dir / "throughput.png")))
-display(Image(filename=str(bench_dir / "latency_cdf.png")))
+display(Image(filename=str(stages.output(cfg, "serve_bench", "throughput"))))
+display(Image(filename=str(stages.output(cfg, "serve_bench", "latency_cdf"))))
 assert all(s["failed"] == 0 for by_ds in bench["servers"].values() for by_c in by_ds.values() for s in by_c.values())
 
 # %% [markdown]
@@ -141,7 +142,8 @@ assert all(s["failed"] == 0 for by_ds in bench["servers"].values() for by_c in b
 # slope within one server lifetime: the first minute includes warm-up).
 
 # %%
-soak = json.loads((stages.require("serve_soak", cfg) / "report.json").read_text(encoding="utf-8"))
+stages.require("serve_soak", cfg)
+soak = json.loads(stages.output(cfg, "serve_soak", "report").read_text(encoding="utf-8"))
 print(f"{soak['requests']} requests in {soak['duration_s']} s at concurrency {soak['concurrency']}; steady-state "
       f"error rate {soak['steady_state_error_rate']}, timeouts {soak['timeouts']}, JSON answers {soak['json_valid_rate']}")
 for k, v in soak["malformed"].items():
@@ -152,7 +154,7 @@ if soak["restart"]:
           f"in the restart window, {r['served_after']} served after it")
     assert r["served_after"] > 0  # the restarted server serves again
 print("RSS slope (MB/min):", {k: v for k, v in soak["rss_mb"].items() if k != "samples"})
-display(Image(filename=str(stages.stage_dir(cfg, "serve_soak") / "soak.png")))
+display(Image(filename=str(stages.output(cfg, "serve_soak", "soak"))))
 assert all(v["sent"] == v["got_4xx"] for v in soak["malformed"].values())
 assert sum(v["sent"] for v in soak["malformed"].values()) > 0 and soak["served_steady"] > 0
 assert soak["served_after_malformed"] > 0  # the server kept answering after the malformed requests
@@ -278,11 +280,13 @@ for srv, by_ds in bench["servers"].items():
 
 # %% tags=["hide-cell"]
 from transformers import AutoTokenizer  # noqa: E402
+from transformers.utils import CONFIG_NAME  # noqa: E402
 
 from microlm.serve.soak import MALFORMED, malformed_request  # noqa: E402
 
 merged_folder = Path(spec.model)
-context = json.loads((merged_folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 512)
+config = json.loads((merged_folder / CONFIG_NAME).read_text(encoding="utf-8"))  # its config.json
+context = config.get("max_position_embeddings", 512)
 msgs = [{"role": "user", "content": "你好"}]
 mtok = AutoTokenizer.from_pretrained(str(merged_folder))
 why = {}
