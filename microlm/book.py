@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from microlm.diagram import draw
 from microlm.errors import MicroLMError
 from microlm.paths import REPO_ROOT
+from microlm.stages import REGISTRY, load_config, read_manifest
 
 __all__ = ["toc_files", "assemble", "build", "results_markdown"]
 
@@ -51,8 +53,6 @@ def results_markdown(profiles: list[str], out_dir: Path) -> str:
     """The results page: for each profile that has runs, one row per finished stage (time and its
     one-line summary from the manifest's metrics), then every plot and summary table the stages wrote.
     Plots are copied to ``out_dir`` (beside the page).  Generated at each build, never pasted."""
-    from microlm.stages import REGISTRY, load_config, read_manifest
-
     lines = ["# Results", "",
              "Generated when this book was built, from the `manifest.json` and `report.json` of every finished stage "
              "(`runs/<profile>/<stage>/`): the numbers and plots of the run that built the book, not pasted ones. "
@@ -127,8 +127,6 @@ def assemble(executed: Path, src: Path, repo: Path = REPO_ROOT, profiles: tuple[
     shutil.copy(repo / "_toc.yml", src / "_toc.yml")
     for f in chapters:
         shutil.copy(executed / f"{Path(f).name}.ipynb", src / f"{f}.ipynb")
-    from microlm.diagram import draw
-
     draw(src / "book" / "figures" / "pipelines.png")
     (src / "book" / "results.md").write_text(results_markdown(list(profiles), src / "book" / "results"),
                                              encoding="utf-8")

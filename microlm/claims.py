@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from microlm.train.reference import LANDING_GAP
+
 __all__ = ["Claim", "pretrain_claims", "sft_claims", "lora_claims", "failed", "TASK_GAIN", "LORA_GAIN"]
 
 TASK_GAIN = 0.05  # mean entity F1 that SFT must add over the derived tasks (none may fall)
@@ -35,8 +37,6 @@ def failed(claims: list[Claim]) -> list[Claim]:
 def pretrain_claims(report: dict, first_train_loss: float, vocab_size: int, *, full: bool,
                     reference: dict | None = None) -> list[Claim]:
     """``report``: ``pretrain/report.json``; ``reference``: the matching recorded curve, if any."""
-    from microlm.train.reference import LANDING_GAP
-
     last, h1, lnv = report["final_val_loss"], report["unigram_entropy"], math.log(vocab_size)
     out = [Claim("the initial loss is ≈ ln(vocab): the init is sane", abs(first_train_loss - lnv) < 0.5,
                  f"{first_train_loss:.3f} vs {lnv:.3f}"),

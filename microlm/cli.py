@@ -7,12 +7,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
+import signal
 import sys
+import time
 
+from microlm import stages
 from microlm.errors import MicroLMError
+from microlm.serve.env import ensure_env
+from microlm.serve.server import ManagedServer
+from microlm.stages import (
+    build,
+    course_map_markdown,
+    get_stage,
+    load_config,
+    read_manifest,
+    stage_table,
+    upstream,
+    write_course_map,
+)
+from microlm.stages.server import server_spec
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -122,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(e: BaseException) -> str:
     """An expected failure as one line: what went wrong, on which path, and what to do (a genuine bug
     keeps its traceback; ``--debug`` or ``MICROLM_DEBUG=1`` shows it for these too)."""
-    import errno
-
     if isinstance(e, MicroLMError):
         return str(e)
     if isinstance(e, UnicodeDecodeError):
@@ -143,15 +159,11 @@ def one_line(e: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from microlm.stages import load_config
-
     cfg = load_config(args.profile, args.overrides)
     if args.command == "config":
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
     if args.command == "stages":
-        from microlm.stages import course_map_markdown, stage_table, write_course_map
-
         if args.write_map:
             for f in args.write_map:
                 print(f"{f}: {'written' if write_course_map(f) else 'up to date'}")
@@ -180,11 +192,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, cfg) -> int:
     """``microlm serve``: start the server, print where it listens, wait until Ctrl-C (or its exit)."""
-    from microlm import stages
-    from microlm.serve.env import ensure_env
-    from microlm.serve.server import ManagedServer
-    from microlm.stages.server import server_spec
-
     def built(r: str) -> dict:  # the stage a reference names, built if missing
         stage = r.partition(":")[0]
         return {stage: stages.require(stage, cfg)} if stage in stages.REGISTRY else {}
@@ -212,8 +219,6 @@ def _serve(args: argparse.Namespace, cfg) -> int:
 
 
 def _serve_until_interrupted(srv, spec, lora, sc) -> int:
-    import time
-
     try:
         srv.start(sc.startup_timeout_s)
         print(f"serve: {srv.base_url}  model {spec.served_name}" + (f" + adapters {', '.join(lora)}" if lora else "")
@@ -237,8 +242,6 @@ def term_as_interrupt():
     vanishing with them left behind.  Ctrl-C (SIGINT) raises it too even where the process inherited
     SIGINT ignored (a shell's background job, some test runners): the stages and ``microlm serve`` say
     Ctrl-C stops them, so it does."""
-    import signal
-
     def _term(*_):
         raise KeyboardInterrupt
 
@@ -252,8 +255,6 @@ def term_as_interrupt():
 
 
 def _stage(args: argparse.Namespace, cfg) -> int:
-    from microlm.stages import build, get_stage, read_manifest
-
     st = get_stage(args.stage)
     options = {o.name: getattr(args, o.name) for o in st.all_options}
     with term_as_interrupt():
@@ -278,18 +279,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _chat(args: argparse.Namespace, cfg) -> int:
-    import dataclasses
-
     from microlm.infer.chat import ChatSession, run_chat
-    from microlm.model import load_model
+    from microlm.model.load import load_model
 
     flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
              "context": args.context}
     gen = dataclasses.replace(cfg.generate, **{k: v for k, v in flags.items() if v is not None}).validate()
     if args.model is None:
-        from microlm.stages import upstream
-
         model_dir, tok_dir = upstream("sft", cfg), upstream("tokenizer", cfg)
     else:
         model_dir, tok_dir = args.model, args.tokenizer

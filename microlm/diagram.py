@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from microlm.plotting import use_cjk_font
+from microlm.stages import REGISTRY
+
 __all__ = ["layout", "edges", "draw"]
 
 
 def layout() -> dict[str, tuple[float, float]]:
     """Stage → (x, y): pipeline A left to right on y = 1; pipeline B on y = 0, each B stage to the right
     of everything it reads (so the arrows from A come down), the serving stages stacked in one column."""
-    from microlm.stages import REGISTRY
-
     pos: dict[str, tuple[float, float]] = {}
     a = [s for s in REGISTRY.values() if s.part.startswith("A")]
     for i, st in enumerate(a):
@@ -38,8 +39,6 @@ def layout() -> dict[str, tuple[float, float]]:
 
 
 def edges() -> list[tuple[str, str]]:
-    from microlm.stages import REGISTRY
-
     def reach(s: str) -> set[str]:
         out, todo = set(), list(REGISTRY[s].upstream)
         while todo:
@@ -63,9 +62,6 @@ def draw(path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
-
-    from microlm.plotting import use_cjk_font
-    from microlm.stages import REGISTRY
 
     use_cjk_font()
     pos = layout()

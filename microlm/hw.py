@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+import resource
 import warnings
 from pathlib import Path
 
@@ -149,6 +150,4 @@ def peak_rss_mb() -> int:
                 return round(int(line.split()[1]) / 1024)
     except (OSError, ValueError, IndexError):
         pass
-    import resource
-
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

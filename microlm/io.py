@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing as mp
 import os
+import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,8 +52,6 @@ def recover_dir(out_dir: str | os.PathLike) -> bool:
     """Repair what a killed ``staged_dir`` left beside ``out_dir`` (dead writers only): when ``out_dir``
     is gone — a kill between the two renames — the newest complete ``.tmp-<pid>`` (else the ``.old-<pid>``)
     becomes ``out_dir`` again; the other leftovers are deleted.  True when something was restored."""
-    import shutil
-
     out_dir = Path(out_dir)
     dead = [(k, pid, p) for k, pid, p in _staged_siblings(out_dir) if not _pid_alive(pid)]
     restored = False
@@ -102,10 +104,6 @@ def ordered_map(fn, chunks, workers: int) -> Iterator:
     """``fn(chunk)`` for each chunk, in order: in ``workers`` forked processes when > 1 (they see
     the parent's module globals as they were when the pool started), with at most ``2 × workers``
     chunks in flight, so memory stays flat and ``chunks`` is consumed lazily."""
-    import multiprocessing as mp
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
         yield from map(fn, chunks)
         return
@@ -201,8 +199,6 @@ def share(folder: str | os.PathLike) -> None:
 
 def replace_dir(tmp_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Put the finished ``tmp_dir`` where ``out_dir`` is, replacing any old one (two renames)."""
-    import shutil
-
     tmp_dir, out_dir = Path(tmp_dir), Path(out_dir)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -217,8 +213,6 @@ def replace_dir(tmp_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
 def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """A fresh folder beside ``out_dir`` to write a stage into; it replaces ``out_dir`` when the
     block succeeds and is deleted when it fails, so a stage folder is never half-written."""
-    import shutil
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(out_dir)  # leftovers of a killed earlier writer

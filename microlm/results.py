@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from microlm.data.sources import data_root
 from microlm.errors import MicroLMError
 from microlm.io import read_json, write_json
 from microlm.paths import REPO_ROOT
@@ -57,8 +58,6 @@ def serve_card(run_path: Path) -> dict | None:
 
 def save_cards(profile: str, dest: Path | None = None) -> list[Path]:
     """Copy the run's results card and write its serving card into ``dest`` (``data/results/``)."""
-    from microlm.data.sources import data_root
-
     cfg = load_config(profile)
     dest = dest or REPO_ROOT / "data" / "results"
     data = "bundle" if data_root(cfg.data.root) else "embedded"

@@ -110,6 +110,11 @@ def test_left_padded_batch_equals_each_prompt_alone_with_and_without_cache(tok):
         alone = [generate_ids(m, [p], max_new_tokens=24, temperature=0, repetition_penalty=1.3,
                               use_cache=use_cache)[0] for p in prompts]
         assert batched == alone
+    # a short prompt that holds the pad id itself (EOS): its repetition penalty still covers that id
+    with_pad = [prompts[0], [tok.eos_id, *prompts[1]]]
+    batched = generate_ids(m, with_pad, max_new_tokens=12, temperature=0, repetition_penalty=50.0, pad_id=tok.eos_id)
+    alone = [generate_ids(m, [q], max_new_tokens=12, temperature=0, repetition_penalty=50.0)[0] for q in with_pad]
+    assert batched == alone
     # the padded row's logits match the row alone
     x = torch.full((1, len(prompts[0])), tok.eos_id)
     x[0, -len(prompts[1]):] = torch.tensor(prompts[1])

@@ -379,3 +379,131 @@ def test_manifests_written_by_the_registry_are_json(tmp_path):
     m = json.loads(Path(out, "manifest.json").read_text(encoding="utf-8"))
     assert m["fingerprint"] == stages.data_fingerprint(cfg) == stages.current_fingerprint("corpus", cfg)
     assert [i["path"] for i in m["inputs"]] and all(len(i["digest"]) == 32 for i in m["inputs"])
+
+
+# ------------------------------------------------------------------------------ imports inside functions
+
+# Imports go at the top of a module.  Inside a function only: a stage module's own functions
+# (``microlm/stages/<stage>.py``: build, inputs, helpers — the stage layer imports domain code there by
+# design), a HEAVY project module, or an entry of EXCEPTIONS; each listed once, with its reason.
+HEAVY_PACKAGES = ("torch", "transformers", "peft", "matplotlib", "vllm", "xgrammar")
+HEAVY = {  # project modules that load torch at import (checked below), imported inside functions of light ones
+    "microlm.train.dist": "torch.distributed: the registry's build sets it up for the training stages only",
+    "microlm.model.hf_export": "torch: `microlm import-hf` and the IE answers of a MicroLM export",
+    "microlm.model.load": "torch: `microlm chat` loads a model; `microlm --help` must not",
+    "microlm.model.lora": "torch: the IE answers of a MicroLM export with a from-scratch adapter",
+    "microlm.infer.chat": "torch: `microlm chat` only",
+    "microlm.infer.generate": "torch: the IE answers of a MicroLM export (ie.answers stays numpy-only)",
+    "microlm.infer.greedy": "torch: the IE answers of a transformers model",
+    "microlm.ie.train_lora": "torch: the IE answers of a transformers model load its tokenizer with it",
+}
+EXCEPTIONS = {  # (file, light project module) → why the import stays inside the function
+    ("microlm/cli.py", "microlm.stages"): "build_parser reads stages.REGISTRY as it is when called "
+                                          "(tests swap it for a copy holding a throwaway stage)",
+    ("microlm/stages/server.py", "microlm.serve.server"): "the stage layer's top level imports only the domain's "
+                                                          "torch-free dataclass modules (see the test above)",
+}
+
+
+def _module_files() -> dict[str, Path]:
+    out = {}
+    for path in (REPO / "microlm").rglob("*.py"):
+        rel = path.relative_to(REPO).with_suffix("")
+        out[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
+    return out
+
+
+def _targets(node: ast.AST, pkg: str, mods) -> list[str]:
+    """The modules an import statement names (``from a import b``: ``a.b`` if that is a module, else ``a``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            parts = pkg.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+        return [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+    return []
+
+
+def _function_imports(source: str, pkg: str, mods) -> set[tuple[int, str]]:
+    """``(line, module)`` of each import of project code inside a function (nested ones too) of ``source``."""
+    found = set()
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                found |= {(node.lineno, t) for t in _targets(node, pkg, mods)
+                          if t == "microlm" or t.startswith("microlm.")}
+    return found
+
+
+def _unlisted_function_imports(sources: dict[str, str], mods, stage_files: set[str]) -> tuple[list[str], set]:
+    """The in-function project imports of ``sources`` (file → text) that nothing lists; the entries used."""
+    bad, used = [], set()
+    for file, source in sorted(sources.items()):
+        if file in stage_files:
+            continue
+        name = file.removesuffix(".py").replace("/", ".")
+        pkg = name.removesuffix(".__init__") if file.endswith("/__init__.py") else name.rpartition(".")[0]
+        for line, mod in sorted(_function_imports(source, pkg, mods)):
+            if mod in HEAVY or (file, mod) in EXCEPTIONS:
+                used.add(mod if mod in HEAVY else (file, mod))
+            else:
+                bad.append(f"{file}:{line} imports {mod} inside a function: import it at the top (or list it "
+                           f"in HEAVY if it loads torch, in EXCEPTIONS with the reason otherwise)")
+    return bad, used
+
+
+def _heavy_packages_loaded(mod: str, files: dict[str, Path]) -> set[str]:
+    """The HEAVY_PACKAGES that importing ``mod`` loads, following top-level imports (not those inside
+    functions or under ``if TYPE_CHECKING``) through the project's modules and their packages."""
+    def top_level(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or (
+                    isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)):
+                continue
+            yield child
+            yield from top_level(child)
+
+    parts = mod.split(".")
+    todo, seen, found = [".".join(parts[:k]) for k in range(1, len(parts) + 1)], set(), set()
+    while todo:
+        m = todo.pop()
+        if m in seen or m not in files:
+            continue
+        seen.add(m)
+        pkg = m if files[m].name == "__init__.py" else m.rpartition(".")[0]
+        for node in top_level(ast.parse(files[m].read_text(encoding="utf-8"))):
+            for t in _targets(node, pkg, files):
+                if t == "microlm" or t.startswith("microlm."):
+                    tp = t.split(".")
+                    todo += [".".join(tp[:k]) for k in range(1, len(tp) + 1)]
+                else:
+                    found.add(t.split(".")[0])
+    return found & set(HEAVY_PACKAGES)
+
+
+def test_imports_inside_functions_are_the_listed_ones():
+    files = _module_files()
+    stage_files = {f"microlm/stages/{name}.py" for name in stages.REGISTRY}
+    sources = {p.relative_to(REPO).as_posix(): p.read_text(encoding="utf-8") for p in files.values()}
+    bad, used = _unlisted_function_imports(sources, files, stage_files)
+    assert not bad, "\n".join(bad)
+    stale = (set(HEAVY) | set(EXCEPTIONS)) - used
+    assert not stale, f"listed but no longer imported inside a function: {sorted(map(str, stale))}"
+    for mod in HEAVY:
+        assert _heavy_packages_loaded(mod, files), f"{mod} loads none of {HEAVY_PACKAGES}: import it at the top"
+    for _file, mod in EXCEPTIONS:
+        assert mod not in HEAVY and not _heavy_packages_loaded(mod, files), f"{mod}: list it in HEAVY only"
+    assert _heavy_packages_loaded("microlm.stages", files) == set()  # loading a profile: no torch
+
+    # the check catches a new one (nested functions and relative imports too), not a stage's build
+    src = ("from microlm.io import read_json\n\ndef f():\n    import os\n    from microlm.io import write_json\n"
+           "    from microlm import stages\n\n    def g():\n        from . import hw\n")
+    assert _function_imports(src, "microlm", files) == {(5, "microlm.io"), (6, "microlm.stages"), (9, "microlm.hw")}
+    new = {"microlm/data/new.py": "def f():\n    from microlm.paths import REPO_ROOT\n",
+           "microlm/cli.py": "def f():\n    from microlm.model.load import load_model\n",
+           "microlm/stages/corpus.py": "def build(run):\n    from microlm.data.prepare_pretrain import x\n"}
+    bad, used = _unlisted_function_imports(new, files, stage_files)
+    assert len(bad) == 1 and bad[0].startswith("microlm/data/new.py:2 imports microlm.paths") and used == {
+        "microlm.model.load"}

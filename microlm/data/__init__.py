@@ -1,1 +1,2 @@
-"""Data: sources, cleaning rules, dedup and the pretraining-corpus stage."""
+"""Pipeline A's data: sources, cleaning rules, dedup, the pretraining corpus build, SFT conversations
+and the derived tasks with checkable answers."""

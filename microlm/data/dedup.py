@@ -50,6 +50,7 @@ def lsh_error(threshold: float, bands: int, rows: int, fp_weight: float = 0.2) -
     """Weighted area of false positives (s < t) and false negatives (s ≥ t) under the S-curve."""
     s_lo = np.linspace(0.0, threshold, 201)
     s_hi = np.linspace(threshold, 1.0, 201)
+    # P(candidate) for Jaccard s: one band agrees with prob. s^rows; at least one of the bands does
     p_lo = 1.0 - (1.0 - s_lo**rows) ** bands
     p_hi = 1.0 - (1.0 - s_hi**rows) ** bands
     fp = np.trapezoid(p_lo, s_lo)

@@ -1,4 +1,4 @@
-"""Stage A1–A2 — ``microlm corpus``: raw records → clean, deduplicated, split corpus.
+"""Raw records → a clean, deduplicated, split pretraining corpus (what the ``corpus`` stage, A1–A2, runs).
 
 Streaming and bounded in memory: lines are read in batches, cleaned and signed by worker processes
 (order preserved), and the main process keeps only the dedup index — fixed-size numbers per kept

@@ -2,9 +2,10 @@
 
 Each message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; ``role\\ncontent`` is encoded as one
 piece of plain text with ``encode_ordinary`` (a ``<|im_end|>`` inside a sample stays characters;
-otherwise exactly what ``Tokenizer.encode_chat`` and transformers' ``apply_chat_template`` produce), and the loss is taken **only on assistant tokens, including each ``<|im_end|>``** — the
-model learns to answer and to stop, not to predict the user.  A token that straddles the header
-newline and the first content byte counts as content.
+otherwise exactly what ``Tokenizer.encode_chat`` and transformers' ``apply_chat_template`` produce),
+and the loss is taken **only on assistant tokens, including each ``<|im_end|>``** — the model learns
+to answer and to stop, not to predict the user.  A token that straddles the header newline and the
+first content byte counts as content.
 
 Truncation never cuts inside a turn: a conversation longer than the context keeps its leading whole
 turns as long as one assistant turn survives (counted as ``truncated``); if even the first assistant
@@ -18,6 +19,7 @@ the padded positions, which the length report shows.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from microlm.errors import MicroLMError
+from microlm.paths import REPO_ROOT
 
 __all__ = ["ROLES", "SFTDrop", "parse_conversation", "encode_conversation", "SFTExample", "encode_records",
            "SFTBatches", "show_mask", "IGNORE"]
@@ -74,7 +77,7 @@ def _turn(tok, m: dict) -> tuple[list[int], list[int]]:
     header = len(f"{m['role']}\n".encode())
     mask, pos = [], 0
     for i in body:
-        pos += len(tok.vocab[i])
+        pos += len(tok.vocab[i])  # bytes so far: a token is content once it reaches past "role\n"
         mask.append(1 if trained and pos > header else 0)
     nl = tok.encode_ordinary("\n")
     return [start, *body, end, *nl], [0, *mask, 1 if trained else 0, *([0] * len(nl))]
@@ -170,14 +173,14 @@ class SFTBatches:
 
     def collate(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         exs = [self.examples[int(r)] for r in rows]
-        width = max(len(e.ids) for e in exs) - 1
-        x = torch.full((len(exs), width), self.pad_id, dtype=torch.long)
-        y = torch.full((len(exs), width), IGNORE, dtype=torch.long)
+        width = max(len(e.ids) for e in exs) - 1  # inputs lose the last token, targets the first
+        x = torch.full((len(exs), width), self.pad_id, dtype=torch.long)  # (B, T), right-padded
+        y = torch.full((len(exs), width), IGNORE, dtype=torch.long)  # (B, T): pads never train
         for i, e in enumerate(exs):
             n = len(e.ids) - 1
             x[i, :n] = torch.tensor(e.ids[:-1])
             tgt = torch.tensor(e.ids[1:])
-            keep = torch.tensor(e.mask[1:], dtype=torch.bool)
+            keep = torch.tensor(e.mask[1:], dtype=torch.bool)  # the target's own mask bit: assistant tokens only
             y[i, :n] = torch.where(keep, tgt, torch.full_like(tgt, IGNORE))
         return x, y
 
@@ -203,8 +206,6 @@ def show_mask(tok, ex: SFTExample, trained: str = "[{}]") -> str:
 def read_sft_file(path) -> list[dict | str]:
     """Records of one SFT file (``.jsonl`` or ``.jsonl.gz``).  BELLE's eval format
     ``{"question", "std_answer"}`` becomes a one-turn conversation."""
-    import gzip
-
     opener = gzip.open if str(path).endswith(".gz") else open
     out: list[dict | str] = []
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
@@ -233,6 +234,4 @@ def embedded_sft_records() -> list[dict]:
     ``data/sft/chat_zh.jsonl`` (everyday questions, facts, arithmetic, idioms, advice, a few
     multi-turn chats) + ``data/sft/identity.jsonl``.  The derived tasks (``microlm/data/tasks.py``)
     are added to this — and to the bundle's SFT files — by the SFT stage."""
-    from microlm.paths import REPO_ROOT
-
     return [r for name in ("chat_zh.jsonl", "identity.jsonl") for r in read_sft_file(REPO_ROOT / "data" / "sft" / name)]

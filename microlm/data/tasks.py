@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import regex
 import xxhash
 
+from microlm.data.sources import embedded_sources
 from microlm.errors import MicroLMError
 
 __all__ = ["TASKS", "TaggedSentence", "tagged_sentences", "task_examples", "heldout_paragraph_keys",
@@ -58,8 +59,6 @@ def is_heldout(paragraph: str) -> bool:
 
 
 def _pku_path() -> str:
-    from microlm.data.sources import embedded_sources
-
     for s in embedded_sources():
         if s.format == "pku":
             return s.path

@@ -1,4 +1,5 @@
-"""Pipeline B: InstructIE-style relation extraction data (B1–B2), Qwen LoRA, evaluation, serving."""
+"""Pipeline B: InstructIE-style relation-extraction data (B1–B2), LoRA on a causal LM (B3), evaluation
+(B4) and the merge (B5); serving is ``microlm.serve``."""
 
 # the 12 InstructIE topics (cate) with their English schema names, and the extra topic for
 # relations no topic takes (``ie_data.unmapped_topic``) — for plots without a CJK font

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import random
 import time
 import urllib.error
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from microlm.errors import MicroLMError
 from microlm.ie.metrics import json_schema_for
+from microlm.tokenizer.tokenizer import stop_ids_of
 
 __all__ = ["BACKENDS", "answer_microlm", "answer_transformers", "answer_openai", "grammar_compiler"]
 
@@ -43,7 +45,6 @@ def answer_microlm(entry: dict, resolve, prompts: list[dict], dec: dict, emit=No
     from microlm.infer.generate import generate_ids
     from microlm.model.hf_export import import_hf
     from microlm.model.lora import load_adapter, merge_lora
-    from microlm.tokenizer.tokenizer import stop_ids_of
 
     model, tok = import_hf(resolve(entry["model"]))
     if entry.get("adapter"):
@@ -205,8 +206,6 @@ def answer_openai(entry: dict, resolve, prompts: list[dict], dec: dict, emit=Non
     """Answers from an OpenAI-compatible ``/v1/chat/completions`` (concurrency ``dec["concurrency"]``;
     timeouts, refused connections, 5xx and malformed JSON retried ``dec["retries"]`` times with
     exponential backoff, then recorded as ``endpoint_error``; 4xx is not retried)."""
-    import os
-
     url = entry["base_url"].rstrip("/") + "/chat/completions"
     key = os.environ.get(entry["api_key_env"]) if entry.get("api_key_env") else None
     name = entry.get("model_name") or entry["model"]

@@ -1,9 +1,10 @@
-"""Stage B4 (``microlm ie-eval``): every model of ``ie_eval.models`` answers the IE evaluation prompts.
+"""The IE evaluation: model entries answer the IE evaluation prompts, scored, cached, summarised and
+plotted (what the ``ie_eval`` stage, B4, runs for ``ie_eval.models``).
 
 Where the two pipelines meet: a MicroLM model, a Hugging Face folder or hub id and a served
-OpenAI-compatible endpoint (the backends of ``microlm.ie.answers``) all answer the same prompts, greedily, and are scored by ``microlm.ie.metrics``; two floors computed without a
-model (all relations ``[]``, and a rule pairing known entity strings found in the text) show what
-learning added.
+OpenAI-compatible endpoint (the backends of ``microlm.ie.answers``) all answer the same prompts,
+greedily, and are scored by ``microlm.ie.metrics``; two floors computed without a model (all
+relations ``[]``, and a rule pairing known entity strings found in the text) show what learning added.
 
 Every answer is cached on disk (``.cache/<model>-<fingerprint>.jsonl``) as it comes, keyed by the
 model's fingerprint (its files, or its stage's manifest), the prompt and the decoding settings, so an
@@ -23,14 +24,37 @@ model's own tokenizer), whatever ``max_new_tokens`` says.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from microlm.errors import MicroLMError
 from microlm.ie.answers import BACKENDS
+from microlm.ie.metrics import (
+    RuleFloor,
+    aggregate,
+    asked_relations,
+    bootstrap,
+    empty_answer,
+    failure_kind,
+    iepile_aggregate,
+    iepile_bootstrap,
+    iepile_paired_bootstrap,
+    iepile_records,
+    merge_records,
+    paired_bootstrap,
+    score_answer,
+)
+from microlm.ie.render import prompt_messages
+from microlm.io import atomic_open, fingerprint, folder_files
+from microlm.plotting import use_cjk_font
 
 __all__ = ["load_prompts", "ref_stages", "model_fingerprint", "AnswerCache", "evaluate", "answer_cap", "FLOORS"]
 
@@ -59,8 +83,6 @@ def load_prompts(data_dir: Path, *, all_test: bool = False, limit: int = 0,
     test record; ``06_test_iepile.jsonl``).  ``limit``: the first N prompts (IEPile: of the first N
     records).  A line without gold keeps ``gold=None`` (scored as ``no_gold``); an unreadable line is
     counted."""
-    from microlm.ie.metrics import asked_relations
-
     if protocol not in PROTOCOLS:
         raise MicroLMError(f"unknown evaluation protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
     name = "06_test_iepile.jsonl" if protocol == "iepile" else "06_test.jsonl" if all_test else "06_eval_prompts.jsonl"
@@ -123,8 +145,6 @@ def ref_stages(entry: dict, known) -> set[str]:
 
 
 def _folder_digest(path: str) -> str:
-    from microlm.io import fingerprint, folder_files
-
     p = Path(path)
     if p.is_dir():
         return fingerprint(folder_files(p))
@@ -134,8 +154,6 @@ def _folder_digest(path: str) -> str:
 def model_fingerprint(entry: dict, resolve) -> str:
     """What an answer depends on besides the prompt: the backend, the files of model and adapter (a
     model retrained = a new fingerprint), constrained decoding, the endpoint."""
-    from microlm.io import fingerprint
-
     parts = {k: entry.get(k) for k in ("backend", "constrained", "base_url", "model_name")}
     if entry.get("_started"):  # the course's own server: its port changes every start, the answers do not
         parts["base_url"] = "serve"
@@ -180,8 +198,6 @@ class AnswerCache:
 
 # ------------------------------------------------------------------------------------------ evaluation
 def _floor_answers(name: str, prompts: list[dict], train_answers: list[str]) -> list[dict]:
-    from microlm.ie.metrics import RuleFloor, empty_answer
-
     rule = RuleFloor(train_answers) if name == "floor-rule" else None
     return [{"text": empty_answer(p["asked"]) if rule is None else rule.answer(p["input"], p["asked"]),
              "prompt_tokens": 0, "new_tokens": 0, "seconds": 0.0, "finish_reason": "stop"} for p in prompts]
@@ -218,8 +234,6 @@ def answer_cap(count, prompts: list[dict], configured: int) -> int:
 def _answer_model(entry: dict, prompts: list[dict], resolve, out: Path, dec: dict, progress: bool,
                   timing: dict) -> list[dict]:
     """Every answer of one model (cache first; the others computed and cached as they come)."""
-    from tqdm.auto import tqdm
-
     name = entry["name"]
     t0 = time.perf_counter()
     cap = answer_cap(_tokenizer_for(entry, resolve), prompts, dec["max_new_tokens"])
@@ -263,8 +277,6 @@ def _answer_model(entry: dict, prompts: list[dict], resolve, out: Path, dec: dic
 
 
 def _scored_rows(name: str, protocol: str, prompts: list[dict], answers: list[dict]) -> list[dict]:
-    from microlm.ie.metrics import score_answer
-
     rows = []
     for p, a in zip(prompts, answers, strict=True):
         s = score_answer(a.get("text"), p["asked"], p["gold"], finish_reason=a.get("finish_reason"), error=a.get("error"))
@@ -279,8 +291,6 @@ def _scored_rows(name: str, protocol: str, prompts: list[dict], answers: list[di
 
 
 def _styled(entry: dict, prompts: list[dict]) -> list[dict]:
-    from microlm.ie.render import prompt_messages
-
     style = entry.get("prompt", "ie")
     return prompts if style == "ie" else [dict(p, messages=prompt_messages(p["messages"], style)) for p in prompts]
 
@@ -299,18 +309,6 @@ def evaluate(models: list[dict], prompts: list[dict], resolve, out: Path, dec: d
     ``iepile``: IEPile's).  ``compare``: the ``[A, B]`` pairs to test (default: every pair).  ``resolve``:
     a model/adapter reference → a folder or hub id; ``serve(entry)``: a context manager giving the
     entry its server started (an entry with ``base_url: serve``), default none."""
-    from microlm.ie.metrics import (
-        aggregate,
-        bootstrap,
-        iepile_aggregate,
-        iepile_bootstrap,
-        iepile_paired_bootstrap,
-        iepile_records,
-        merge_records,
-        paired_bootstrap,
-    )
-    from microlm.io import atomic_open
-
     protocols = {"ours": prompts, **({"iepile": iepile_prompts} if iepile_prompts is not None else {})}
     rows: dict[str, dict[str, list[dict]]] = {proto: {} for proto in protocols}
     timing: dict[str, dict] = {}
@@ -407,10 +405,6 @@ def _fmt_iv(v: float, iv: list[float]) -> str:
 def write_summary(report: dict, out: Path) -> None:
     """``summary.csv`` + ``summary.md`` (the model × metric table with intervals — our protocol and,
     when asked, IEPile's — the paired comparisons, errors per class, time)."""
-    import csv
-
-    from microlm.io import atomic_open
-
     cols = ["model", "backend", "parse_rate", "parse_lo", "parse_hi", "schema_rate", "precision", "recall", "f1",
             "f1_lo", "f1_hi", "relaxed_f1", "parse_rate_fenced", "f1_fenced", "answers", "records",
             "iepile_f1", "iepile_f1_lo", "iepile_f1_hi", "iepile_f1_set"]
@@ -487,9 +481,6 @@ def write_summary(report: dict, out: Path) -> None:
 def write_failures(rows: list[dict], prompts: list[dict], out: Path, per_kind: int = 2) -> dict:
     """``failures.md``: up to ``per_kind`` failed answers of each model per class (not JSON,
     truncated, wrong keys, hallucinated entity, right pair wrong relation, missed/wrong triples)."""
-    from microlm.ie.metrics import failure_kind
-    from microlm.io import atomic_open
-
     text_of = {p["id"]: p["input"] for p in prompts}
     rows = [r for r in rows if r.get("protocol", "ours") == "ours"]
     counts: dict[str, Counter] = defaultdict(Counter)
@@ -514,15 +505,10 @@ def write_failures(rows: list[dict], prompts: list[dict], out: Path, per_kind: i
 def write_plots(report: dict, rows: list[dict], out: Path) -> list[str]:
     """``metrics.png`` (metric × model bars, F1 and parse rate with intervals), ``topic_f1.png``
     (topic × model heatmap), ``answers.png`` (answer length and latency distributions)."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from microlm.plotting import use_cjk_font
 
     if use_cjk_font():  # Noto Sans SC from the course extra: the Chinese topic names draw as characters
         return _plots(report, rows, out, plt, np)

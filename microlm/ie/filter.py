@@ -11,11 +11,13 @@ corpus stage's deduplicator).  Every drop is counted by reason with samples.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from microlm.data.dedup import Deduplicator, MinHasher
 from microlm.errors import MicroLMError
 from microlm.ie.standardize import IERecord, Issues
 from microlm.io import batched, load_json_file, ordered_map
@@ -72,8 +74,6 @@ def _clean_triples(rec: IERecord, allowed: set[str] | None, max_entity: int, iss
 
 @functools.lru_cache(maxsize=4)
 def _hasher(seed: int):
-    from microlm.data.dedup import MinHasher
-
     return MinHasher(128, 5, seed=seed)
 
 
@@ -90,10 +90,6 @@ def filter_records(records: Iterable[IERecord], schema: dict[str, list[str]], *,
     taken from another source is an exact duplicate, the same text under several topics of one
     source is not.  ``workers`` > 1 computes the MinHash signatures of the next batches in that
     many processes while this one filters and queries the index — the decisions are the same."""
-    from collections import deque
-
-    from microlm.data.dedup import Deduplicator
-
     allowed_of = {t: set(rels) for t, rels in schema.items()}
     owner: dict[str, str] = {}  # text id → the source that supplied it first
 

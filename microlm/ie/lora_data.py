@@ -154,8 +154,8 @@ class LengthGroupedBatches:
     def collate(self, rows, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         exs = [self.examples[int(r)] for r in rows]
         width = max(len(e.ids) for e in exs)
-        x = torch.full((len(exs), width), self.pad_id, dtype=torch.long)
-        y = torch.full((len(exs), width), IGNORE, dtype=torch.long)
+        x = torch.full((len(exs), width), self.pad_id, dtype=torch.long)  # (B, T) ids, right-padded
+        y = torch.full((len(exs), width), IGNORE, dtype=torch.long)  # (B, T) labels: pads never train
         for i, e in enumerate(exs):
             x[i, :len(e.ids)] = torch.tensor(e.ids)
             y[i, :len(e.labels)] = torch.tensor(e.labels)
@@ -168,6 +168,7 @@ class LengthGroupedBatches:
             raise MicroLMError(f"batch_size {len(rows)} is not a multiple of {world} process(es) × {n_micro} "
                                f"micro-batches")
         count = self.trained_tokens(rows)
+        # the sorted global batch dealt round-robin: this rank's micro-batch is every share-th row
         return self.collate(rows[micro * world + rank::share], share / max(1, count))
 
 
@@ -189,8 +190,8 @@ def _trunk(model: nn.Module):
 
 
 def _ce_sum(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight, bias)
-    return F.cross_entropy(logits.float(), y, reduction="sum")
+    logits = F.linear(h, weight, bias)  # (N, C) -> (N, V)
+    return F.cross_entropy(logits.float(), y, reduction="sum")  # against y: (N,)
 
 
 def chunked_ce_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -200,12 +201,13 @@ def chunked_ce_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, 
     the ``tokens × vocabulary`` fp32 tensor (3.7 GB for 8 × 400 tokens of Qwen2.5's 151,936)."""
     from torch.utils.checkpoint import checkpoint
 
-    sel = labels != IGNORE
-    h, y = hidden[sel], labels[sel]
-    rows = rows or max(1, 2**25 // head.out_features)  # ≈ 128 MB of fp32 logits per chunk
+    sel = labels != IGNORE  # (B, T-1) bool
+    h, y = hidden[sel], labels[sel]  # (B, T-1, C) -> (N, C) and (N,), N = trained tokens
+    rows = rows or max(1, 2**25 // head.out_features)  # 2^25 fp32 logits ≈ 128 MB per chunk
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(y), rows):
         args = (h[i:i + rows], head.weight, head.bias, y[i:i + rows])
+        # checkpoint: keep only the chunk's inputs; its (rows, V) logits are recomputed in backward
         total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if torch.is_grad_enabled()
                          else _ce_sum(*args))
     return total
@@ -232,10 +234,13 @@ class SummedTokenLoss(nn.Module):
         return out[0] if isinstance(out, tuple) else out.logits
 
     def summed(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # position t predicts token t + 1: the last position has no target and the first token is no target
         if self._trunk is not None:
             hidden, head = self._trunk
+            # (B, T, C) -> (B, T-1, C) hidden states against (B, T-1) labels
             return chunked_ce_sum(hidden(ids)[:, :-1], head, labels[:, 1:], self.chunk_rows)
-        logits = self.logits(ids)[:, :-1]
+        logits = self.logits(ids)[:, :-1]  # (B, T, V) -> (B, T-1, V)
+        # (B·(T-1), V) against (B·(T-1),), in fp32
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
 

@@ -1,4 +1,5 @@
-"""Stage B5 (``microlm ie-merged``): merge an IE LoRA adapter into its base → a Hugging Face folder.
+"""Merging an IE LoRA adapter into its base → a verified Hugging Face folder (what the ``ie_merged``
+stage, B5, runs for each adapter).
 
 The base is loaded un-quantized in fp32, the adapter applied and folded in (``merge_and_unload``),
 and the folder written atomically **in the base's own dtype** (a bf16 base stays bf16: 1 GB, not
@@ -16,15 +17,22 @@ otherwise the merge fails and nothing is written.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from microlm.errors import MicroLMError
 from microlm.hw import peak_rss_mb, reset_peak_rss
+from microlm.ie.train_lora import load_base, load_tokenizer, resolve_base
 from microlm.infer.greedy import NEAR_TIE, eos_ids, first_divergence, greedy_ids, max_logit_diff, top2_gap
+from microlm.io import staged_dir, write_json
+from microlm.model.checkpoint import config_diff
 from microlm.paths import display_path
 
 __all__ = ["adapter_dtype", "check_adapter_base", "merge_adapter", "verify_merged", "model_card",
@@ -35,8 +43,6 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "to
 
 def adapter_dtype(adapter_dir: Path) -> torch.dtype:
     """The dtype the adapter's tensors were saved in (the merge loads the base in it)."""
-    from safetensors import safe_open
-
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise MicroLMError(f"adapter file missing: {path}")
@@ -50,8 +56,6 @@ def adapter_dtype(adapter_dir: Path) -> torch.dtype:
 def check_adapter_base(adapter_dir: Path, base_config: dict) -> None:
     """An adapter trained on another base is refused with the differing config fields listed
     (``base_config.json`` is saved beside the adapter by ``ie_lora``)."""
-    from microlm.model.checkpoint import config_diff
-
     saved_path = Path(adapter_dir) / "base_config.json"
     if not saved_path.is_file():
         return
@@ -101,8 +105,6 @@ def _agreement(a: list[list[int]], b: list[list[int]], prompts: list[list[int]],
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="prompt")
 
 
@@ -203,20 +205,13 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
     write ``out_dir`` atomically, verified (``verify_merged``); the report (also ``out_dir/report.json``,
     with ``extra`` added).  Interrupted (Ctrl-C, SIGTERM), the staging folder is removed at once; after
     a SIGKILL the next run removes it."""
-    import copy
-
     from peft import PeftModel
-
-    from microlm.ie.train_lora import load_base, load_tokenizer
-    from microlm.io import staged_dir, write_json
 
     t0 = time.time()
     reset_peak_rss()
     adapter_dir = Path(adapter_dir)
     adapter_dtype(adapter_dir)  # the adapter file is there and holds tensors
     from transformers import AutoConfig
-
-    from microlm.ie.train_lora import resolve_base
 
     model = load_base(base, torch.float32)  # refuses a quantized base; fp32: the merge and its check are exact
     keep_dtype = saved_dtype(AutoConfig.from_pretrained(resolve_base(base)))  # as published, not as loaded
@@ -261,8 +256,6 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
 
 def base_license(base: str) -> str | None:
     """The ``license:`` of a local base folder's model card front matter (None when not stated)."""
-    import re
-
     card = Path(base) / "README.md"
     if not card.is_file():
         return None

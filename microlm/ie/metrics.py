@@ -270,7 +270,9 @@ def _f1_rows(s: np.ndarray, cols: tuple[int, int, int]) -> np.ndarray:
 
 
 def _boot_f1_parse(t: np.ndarray, idx: np.ndarray, metric: str = "f1") -> tuple[np.ndarray, np.ndarray]:
-    s = t[idx].sum(axis=1)  # (B, counts)
+    # (samples, records, counts) summed over the records: F1 of each resample from its summed counts
+    # (micro-averaged, as the point estimate), not a mean of per-record F1s
+    s = t[idx].sum(axis=1)  # (samples, counts)
     parse = np.divide(s[:, 7], s[:, 6], out=np.zeros_like(s[:, 6]), where=s[:, 6] > 0)
     return _f1_rows(s, _F1_COLS[metric]), parse
 
@@ -281,7 +283,7 @@ def bootstrap(recs: dict[str, dict], *, samples: int = 1000, seed: int = 0, leve
     t = _table(recs)
     if len(t) == 0:
         return {"f1": [0.0, 0.0], "parse_rate": [0.0, 0.0], "f1_fenced": [0.0, 0.0]}
-    idx = np.random.default_rng(seed).integers(0, len(t), size=(samples, len(t)))
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(samples, len(t)))  # one resample per row
     f, parse = _boot_f1_parse(t, idx)
     ff, _ = _boot_f1_parse(t, idx, "f1_fenced")
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
@@ -302,6 +304,7 @@ def paired_bootstrap(a: dict[str, dict], b: dict[str, dict], *, samples: int = 1
                 "metrics": [metric_a, metric_b], "parse_diff": 0.0, "parse_interval": [0.0, 0.0]}
     ta, tb = _table({k: a[k] for k in ids}), _table({k: b[k] for k in ids})
     diff = float(_f1_rows(ta.sum(axis=0), _F1_COLS[metric_a]) - _f1_rows(tb.sum(axis=0), _F1_COLS[metric_b]))
+    # the same resampled records for both: the difference's interval, not two overlapping ones
     idx = np.random.default_rng(seed).integers(0, len(ids), size=(samples, len(ids)))
     fa, pa = _boot_f1_parse(ta, idx, metric_a)
     fb, pb = _boot_f1_parse(tb, idx, metric_b)

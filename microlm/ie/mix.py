@@ -29,6 +29,8 @@ from collections.abc import Iterable
 import numpy as np
 import xxhash
 
+from microlm.data.dedup import Deduplicator, MinHasher
+
 __all__ = ["normalize_text", "line_input", "answer_triples", "is_empty_answer", "contaminated", "balanced_sample",
            "describe_mix"]
 
@@ -69,8 +71,6 @@ def contaminated(train_texts: list[str], eval_texts: Iterable[str], *, threshold
                  shingle_size: int = 5, num_perm: int = 128, seed: int = 0, batch: int = 4096) -> list[bool]:
     """For each training text: is it (normalised) equal to, or a near-duplicate (estimated Jaccard of
     character ``shingle_size``-grams ≥ ``threshold``) of, one of ``eval_texts``?"""
-    from microlm.data.dedup import Deduplicator, MinHasher
-
     def keys(texts: list[str]) -> np.ndarray:
         return np.array([xxhash.xxh64_intdigest(t.encode()) for t in texts], dtype=np.uint64)
 

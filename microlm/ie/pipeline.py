@@ -1,9 +1,11 @@
-"""Stages B1–B2: the InstructIE data pipeline, steps 01–06 (``microlm ie-data --step N``).
+"""The InstructIE data pipeline, steps 01–06: what the ``ie_data`` stage (B1–B2) runs, or one step
+of it with ``microlm ie-data --step N``.
 
-Each step is a function of the config and the run folder that writes ``runs/<p>/ie_data/0N_*.jsonl``
-and a stats file beside it; a step whose input is missing runs the step before it.  Built so far:
-01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03 stratify, 04 derive
-(``microlm/ie/derive.py``), 05 sample (``microlm/ie/sample.py``), 06 render (``microlm/ie/render.py``).
+Each step is a function of the pipeline's settings (``IEPipeline``) and the stage's folder that writes
+``0N_*.jsonl`` and a stats file there; a step whose input is missing runs the step before it.  The
+steps: 01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03
+stratify, 04 derive (``microlm/ie/derive.py``), 05 sample (``microlm/ie/sample.py``), 06 render
+(``microlm/ie/render.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from microlm.errors import MicroLMError
+from microlm.ie.derive import derive_examples, derive_iepile
+from microlm.ie.filter import filter_records, load_schema
+from microlm.ie.render import TokenCounter, length_summary, render_example
+from microlm.ie.sample import assign_splits, pick_eval_prompts
+from microlm.ie.standardize import (
+    ADAPTERS,
+    EMBEDDED_RECORDS,
+    EMBEDDED_SCHEMA,
+    IERecord,
+    Issues,
+    RelationMap,
+    standardize_file,
+)
 from microlm.io import atomic_open, batched, iter_json_lines, json_line, ordered_map, read_jsonl, write_json
+from microlm.tokenizer import Tokenizer
+from microlm.tokenizer.training import load_hf_tokenizer, qwen_tokenizer_path
 
 log = logging.getLogger("microlm")
 
@@ -50,8 +69,6 @@ def ie_sources(ps: IEPipeline) -> list[tuple[Path, str, str]]:
     root (the source name is the file's folder, or its stem for files directly under ``ie/``), then
     the project-written InstructIE records when ``ie_data.embedded`` (the only source without a data
     root)."""
-    from microlm.ie.standardize import ADAPTERS, EMBEDDED_RECORDS
-
     root = ps.root
     out = []
     for pattern, fmt in (ps.d.sources.items() if root is not None else ()):
@@ -75,8 +92,6 @@ def step_standardize(ps: IEPipeline, out_dir: Path, sources: list[tuple[Path, st
     """01: every source file → ``01_standardized.jsonl`` (``IERecord`` per line) and
     ``01_standardize_stats.json`` (records and triples per source and topic, issues by reason with
     samples, per file)."""
-    from microlm.ie.standardize import Issues, RelationMap, standardize_file
-
     t0 = time.time()
     sources = sources if sources is not None else ie_sources(ps)
     rmap = RelationMap(unmapped_topic=ps.d.unmapped_topic)
@@ -115,8 +130,6 @@ def _lines_and_rows(path: Path):
 
 def read_records(path: Path):
     """The rows of a step's JSONL output as ``IERecord`` (extra keys such as ``stratum`` are ignored)."""
-    from microlm.ie.standardize import IERecord
-
     for n, d in enumerate(read_jsonl(path), 1):
         try:
             yield IERecord(d["id"], d["cate"], d["text"], d["relation"], d["source"])
@@ -136,9 +149,6 @@ def _require(out_dir: Path, name: str, step: int, ps) -> Path:
 def step_filter(ps: IEPipeline, out_dir: Path) -> dict:
     """02: ``01_standardized.jsonl`` → ``02_filtered.jsonl`` + ``02_filter_stats.json`` (records in and
     out by source and topic, drops by reason with samples)."""
-    from microlm.ie.filter import filter_records
-    from microlm.ie.standardize import Issues
-
     t0 = time.time()
     src = _require(out_dir, "01_standardized.jsonl", 1, ps)
     d = ps.d
@@ -242,15 +252,11 @@ def step_stratify(ps: IEPipeline, out_dir: Path) -> dict:
 def schema_paths(ps: IEPipeline) -> list[Path]:
     """``ie_data.schema`` under the data root; without one, ``data/ie/embedded_schema_zh.json``
     (the project's own schema: the relations its records use)."""
-    from microlm.ie.standardize import EMBEDDED_SCHEMA
-
     root = ps.root
     return [EMBEDDED_SCHEMA] if root is None else [root / p for p in ps.d.schema]
 
 
 def _schema(ps: IEPipeline) -> dict[str, list[str]]:
-    from microlm.ie.filter import load_schema
-
     return load_schema(schema_paths(ps))
 
 
@@ -258,8 +264,6 @@ _WORK: dict = {}  # what the forked workers of ``ordered_map`` need (set before 
 
 
 def _derive_chunk(rows: list[dict]) -> tuple[str, dict]:
-    from microlm.ie.derive import derive_examples
-
     skipped, lines = [0], []
     st = {"n": 0, "empty": 0, "positives": 0, "by_topic": Counter()}
     for ex in derive_examples(rows, _WORK["pool_of"], skipped=skipped, **_WORK["kw"]):
@@ -320,9 +324,6 @@ def step_sample(ps: IEPipeline, out_dir: Path) -> dict:
     by ``max_empty_chunks`` are left out of train and val only), ``05_test_iepile.jsonl`` (every test
     record under IEPile's own test chunking, with its whole relation list) and ``05_eval_prompts.jsonl``
     (the fixed evaluation prompts with gold answers) + ``05_sample_stats.json``."""
-    from microlm.ie.derive import derive_iepile
-    from microlm.ie.sample import assign_splits, pick_eval_prompts
-
     t0 = time.time()
     src = _require(out_dir, "04_derived.jsonl", 4, ps)
     d = ps.d
@@ -386,10 +387,6 @@ def step_sample(ps: IEPipeline, out_dir: Path) -> dict:
 def render_counters(ps: IEPipeline, tokenizer_dir: Path) -> list:
     """Step 06's tokenizers: Qwen2.5 (``$MICROLM_DATA/tokenizers/qwen2.5``, when there) and the
     MicroLM tokenizer in ``tokenizer_dir`` (the ``tokenizer`` stage's folder)."""
-    from microlm.ie.render import TokenCounter
-    from microlm.tokenizer import Tokenizer
-    from microlm.tokenizer.training import load_hf_tokenizer, qwen_tokenizer_path
-
     out = []
     qwen = qwen_tokenizer_path(ps.root)
     if qwen is not None:
@@ -401,10 +398,6 @@ def render_counters(ps: IEPipeline, tokenizer_dir: Path) -> list:
 def _render_chunk(rows: list[dict]) -> tuple[str, dict, dict, Counter]:
     """Render, measure (all, or the lines a seeded hash samples), drop over the cutoff under
     Qwen2.5 (evaluation prompts never); the kept lines as text + counts."""
-    import xxhash
-
-    from microlm.ie.render import render_example
-
     w = _WORK
     seed, n_in, k = w["sample"]
     buf = [render_example(e, prompt_only=w["prompt_only"]) for e in rows]
@@ -435,8 +428,6 @@ def step_render(ps: IEPipeline, out_dir: Path, counters: list | None = None, bat
     and never dropped (the set stays fixed) — their over-cutoff count is reported.  With
     ``token_sample`` > 0, about that many examples per split are measured (a seeded hash picks
     them) and only those can be dropped: the statistics are then estimates, as the file says."""
-    from microlm.ie.render import length_summary
-
     t0 = time.time()
     d = ps.d
     inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, ps) for s in ("train", "val", "test", *PROMPT_SPLITS)}

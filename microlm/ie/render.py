@@ -14,6 +14,7 @@ reported (e.g. how many examples exceed MicroLM's context), not acted on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -88,8 +89,6 @@ def parse_answer(text: str, schema: Iterable[str] | None = None) -> dict[str, li
     """The answer format read back: a JSON object mapping each relation to a list of
     ``{"subject", "object"}`` string pairs (``None`` when ``text`` is not that).  With ``schema``, the
     keys must be exactly the asked relations (a model that drops or invents one did not answer)."""
-    import json
-
     try:
         obj = json.loads(text.strip())
     except (json.JSONDecodeError, ValueError):

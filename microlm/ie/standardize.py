@@ -26,10 +26,14 @@ import csv
 import gzip
 import io
 import json
+import re
+import xml.etree.ElementTree as ET
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree.ElementTree import ParseError
 
 import xxhash
 
@@ -333,10 +337,6 @@ _XLSX = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 def read_xlsx_rows(path: str | Path) -> Iterator[list[str]]:
     """The first sheet of an .xlsx file (gzip allowed) as lists of cell strings — shared strings,
     inline strings and numbers; a missing cell is ``""``.  Standard library only (zip + XML)."""
-    import re
-    import xml.etree.ElementTree as ET
-    import zipfile
-
     with _open_bytes(Path(path)) as f:
         z = zipfile.ZipFile(io.BytesIO(f.read()))
     shared = []
@@ -365,9 +365,6 @@ def read_xlsx_rows(path: str | Path) -> Iterator[list[str]]:
 def adapt_people_xlsx(path, b: _Builder) -> Iterator[IERecord]:
     """percent4's person-relation table: sheet rows ``人物1, 人物2, 关系, 文本`` (the unmasked source of
     its train/test.txt, whose entities are masked with #)."""
-    import zipfile
-    from xml.etree.ElementTree import ParseError
-
     fname = Path(path).name
     it = read_xlsx_rows(path)
     try:

@@ -1,4 +1,5 @@
-"""Stage B3 (``microlm ie-lora``): LoRA on a causal LM for relation extraction, two engines.
+"""LoRA on a causal LM for relation extraction, two engines (what the ``ie_lora`` stage, B3, runs for
+each of ``ie_lora.runs``).
 
 The base is a ``transformers`` causal LM — a hub id (``Qwen/Qwen2.5-1.5B-Instruct`` at the ``gpu``
 profile, through ``transformers``' own cache, ``HF_HUB_OFFLINE=1`` respected) or a local folder (the
@@ -19,14 +20,26 @@ weights (the adapters), not a copy of the base.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
 
 from microlm.errors import MicroLMError
-from microlm.hw import peak_rss_mb, reset_peak_rss
-from microlm.io import iter_json_lines, read_jsonl
+from microlm.hw import peak_rss_mb, reset_peak_rss, resolve_precision
+from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
+from microlm.ie.mix import answer_triples, balanced_sample, contaminated, describe_mix, line_input
+from microlm.io import iter_json_lines, read_json, read_jsonl, share, write_json
+from microlm.model.hf_export import import_hf
+from microlm.model.lora import LLAMA_PROJ, LoRAConfig, adapter_state_dict, apply_lora, save_adapter
+from microlm.tokenizer.tokenizer import render_chat
+from microlm.train.curves import loss_fields, plot_curves, read_metrics
+from microlm.train.dist import distributed
+from microlm.train.settings import TrainConfig
+from microlm.train.trainer import Trainer
 
 __all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_folder", "load_tokenizer",
            "load_base", "attach_peft", "attach_microlm", "copy_microlm_init_to_peft", "template_mismatch"]
@@ -67,8 +80,6 @@ def lora_share(model_config, r: int, targets, dtype=torch.float32) -> dict:
 
 def peft_targets_to_logical(targets) -> list[str]:
     """PEFT/Llama module names → the logical names of ``microlm.model.lora`` (``q_proj`` → ``q``)."""
-    from microlm.model.lora import LLAMA_PROJ
-
     inv = {v.rsplit(".", 1)[-1]: k for k, v in LLAMA_PROJ.items()}
     bad = [t for t in targets if t not in inv]
     if bad:
@@ -127,8 +138,6 @@ def load_tokenizer(base: str, *, weights: bool = True):
 def template_mismatch(tok, messages: list[dict]) -> str | None:
     """``None`` when ``tok``'s chat template renders ``messages`` as ChatML the way ``ie_data`` rendered
     them (``microlm.tokenizer.render_chat``); else where the two texts first differ."""
-    from microlm.tokenizer.tokenizer import render_chat
-
     want = render_chat(messages)
     got = tok.apply_chat_template(messages, tokenize=False)
     if got == want:
@@ -173,9 +182,6 @@ def attach_peft(model, r: int, alpha: float, dropout: float, targets):
 def attach_microlm(folder: str | Path, r: int, alpha: float, dropout: float, targets):
     """The Llama-architecture base imported into ``TransformerLM`` with pipeline A's LoRA on ``targets``
     (PEFT names); ``(model, LoRAConfig, report)``."""
-    from microlm.model.hf_export import import_hf
-    from microlm.model.lora import LoRAConfig, apply_lora
-
     model, _ = import_hf(folder)
     lcfg = LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=peft_targets_to_logical(targets))
     report = apply_lora(model, lcfg)
@@ -186,8 +192,6 @@ def copy_microlm_init_to_peft(microlm_model, peft_model) -> int:
     """Give the PEFT model the from-scratch engine's initial ``A``/``B`` matrices (so the two engines
     can be compared step by step); the number of tensors copied."""
     from peft import set_peft_model_state_dict
-
-    from microlm.model.lora import adapter_state_dict
 
     sd = adapter_state_dict(microlm_model)
     result = set_peft_model_state_dict(peft_model, sd)
@@ -201,17 +205,12 @@ class ValLoss:
     """Answer-token loss (summed ÷ trained tokens) on fixed held-out examples, longest first."""
 
     def __init__(self, examples, batch_size: int, pad_id: int, device: str, amp=None):
-        from microlm.ie.lora_data import LengthGroupedBatches
-
         self.examples = sorted(examples, key=lambda e: -len(e.ids))
         self.src = LengthGroupedBatches(self.examples, 1, pad_id, 0)  # collate only
         self.bs, self.device, self.amp = batch_size, device, amp
 
     @torch.no_grad()
     def __call__(self, wrapped) -> dict:
-        import contextlib
-        import math
-
         was = wrapped.training
         wrapped.eval()
         total, count = 0.0, 0
@@ -232,10 +231,6 @@ def lockstep_losses(model, examples, pad_id: int, steps: int, out_dir: Path, *, 
     length-grouped batches of ``examples`` every time it is called with the same ``seed``: what the
     two-engines check runs once per engine (cosine from ``lr`` to ``min_lr`` = lr/10, no warmup, fp32
     unless asked)."""
-    from microlm.ie.lora_data import LengthGroupedBatches, SummedTokenLoss
-    from microlm.train.settings import TrainConfig
-    from microlm.train.trainer import Trainer
-
     tc = TrainConfig(batch_size=batch_size, max_steps=steps, lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=0, weight_decay=0.0,
                      eval_interval=10**9, ckpt_interval=10**9, log_interval=1, precision=precision, grad_clip=1.0,
                      sample_tokens=0, device="cpu")
@@ -283,8 +278,6 @@ def training_mix(lc, data_dir: Path, seed: int) -> tuple[list[dict], dict]:
     ``empty_share`` all-empty answers; and what the mix holds (for the report and the notebook).  The
     file is read twice — topics, empty answers and texts first, then only the drawn lines — so a large
     training split is never held in memory as conversations."""
-    from microlm.ie.mix import answer_triples, balanced_sample, contaminated, describe_mix, line_input
-
     path = data_dir / "06_train.jsonl"
     if not path.is_file():
         raise MicroLMError(f"missing {path}: run the ie_data stage first (`microlm ie-data`)")
@@ -317,8 +310,6 @@ def training_mix(lc, data_dir: Path, seed: int) -> tuple[list[dict], dict]:
 
 def base_dtype(tc) -> torch.dtype:
     """The dtype the frozen base is loaded in: bf16 where training runs in bf16 (native bf16 CPUs, GPUs)."""
-    from microlm.hw import resolve_precision
-
     return torch.bfloat16 if resolve_precision(tc.precision, tc.device) == "bf16" else torch.float32
 
 
@@ -331,14 +322,6 @@ def train_ie_lora(lc, run: dict, base: str, data_dir: Path, out_dir: Path, *, se
     ``out_dir`` (``adapter/`` in PEFT format + tokenizer files, ``metrics.jsonl``, ``curves.png``,
     ``report.json``).  ``init_from``: a from-scratch LoRA model whose initial A/B the PEFT engine copies;
     ``run_fingerprint``: recorded in the checkpoints and the report (what makes this sub-run itself)."""
-    import time
-
-    from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
-    from microlm.io import read_json, write_json
-    from microlm.train.curves import loss_fields, plot_curves, read_metrics
-    from microlm.train.dist import distributed
-    from microlm.train.trainer import Trainer
-
     tc = lc.train
     reset_peak_rss()  # this run's peak, not an earlier run's of the same process
     with distributed(tc.device, dist) as dist:
@@ -395,13 +378,9 @@ def train_ie_lora(lc, run: dict, base: str, data_dir: Path, out_dir: Path, *, se
             if lcfg is None:
                 model.save_pretrained(adapter)
             else:
-                from microlm.model.lora import save_adapter
-
                 save_adapter(model, lcfg, adapter, base_model_name=str(base))
             tok.save_pretrained(adapter)
             from transformers import AutoConfig
-
-            from microlm.io import share
 
             share(adapter)  # PEFT writes its weights 0600: the folder is read by the other stages and users
             # the merge stage refuses another base with the differing fields listed

@@ -1,4 +1,5 @@
-"""Stage A8: generation, chat and (with ``microlm.model.hf_export``) the Hugging Face export.
+"""Inference: generation with the KV cache, chat, repetition metrics, the check of a Hugging Face
+export (``verify``) and batched greedy checks of ``transformers`` models (``greedy``).
 
 Names are imported lazily, so ``from microlm.infer.config import GenerationConfig`` needs no torch.
 """

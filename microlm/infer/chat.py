@@ -1,4 +1,4 @@
-"""Stage A8: the chat loop behind ``microlm chat`` (MiniMind's ``chat.py``, hardened).
+"""The chat loop behind ``microlm chat`` (MiniMind's ``chat.py``, hardened).
 
 ``ChatSession`` keeps the conversation and trims the oldest turns so prompt + answer fit the
 context window; ``run_chat`` is the terminal/pipe loop with ``/reset``, ``/system <text>``,

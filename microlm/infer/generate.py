@@ -1,4 +1,5 @@
-"""Stage A8: text generation — ``generate_text`` and the decode loop under it.
+"""Text generation with our TransformerLM — ``generate_text`` and the decode loop under it (chat,
+training samples, the IE answers of a MicroLM model).
 
 One loop serves everything: batched prompts (left-padded), greedy or sampled (temperature, top-k,
 top-p, repetition penalty, seed), stop ids and stop strings, KV cache on by default (one prefill of
@@ -70,14 +71,15 @@ def process_logits(logits: torch.Tensor, gen: GenerationConfig, seen: torch.Tens
         return logits
     logits = logits / gen.temperature
     if gen.top_k and gen.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, gen.top_k, dim=-1).values[..., -1:]
+        kth = torch.topk(logits, gen.top_k, dim=-1).values[..., -1:]  # (B, 1): each row's k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if gen.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V) each; order: rank → id
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass (the best stays)
         drop = (probs.cumsum(-1) - probs) >= gen.top_p
         drop[..., 0] = False
+        # scatter maps drop from rank order back to id order
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -108,8 +110,9 @@ def decode_steps(model, prompts: list[list[int]], gen: GenerationConfig, *, stop
     if longest + gen.max_new_tokens > model.cfg.max_seq_len:
         raise MicroLMError(f"prompt of {longest} tokens + max_new_tokens={gen.max_new_tokens} exceeds the model's "
                            f"context of {model.cfg.max_seq_len} tokens")
-    seq = torch.full((b, longest), pad_id, dtype=torch.long, device=dev)
-    real = torch.zeros((b, longest), dtype=torch.bool, device=dev)
+    # left padding puts every prompt's last token in the last column, where each step reads the logits
+    seq = torch.full((b, longest), pad_id, dtype=torch.long, device=dev)  # (B, longest) ids
+    real = torch.zeros((b, longest), dtype=torch.bool, device=dev)  # (B, longest): True = not a pad
     for i, p in enumerate(prompts):
         seq[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         real[i, longest - len(p):] = True
@@ -117,27 +120,29 @@ def decode_steps(model, prompts: list[list[int]], gen: GenerationConfig, *, stop
     vocab = model.cfg.vocab_size
     seen = None
     if gen.repetition_penalty != 1.0:
-        seen = torch.zeros((b, vocab), dtype=torch.bool, device=dev)
-        seen.scatter_(1, seq, real)
+        seen = torch.zeros((b, vocab), dtype=torch.bool, device=dev)  # (B, V): ids already in the row
+        # a pad id may also be a real token of a padded row: count, so a pad's False never overwrites it
+        seen |= torch.zeros((b, vocab), dtype=torch.int32, device=dev).scatter_add_(1, seq, real.to(torch.int32)) > 0
     generator = None
     if gen.temperature > 0:
         generator = torch.Generator(device=dev)
         generator.manual_seed(gen.seed if gen.seed is not None else int.from_bytes(os.urandom(7), "little"))
     stops = torch.tensor(list(stop_ids) if not gen.ignore_eos else [], dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,)
+    # per layer (B, Hkv, longest + max_new_tokens, D): room for the prompts and every new token
     cache = model.new_cache(b, longest + gen.max_new_tokens) if gen.use_cache else None
-    step_in = seq
+    step_in = seq  # the first step is the prefill: (B, longest); then (B, 1)
     for _ in range(gen.max_new_tokens):
-        mask = real if padded else None
+        mask = real if padded else None  # (B, S), S = tokens so far: the cached ones and step_in
         if cache is not None:
-            logits, _ = model(step_in, cache=cache, pad_mask=mask)
+            logits, _ = model(step_in, cache=cache, pad_mask=mask)  # (B, longest, V), then (B, 1, V)
         else:
-            logits, _ = model(seq, pad_mask=mask)
-        last = logits[:, -1, :]
+            logits, _ = model(seq, pad_mask=mask)  # (B, S, V): the whole sequence again
+        last = logits[:, -1, :]  # (B, V): the next-token logits
         if n_ids is not None and n_ids < last.shape[-1]:
             last = last.clone()
             last[:, n_ids:] = float("-inf")
-        nxt = _choose(process_logits(last, gen, seen), gen, generator)
+        nxt = _choose(process_logits(last, gen, seen), gen, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         if stops.numel():
             done = done | torch.isin(nxt, stops)
@@ -146,9 +151,9 @@ def decode_steps(model, prompts: list[list[int]], gen: GenerationConfig, *, stop
             return
         if seen is not None:
             seen[torch.arange(b, device=dev), nxt] = True
-        step_in = nxt[:, None]
-        seq = torch.cat([seq, step_in], dim=1)
-        real = torch.cat([real, torch.ones((b, 1), dtype=torch.bool, device=dev)], dim=1)
+        step_in = nxt[:, None]  # (B, 1)
+        seq = torch.cat([seq, step_in], dim=1)  # (B, S + 1)
+        real = torch.cat([real, torch.ones((b, 1), dtype=torch.bool, device=dev)], dim=1)  # (B, S + 1)
 
 
 def _stop_cut(text: str, stops: list[str]) -> int | None:

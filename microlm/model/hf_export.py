@@ -1,4 +1,5 @@
-"""Stage A8: the Hugging Face view of a TransformerLM, both ways.
+"""The Hugging Face view of a TransformerLM, both ways (the ``hf`` stage exports with it,
+``microlm import-hf`` imports).
 
 ``export_hf`` writes a folder that ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` (and
 vLLM) load without custom code: Llama ``config.json``, ``model.safetensors``, ``tokenizer.json``,
@@ -63,8 +64,9 @@ def to_llama_state_dict(model) -> dict[str, torch.Tensor]:
 
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        qkv = weight(layer.attn.qkv_proj)
-        gu = weight(layer.mlp.gate_up_proj)
+        # nn.Linear weights are (out, in): split along the rows, q (H·D, C), k and v (Hkv·D, C) each
+        qkv = weight(layer.attn.qkv_proj)  # ((H + 2·Hkv)·D, C)
+        gu = weight(layer.mlp.gate_up_proj)  # (2·hidden, C): gate rows, then up rows
         out.update({
             p + "input_layernorm.weight": layer.input_norm.weight,
             p + "post_attention_layernorm.weight": layer.post_attn_norm.weight,
@@ -167,6 +169,7 @@ def from_llama_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
         out.update({
             q + "input_norm.weight": take(p + "input_layernorm.weight"),
             q + "post_attn_norm.weight": take(p + "post_attention_layernorm.weight"),
+            # stacked along the rows (dim 0), q then k then v, as Attention splits its output
             q + "attn.qkv_proj.weight": torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
             q + "attn.o_proj.weight": take(p + "self_attn.o_proj.weight"),
             q + "mlp.gate_up_proj.weight": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -71,6 +72,7 @@ class LoRALinear(nn.Module):
             if not on:
                 self.index.append(-1)
                 continue
+            # A: (r, in) random, B: (size, r) zero, so B A = 0 and training starts from the base model exactly
             a = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default for A
             b = nn.Parameter(torch.zeros(sl[1], r, dtype=base.weight.dtype, device=base.weight.device))
@@ -82,27 +84,27 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, k: int) -> torch.Tensor:
         """``scale · B A`` of the ``k``-th adapted slice."""
-        return (self.lora_B[k] @ self.lora_A[k]) * self.scale
+        return (self.lora_B[k] @ self.lora_A[k]) * self.scale  # (size, r) @ (r, in) -> (size, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base(x)  # (..., in) -> (..., out), e.g. (B, T, C) -> (B, T, (H + 2·Hkv)·D) for qkv_proj
         if self.merged or not len(self.lora_A):
             return y
         xd = self.dropout(x)
-        parts = []
+        parts = []  # one (..., size) update per slice, in output order
         for sl, k in zip(self.slices, self.index, strict=True):
             if k < 0:
                 parts.append(y.new_zeros(*y.shape[:-1], sl[1]))
-            else:
+            else:  # (..., in) -> A -> (..., r) -> B -> (..., size): never the (size, in) product B A
                 parts.append(F.linear(F.linear(xd, self.lora_A[k]), self.lora_B[k]) * self.scale)
-        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+        return y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))  # sizes add up to out
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
         for sl, k in zip(self.slices, self.index, strict=True):
-            if k >= 0:
+            if k >= 0:  # the slice's rows of the (out, in) weight: (size, in)
                 self.base.weight[sl[0]:sl[0] + sl[1]] += self.delta_weight(k)
         self.merged = True
 
@@ -213,8 +215,6 @@ def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microl
     """``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained``
     loads onto the Llama-layout export of the same base model, plus ``microlm_adapter.json`` (our
     target patterns and the base model's config, checked by ``load_adapter``)."""
-    import re
-
     from safetensors.torch import save_file
 
     out = Path(out_dir)

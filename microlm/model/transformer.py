@@ -3,6 +3,9 @@
 token embedding → N × [RMSNorm → causal self-attention (RoPE, optional GQA, SDPA) → residual,
 RMSNorm → SwiGLU MLP → residual] → RMSNorm → LM head.
 
+Shapes in the comments: B batch, T tokens of this call, C model dim (``dim``), H query heads, Hkv
+key/value heads (``kv_heads``; H with no GQA), D head dim (C / H), V vocab.
+
 The reference config ``microlm-31.7m`` (hidden 512, 8 layers, 8 heads of 64, SwiGLU 1365, vocab
 6400, untied embeddings) has exactly 31,724,032 parameters (a test pins it).
 
@@ -40,15 +43,17 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, length: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of ``position × frequency``, shape ``(length, head_dim / 2)``."""
+    # (D/2,): frequency i is theta^(-2i/D), from 1 rad/token down to ~1/theta (long wavelengths)
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freqs)  # (length, D/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x[..., :d/2], x[..., d/2:])`` (the Llama/"rotate-half" layout) of
-    ``x: (B, H, T, d)`` by the angles of their positions; ``cos, sin: (T, d/2)``."""
-    d = x.shape[-1] // 2
+    """Rotate pairs ``(x[..., i], x[..., i + D/2])`` (the Llama/"rotate-half" layout) of
+    ``x: (B, H, T, D)`` by the angles of their positions; ``cos, sin: (T, D/2)``, or ``(B, 1, T, D/2)``
+    when each row has its own positions (a left-padded batch)."""
+    d = x.shape[-1] // 2  # D/2: x1 and x2 below are (..., D/2), each broadcast against cos and sin
     if x.dtype != torch.float32:
         return apply_rope(x.float(), cos, sin).type_as(x)
     x1, x2 = x[..., :d], x[..., d:]
@@ -56,17 +61,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: ``(batch, kv_heads, max_len, head_dim)``."""
+    """Preallocated keys and values for every layer: ``(batch, kv_heads, max_len, head_dim)``.
+
+    ``pos`` moves once per forward (``advance``, after the last layer), so every layer of one call
+    writes at the same offset."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
                  device=None, dtype=torch.float32):
         self.max_len = max_len or cfg.max_seq_len
-        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)  # (B, Hkv, max_len, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # tokens already stored
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's ``k, v: (B, Hkv, T, D)`` after the cached ones; all of them,
+        ``(B, Hkv, pos + T, D)``."""
         t = k.shape[2]
         end = self.pos + t
         if end > self.max_len:
@@ -98,29 +108,33 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
                 mask: torch.Tensor | None = None):
-        b, t, _ = x.shape
+        b, t, _ = x.shape  # x: (B, T, C)
+        # (B, T, (H + 2·Hkv)·D) -> qk: (B, T, (H + Hkv)·D) and v: (B, T, Hkv·D)
         qk, v = self.qkv_proj(x).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
         # rotate q and k heads in one go, then split them
+        # (B, T, H + Hkv, D) -> (B, H + Hkv, T, D)
         qk = apply_rope(qk.view(b, t, self.n_heads + self.n_kv, self.hd).transpose(1, 2), cos, sin)
-        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-        v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # q: (B, H, T, D), k: (B, Hkv, T, D)
+        v = v.view(b, t, self.n_kv, self.hd).transpose(1, 2)  # (B, T, Hkv, D) -> (B, Hkv, T, D)
         past = 0
         if cache is not None:
             past = cache.pos
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v)  # the cached tokens too: (B, Hkv, past + T, D)
         if self.n_kv != self.n_heads:  # GQA: each kv head serves n_heads / n_kv query heads
             rep = self.n_heads // self.n_kv
+            # (B, Hkv, S, D) -> (B, H, S, D); interleave, not tile: query head h reads kv head h // rep,
+            # as Hugging Face's repeat_kv does (so exported GQA weights mean the same thing)
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         drop = self.dropout if self.training else 0.0
         weights = None
         if need_weights:  # explicit softmax, for the notebook's heatmap
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
-            if mask is None:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)  # (B, H, T, past + T)
+            if mask is None:  # (T, past + T): query i sits at position past + i and sees keys 0..past + i
                 mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
             att = att.masked_fill(~mask, float("-inf")).softmax(-1)
             weights = att
-            y = att @ v
+            y = att @ v  # (B, H, T, D)
         elif mask is not None:  # left-padded batch: (B, 1, T, past + T), True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         elif past == 0:
@@ -128,10 +142,11 @@ class Attention(nn.Module):
         elif t == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         else:  # a chunk after a cached prefix: causal within the chunk, full over the prefix
+            # (SDPA's is_causal aligns its triangle top-left: query i would see keys 0..i only)
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        y = y.transpose(1, 2).contiguous().view(b, t, self.n_heads * self.hd)
-        return self.o_proj(y), weights
+        y = y.transpose(1, 2).contiguous().view(b, t, self.n_heads * self.hd)  # (B, H, T, D) -> (B, T, H·D)
+        return self.o_proj(y), weights  # (B, T, C)
 
 
 class SwiGLU(nn.Module):
@@ -143,9 +158,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)
-        return self.dropout(self.down_proj(F.silu(gate) * up))
+    def forward(self, x):  # x: (B, T, C)
+        gate, up = self.gate_up_proj(x).split(self.hidden, dim=-1)  # (B, T, 2·hidden) -> 2 × (B, T, hidden)
+        return self.dropout(self.down_proj(F.silu(gate) * up))  # the gate scales up elementwise; (B, T, C)
 
 
 class Block(nn.Module):
@@ -201,33 +216,37 @@ class TransformerLM(nn.Module):
         cached tokens and ``idx``.  Pads are never attended to and each row's positions count its
         real tokens only (as ``position_ids = cumsum(attention_mask) - 1`` in transformers), so a
         padded row computes what it would alone."""
-        b, t = idx.shape
-        start = cache.pos if cache is not None else 0
+        b, t = idx.shape  # idx: (B, T) token ids
+        start = cache.pos if cache is not None else 0  # tokens already cached (past)
         if start + t > self.rope_cos.shape[0]:
             raise MicroLMError(f"sequence of {start + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         mask = None
         if pad_mask is None:
-            cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+            cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]  # (T, D/2)
         else:
             if pad_mask.shape != (b, start + t):
                 raise MicroLMError(f"pad_mask has shape {tuple(pad_mask.shape)}, expected {(b, start + t)}")
+            # (B, T): each new token's position among its row's real tokens (leading pads: -1, clamped to 0)
             pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            # (B, T, D/2) -> (B, 1, T, D/2): one angle table per row, broadcast over the heads
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            # (T, S) with S = start + T: query i (position start + i) sees keys 0..start + i
             causal = torch.ones(t, start + t, dtype=torch.bool, device=idx.device).tril(diagonal=start)
             # a pad query still sees itself, so no softmax row is empty (no NaN to leak into values)
             diag = torch.zeros_like(causal)
             diag[:, start:] = torch.eye(t, dtype=torch.bool, device=idx.device)
+            # (T, S) & (B, 1, S) -> (B, T, S) -> (B, 1, T, S): pads hidden as keys; broadcast over heads
             mask = ((causal & pad_mask[:, None, :]) | diag).unsqueeze(1)
-        x = self.drop(self.embed(idx))
+        x = self.drop(self.embed(idx))  # (B, T, C)
         weights = []
         for i, layer in enumerate(self.layers):
             x, w = layer(x, cos, sin, cache, i, need_weights, mask)
             weights.append(w)
         if cache is not None:
             cache.advance(t)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
-        if targets is not None:
+        if targets is not None:  # (B·T, V) against (B·T,); in fp32 even when the logits are bf16
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=ignore_index)
         if need_weights:

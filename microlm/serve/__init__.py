@@ -1,3 +1,3 @@
-"""Stage B6: vLLM deployment — the serving environment (``env``), a managed server process
-(``server``), an OpenAI-compatible client with load timings (``client``) and the stages
-(``smoke``: health, models, structured output, greedy parity with ``transformers``)."""
+"""Serving (B6): the vLLM environment (``env``), a managed server process (``server``), an
+OpenAI-compatible client with load timings (``client``), and what the ``serve_*`` stages run on
+them: parity checks (``smoke``), the load benchmark (``bench``) and the stability run (``soak``)."""

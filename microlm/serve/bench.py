@@ -1,4 +1,5 @@
-"""Stage B6b ``serve_bench``: the served model under load, against the server a user would otherwise run.
+"""Benchmarking a served model under load against the server a user would otherwise run: prompt sets,
+concurrency levels, plots (what the ``serve_bench`` stage, B6b, runs).
 
 The same client (``microlm.serve.client``: streamed chat completions, ``concurrency`` requests in
 flight) sends the same prompts to vLLM and to ``transformers serve`` (transformers' own
@@ -15,6 +16,11 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
+from microlm.plotting import use_cjk_font
+from microlm.serve.client import records_json, run_load, summarize
+
 __all__ = ["random_prompts", "run_levels", "plot_bench"]
 
 
@@ -30,8 +36,6 @@ def random_prompts(tokenizer_dir: str, n: int, tokens: int, seed: int) -> list[l
 
 
 def run_levels(srv, model_name: str, sets: dict, levels: list[int], bc, progress) -> dict:
-    from microlm.serve.client import records_json, run_load, summarize
-
     out = {}
     for name, (prompts, max_tokens, ignore_eos) in sets.items():
         out[name] = {}
@@ -54,9 +58,6 @@ def plot_bench(report: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from microlm.plotting import use_cjk_font
 
     use_cjk_font()
     servers = list(report["servers"])

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from microlm.errors import MicroLMError
-from microlm.paths import display_path
+from microlm.paths import display_path, project_root
 
 __all__ = ["serve_env_dir", "requirements", "ensure_env", "env_python", "has_cuda"]
 
@@ -31,8 +31,6 @@ MARKER = ".microlm-serve.json"
 
 def serve_env_dir() -> Path:
     """``$MICROLM_SERVE_ENV``, else ``<project>/.venv-serve``."""
-    from microlm.paths import project_root
-
     env = os.environ.get("MICROLM_SERVE_ENV")
     return Path(env) if env else (project_root() or Path.cwd()) / ".venv-serve"
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from microlm.errors import MicroLMError
+from microlm.serve.env import env_python
 
 __all__ = ["ServerSpec", "ManagedServer", "port_free", "free_port", "vllm_command", "transformers_command",
            "log_tail"]
@@ -110,8 +111,6 @@ class ManagedServer:
 
     def __init__(self, spec: ServerSpec, run_dir: Path, *, kind: str = "vllm", python: Path | None = None,
                  name: str | None = None, env: dict | None = None, command: list[str] | None = None):
-        from microlm.serve.env import env_python
-
         self.spec, self.kind = spec, kind
         self.run_dir = Path(run_dir)
         self.name = name or kind

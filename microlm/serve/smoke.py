@@ -1,8 +1,9 @@
-"""Stage B6a ``serve_smoke``: serve the merged IE model with vLLM and prove it answers as trained.
+"""The parity side of the ``serve_smoke`` stage (B6a): ``transformers``' greedy tokens of the served
+folder, the token ids of a served answer, and the logit margin where the two first differ.
 
-Checks, recorded in ``report.json``: ``/health``; ``/v1/models`` lists the served name; a chat
-completion on an IE prompt (whether it parses as JSON is recorded — a small model may not write
-JSON); a **structured-output** request (``response_format: json_schema`` built from the asked
+What the stage checks, recorded in ``report.json``: ``/health``; ``/v1/models`` lists the served
+name; a chat completion on an IE prompt (whether it parses as JSON is recorded — a small model may
+not write JSON); a **structured-output** request (``response_format: json_schema`` built from the asked
 relations) whose answer must parse and comply; and **parity**: the served model's greedy tokens
 equal ``transformers``' greedy tokens of the same folder on the evaluation prompts — token-exact, or
 the first divergence is reported with both texts and the logit margin (``transformers``' logit of its

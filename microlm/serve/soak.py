@@ -1,4 +1,5 @@
-"""Stage B6c ``serve_soak``: a bounded stability run of the served model.
+"""A bounded stability run of a served model and the checks on its report (what the ``serve_soak``
+stage, B6c, runs).
 
 ``concurrency`` clients send IE prompts for ``duration_s`` seconds; every ``malformed_every``-th
 request is malformed on purpose (a broken JSON body, an unknown model, a prompt longer than the
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from microlm.errors import MicroLMError
+from microlm.plotting import use_cjk_font
+from microlm.serve.client import HTTPStatusError, request_json
 
 __all__ = ["MALFORMED", "malformed_request", "soak", "check", "plot_soak"]
 
@@ -92,8 +95,6 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
     (and 10 s) after the server is healthy again, so the state after the restart is always measured.
     ``is_json(text, prompt)``: whether an answer counts as JSON (the share is reported per window).
     """
-    from microlm.serve.client import HTTPStatusError, request_json
-
     srv.start(startup_timeout_s)
     url = srv.base_url + "/chat/completions"
     served_name = srv.spec.served_name
@@ -206,8 +207,6 @@ def plot_soak(report: dict, out) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from microlm.plotting import use_cjk_font
 
     use_cjk_font()
     w = report["windows"]

@@ -1,12 +1,16 @@
 """Stage B4 ``ie_eval``: every model of ``ie_eval.models`` answers the IE evaluation prompts; parse
 rate, schema, strict and relaxed F1 with intervals (``microlm.ie.evaluate``; the backends in
-``microlm.ie.answers``).  A row with ``base_url: serve`` is answered by the course's own vLLM server of
-``serve.model``, started here for that row."""
+``microlm.ie.answers``).
+
+A row with ``base_url: serve`` is answered by the course's own vLLM server of ``serve.model``, started
+here for that row."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +118,6 @@ def served(entry: dict):
 
 def run_meta(cfg, models: list[dict]) -> dict:
     """Date, machine, data and weights of an evaluation run (for its results card)."""
-    import datetime as dt
-    import os
-
     from microlm.config import qwen_model
     from microlm.data.sources import data_root
     from microlm.hw import cpu_name

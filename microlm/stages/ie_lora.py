@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,6 @@ def build(run: StageRun) -> dict | None:
     upstream) is kept; one whose checkpoint carries it continues from there (a killed or stopped run);
     anything else in its folder is cleared and the run trained from the start (``--force``: all of
     them).  Manifest metrics per run; ``None`` when stopped early (``--stop-after``) or on ranks > 0."""
-    import shutil
-
     from microlm.ie.train_lora import train_ie_lora
     from microlm.io import read_json, write_json
 

@@ -37,7 +37,8 @@ def check(cfg) -> None:
 
 
 def build(run: StageRun) -> dict:
-    """Start vLLM on the merged folder and check it (see the module doc); the hard checks fail the stage."""
+    """Start vLLM on the merged folder and check it (see ``microlm.serve.smoke``); the hard checks fail
+    the stage."""
     from transformers import AutoTokenizer
 
     from microlm.ie.evaluate import answer_cap, load_prompts

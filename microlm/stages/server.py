@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from microlm.config import stage_config
 from microlm.errors import ConfigError, MicroLMError
 from microlm.stages.registry import resolve_ref
 
@@ -61,7 +62,5 @@ def server_spec(cfg, up: dict[str, Path], *, model: str | None = None, port: int
 
 def serve_key(cfg, section: str) -> dict:
     """A serve stage's fingerprint: its own section and the server's (not where it listens)."""
-    from microlm.config import stage_config
-
     return {"serve": {k: v for k, v in stage_config(cfg, "serve").items() if k not in ("port", "host")},
             section: stage_config(cfg, section)}

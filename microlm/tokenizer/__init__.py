@@ -1,4 +1,5 @@
-"""Stage A3–A4: byte-level BPE written from scratch, the tokenizer, and token memmaps."""
+"""The tokenizer (A3–A4): byte-level BPE written from scratch, encode/decode and the chat template,
+the Hugging Face export, training and encoding the corpus, and token memmaps."""
 
 from microlm.tokenizer.bpe import GPT2_PATTERN, PATTERNS, QWEN2_PATTERN, train_bpe
 from microlm.tokenizer.tokenizer import (

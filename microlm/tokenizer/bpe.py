@@ -32,6 +32,8 @@ from pathlib import Path
 import regex
 
 from microlm.errors import MicroLMError
+from microlm.io import atomic_open
+from microlm.tokenizer.bytes_unicode import bytes_to_text
 
 __all__ = ["GPT2_PATTERN", "QWEN2_PATTERN", "PATTERNS", "train_bpe", "train_bpe_from_counts",
            "pretokenize_counts", "find_chunk_boundaries", "split_on_special", "special_regex",
@@ -91,7 +93,7 @@ def find_chunk_boundaries(path: str | os.PathLike, n: int, separator: bytes) -> 
                 if j >= 0:
                     pos = pos + j + len(separator)
                     break
-                keep = len(separator) - 1
+                keep = len(separator) - 1  # a separator may straddle two reads: keep its possible start
                 pos += len(buf) - keep
                 buf = buf[len(buf) - keep:] if keep else b""
             bounds.append(pos)
@@ -173,7 +175,7 @@ def pretokenize_counts(path: str | os.PathLike, special_tokens: Iterable[str] = 
 
 def _rank_key(b: bytes) -> tuple[int, ...]:
     """An order-reversing key: ``a > b`` as bytes  ⇔  ``_rank_key(a) < _rank_key(b)``."""
-    return tuple(255 - x for x in b) + (256,)
+    return tuple(255 - x for x in b) + (256,)  # 256 > any 255 - x: a proper prefix (smaller) keys larger
 
 
 def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: list[str], *,
@@ -231,6 +233,7 @@ def train_bpe_from_counts(counts: dict[str, int] | Counter, vocab_size: int, spe
                 lst.append(wi)
 
     rk = {i: _rank_key(v) for i, v in vocab.items()}
+    # a min-heap: -count pops the most frequent pair first, the rank keys break ties toward the greater bytes
     heap = [(-c, rk[a], rk[b], a, b) for (a, b), c in pair_counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[bytes, bytes]] = []
@@ -338,9 +341,6 @@ def save_vocab_merges(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]]
                       special_tokens: Iterable[str] = ()) -> None:
     """GPT-2 style ``vocab.json`` ({token text: id}, bytes in byte-to-unicode text, special tokens as
     themselves) and ``merges.txt`` (one pair a line)."""
-    from microlm.io import atomic_open
-    from microlm.tokenizer.bytes_unicode import bytes_to_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / "vocab.json", "w") as f:

@@ -1,4 +1,5 @@
-"""Stage A4: corpus JSONL → ``uint16`` token files with a document index, and a window sampler.
+"""Corpus JSONL → ``uint16`` token files with a document index (the ``tokens`` stage, A4), and a window
+sampler over them.
 
 Layout of ``tokens/``::
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from microlm.errors import MicroLMError
 from microlm.io import atomic_open, batched
+from microlm.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["DTYPE", "check_vocab_fits", "encode_documents", "write_token_file", "TokenWindows",
            "read_index", "open_tokens"]
@@ -42,8 +44,6 @@ def check_vocab_fits(vocab_size: int, dtype=DTYPE) -> None:
 
 def _init_worker(tok_dir: str) -> None:
     global _TOK
-    from microlm.tokenizer.tokenizer import Tokenizer
-
     _TOK = Tokenizer.load(tok_dir)
 
 
@@ -130,7 +130,7 @@ def write_token_file(jsonl: str | os.PathLike, tok_dir: str | os.PathLike, out_b
         for ids, lens, nbad in encode_documents(jsonl, tok_dir, workers=workers, batch_docs=batch_docs,
                                                 progress=progress):
             f.write(ids.tobytes())
-            if len(lens):
+            if len(lens):  # each document's end = the next one's start, counted over the whole file
                 offsets.append(tokens + np.cumsum(lens))
             tokens += int(ids.size)
             docs += int(lens.size)
@@ -173,16 +173,16 @@ class TokenWindows:
     def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         data = open_tokens(self.path)
         starts = self.rng.integers(0, self.n_tokens - self.block_size, size=batch_size)
-        offs = starts[:, None] + np.arange(self.block_size + 1)[None, :]
-        win = data[offs].astype(np.int64)
+        offs = starts[:, None] + np.arange(self.block_size + 1)[None, :]  # (B, T + 1) token indices
+        win = data[offs].astype(np.int64)  # reads only these windows from the file
         del data
-        return win[:, :-1], win[:, 1:]
+        return win[:, :-1], win[:, 1:]  # x, y: (B, T)
 
     def torch_batch(self, batch_size: int, device: str = "cpu"):
         import torch
 
         x, y = self.batch(batch_size)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if device.startswith("cuda"):
+        if device.startswith("cuda"):  # pinned host memory lets the copy overlap the GPU's work
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)

@@ -1,4 +1,5 @@
-"""Training the tokenizer on a corpus folder (A3) and encoding the corpus into token files (A4), with their reports."""
+"""Training the tokenizer on a corpus folder (the ``tokenizer`` stage, A3: its compression beside the
+baselines) and encoding the corpus into token files (the ``tokens`` stage, A4), with their reports."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import regex
+from tokenizers import Tokenizer as HFTokenizer
 
 from microlm.errors import MicroLMError
 from microlm.io import staged_dir, write_json
+from microlm.tokenizer.bpe import resolve_pattern, train_bpe
+from microlm.tokenizer.memmap import DTYPE, check_vocab_fits, write_token_file
+from microlm.tokenizer.tokenizer import Tokenizer, token_text
 
 __all__ = ["train_tokenizer", "tokenize_corpus", "compression", "read_texts", "qwen_tokenizer_path",
            "hf_bpe_baseline"]
@@ -58,8 +63,6 @@ def qwen_tokenizer_path(root: Path | None) -> Path | None:
 
 
 def load_hf_tokenizer(path: Path):
-    from tokenizers import Tokenizer as HFTokenizer
-
     if path.suffix == ".gz":
         return HFTokenizer.from_str(gzip.open(path, "rt", encoding="utf-8").read())
     return HFTokenizer.from_file(str(path))
@@ -97,9 +100,6 @@ def train_tokenizer(tc, corpus_dir: Path, out_dir: Path, *, qwen_tokenizer: Path
     """Train the MicroLM tokenizer (settings ``tc``: the ``tokenizer`` section) on ``corpus/train.jsonl``;
     write it (ours + HF files) and ``report.json`` with compression on ``corpus/val.jsonl`` beside the
     baselines (and Qwen2.5's tokenizer, given its ``tokenizer.json``)."""
-    from microlm.tokenizer.bpe import resolve_pattern, train_bpe
-    from microlm.tokenizer.tokenizer import Tokenizer, token_text
-
     train_path, val_path = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
     for p in (train_path, val_path):
         if not p.is_file():
@@ -158,9 +158,6 @@ def train_tokenizer(tc, corpus_dir: Path, out_dir: Path, *, qwen_tokenizer: Path
 def tokenize_corpus(corpus_dir: Path, tok_dir: Path, out_dir: Path, *, workers: int = 1, batch_docs: int = 256,
                     progress: bool = True) -> dict:
     """Encode both corpus splits into ``{train,val}.bin`` + ``.idx``; write ``meta.json``."""
-    from microlm.tokenizer.memmap import DTYPE, check_vocab_fits, write_token_file
-    from microlm.tokenizer.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tok_dir)
     check_vocab_fits(tok.vocab_size)
     if tok.eos_id is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from microlm.io import read_jsonl
+from microlm.plotting import use_cjk_font
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -33,7 +34,6 @@ def plot_curves(out_dir: Path, train: list[dict], evals: list[dict], h1: float |
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from microlm.plotting import use_cjk_font
 
     use_cjk_font()
     fig, ax = plt.subplots(figsize=(6, 3.5))

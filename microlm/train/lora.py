@@ -1,4 +1,5 @@
-"""Stage A7: train LoRA adapters on a task the SFT model has not been taught (``microlm lora``).
+"""Training LoRA adapters on a task the SFT model has not been taught (``run_lora``: what the ``lora``
+stage, A7, runs).
 
 The task is a derived one from ``microlm/data/tasks.py`` that is kept out of SFT (``lora.task``,
 default ``orgs``: list the organisation names in a People's Daily sentence), split by paragraph hash
@@ -23,6 +24,7 @@ from microlm.io import write_json
 from microlm.model import TransformerLM
 from microlm.model.checkpoint import load_checkpoint
 from microlm.model.lora import LoRAConfig, apply_lora, save_adapter
+from microlm.tokenizer import Tokenizer
 from microlm.train.curves import loss_fields, plot_curves, read_metrics
 from microlm.train.dist import DistInfo, distributed
 from microlm.train.sft import SFTEvaluator, baseline_scores, score_task
@@ -44,8 +46,6 @@ def lora_task(lc, seed: int) -> tuple[list[dict], list[dict]]:
 def run_lora(lc, mc, base_dir: Path, tok_dir: Path, out_dir: Path, *, seed: int, resume: bool = False,
              progress: bool = True, stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
     """Adapters (``lc``: the ``lora`` section, its loop ``lc.train``) on the SFT model in ``base_dir``."""
-    from microlm.tokenizer import Tokenizer
-
     tc = lc.train
     with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)

@@ -1,4 +1,5 @@
-"""Stage A5: pretrain the TransformerLM on the token files (``microlm pretrain``; ``torchrun`` for DDP)."""
+"""Pretraining the TransformerLM on the token files (``pretrain``: what the ``pretrain`` stage, A5, runs;
+``torchrun`` for DDP): window batches, evaluation with bits per byte, samples, the report."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 
 from microlm.errors import MicroLMError
 from microlm.hw import autocast
+from microlm.infer.generate import GenerationConfig, generate_ids
 from microlm.io import write_json
 from microlm.model import TransformerLM
+from microlm.tokenizer import Tokenizer
 from microlm.tokenizer.memmap import open_tokens
 from microlm.train.curves import plot_curves, read_metrics
 from microlm.train.dist import DistInfo, distributed
@@ -38,12 +41,14 @@ class WindowBatches:
             raise MicroLMError(f"{self.path} has {self.n} tokens; need more than seq_len + 1 = {seq_len + 1}")
 
     def starts(self, step: int) -> np.ndarray:
+        # (batch_size,) window starts; each window needs seq_len + 1 tokens (inputs and the next one)
         return np.random.default_rng([self.seed, step]).integers(0, self.n - self.seq_len - 1, self.batch_size)
 
     def gather(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         data = open_tokens(self.path)  # re-opened per batch: flat memory, as nanoGPT
+        # (B, 1) + (T + 1,) -> (B, T + 1) indices: every window read in one gather
         win = torch.from_numpy(data[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
-        return win[:, :-1], win[:, 1:]
+        return win[:, :-1], win[:, 1:]  # x, y: (B, T); y[:, t] is the token after x[:, t]
 
     def get(self, step: int, micro: int, n_micro: int, rank: int, world: int):
         rows = self.starts(step)[rank::world][micro::n_micro]
@@ -86,13 +91,15 @@ class Evaluator:
             x, y = self.src.gather(self.src.starts(i))
             with self.amp or contextlib.nullcontext():
                 logits, _ = model(x.to(self.device))
+            # (B, T, V) -> (B·T, V) against (B·T,)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
                                                      reduction="sum")
             nll += float(loss)
             n_tok += y.numel()
-            n_bytes += int(self.byte_len[y].sum())
+            n_bytes += int(self.byte_len[y].sum())  # the text the targets stand for
         model.train(was)
         val = nll / n_tok
+        # bits per byte: total nats → bits, over the bytes predicted — comparable across tokenizers
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
                 "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
 
@@ -104,8 +111,6 @@ class Sampler:
         self.tok, self.prompts, self.n, self.device, self.seed = tokenizer, prompts, n_tokens, device, seed
 
     def __call__(self, model: TransformerLM) -> list[str]:
-        from microlm.infer.generate import GenerationConfig, generate_ids
-
         out = []
         for p in self.prompts:
             ids = self.tok.encode_ordinary(p)  # prompts are plain text, as the corpus is
@@ -131,8 +136,6 @@ def pretrain(mc, tc, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, seed: in
              progress: bool = True, stop_after: int | None = None, dist: DistInfo | None = None) -> dict:
     """Train (or resume) the model ``mc`` (a ``ModelConfig``) with the loop ``tc`` (a ``TrainConfig``)
     on ``tokens_dir``'s token files; write ``report.json``."""
-    from microlm.tokenizer import Tokenizer
-
     with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
         if tok.vocab_size != mc.vocab_size:

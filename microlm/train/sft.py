@@ -1,4 +1,5 @@
-"""Stage A6: full-parameter SFT of the pretrained model on ChatML conversations (``microlm sft``).
+"""Full-parameter SFT of the pretrained model on ChatML conversations (``run_sft``: what the ``sft``
+stage, A6, runs).
 
 Same trainer as pretraining (resume, DDP, metrics, curves); batches are padded conversations with
 the loss on assistant tokens only (``microlm/data/sft.py``).  The report shows held-out questions
@@ -13,13 +14,16 @@ import time
 from pathlib import Path
 
 import torch
+import xxhash
 
 from microlm.data.sft import SFTBatches, embedded_sft_records, encode_records, read_sft_file
 from microlm.data.tasks import baseline_answers, entity_scores, format_answer, parse_entities, task_examples
 from microlm.errors import MicroLMError
+from microlm.infer.generate import generate_text
 from microlm.io import write_json
 from microlm.model import TransformerLM
 from microlm.model.checkpoint import load_checkpoint
+from microlm.tokenizer import Tokenizer
 from microlm.train.curves import loss_fields, plot_curves, read_metrics
 from microlm.train.dist import DistInfo, distributed
 from microlm.train.trainer import Trainer
@@ -32,8 +36,6 @@ def sft_records(sd, root: Path | None) -> tuple[list, list, list[str]]:
     are never trained on.  Without a data root: the embedded set, one conversation in five held out
     by a hash of its content.  The derived tasks are added by :func:`task_records`.  ``sd``: the
     ``sft.data`` settings; ``root``: the data bundle's folder (``None``: none)."""
-    import xxhash
-
     if root is None:
         train, held = [], []
         for r in embedded_sft_records():
@@ -76,8 +78,6 @@ def _interleave(*lists: list) -> list:
 
 def answers(model, tok, questions: list[str], max_new: int = 48, batch: int = 16) -> list[str]:
     """Greedy ChatML answers (no repetition penalty), cut at ``<|im_end|>``, in batches."""
-    from microlm.infer.generate import generate_text
-
     out: list[str] = []
     n = min(max_new, model.cfg.max_seq_len - 8)
     for i in range(0, len(questions), batch):
@@ -132,8 +132,6 @@ def run_sft(sd, tc, mc, pre_dir: Path, tok_dir: Path, out_dir: Path, *, seed: in
             dist: DistInfo | None = None) -> dict:
     """SFT of the pretrained model in ``pre_dir`` on ``sd`` (``sft.data``) with the loop ``tc`` into
     ``out_dir``; the report (held-out answers and task scores before and after)."""
-    from microlm.tokenizer import Tokenizer
-
     with distributed(tc.device, dist) as dist:
         tok = Tokenizer.load(tok_dir)
         train_recs, held_recs, files = sft_records(sd, data_root)

@@ -1,7 +1,7 @@
-"""The training loop shared by pretraining, SFT and LoRA.
+"""The training loop shared by pretraining, SFT and both LoRAs (stage A7's and the IE LoRA of B3).
 
 AdamW (decoupled weight decay; no decay on norms and biases, embeddings as configured), linear warmup
-then cosine decay, gradient accumulation, clipping, bf16 autocast on CUDA, optional
+then cosine decay, gradient accumulation, clipping, bf16 autocast (``microlm.hw``), optional
 ``torch.compile``, DDP under ``torchrun``; periodic evaluation and sample generations; atomic
 checkpoints every ``ckpt_interval`` steps; metrics as JSONL.
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from microlm.errors import MicroLMError
 from microlm.hw import autocast, resolve_precision
@@ -39,7 +40,7 @@ class BatchSource(Protocol):
 def lr_at(step: int, c: TrainConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr`` at ``max_steps``."""
     if c.warmup_steps and step < c.warmup_steps:
-        return c.lr * (step + 1) / c.warmup_steps
+        return c.lr * (step + 1) / c.warmup_steps  # step + 1: the first step already moves the weights
     progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + math.cos(math.pi * progress))
 
@@ -143,19 +144,20 @@ class Trainer:
         for m in range(self.n_micro):
             batch = [t.to(self.device, non_blocking=True) for t in
                      self.batches.get(step, m, self.n_micro, self.dist.rank, self.dist.world_size)]
+            # DDP all-reduces gradients on the last micro-batch only; before it they accumulate locally
             sync = (m == self.n_micro - 1) or not self.dist.distributed
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx, self.amp:
                 _, loss = self.model(*batch)
-                loss = loss / self.n_micro
+                loss = loss / self.n_micro  # the summed gradients are then those of the whole step's batch
             loss.backward()
             total += loss.detach()
-        if self.dist.distributed:
+        if self.dist.distributed:  # for the logged loss only: DDP has already averaged the gradients
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip) if tc.grad_clip > 0
                      else torch.zeros(()))
         loss_value = float(total)
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value):  # checked before optimizer.step: a NaN never reaches the weights
             raise MicroLMError(f"loss became {loss_value} at step {step}; stopped without saving — the last good "
                                f"checkpoint is {self.ckpt_dir} (lower the lr or check the data)")
         self.optimizer.step()
@@ -180,8 +182,6 @@ class Trainer:
         end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
         bar = None
         if self.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", mininterval=1.0)
         last_eval: dict = {}
         t_last, tok_last = time.perf_counter(), 0
