@@ -58,10 +58,8 @@ STAGES = REGISTRY  # the name the notebooks and tests used first
 def _sections() -> list[tuple[str, type]]:
     out: list[tuple[str, type]] = []
     for st in REGISTRY.values():
-        extra = [(n, t) for n, t in st.more_sections.items()]
-        own = [(st.name, st.section)] if st.section is not None else []
-        # a stage's extra sections precede its own (model before pretrain, like the profiles list them)
-        out += extra + own if st.name == "pretrain" else own + extra
+        # the sections a stage brings (model, generate, serve) before its own, as the profiles list them
+        out += list(st.more_sections.items()) + ([(st.name, st.section)] if st.section is not None else [])
     return out
 
 
@@ -85,7 +83,3 @@ def load_config(profile_or_path: str | os.PathLike = "smoke", overrides: list[st
             st.check(cfg)
     return cfg
 
-
-def section_type(name: str) -> type:
-    """The dataclass of config section ``name``."""
-    return {n: t for n, t in _sections()}[name]
