@@ -86,7 +86,6 @@ def check(cfg) -> None:
             raise ConfigError(f"ie_data.{msg}")
 
 
-
 def pipeline(cfg):
     """The plain settings the six steps read (``microlm.ie.pipeline.IEPipeline``) from a profile."""
     from microlm.data.sources import data_root

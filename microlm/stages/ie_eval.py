@@ -114,8 +114,6 @@ def served(entry: dict):
         yield inner
 
 
-
-
 def run_meta(cfg, models: list[dict]) -> dict:
     """Date, machine, data and weights of an evaluation run (for its results card)."""
     from microlm.config import qwen_model

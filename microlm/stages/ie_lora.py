@@ -111,7 +111,6 @@ def _check_section(c: IELoRAConfig, nested: bool = False) -> None:
         raise ConfigError(f"ie_lora.train: {problems[0]}")
 
 
-
 def check(cfg) -> None:
     _check_section(cfg.ie_lora)
 
@@ -136,7 +135,6 @@ def run_fingerprint(run: StageRun, cfg, entry: dict, base: str) -> str:
 
 
 def _state_fingerprint(out: Path) -> str | None:
-
     try:
         return json.loads((out / "ckpt" / "state.json").read_text(encoding="utf-8")).get("run_fingerprint")
     except (OSError, ValueError, AttributeError):
