@@ -60,6 +60,21 @@ def _stage_parser(sub, st) -> None:
     p.set_defaults(stage=st.name)
 
 
+def _port(text: str) -> int:
+    """``--port``: 1..65535 (argparse turns the ValueError into one usage line)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {port}")
+    return port
+
+
+def _device(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N — and cuda only where this torch has it (checked when used)."""
+    if text != "cpu" and text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise argparse.ArgumentTypeError(f"a device is cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from microlm.stages import REGISTRY
 
@@ -90,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the model)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (e.g. runs/<p>/lora/adapter)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="weights for inference: bf16 halves the bytes per token (auto: bf16 where the CPU/GPU "
                         "has it natively); the benchmark reports how many greedy tokens agree with fp32")
@@ -108,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="NAME=FOLDER",
                    help="serve --model as the base plus this LoRA adapter by name (repeatable; vLLM --enable-lora)")
     p.add_argument("--host", default=None, help="default: serve.host (127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="default: serve.port, 8000 when that is 0")
+    p.add_argument("--port", type=_port, default=None, help="default: serve.port, 8000 when that is 0")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-key-env", default=None, help="an environment variable holding the API key to require")
     p.add_argument("--tensor-parallel-size", type=int, default=None)
@@ -286,6 +301,12 @@ def _chat(args: argparse.Namespace, cfg) -> int:
              "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
              "context": args.context}
     gen = dataclasses.replace(cfg.generate, **{k: v for k, v in flags.items() if v is not None}).validate()
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MicroLMError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); "
+                               f"use --device cpu")
     if args.model is None:
         model_dir, tok_dir = upstream("sft", cfg), upstream("tokenizer", cfg)
     else:

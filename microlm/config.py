@@ -11,6 +11,7 @@ stage modules (``microlm/stages/<stage>.py``); ``microlm.stages.load_config`` pu
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -87,8 +88,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is dict:
         k, v = typing.get_args(tp)
         return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is float:  # a number, and a finite one (YAML's .inf and .nan are not settings)
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)

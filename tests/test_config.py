@@ -143,3 +143,37 @@ def test_an_unknown_key_in_a_profile_that_extends_another_is_an_error(tmp_path):
     p.write_text("extends: smoke\ncorpus:\n  dedup: {treshold: 0.9}\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'corpus\.dedup\.treshold'"):
         load_config(str(p))
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_a_non_finite_number_is_not_a_setting(value):
+    with pytest.raises(ConfigError, match=r"config key 'pretrain.lr'"):
+        load_config("smoke", [f"pretrain.lr={value}"])
+    with pytest.raises(ConfigError, match=r"config key 'ie_eval.timeout_s'"):
+        load_config("smoke", [f"ie_eval.timeout_s={value}"])
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve", "--port", "-1"], "a port is 1..65535, got -1"),
+    (["serve", "--port", "99999"], "a port is 1..65535, got 99999"),
+    (["chat", "--device", "bogus"], "a device is cpu, cuda or cuda:N, got 'bogus'"),
+])
+def test_bad_cli_values_are_one_usage_line(argv, says, capsys):
+    from microlm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "-p", "smoke"])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_chat_on_cuda_without_cuda_is_one_line(capsys):
+    import torch
+
+    from microlm import cli
+
+    if torch.cuda.is_available():  # a GPU machine: the device is real, nothing to refuse
+        assert cli._device("cuda:0") == "cuda:0"
+        return
+    assert cli.main(["chat", "-p", "smoke", "--device", "cuda", "--model", "nosuch"]) != 0
+    err = capsys.readouterr().err
+    assert "--device cuda: this torch has no CUDA device" in err and "Traceback" not in err
