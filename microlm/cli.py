@@ -160,7 +160,7 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); rerun with --debug to see which"
     if isinstance(e, OSError) and not isinstance(e, MicroLMError):
-        where = " → ".join(str(p) for p in (e.filename, e.filename2) if p) or "?"
+        where = " → ".join(str(p) for p in (e.filename, e.filename2) if p) or "(the writer named no file; --debug shows where)"
         hint = {errno.ENOSPC: "the disk is full: free space, or write elsewhere (--out, MICROLM_RUNS)",
                 errno.EDQUOT: "the disk quota is full: free space, or write elsewhere (--out, MICROLM_RUNS)",
                 errno.EFBIG: "a file outgrew the size limit (ulimit -f) or the disk: free space or write elsewhere",
@@ -307,6 +307,9 @@ def _chat(args: argparse.Namespace, cfg) -> int:
         if not torch.cuda.is_available():
             raise MicroLMError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__}); "
                                f"use --device cpu")
+    if args.model is None and args.tokenizer is not None:
+        raise MicroLMError(f"--tokenizer {args.tokenizer} needs --model: the profile's sft stage is used with its own "
+                           f"tokenizer stage; give --model with it, or drop --tokenizer")
     if args.model is None:
         model_dir, tok_dir = upstream("sft", cfg), upstream("tokenizer", cfg)
     else:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -77,15 +79,45 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; a replaced file should read like any other
     binary = "b" in mode
     try:
-        with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.filename is None:  # a write to an open file names none: say which file it was for
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def reported_write(path: str | os.PathLike, what: str = "writing") -> Iterator[None]:
+    """A failed write in the block, raised as the ``OSError`` it is and naming ``path``: safetensors and
+    ``torch.save`` hide the errno (a full disk, a file-size limit) and a write to an open file names no
+    file, so the CLI could only say "?"; ``what`` goes into the message with the free space left."""
+    path = Path(path)
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError
+        text = str(e)
+        m = re.search(r"os error (\d+)", text)
+        if m is None and not (type(e).__name__ == "SafetensorError" or re.search(r"\bwrit", text)):
+            raise
+        code = int(m.group(1)) if m else errno.ENOSPC
+        try:
+            free = f"{shutil.disk_usage(path.parent).free // 2**20} MiB free on that disk"
+        except OSError:
+            free = "free space unknown"
+        raise OSError(code, f"{os.strerror(code)} while {what} ({free})", str(path)) from None
 
 
 def batched(items, size: int) -> Iterator[list]:

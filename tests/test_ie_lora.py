@@ -505,3 +505,69 @@ def test_each_ie_lora_run_is_its_own_record_reused_resumed_or_retrained(tiny_lla
     build(cfg2, force=True)
     assert report.stat().st_mtime_ns != stamp
     assert (tmp_path / "ie_lora" / "a" / "base_eval.json").is_file()
+
+
+def test_resume_refuses_a_run_made_with_other_settings_and_a_plain_run_retrains_it(tiny_llama, tmp_path):
+    """``--resume`` on a finished r=4 run asked for r=2 is one line before anything is touched (the
+    probe: it exited 0, trained nothing and wrote r=2 beside an r=4 adapter); the registry's own
+    resume of an interrupted run and ``--force`` are not refused; without ``--resume`` it retrains."""
+    from microlm.stages import StageRun
+    from microlm.stages import ie_lora as stage
+
+    runs = [{"name": "a", "base": "hf", "engine": "peft"}]
+    up = {"hf": tiny_llama, "ie_data": _data(tmp_path)}
+
+    def run(cfg, force=False, auto=False, **opts):
+        return StageRun("ie_lora", cfg, tmp_path / "ie_lora", up, progress=False,
+                        options={"resume": False, "stop_after": None, **opts}, force=force, auto_resume=auto)
+
+    cfg4, cfg2 = _cfg(tmp_path, **{"ie_lora.runs": runs}), _cfg(tmp_path, **{"ie_lora.runs": runs, "ie_lora.r": 2})
+    stage.build(run(cfg4))
+    stage.preflight(run(cfg4, resume=True))  # the same settings: nothing to refuse (kept as it is)
+    adapter = tmp_path / "ie_lora" / "a" / "adapter" / "adapter_config.json"
+    before = adapter.read_bytes()
+    with pytest.raises(MicroLMError, match=r"run 'a': --resume, but .*ie_lora/a/ckpt was made with another config"):
+        stage.preflight(run(cfg2, resume=True))
+    assert adapter.read_bytes() == before
+    stage.preflight(run(cfg2, resume=True, force=True))
+    stage.preflight(run(cfg2, resume=True, auto=True))
+    assert stage.build(run(cfg2)) is not None and json.loads(adapter.read_text())["r"] == 2
+
+
+def test_a_plain_rerun_after_a_kill_keeps_the_finished_run_and_resumes_the_killed_one(tiny_llama, tmp_path):
+    """Two runs; kill -9 while the second one trains (synchronised on its checkpoint), then the stage
+    again with no option: the first run's record is kept untouched, the second goes on from its
+    checkpoint (every step once) and the stage finishes."""
+    sets = {"run_dir": str(tmp_path / "runs"), "ie_lora.r": 4, "ie_lora.alpha": 8.0,
+            "ie_lora.runs": [{"name": "a", "base": "hf", "engine": "peft"}, {"name": "b", "base": "hf", "engine": "peft"}],
+            "ie_lora.train.batch_size": 4, "ie_lora.train.max_steps": 40, "ie_lora.train.ckpt_interval": 2,
+            "ie_lora.train.eval_interval": 20, "ie_lora.train.log_interval": 1, "ie_lora.val_examples": 4}
+    data, out = _data(tmp_path), tmp_path / "ie_lora"
+    proc = subprocess.Popen(_worker(sets, tiny_llama, data, out, "peft", "--stage"), cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / "b" / "ckpt" / "state.json"
+
+    def step() -> int:
+        try:
+            return json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and step() < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]  # still running: the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = step()
+    assert 2 <= killed_at < 40 and not (out / "b" / "report.json").exists()
+    first = (out / "a" / "report.json").stat().st_mtime_ns
+    r = subprocess.run(_worker(sets, tiny_llama, data, out, "peft", "--stage"), cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(metrics["runs"]) == {"a", "b"}
+    assert (out / "a" / "report.json").stat().st_mtime_ns == first  # kept, not retrained
+    steps = [json.loads(x)["step"] for x in (out / "b" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert steps == list(range(1, 41))  # resumed: lines after the last checkpoint redone, none twice
+    assert json.loads((out / "b" / "report.json").read_text())["useful_tokens_per_s"] is None  # a resumed run

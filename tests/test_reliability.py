@@ -502,3 +502,76 @@ with term_as_interrupt():
     with staged_dir(out) as tmp:
         (tmp / "ok").write_text("1")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["merged"]  # ... until the next write removes it
+
+
+# --- pipeline B and the CLI's smaller probes (issue 27) --------------------------------------------------------
+
+def test_stop_after_at_or_past_max_steps_is_a_finished_fresh_run(tmp_path, built):
+    """The probe: ``--stop-after`` ≥ ``max_steps`` trained every step yet left the run ``partial``."""
+    _, cfg, _ = built
+    out = stages.build("pretrain", cfg, out_dir=tmp_path / "p", stop_after=cfg.pretrain.max_steps + 5, progress=False)
+    m = stages.read_manifest(out)
+    assert m is not None and m["metrics"]["steps"] == cfg.pretrain.max_steps
+    assert stages.is_fresh(out, stages.current_fingerprint("pretrain", cfg))
+    short = stages.build("pretrain", cfg, out_dir=tmp_path / "q", stop_after=5, progress=False)
+    assert stages.read_manifest(short) is None and read_state(short / "ckpt")["step"] == 5  # cut short: no manifest
+
+
+def test_a_full_disk_while_exporting_names_the_file_and_writes_no_folder(tmp_path, built):
+    root = built[0]
+
+    def limit():  # the exported weights (a few hundred KiB) outgrow a 64 KiB limit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    r = microlm("hf", "-p", "smoke", "-q", "--source", "pretrain", "--out", tmp_path / "h", *_sets(root / "runs"),
+                preexec_fn=limit)
+    err = one_line_error(r, "while writing the exported weights", "size limit", "model.safetensors")
+    assert "?" not in err and "named no file" not in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".h.tmp")]
+    assert not (tmp_path / "h" / "manifest.json").exists() and not (tmp_path / "h" / "model.safetensors").exists()
+
+
+def test_a_write_that_names_no_file_is_reported_with_the_file_it_was_for(tmp_path):
+    import errno
+
+    from microlm.cli import one_line
+    from microlm.io import atomic_open, reported_write
+
+    with pytest.raises(OSError) as e, atomic_open(tmp_path / "out.json") as f:
+        f.write("x")
+        raise OSError(errno.ENOSPC, "No space left on device")  # what f.write raises on a full disk
+    assert e.value.filename == str(tmp_path / "out.json") and "the disk is full" in one_line(e.value)
+    assert not list(tmp_path.iterdir())  # no temp file left
+    with pytest.raises(OSError) as e, reported_write(tmp_path / "w.pt", "saving"):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "w.pt") and "while saving" in str(e.value)
+    with pytest.raises(RuntimeError, match="an index bug"), reported_write(tmp_path / "w.pt"):
+        raise RuntimeError("an index bug")  # a genuine bug keeps its own exception
+
+
+def test_chat_flags_that_cannot_work_are_one_line(hf_folder):
+    one_line_error(microlm("chat", "-p", "smoke", "--tokenizer", hf_folder / "hf", "--json"),
+                   "--tokenizer", "needs --model")
+    r = subprocess.run([sys.executable, "-m", "microlm.cli", "chat", "-p", "smoke", "--model", str(hf_folder / "hf"),
+                        "--max-new-tokens", "100000", "--json"], input="你好\n", capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+    err = one_line_error(r, "max_new_tokens 100000 leaves no room", "context is 64 tokens")
+    assert "message too long" not in err
+
+
+def test_a_record_cut_at_the_end_is_named_by_its_own_byte(tmp_path):
+    from microlm.errors import MicroLMError
+    from microlm.tokenizer.bpe import iter_file_texts
+
+    good = "".join(json.dumps({"text": f"第{i}段"}, ensure_ascii=False) + "\n" for i in range(50))
+    p = tmp_path / "cut.jsonl"
+    p.write_text(good + '{"text": "被截断', encoding="utf-8")
+    at = len(good.encode("utf-8"))
+    for block in (1 << 22, 64):  # one block, and many blocks (the record in the last one)
+        with pytest.raises(MicroLMError, match=rf"line at byte {at} is not a"):
+            list(iter_file_texts(p, block_bytes=block))
+    half = len(good.encode("utf-8")) // 2
+    start = good.encode("utf-8").index(b"\n", half) + 1  # a worker's chunk starting mid-file
+    with pytest.raises(MicroLMError, match=rf"line at byte {at} is not a"):
+        list(iter_file_texts(p, start=start, block_bytes=64))

@@ -30,6 +30,10 @@ class ChatSession:
     def __init__(self, model, tok, gen: GenerationConfig | None = None, system: str | None = None):
         self.model, self.tok = model, tok
         self.gen = (gen or GenerationConfig()).validate()
+        ctx = model.cfg.max_seq_len
+        if self.gen.max_new_tokens >= ctx:
+            raise MicroLMError(f"max_new_tokens {self.gen.max_new_tokens} leaves no room for a message: the model's "
+                               f"context is {ctx} tokens in all; ask for fewer (e.g. --max-new-tokens {ctx // 4})")
         self.system = system or None
         self.history: list[dict] = []
         self.last: Generation | None = None

@@ -7,11 +7,7 @@ that train — the base is re-read from where it came from — and loading then 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from microlm.errors import MicroLMError
-from microlm.io import recover_dir, staged_dir, write_json
+from microlm.io import recover_dir, reported_write, staged_dir, write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_state", "config_diff", "load_tensors"]
 
@@ -49,35 +45,20 @@ def save_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, optimizer: tor
 
     ckpt_dir = Path(ckpt_dir)
     with staged_dir(ckpt_dir) as tmp:
-        try:
+        with reported_write(ckpt_dir / "model.safetensors", "writing a checkpoint"):
             if trainable_only:
                 save_file(_trainable(model), str(tmp / "model.safetensors"), metadata={"trainable_only": "1"})
             else:
                 save_model(_unwrap(model), str(tmp / "model.safetensors"))
-        except SafetensorError as e:
-            raise _os_error(e, tmp / "model.safetensors") from None
         extra = {"torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state_all()
         if optimizer is not None:
             extra["optimizer"] = optimizer.state_dict()
-        try:
+        with reported_write(ckpt_dir / "optimizer.pt", "writing a checkpoint"):
             torch.save(extra, tmp / "optimizer.pt")
-        except RuntimeError as e:  # torch reports a failed write without the OS error
-            if "write" not in str(e):
-                raise
-            raise _os_error(e, tmp / "optimizer.pt") from None
         write_json(tmp / "state.json", state)
     return ckpt_dir
-
-
-def _os_error(e: Exception, path: Path) -> OSError:
-    """A failed checkpoint write as the ``OSError`` it is (safetensors and torch hide the errno), so the CLI
-    can say in one line which file and why (a full disk, a file-size limit)."""
-    m = re.search(r"os error (\d+)", str(e))
-    code = int(m.group(1)) if m else errno.ENOSPC
-    free = shutil.disk_usage(path.parent).free // 2**20
-    return OSError(code, f"{os.strerror(code)} while writing a checkpoint ({free} MiB free on that disk)", str(path))
 
 
 def read_state(ckpt_dir: str | Path) -> dict:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from microlm.errors import MicroLMError
-from microlm.io import load_json_file, staged_dir, write_json
+from microlm.io import load_json_file, reported_write, staged_dir, write_json
 from microlm.model.checkpoint import load_tensors, save_checkpoint
 from microlm.model.config import ModelConfig
 from microlm.model.lora import LLAMA_PROJ, LoRALinear, lora_modules, merge_lora
@@ -82,7 +82,8 @@ def export_llama(model, out_dir: str | Path, eos_id: int = 2, pad_id: int = 0) -
     """Weights + ``config.json`` only (``LlamaForCausalLM.from_pretrained`` loads it; no tokenizer)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(to_llama_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    with reported_write(out / "model.safetensors", "writing the exported weights"):
+        save_file(to_llama_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", llama_config(model.cfg, eos_id, pad_id))
     return out
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microlm.errors import MicroLMError
-from microlm.io import load_json_file, share, write_json
+from microlm.io import load_json_file, reported_write, share, write_json
 from microlm.model.checkpoint import config_diff, load_tensors
 from microlm.model.config import LoRAConfig
 
@@ -232,7 +232,8 @@ def save_adapter(model, cfg: LoRAConfig, out_dir, base_model_name: str = "microl
     })
     # our own metadata stays out of PEFT's file (PEFT warns about unknown keys)
     write_json(out / "microlm_adapter.json", {"targets": list(cfg.targets), "base_model": model.cfg.to_dict()})
-    save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with reported_write(out / "adapter_model.safetensors", "writing the adapter"):
+        save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     share(out)
     return out
 

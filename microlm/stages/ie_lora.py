@@ -124,11 +124,18 @@ def base_of(entry: dict, hf_dir: Path | None) -> str:
     return entry["base"]
 
 
+def base_key(entry: dict, base: str) -> str:
+    """A base as a fingerprint sees it: ``hf`` stays ``hf`` (the hf stage's own fingerprint says what it is),
+    so moving the runs folder does not retrain or re-merge anything."""
+    return "hf" if entry["base"] == "hf" else base
+
+
 def run_fingerprint(run: StageRun, cfg, entry: dict, base: str) -> str:
     """What one ``ie_lora`` run is made of: its entry and base, the settings it trains with (``cfg``:
     the run's own, ``with`` applied) and the upstream folders' fingerprints — a finished run is reused,
     a checkpoint resumed, only when it is the same."""
     lc = stage_config(cfg, "ie_lora")
+    base = base_key(entry, base)
     return fingerprint({"entry": entry, "base": base, "seed": cfg.seed, "train": trajectory_config(cfg.ie_lora.train),
                         "ie_lora": {k: v for k, v in lc.items() if k not in ("train", "runs")},
                         "upstream": {u: (read_manifest(p) or {}).get("fingerprint") for u, p in sorted(run.up.items())}})
@@ -139,6 +146,41 @@ def _state_fingerprint(out: Path) -> str | None:
         return json.loads((out / "ckpt" / "state.json").read_text(encoding="utf-8")).get("run_fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _plans(run: StageRun):
+    """Each run of ``ie_lora.runs`` with its config, folder, base and fingerprint."""
+    for entry in run.cfg.ie_lora.runs:
+        cfg = ie_lora_run_config(run.cfg, entry)
+        base = base_of({**entry, "base": resolve_model_name(cfg, entry["base"])}, run.up.get("hf"))
+        yield entry, cfg, run.out / entry["name"], base, run_fingerprint(run, cfg, entry, base)
+
+
+def _finished(out: Path, fp: str, max_steps: int) -> bool:
+    from microlm.io import read_json
+
+    try:
+        r = read_json(out / "report.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(r, dict) and r.get("run_fingerprint") == fp and r.get("steps") == max_steps
+
+
+def preflight(run: StageRun) -> None:
+    """``--resume`` (typed, not the registry's own resume of an interrupted run) continues only a
+    sub-run made with this very config and upstream: one made with another is refused, before the
+    stage's folder is touched (a finished stage stays fresh)."""
+    if not run.options.get("resume") or run.auto_resume or run.force:
+        return
+    for entry, cfg, out, _base, fp in _plans(run):
+        if not out.is_dir() or _finished(out, fp, cfg.ie_lora.train.max_steps) or _state_fingerprint(out) == fp:
+            continue
+        made = out / "ckpt" if (out / "ckpt" / "state.json").is_file() else out / "report.json"
+        if not made.exists():
+            continue  # never checkpointed: nothing to resume, it trains from the start
+        raise MicroLMError(f"ie_lora run {entry['name']!r}: --resume, but {made} was made with another config or "
+                           f"upstream than this one (e.g. r, lr, steps, data); drop --resume to train it again from "
+                           f"the start, or go back to the settings it was made with")
 
 
 def build(run: StageRun) -> dict | None:
@@ -152,14 +194,9 @@ def build(run: StageRun) -> dict | None:
 
     opts = run.options
     reports = {}
-    for entry in run.cfg.ie_lora.runs:
-        cfg = ie_lora_run_config(run.cfg, entry)
-        out = run.out / entry["name"]
-        base = base_of({**entry, "base": resolve_model_name(cfg, entry["base"])}, run.up.get("hf"))
-        fp = run_fingerprint(run, cfg, entry, base)
+    for entry, cfg, out, base, fp in _plans(run):
         done = out / "report.json"
-        if not run.force and done.is_file() and read_json(done).get("run_fingerprint") == fp \
-                and read_json(done).get("steps") == cfg.ie_lora.train.max_steps:
+        if not run.force and _finished(out, fp, cfg.ie_lora.train.max_steps):
             reports[entry["name"]] = read_json(done)
             continue
         resume = not run.force and _state_fingerprint(out) == fp
@@ -171,9 +208,7 @@ def build(run: StageRun) -> dict | None:
                                                seed=cfg.seed, data_cutoff=cfg.ie_data.cutoff_tokens,
                                                resume=resume, progress=run.progress, stop_after=opts.get("stop_after"),
                                                dist=run.dist, run_fingerprint=fp)
-    if opts.get("stop_after") is not None or not all(reports.values()):
-        return None
-    if any(r["steps"] < r["max_steps"] for r in reports.values()):
+    if not all(reports.values()) or any(r["steps"] < r["max_steps"] for r in reports.values()):
         return None
     metrics = {"runs": {name: {"engine": r["engine"], "base": r["base"], "trainable_percent": r["params"]["percent"],
                                "base_val_loss": r["base_val_loss"], "final_val_loss": r["final_val_loss"],
@@ -210,7 +245,7 @@ STAGE = Stage(
     "ie_lora", "B3", "LoRA fine-tune for IE on the rendered chats (PEFT, or the from-scratch LoRA): one adapter per run",
     build=build, section=IELoRAConfig, check=check, upstream=("ie_data", "hf"), needs=ie_bases, sections=("ie_lora",),
     key=_key, outputs=("report.json",), files={"run": "{run}/adapter", "run_report": "{run}/report.json"},
-    notebook="10_qwen_lora", train="ie_lora.train",
+    notebook="10_qwen_lora", train="ie_lora.train", preflight=preflight,
     summary=lambda m: runs_summary(m, lambda r: (f"{r['engine']}, {r['trainable_percent']} % trainable, val loss "
                                                  f"{fmt_loss(r['base_val_loss'])} -> {fmt_loss(r['final_val_loss'])}, "
                                                  f"{r['seconds']} s")))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from microlm.config import resolve_model_name, stage_config
 from microlm.errors import ConfigError, MicroLMError
-from microlm.stages.ie_lora import base_of, ie_bases, runs_summary
-from microlm.stages.registry import Stage, StageRun, get_stage
+from microlm.stages.ie_lora import base_key, base_of, ie_bases, runs_summary
+from microlm.stages.registry import Stage, StageRun, get_stage, read_manifest
 
 
 @dataclass
@@ -55,7 +55,9 @@ def build(run: StageRun) -> dict | None:
         if not (lora_dir / "report.json").is_file():
             raise MicroLMError(f"ie_lora run {entry['name']!r} has no finished adapter in {lora_dir}: build ie_lora")
         rep = read_json(lora_dir / "report.json")
-        fp = fingerprint({"adapter": fingerprint(folder_files(lora_dir / "adapter")), "base": base,
+        fp = fingerprint({"adapter": fingerprint(folder_files(lora_dir / "adapter")), "base": base_key(entry, base),
+                          "upstream": {u: (read_manifest(p) or {}).get("fingerprint") for u, p in sorted(run.up.items())
+                                       if u == "hf"},
                           "ie_merged": {k: v for k, v in stage_config(cfg, "ie_merged").items() if k != "runs"},
                           "prompts": fingerprint(lines)})
         done = run.out / entry["name"] / "report.json"

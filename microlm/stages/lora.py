@@ -45,14 +45,14 @@ def check(cfg) -> None:
 
 
 def build(run: StageRun) -> dict | None:
-    """Train the adapters; manifest metrics, ``None`` when stopped early (``--stop-after``) or on ranks > 0."""
+    """Train the adapters; manifest metrics, ``None`` when stopped before ``max_steps`` (``--stop-after``) or on ranks > 0."""
     from microlm.train.lora import run_lora
 
     cfg = run.cfg
     r = run_lora(cfg.lora, cfg.model, run.up["sft"], run.up["tokenizer"], run.out, seed=cfg.seed,
                  resume=run.options["resume"], progress=run.progress, stop_after=run.options["stop_after"],
                  dist=run.dist)
-    if not r or run.options["stop_after"] is not None:
+    if not r or run.cut_short(cfg.lora.train.max_steps):
         return None
     return {"adapter_params": r["params"]["adapter_params"], "percent_of_base": r["params"]["percent_of_base"],
             "task": r["task"], "f1_before": r["before"]["f1"], "f1_after": r["after"]["f1"],

@@ -30,15 +30,15 @@ def check(cfg) -> None:
 
 
 def build(run: StageRun) -> dict | None:
-    """Train (or resume) the model; manifest metrics, ``None`` when the run stopped early
-    (``--stop-after``) or on ranks other than 0."""
+    """Train (or resume) the model; manifest metrics, ``None`` when the run stopped before
+    ``max_steps`` (``--stop-after``) or on ranks other than 0."""
     from microlm.train.pretrain import pretrain
 
     cfg = run.cfg
     r = pretrain(cfg.model, cfg.pretrain, run.up["tokens"], run.up["tokenizer"], run.out, seed=cfg.seed,
                  resume=run.options["resume"], progress=run.progress, stop_after=run.options["stop_after"],
                  dist=run.dist)
-    if not r or run.options["stop_after"] is not None:
+    if not r or run.cut_short(cfg.pretrain.max_steps):
         return None
     return {k: r[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss", "final_val_loss",
                               "final_val_bpb", "unigram_entropy")}

@@ -78,6 +78,13 @@ class StageRun:
     options: dict[str, Any] = field(default_factory=dict)
     dist: Any = None  # microlm.train.dist.DistInfo for training stages
     force: bool = False  # --force: every part is built again (a multi-run stage keeps no finished sub-run)
+    auto_resume: bool = False  # ``resume`` set by the registry (an interrupted run of this fingerprint), not --resume
+
+    def cut_short(self, max_steps: int) -> bool:
+        """``--stop-after`` ended the run before ``max_steps`` (no manifest: it resumes later); a
+        ``--stop-after`` at or past ``max_steps`` is a finished run."""
+        stop = self.options.get("stop_after")
+        return stop is not None and stop < max_steps
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
@@ -169,6 +176,9 @@ class Stage:
     options: tuple[Option, ...] = ()
     train: str | None = None  # the config path of its training loop (training stages run under torchrun)
     summary: Callable[[dict], str] | None = None  # one line from the manifest's metrics
+    # checks made before the folder is touched (e.g. ``--resume`` against its checkpoints): a one-line error
+    # here leaves a finished stage fresh
+    preflight: Callable[[StageRun], None] | None = None
     version: int = 1  # bump when the stage's code changes what it writes
 
     @property
@@ -285,19 +295,23 @@ def build(name: str, cfg: ConfigBase, *, force: bool = False, progress: bool = T
         log.info("%s: up to date (%s), skipped", st.name, folder)
         return folder
     main = _env_rank() == 0  # under torchrun, rank 0 owns the folder; the others write into it as told
-    if _interrupted_run(st, folder, fp) and not force and not must_run:
+    auto = _interrupted_run(st, folder, fp) and not force and not must_run
+    if auto:
         # the same run (config, upstream, inputs) was stopped part-way: go on from its last checkpoint
         # (exact: batches are a function of the step) instead of starting over; --force starts over
         options = {**options, "resume": True}
         log.warning("%s: resuming the interrupted run in %s (same config and inputs; --force starts over)",
                     st.name, folder)
+    run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options, force=force,
+                   auto_resume=auto)
     with folder_lock(folder, st.name) if main else contextlib.nullcontext():
         if main:
             _check_folder(st, folder, inputs, options, force=force)
             recover_dir(folder)
+            if st.preflight is not None:
+                st.preflight(run)
             (folder / MANIFEST).unlink(missing_ok=True)  # from here until the end the stage is not fresh
             _mark(folder, st.name, fp)
-        run = StageRun(name=st.name, cfg=cfg, out=folder, up=ups, progress=progress, options=options, force=force)
         started = time.time()
         reset_peak_rss()
         if st.train:

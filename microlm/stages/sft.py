@@ -72,7 +72,7 @@ def build(run: StageRun) -> dict | None:
     r = run_sft(cfg.sft.data, cfg.sft.train, cfg.model, run.up["pretrain"], run.up["tokenizer"], run.out,
                 seed=cfg.seed, data_root=data_root(cfg.data.root), resume=run.options["resume"],
                 progress=run.progress, stop_after=run.options["stop_after"], dist=run.dist)
-    if not r or run.options["stop_after"] is not None:
+    if not r or run.cut_short(cfg.sft.train.max_steps):
         return None
     return {**{k: r[k] for k in ("steps", "base_val_loss", "first_val_loss", "final_val_loss", "final_train_loss")},
             "kept": r["train_data"]["kept"],

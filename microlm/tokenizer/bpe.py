@@ -111,6 +111,7 @@ def iter_file_texts(path: str | os.PathLike, start: int = 0, end: int | None = N
         f.seek(start)
         remaining = (end if end is not None else os.path.getsize(path)) - start
         pending = b""
+        pos = start  # the file offset of ``data[0]`` (what an error names)
         while remaining > 0 or pending:
             block = f.read(min(block_bytes, remaining)) if remaining > 0 else b""
             remaining -= len(block)
@@ -124,14 +125,18 @@ def iter_file_texts(path: str | os.PathLike, start: int = 0, end: int | None = N
             else:
                 pending = b""
             if is_jsonl:
-                for line in data.splitlines():
+                at = pos
+                for line in data.split(b"\n"):
                     if line.strip():
                         try:
                             yield json.loads(line)["text"]
                         except (ValueError, KeyError, TypeError):
-                            raise MicroLMError(f"{path}: not a {{\"text\"}} JSONL record near byte {start}") from None
+                            raise MicroLMError(f"{path}: the line at byte {at} is not a {{\"text\"}} JSONL record "
+                                               f"(fix or remove that line)") from None
+                    at += len(line) + 1
             else:
                 yield data.decode("utf-8", errors="replace")
+            pos += len(data)
             if not block and not pending:
                 break
 
