@@ -70,6 +70,9 @@ names = report["order"]
 ours_rows = [r for r in rows if r.get("protocol", "ours") == "ours"]
 print(f"{report['prompts']} prompts over {report['topics']} topics ({report['records']} records); models: {', '.join(names)}")
 assert all(report["models"][n]["answers"] == report["prompts"] for n in names)  # every model answered every prompt
+for n, v in report.get("not_run", {}).items():  # an `optional: true` row whose model could not be loaded
+    print(f"{n}: not run ({v['reason']})")
+assert not set(report.get("not_run", {})) & set(names)  # a row not run has no numbers (never a row of zeros)
 if "iepile" in report:
     print(f"IEPile's protocol: {report['iepile']['prompts']} prompts = every chunk of {report['iepile']['records']} records")
     assert report["iepile"]["records"] == report["records"]
@@ -292,20 +295,30 @@ print("\nthis run:", {n: round(report["models"][n]["f1"], 3) for n in names})
 # %% [markdown]
 # ## 8 · Re-running is cheap
 #
-# Every answer is cached under `ie_eval/.cache/`, keyed by the model's fingerprint (its files: a
-# retrained model is a new one), the prompt and the decoding settings. Forcing the stage again
-# computes no answer — only the scores, intervals and plots:
+# Every answer is cached under `ie_eval/.cache/`, keyed by the model's fingerprint (the content of its
+# files: a retrained model is a new one, a moved one is not), the prompt and whatever else decides an
+# answer (the answer cap, stop strings, dtype, batch size, the versions of torch / transformers /
+# peft). Each cached line carries the digest of its own content: a line cut by a kill, damaged or
+# edited by hand is dropped, counted and computed again — never scored. A change of the configuration
+# that does not touch the answers (here the number of bootstrap samples) runs the stage again but
+# computes no answer — only the scores, intervals and plots. (`--force` is the opposite: it empties the
+# cache and computes every answer again.)
 
 # %%
 t0 = time.time()
-stages.build("ie_eval", cfg, force=True, progress=False)
+other = load_config(profile, {"ie_eval.bootstrap_samples": cfg.ie_eval.bootstrap_samples + 100})
+stages.build("ie_eval", other, progress=False)
 rerun_s = time.time() - t0
-again = json.loads(stages.output(cfg, "ie_eval", "report").read_text(encoding="utf-8"))
+again = json.loads(stages.output(other, "ie_eval", "report").read_text(encoding="utf-8"))
+cache = stages.manifest("ie_eval", other)["metrics"]["cache"]
 print(f"re-run with the cache: {rerun_s:.1f} s; answers computed: "
-      f"{ {n: t['computed'] for n, t in again['timing'].items()} }")
+      f"{ {n: t['computed'] for n, t in again['timing'].items()} }; cache: {cache['hits']} hits, "
+      f"{cache['misses']} computed, {cache['dropped']} lines dropped")
 assert all(t["computed"] == 0 and t.get("iepile", {}).get("computed", 0) == 0 for t in again["timing"].values())
+assert cache["misses"] == 0 and cache["dropped"] == 0
 assert {n: again["models"][n]["f1"] for n in names} == {n: report["models"][n]["f1"] for n in names}
 print("answers/s when computed:", {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]})
+stages.build("ie_eval", cfg, progress=False)  # back to this profile's own configuration (every answer cached)
 
 # %% [markdown]
 # ## Exercises

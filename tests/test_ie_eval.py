@@ -1,5 +1,6 @@
-"""Stage B4: the three backends on tiny models and a loopback endpoint, the answer cache, constrained
-decoding, and bad inputs counted as error classes (never a crash)."""
+"""Stage B4: the three backends on tiny models and a loopback endpoint, the answer cache (its keys, its
+damaged lines, --force), constrained decoding, bad answers counted as error classes (never a crash),
+and a model that cannot be loaded failing the run in one line (or "not run" when optional)."""
 
 import json
 import socket
@@ -200,29 +201,227 @@ def test_the_openai_backend_retries_counts_errors_and_never_crashes(stub, tmp_pa
     assert m["errors"]["endpoint_error"] == 3 and m["answers"] == 6 and m["parse_rate"] == pytest.approx(2 / 6)  # r0, r4 (a fence is not JSON)
 
 
-def test_a_refused_endpoint_and_a_model_that_does_not_load_are_counted(tmp_path, tiny_export):
+def _one_line(e: pytest.ExceptionInfo, *needles: str) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def test_a_refused_endpoint_or_a_model_that_does_not_load_fails_the_run_unless_optional(tmp_path, tiny_export):
+    """Never a row of zeros: a row whose model does not load, or whose every answer failed at its
+    endpoint, stops the run with one line naming it; ``optional: true`` makes it "not run" instead."""
+    from microlm.ie.evaluate import write_summary
+
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    models = [{"name": "refused", "backend": "openai", "model": "m", "base_url": f"http://127.0.0.1:{port}/v1"},
+    url = f"http://127.0.0.1:{port}/v1"
+    models = [{"name": "refused", "backend": "openai", "model": "m", "base_url": url},
               {"name": "missing", "backend": "transformers", "model": str(tmp_path / "nowhere")},
               {"name": "broken", "backend": "microlm", "model": str(broken)}]
-    rep, rows, bad = _run(models, tmp_path, n=3, extra_lines=(
-        "{not a json line", json.dumps({"id": "nogold", "record_id": "nogold", "cate": "人物",
-                                        "messages": [{"role": "user", "content": "{}"}]})))
+    extra = ("{not a json line", json.dumps({"id": "nogold", "record_id": "nogold", "cate": "人物",
+                                             "messages": [{"role": "user", "content": "{}"}]}))
+    for m, needle in zip(models, (url, str(tmp_path / "nowhere"), str(broken)), strict=True):
+        with pytest.raises(MicroLMError) as e:
+            _run([m], tmp_path, n=3, extra_lines=extra)
+        _one_line(e, f"'{m['name']}'", needle)
+        assert not (tmp_path / "ie_eval" / "results.jsonl").exists()
+    rep, rows, bad = _run([dict(m, optional=True) for m in models], tmp_path, n=3, extra_lines=extra)
     assert bad == {"unreadable line": 1}
-    errs = {n: rep["models"][n]["errors"] for n in ("refused", "missing", "broken")}
-    assert errs["refused"] == {"endpoint_error": 3, "no_gold": 1}
-    assert errs["missing"] == {"load_error": 3, "no_gold": 1} and errs["broken"] == {"load_error": 3, "no_gold": 1}
-    assert rep["models"]["refused"]["records"] == 3 and rep["models"]["refused"]["n_gold"] == 3  # gold still counts
+    assert rep["order"] == ["floor-empty", "floor-rule"] and set(rep["not_run"]) == {"refused", "missing", "broken"}
+    assert rep["listed"] == ["refused", "missing", "broken", "floor-empty", "floor-rule"]
+    assert "every answer failed" in rep["not_run"]["refused"]["reason"]
+    assert {r["model"] for r in rows} == {"floor-empty", "floor-rule"} and set(rep["models"]) == set(rep["order"])
+    assert [(c["a"], c["b"]) for c in rep["comparisons"]] == [("floor-rule", "floor-empty")]
+    write_summary(rep, tmp_path / "ie_eval")
+    md = (tmp_path / "ie_eval" / "summary.md").read_text(encoding="utf-8")
+    assert "| refused | openai | not run | not run |" in md and "| broken | microlm | not run |" in md
+    assert "| missing | transformers | 0.000" not in md
     # a model that did not load is not cached: fixed, it is computed
     folder = tiny_export(0, "nowhere")
     assert folder == tmp_path / "nowhere"
     again, _, _ = _run(models[1:2], tmp_path, n=3)
     assert again["timing"]["missing"]["computed"] == 3 and "load_error" not in again["models"]["missing"]["errors"]
+    assert again["not_run"] == {}
+
+
+def _adapter(model_folder: Path, dst: Path) -> Path:
+    """A from-scratch LoRA adapter of ``model_folder`` (PEFT's file layout)."""
+    from microlm.model.hf_export import import_hf
+    from microlm.model.lora import LoRAConfig, apply_lora, save_adapter
+
+    model, _ = import_hf(model_folder)
+    lcfg = LoRAConfig(r=2, targets=["q", "v"])
+    apply_lora(model, lcfg)
+    save_adapter(model, lcfg, dst)
+    return dst
+
+
+def _damaged(tmp_path: Path, folder: Path, case: str) -> tuple[str | None, str]:
+    """(adapter reference, the path an error must name) for one way a row cannot be loaded."""
+    if case == "no such ie_lora run":
+        return "ie_lora:nosuch", str(tmp_path / "ie_lora" / "nosuch" / "adapter")
+    if case == "missing model folder":
+        return None, str(tmp_path / "nowhere")
+    ad = _adapter(folder, tmp_path / f"adapter-{case.replace(' ', '-')}")
+    if case == "adapter_config.json [1]":
+        (ad / "adapter_config.json").write_text("[1]", encoding="utf-8")
+        return str(ad), str(ad / "adapter_config.json")
+    w = ad / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return str(ad), str(w)
+
+
+LOAD_FAILURES = [("no such ie_lora run", "microlm"), ("no such ie_lora run", "transformers"),
+                 ("missing model folder", "microlm"), ("missing model folder", "transformers"),
+                 ("adapter_config.json [1]", "microlm"), ("adapter_config.json [1]", "transformers"),
+                 ("truncated adapter", "microlm"), ("truncated adapter", "transformers")]
+
+
+@pytest.mark.parametrize("case,backend", LOAD_FAILURES, ids=[f"{c}-{b}" for c, b in LOAD_FAILURES])
+def test_a_row_that_cannot_be_loaded_is_one_line_naming_row_and_file_or_not_run_when_optional(
+        case, backend, tiny_export, tmp_path):
+    folder = tiny_export(0)
+    adapter, path = _damaged(tmp_path, folder, case)
+    row = {"name": "bad-row", "backend": backend, "model": path if case == "missing model folder" else str(folder),
+           **({"adapter": adapter} if adapter else {})}
+    up = {"ie_lora": tmp_path / "ie_lora"}
+    prompts, _ = load_prompts(_data(tmp_path, n=2))
+    out = tmp_path / "ie_eval"
+
+    def run(models):
+        return evaluate(models, prompts, lambda ref: resolve_ref(ref, up), out, DEC, train_answers=[], progress=False,
+                        bootstrap_samples=100)
+
+    with pytest.raises(MicroLMError) as e:
+        run([row])
+    _one_line(e, "'bad-row'", path)
+    assert not (out / "results.jsonl").exists()
+    rep = run([dict(row, optional=True)])
+    assert list(rep["not_run"]) == ["bad-row"] and path in rep["not_run"]["bad-row"]["reason"]
+    assert "bad-row" not in rep["models"] and "bad-row" not in rep["timing"]
+
+
+def _cache_file(tmp_path: Path, name: str) -> Path:
+    (f,) = (tmp_path / "ie_eval" / ".cache").glob(f"{name}-*.jsonl")
+    return f
+
+
+def test_a_damaged_or_edited_cache_line_is_dropped_counted_and_recomputed(tiny_export, tmp_path):
+    folder = tiny_export(0)
+    models = [{"name": "ours", "backend": "microlm", "model": str(folder)}]
+    rep, rows, _ = _run(models, tmp_path, n=4)
+    assert rep["timing"]["ours"]["computed"] == 4 and rep["cache"] == {"hits": 0, "misses": 4, "dropped": 0}
+    path = _cache_file(tmp_path, "ours")
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 4 and all("digest" in json.loads(x) for x in lines)
+    edited = json.loads(lines[0])
+    edited["text"] = '{"作者": [{"subject": "a", "object": "b"}]}'  # a "better" answer typed in by hand
+    lines[0] = json.dumps(edited, ensure_ascii=False).encode()
+    lines[2] = b"[1, 2]"
+    lines[3] = lines[3].replace(b'"text": "', b'"text": "\xff\xfe', 1)  # not UTF-8
+    assert b"\xff" in lines[3]
+    lines.append(json.dumps({"key": json.loads(lines[1])["key"], "foo": 1}).encode())  # would replace a real answer
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    again, rows2, _ = _run(models, tmp_path, n=4)
+    t = again["timing"]["ours"]
+    assert (t["dropped"], t["computed"], t["cached"]) == (4, 3, 1)
+    assert again["cache"] == {"hits": 1, "misses": 3, "dropped": 4}
+    assert [r["answer"] for r in rows2] == [r["answer"] for r in rows]  # the edited answer was never scored
+    assert len(path.read_bytes().splitlines()) == 4  # rewritten without the dropped lines
+    third, _, _ = _run(models, tmp_path, n=4)
+    assert third["cache"] == {"hits": 4, "misses": 0, "dropped": 0}
+
+
+def test_force_dtype_and_batch_size_miss_the_cache_and_a_moved_model_does_not(tiny_export, tmp_path):
+    import shutil
+
+    folder = tiny_export(0)
+    models = [{"name": "ours", "backend": "microlm", "model": str(folder)}]
+    prompts, _ = load_prompts(_data(tmp_path, n=3))
+    out = tmp_path / "ie_eval"
+    out.mkdir()
+
+    def run(dec=DEC, force=False, ms=models):
+        rep = evaluate(ms, prompts, lambda ref: ref, out, dec, train_answers=[], progress=False,
+                       bootstrap_samples=100, force=force)
+        return rep["cache"]
+
+    assert run() == {"hits": 0, "misses": 3, "dropped": 0}
+    assert run() == {"hits": 3, "misses": 0, "dropped": 0}
+    assert run(force=True) == {"hits": 0, "misses": 3, "dropped": 0}  # --force: every answer computed again
+    assert run(dict(DEC, batch_size=2))["misses"] == 3
+    assert run(dict(DEC, dtype="bfloat16"))["misses"] == 3
+    assert run(dict(DEC, dtype="float32"))["misses"] == 0  # float32 is what no dtype meant
+    moved = shutil.copytree(folder, tmp_path / "elsewhere" / "base")  # the same files at another path
+    assert run(ms=[dict(models[0], model=str(moved))]) == {"hits": 3, "misses": 0, "dropped": 0}
+
+
+@pytest.fixture(scope="module")
+def ie_data_cfg(tmp_path_factory):
+    """A smoke config whose ie_data stage is built (once for the module)."""
+    from microlm import stages
+
+    runs = tmp_path_factory.mktemp("ie_eval_stage") / "runs"
+
+    def make(**overrides):
+        return stages.load_config("smoke", {"run_dir": str(runs), "corpus.workers": 0, "ie_eval.limit": 2,
+                                            "ie_eval.protocols": ["ours"], "ie_eval.bootstrap_samples": 100,
+                                            "ie_eval.max_new_tokens": 4, **overrides})
+
+    stages.build("ie_data", make(), progress=False)
+    return make
+
+
+def test_the_stage_fails_without_a_manifest_or_reports_an_optional_row_not_run(ie_data_cfg, tiny_export, tmp_path):
+    from microlm import stages
+    from microlm.stages import read_manifest
+
+    folder = tiny_export(0)
+    adapter = _adapter(folder, tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text("[1]", encoding="utf-8")
+    good = {"name": "tiny", "backend": "microlm", "model": str(folder)}
+    bad = {"name": "tiny-ie", "backend": "microlm", "model": str(folder), "adapter": str(adapter)}
+    out = tmp_path / "ie_eval"
+    with pytest.raises(MicroLMError) as e:
+        stages.build("ie_eval", ie_data_cfg(**{"ie_eval.models": [good, bad]}), progress=False, out_dir=out)
+    _one_line(e, "'tiny-ie'", str(adapter / "adapter_config.json"))
+    assert read_manifest(out) is None
+
+    cfg = ie_data_cfg(**{"ie_eval.models": [good, dict(bad, optional=True)], "ie_eval.compare": [["tiny-ie", "tiny"]]})
+    stages.build("ie_eval", cfg, progress=False, out_dir=out)
+    m = read_manifest(out)["metrics"]
+    assert m["models"]["tiny-ie"]["status"] == "not run" and "f1" not in m["models"]["tiny-ie"]
+    assert list(m["models"]) == ["tiny", "tiny-ie", "floor-empty", "floor-rule"] and m["not_run"] == ["tiny-ie"]
+    # the failed run had answered the good row before the bad one stopped it: those answers were kept
+    assert m["cache"]["rows"]["tiny"] == {"hits": 2, "misses": 0, "dropped": 0} and m["cache"]["misses"] == 0
+    assert "not run" in stages.get_stage("ie_eval").summary(m)
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert "| tiny-ie | microlm | not run |" in md and "| tiny-ie | tiny | not run (tiny-ie) |" in md
+    csv_rows = (out / "summary.csv").read_text(encoding="utf-8").splitlines()
+    assert next(r for r in csv_rows if r.startswith("tiny-ie,")).endswith(",not run")
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["comparisons"] == [] and report["skipped_comparisons"] == [["tiny-ie", "tiny"]]
+    card = json.loads((out / "results_card.json").read_text(encoding="utf-8"))
+    assert "tiny-ie" in card["not_run"] and "tiny-ie" not in card["models"]
+
+    # a damaged cache line: dropped and counted in the manifest (a config change re-runs the stage)
+    path = next((out / ".cache").glob("tiny-*.jsonl"))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join([lines[0].replace('"finish_reason"', '"finish_reason_"'), lines[1]]) + "\n",
+                    encoding="utf-8")
+    cfg2 = ie_data_cfg(**{"ie_eval.models": [good, dict(bad, optional=True)], "ie_eval.bootstrap_samples": 101})
+    stages.build("ie_eval", cfg2, progress=False, out_dir=out)
+    assert read_manifest(out)["metrics"]["cache"] | {"rows": None} == {"hits": 1, "misses": 1, "dropped": 1,
+                                                                       "rows": None}
+    stages.build("ie_eval", cfg2, progress=False, out_dir=out, force=True)  # --force: every answer again
+    assert read_manifest(out)["metrics"]["cache"]["rows"]["tiny"] == {"hits": 0, "misses": 2, "dropped": 0}
 
 
 def test_stage_references_resolve(tmp_path):

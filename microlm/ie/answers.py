@@ -6,7 +6,9 @@ optional PEFT adapter merged in, optional JSON-schema-constrained decoding throu
 ``openai`` (any OpenAI-compatible ``/v1/chat/completions``: bounded concurrency, retries with backoff,
 then the answer is recorded as an ``endpoint_error``).  Every backend has the signature
 ``(entry, resolve, prompts, dec, emit=None) -> answers``; ``resolve`` turns a model/adapter reference
-into a folder or hub id, ``emit`` receives answers as they come (for the cache).
+into a folder or hub id, ``emit`` receives answers as they come (for the cache); the local backends
+compute in ``dec["dtype"]`` (float32 when not given).  A model or adapter that cannot be loaded is a
+one-line ``MicroLMError`` naming the file, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from microlm.errors import MicroLMError
 from microlm.ie.metrics import json_schema_for
+from microlm.io import load_json_file
 from microlm.tokenizer.tokenizer import stop_ids_of
 
 __all__ = ["BACKENDS", "answer_microlm", "answer_transformers", "answer_openai", "grammar_compiler"]
@@ -38,6 +41,25 @@ def _batches(prompts: list[tuple[int, list[int]]], max_new: int, ctx: int, batch
             yield [p], ctx - len(p[1])
 
 
+def _too_long(batch: list[tuple[int, list[int]]], out: list, emit) -> None:
+    """A batch of one prompt with no room left for an answer: recorded (and emitted) as ``prompt_too_long``."""
+    for i, p in batch:
+        out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
+                  "seconds": 0.0, "finish_reason": "error"}
+    if emit:
+        emit([(i, out[i]) for i, _ in batch])
+
+
+def _dtype(dec: dict):
+    """The torch dtype a local backend computes in (``dec["dtype"]``, float32 when not given)."""
+    import torch
+
+    name = dec.get("dtype") or "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise MicroLMError(f"ie_eval: dtype must be float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
 def answer_microlm(entry: dict, resolve, prompts: list[dict], dec: dict, emit=None) -> list[dict]:
     """Greedy answers from ``microlm.infer`` (a MicroLM HF export, + a from-scratch adapter)."""
     import torch
@@ -50,17 +72,14 @@ def answer_microlm(entry: dict, resolve, prompts: list[dict], dec: dict, emit=No
     if entry.get("adapter"):
         load_adapter(model, resolve(entry["adapter"]))
         merge_lora(model)  # folded in: the same answers, a plain forward per token
+    model = model.to(_dtype(dec))
     ctx, stops = model.cfg.max_seq_len, stop_ids_of(tok)
     ids = [(i, tok.encode_chat(p["messages"], add_generation_prompt=True)) for i, p in enumerate(prompts)]
     out: list[dict | None] = [None] * len(prompts)
     with torch.inference_mode():
         for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, dec["batch_size"]):
             if max_new < 1:
-                for i, p in batch:
-                    out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
-                              "seconds": 0.0, "finish_reason": "error"}
-                if emit:
-                    emit([(i, out[i]) for i, _ in batch])
+                _too_long(batch, out, emit)
                 continue
             t0 = time.perf_counter()
             new = generate_ids(model, [p for _, p in batch], stop_ids=stops, pad_id=tok.eos_id or 0,
@@ -77,16 +96,50 @@ def answer_microlm(entry: dict, resolve, prompts: list[dict], dec: dict, emit=No
     return out  # type: ignore[return-value]
 
 
-def _hf_load(entry: dict, resolve):
-    import torch
+def _local(ref: str) -> bool:
+    """A reference that can only mean a folder on this machine (a hub id is never absolute or ``./``)."""
+    return Path(ref).is_absolute() or ref.startswith(("./", "../", "~")) or Path(ref).exists()
+
+
+def _check_adapter(adapter: str) -> None:
+    """A PEFT adapter folder readable before PEFT sees it: a missing folder or file, a config that is not
+    a JSON object or a cut safetensors file is one line naming the file (PEFT would try the hub, or
+    raise a traceback)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(adapter)
+    if not folder.is_dir():
+        if _local(adapter):
+            raise MicroLMError(f"adapter folder {adapter} does not exist")
+        return  # a hub id: PEFT's business
+    conf, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not conf.is_file():
+        raise MicroLMError(f"adapter file missing: {conf}")
+    load_json_file(conf, "adapter config")  # not JSON, or a list: one line naming the file
+    if weights.is_file():
+        try:  # the header, checked against the file's length: a truncated or garbage file fails here
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MicroLMError(f"corrupt safetensors file {weights}: {str(e).splitlines()[0]}") from None
+    elif not (folder / "adapter_model.bin").is_file():
+        raise MicroLMError(f"adapter file missing: {weights}")
+
+
+def _hf_load(entry: dict, resolve, dec: dict | None = None):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from microlm.ie.train_lora import load_tokenizer
 
     model_ref, adapter = resolve(entry["model"]), resolve(entry.get("adapter"))
+    if _local(model_ref) and not Path(model_ref).is_dir():
+        raise MicroLMError(f"model folder {model_ref} does not exist")
+    if adapter:
+        _check_adapter(adapter)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as e:
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=_dtype(dec or {})).eval()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise MicroLMError(f"cannot load {model_ref}: {str(e).splitlines()[0]}") from None
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_ref
     tok = load_tokenizer(tok_src, weights=False)
@@ -95,7 +148,7 @@ def _hf_load(entry: dict, resolve):
 
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as e:
             raise MicroLMError(f"adapter {adapter} does not fit {model_ref}: {str(e).splitlines()[0]}") from None
     tok.padding_side = "left"
     return model, tok
@@ -108,7 +161,7 @@ def answer_transformers(entry: dict, resolve, prompts: list[dict], dec: dict, em
 
     from microlm.infer.greedy import eos_ids
 
-    model, tok = _hf_load(entry, resolve)
+    model, tok = _hf_load(entry, resolve, dec)
     eos = eos_ids(tok, model)
     ctx = getattr(model.config, "max_position_embeddings", 4096)
     ids = [(i, tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
@@ -122,11 +175,7 @@ def answer_transformers(entry: dict, resolve, prompts: list[dict], dec: dict, em
     with torch.inference_mode():
         for batch, max_new in _batches(ids, dec["max_new_tokens"], ctx, bs):
             if max_new < 1:
-                for i, p in batch:
-                    out[i] = {"text": None, "error": "prompt_too_long", "prompt_tokens": len(p), "new_tokens": 0,
-                              "seconds": 0.0, "finish_reason": "error"}
-                if emit:
-                    emit([(i, out[i]) for i, _ in batch])
+                _too_long(batch, out, emit)
                 continue
             longest = max(len(p) for _, p in batch)
             x = torch.full((len(batch), longest), tok.pad_token_id, dtype=torch.long)

@@ -7,10 +7,15 @@ greedily, and are scored by ``microlm.ie.metrics``; two floors computed without 
 relations ``[]``, and a rule pairing known entity strings found in the text) show what learning added.
 
 Every answer is cached on disk (``.cache/<model>-<fingerprint>.jsonl``) as it comes, keyed by the
-model's fingerprint (its files, or its stage's manifest), the prompt and the decoding settings, so an
-interrupted run keeps what it computed and a re-run only computes what changed; a model that fails
-to load, an endpoint that refuses or a prompt without gold is a counted error class, never a crash of
-the run.
+model's fingerprint (the content of its files — not where they lie — or its endpoint and model name),
+the prompt and everything else that decides an answer (``max_new_tokens``, stop strings, dtype, batch
+size, the versions of torch / transformers / peft), so an interrupted run keeps what it computed and
+a re-run only computes what changed.  Each cached line carries the digest of its own content: a
+damaged or hand-edited line is dropped and counted, never scored; ``force`` starts the cache over.
+A prompt without gold, a prompt too long or one refused request is a counted error class; but a model
+or adapter that cannot be loaded, or a row whose every answer failed at its endpoint, stops the run
+with one line naming the row and the file — unless the row is ``optional``: then it is reported
+*not run* (never a row of zeros) and left out of the comparisons.
 
 Two **protocols** (``ie_eval.protocols``): ``ours`` asks the fixed evaluation prompts (one chunk of a
 record each); ``iepile`` asks every chunk of the same records under IEPile's test chunking and scores
@@ -27,6 +32,8 @@ import contextlib
 import csv
 import hashlib
 import json
+import logging
+import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -56,7 +63,10 @@ from microlm.ie.render import prompt_messages
 from microlm.io import atomic_open, fingerprint, folder_files
 from microlm.plotting import use_cjk_font
 
-__all__ = ["load_prompts", "ref_stages", "model_fingerprint", "AnswerCache", "evaluate", "answer_cap", "FLOORS"]
+__all__ = ["load_prompts", "ref_stages", "model_fingerprint", "answer_settings", "AnswerCache", "RowFailed", "evaluate",
+           "answer_cap", "FLOORS"]
+
+log = logging.getLogger("microlm")
 
 FLOORS = ("floor-empty", "floor-rule")
 
@@ -167,33 +177,92 @@ def model_fingerprint(entry: dict, resolve) -> str:
     return fingerprint(parts)
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "none"
+
+
+def answer_settings(entry: dict, dec: dict, cap: int) -> dict:
+    """Everything besides the model (its fingerprint) and the prompt that decides an answer, keyed in the
+    cache: the answer cap and stop strings; for a local backend also the dtype, the batch size (padding
+    changes the arithmetic) and the versions of the libraries that compute it (an endpoint's model and
+    address are in its fingerprint; how it computes is the server's business)."""
+    s = {"max_new_tokens": cap, "stop": list(dec["stop"])}
+    if entry.get("backend") in ("microlm", "transformers"):
+        libs = ["torch"] + (["transformers", "peft"] if entry["backend"] == "transformers" else [])
+        libs += ["xgrammar"] if entry.get("constrained") else []
+        s.update(dtype=dec.get("dtype") or "float32", batch_size=dec["batch_size"],
+                 libraries={n: _version(n) for n in libs})
+    return s
+
+
+def _line_digest(row: dict) -> str:
+    """sha256 of a cache line's canonical JSON without its own ``digest`` field."""
+    blob = json.dumps({k: v for k, v in row.items() if k != "digest"}, ensure_ascii=False, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _cached_row(raw: bytes) -> dict | None:
+    """A cache line as written by ``AnswerCache.add`` (an answer, its key, its digest), else ``None``."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str) or row.get("digest") != _line_digest(row) \
+            or "text" not in row or "finish_reason" not in row:
+        return None
+    return row
+
+
 class AnswerCache:
-    """Answers of one model on disk, one JSON line each, keyed by prompt + decoding settings; lines
-    are appended as they come (an interrupted run keeps what it computed)."""
+    """Answers of one model on disk, one JSON line each, keyed by prompt + answer settings; lines are
+    appended as they come (an interrupted run keeps what it computed).  Each line carries the sha256 of
+    its canonical JSON: a line that does not match it — cut by a kill, hand-edited, not JSON, not
+    UTF-8 — is dropped (``dropped`` counts them), never scored, and the file is rewritten without it."""
 
     def __init__(self, folder: Path, name: str, model_fp: str):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{name}-{model_fp[:16]}.jsonl"
         self.model_fp = model_fp
         self.rows: dict[str, dict] = {}
+        self.dropped = 0
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
+            for raw in self.path.read_bytes().split(b"\n"):
+                if not raw.strip():
+                    continue
+                row = _cached_row(raw)
+                if row is None:
+                    self.dropped += 1
+                else:
                     self.rows[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-                    continue  # a line cut by a kill
+            if self.dropped:
+                log.warning("ie_eval: %d damaged or edited line(s) of the answer cache %s dropped (recomputed)",
+                            self.dropped, self.path)
+                with atomic_open(self.path) as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows.values())
 
-    def key(self, prompt: dict, decoding: dict) -> str:
-        blob = json.dumps([self.model_fp, prompt["messages"], decoding], ensure_ascii=False, sort_keys=True)
+    def key(self, prompt: dict, settings: dict) -> str:
+        blob = json.dumps([self.model_fp, prompt["messages"], settings], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def add(self, rows: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             for r in rows:
+                r = {k: v for k, v in r.items() if k != "digest"}
+                r["digest"] = _line_digest(r)
                 self.rows[r["key"]] = r
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush()
+
+
+class RowFailed(MicroLMError):
+    """A model row that could not be evaluated: its model or adapter did not load, or every answer failed
+    at its endpoint (one line naming the row and the file or address)."""
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -231,16 +300,37 @@ def answer_cap(count, prompts: list[dict], configured: int) -> int:
     return max(configured, -(-longest * 5 // 4) + 1)
 
 
+ENV_ERRORS = ("load_error", "endpoint_error")  # what the model's surroundings failed, not an answer: never cached
+
+
+def _refs(entry: dict, resolve) -> str:
+    """What a row asks for, for an error line: its model and adapter (reference → path) or its endpoint."""
+    if entry.get("backend") == "openai":
+        return f"endpoint {entry.get('base_url')} (model {entry.get('model_name') or entry.get('model')})"
+    out = []
+    for key in ("model", "adapter"):
+        ref = entry.get(key)
+        if ref:
+            path = resolve(ref)
+            out.append(f"{key} {ref}" + (f" = {path}" if path != ref else ""))
+    return ", ".join(out)
+
+
+def _one_line(e) -> str:
+    return "; ".join(x.strip() for x in str(e).splitlines() if x.strip())
+
+
 def _answer_model(entry: dict, prompts: list[dict], resolve, out: Path, dec: dict, progress: bool,
                   timing: dict) -> list[dict]:
-    """Every answer of one model (cache first; the others computed and cached as they come)."""
+    """Every answer of one model (cache first; the others computed and cached as they come).  A model
+    that does not load, or whose every answer failed at its endpoint, raises ``RowFailed``."""
     name = entry["name"]
     t0 = time.perf_counter()
     cap = answer_cap(_tokenizer_for(entry, resolve), prompts, dec["max_new_tokens"])
     mdec = dict(dec, max_new_tokens=cap)
-    decoding = {"max_new_tokens": cap, "stop": dec["stop"]}
+    settings = answer_settings(entry, dec, cap)
     cache = AnswerCache(out / ".cache", name, model_fingerprint(entry, resolve))
-    keys = [cache.key(p, decoding) for p in prompts]
+    keys = [cache.key(p, settings) for p in prompts]
     todo, seen = [], set()  # one computation per distinct prompt not in the cache
     for i, k in enumerate(keys):
         if k not in cache.rows and k not in seen:
@@ -253,7 +343,7 @@ def _answer_model(entry: dict, prompts: list[dict], resolve, out: Path, dec: dic
         def emit(done: list[tuple[int, dict]]) -> None:
             got = [dict(a, key=keys[todo[j]]) for j, a in done]
             fresh.update((a["key"], a) for a in got)
-            cache.add([a for a in got if a.get("error") != "load_error"])  # a model that did not load: not cached
+            cache.add([a for a in got if a.get("error") not in ENV_ERRORS])  # a refused request: asked again next run
             bar.update(len(done))
 
         try:
@@ -261,16 +351,20 @@ def _answer_model(entry: dict, prompts: list[dict], resolve, out: Path, dec: dic
             missing = [(j, a) for j, a in enumerate(answers) if keys[todo[j]] not in fresh]
             if missing:
                 emit(missing)
-        except MicroLMError as e:  # a model that does not load: every answer is a counted error
-            err = {"text": None, "error": "load_error", "detail": str(e), "prompt_tokens": None, "new_tokens": 0,
-                   "seconds": 0.0, "finish_reason": "error"}
-            emit([(j, dict(err)) for j in range(len(todo)) if keys[todo[j]] not in fresh])
+        except RowFailed:
+            raise
+        except MicroLMError as e:  # a model or adapter that does not load: the row cannot be evaluated
+            raise RowFailed(f"ie_eval: model {name!r} ({_refs(entry, resolve)}) cannot be loaded: {_one_line(e)}") from None
         finally:
             bar.close()
     seconds = time.perf_counter() - t0
     answers = [fresh.get(k) or cache.rows[k] for k in keys]
+    failed = [a for a in answers if a.get("error") in ENV_ERRORS]
+    if answers and len(failed) == len(answers):
+        raise RowFailed(f"ie_eval: model {name!r}: every answer failed ({len(failed)}) at {_refs(entry, resolve)}: "
+                        f"{failed[0].get('error')} {failed[0].get('detail') or ''}".rstrip())
     timing[name] = {"backend": entry["backend"], "computed": len(todo), "cached": len(prompts) - len(todo),
-                    "max_new_tokens": cap, "wall_s": round(seconds, 2),
+                    "dropped": cache.dropped, "max_new_tokens": cap, "wall_s": round(seconds, 2),
                     "answers_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
                     "generation_s": round(sum(a.get("seconds") or 0.0 for a in answers), 2)}
     return answers
@@ -303,33 +397,58 @@ def _unserved(entry: dict):
 def evaluate(models: list[dict], prompts: list[dict], resolve, out: Path, dec: dict, *,
              train_answers: list[str], floors: bool = True, progress: bool = True, seed: int = 0,
              bootstrap_samples: int = 1000, iepile_prompts: list[dict] | None = None,
-             compare: list[list[str]] | None = None, serve=None) -> dict:
+             compare: list[list[str]] | None = None, serve=None, force: bool = False) -> dict:
     """Answer (cache first), score and summarise ``prompts`` (our protocol) and, given, ``iepile_prompts``
     (IEPile's); writes ``results.jsonl``; returns the report (``models``/``comparisons``: ours;
-    ``iepile``: IEPile's).  ``compare``: the ``[A, B]`` pairs to test (default: every pair).  ``resolve``:
-    a model/adapter reference → a folder or hub id; ``serve(entry)``: a context manager giving the
-    entry its server started (an entry with ``base_url: serve``), default none."""
+    ``iepile``: IEPile's; ``order``: the rows scored; ``not_run``: the optional rows that could not be
+    evaluated, with why; ``listed``: every row in order; ``cache``: hits, misses, dropped lines).
+    ``compare``: the ``[A, B]`` pairs to test (default: every pair).  ``resolve``: a model/adapter
+    reference → a folder or hub id; ``serve(entry)``: a context manager giving the entry its server
+    started (an entry with ``base_url: serve``), default none; ``force``: the answer cache emptied
+    first (every answer computed again).
+
+    A row that cannot be evaluated (``RowFailed``: its model or adapter does not load, every answer
+    failed at its endpoint; or its server does not start) stops the run with one line — unless the
+    entry says ``optional: true``: then it is *not run*, and skipped in the comparisons."""
+    if force:
+        shutil.rmtree(out / ".cache", ignore_errors=True)
     protocols = {"ours": prompts, **({"iepile": iepile_prompts} if iepile_prompts is not None else {})}
     rows: dict[str, dict[str, list[dict]]] = {proto: {} for proto in protocols}
     timing: dict[str, dict] = {}
-    names = [m["name"] for m in models] + (list(FLOORS) if floors else [])
-    for name in names:
+    not_run: dict[str, dict] = {}
+    listed = [m["name"] for m in models] + (list(FLOORS) if floors else [])
+    for name in listed:
         entry = next((m for m in models if m["name"] == name), {"name": name, "backend": "floor"})
-        with (serve or _unserved)(entry) as entry:  # a server for this row is started once, for both protocols
-            for proto, ps in protocols.items():
-                asked = _styled(entry, ps)
-                t = {}
-                if entry["backend"] == "floor":
-                    answers = _floor_answers(name, asked, train_answers)
-                    t[name] = {"backend": "floor", "computed": 0, "cached": 0, "wall_s": 0.0,  # no model answered
-                               "answers_per_s": None, "generation_s": 0.0}
-                else:
-                    answers = _answer_model(entry, asked, resolve, out, dec, progress, t)
-                if proto == "ours":
-                    timing[name] = t[name]
-                else:
-                    timing[name][proto] = t[name]
-                rows[proto][name] = _scored_rows(name, proto, ps, answers)
+        got: dict[str, list[dict]] = {}
+        try:
+            with (serve or _unserved)(entry) as served:  # a server for this row is started once, for both protocols
+                for proto, ps in protocols.items():
+                    asked = _styled(served, ps)
+                    t = {}
+                    if served["backend"] == "floor":
+                        answers = _floor_answers(name, asked, train_answers)
+                        t[name] = {"backend": "floor", "computed": 0, "cached": 0, "dropped": 0,  # no model answered
+                                   "wall_s": 0.0, "answers_per_s": None, "generation_s": 0.0}
+                    else:
+                        answers = _answer_model(served, asked, resolve, out, dec, progress, t)
+                    if proto == "ours":
+                        timing[name] = t[name]
+                    else:
+                        timing[name][proto] = t[name]
+                    got[proto] = _scored_rows(name, proto, ps, answers)
+        except MicroLMError as e:
+            timing.pop(name, None)
+            why = str(e) if isinstance(e, RowFailed) else f"ie_eval: model {name!r}: {_one_line(e)}"
+            if not entry.get("optional"):
+                raise RowFailed(why) from None
+            not_run[name] = {"backend": entry["backend"], "reason": why}
+            log.warning("%s — optional: the row is not run", why)
+            continue
+        for proto, r in got.items():
+            rows[proto][name] = r
+    names = [n for n in listed if n not in not_run]
+    if not names:
+        raise MicroLMError("ie_eval: no row was evaluated (every model is optional and not run, and floors are off)")
     with atomic_open(out / "results.jsonl") as f:
         for proto in protocols:
             for name in names:
@@ -337,6 +456,7 @@ def evaluate(models: list[dict], prompts: list[dict], resolve, out: Path, dec: d
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
     pairs = [tuple(c) for c in compare] if compare else default_pairs(names)
+    skipped = [[a, b] for a, b in pairs if a in not_run or b in not_run]  # a row not run is compared with nothing
     pairs = [(a, b) for a, b in pairs if a in names and b in names]
     recs = {n: merge_records(rows["ours"][n]) for n in names}
     summary = {}
@@ -358,7 +478,10 @@ def evaluate(models: list[dict], prompts: list[dict], resolve, out: Path, dec: d
               "records": len({p["record_id"] for p in prompts if p["gold"] is not None}),
               "topics": len({p["cate"] for p in prompts}), "decoding": {"max_new_tokens": dec["max_new_tokens"],
                                                                          "stop": dec["stop"]},
-              "bootstrap_samples": bootstrap_samples, "seed": seed, "order": names}
+              "bootstrap_samples": bootstrap_samples, "seed": seed, "order": names, "listed": listed,
+              "not_run": not_run, "skipped_comparisons": skipped,
+              "cache": {k: sum(t.get(f, 0) + t.get("iepile", {}).get(f, 0) for t in timing.values())
+                        for k, f in (("hits", "cached"), ("misses", "computed"), ("dropped", "dropped"))}}
     if "iepile" in protocols:
         irecs = {n: iepile_records(rows["iepile"][n]) for n in names}
         models_i = {}
@@ -392,7 +515,8 @@ def results_card(report: dict, rows: list[dict], meta: dict) -> dict:
               for n, m in report["models"].items()}
     card = {"card": "microlm ie_eval results", **meta, "prompts": report["prompts"], "records": report["records"],
             "order": report["order"], "models": tables, "comparisons": report["comparisons"],
-            "timing": report["timing"], "per_prompt": per}
+            "timing": report["timing"], "per_prompt": per,
+            "not_run": {n: v["reason"] for n, v in report.get("not_run", {}).items()}}
     if "iepile" in report:
         card["iepile"] = {k: report["iepile"][k] for k in ("models", "prompts", "records", "comparisons")}
     return card
@@ -407,12 +531,17 @@ def write_summary(report: dict, out: Path) -> None:
     when asked, IEPile's — the paired comparisons, errors per class, time)."""
     cols = ["model", "backend", "parse_rate", "parse_lo", "parse_hi", "schema_rate", "precision", "recall", "f1",
             "f1_lo", "f1_hi", "relaxed_f1", "parse_rate_fenced", "f1_fenced", "answers", "records",
-            "iepile_f1", "iepile_f1_lo", "iepile_f1_hi", "iepile_f1_set"]
+            "iepile_f1", "iepile_f1_lo", "iepile_f1_hi", "iepile_f1_set", "status"]
     ie = report.get("iepile", {}).get("models", {})
+    not_run = report.get("not_run", {})
+    listed = report.get("listed", report["order"])
     with atomic_open(out / "summary.csv") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for n in report["order"]:
+        for n in listed:
+            if n in not_run:  # no number at all: a row that did not run scored nothing, not 0
+                w.writerow([n, not_run[n]["backend"]] + [""] * (len(cols) - 3) + ["not run"])
+                continue
             m = report["models"][n]
             i = ie.get(n)
             w.writerow([n, report["timing"][n]["backend"], f"{m['parse_rate']:.4f}", f"{m['interval']['parse_rate'][0]:.4f}",
@@ -421,14 +550,18 @@ def write_summary(report: dict, out: Path) -> None:
                         f"{m['interval']['f1'][1]:.4f}", f"{m['relaxed_f1']:.4f}", f"{m['parse_rate_fenced']:.4f}",
                         f"{m['f1_fenced']:.4f}", m["answers"], m["records"],
                         *([f"{i['f1']:.4f}", f"{i['interval'][0]:.4f}", f"{i['interval'][1]:.4f}", f"{i['f1_set']:.4f}"]
-                          if i else ["", "", "", ""])])
+                          if i else ["", "", "", ""]), "ok"])
     lines = [f"# IE evaluation: {report['prompts']} prompts, {report['records']} records, {report['topics']} topics",
              "", "Our protocol (one chunk per prompt, scored against its chunk). Strict F1 and parse rate with a "
              f"bootstrap 95 % interval (records resampled, {report['bootstrap_samples']} samples, seed "
              f"{report['seed']}); *fenced*: the same answers read fence-tolerantly (the JSON inside a code fence).", "",
              "| model | backend | parse rate | schema | precision | recall | strict F1 | relaxed F1 | parse (fenced) "
              "| F1 (fenced) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n in report["order"]:
+    nr = "| not run " * 8 + "|"
+    for n in listed:
+        if n in not_run:
+            lines.append(f"| {n} | {not_run[n]['backend']} {nr}")
+            continue
         m = report["models"][n]
         lines.append(f"| {n} | {report['timing'][n]['backend']} | {_fmt_iv(m['parse_rate'], m['interval']['parse_rate'])}"
                      f" | {m['schema_rate']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | "
@@ -441,7 +574,10 @@ def write_summary(report: dict, out: Path) -> None:
                   "`eval_func.py` does (normal mode: a triple predicted twice is one hit and one false positive; "
                   "set mode: de-duplicated). Strict parsing.", "",
                   "| model | parse rate | precision | recall | F1 (normal) | F1 (set) |", "|---|---|---|---|---|---|"]
-        for n in report["order"]:
+        for n in listed:
+            if n in not_run:
+                lines.append(f"| {n} " + "| not run " * 5 + "|")
+                continue
             i = ie[n]
             lines.append(f"| {n} | {i['parse_rate']:.3f} | {i['precision']:.3f} | {i['recall']:.3f} | "
                          f"{_fmt_iv(i['f1'], i['interval'])} | {i['f1_set']:.3f} |")
@@ -461,13 +597,24 @@ def write_summary(report: dict, out: Path) -> None:
             row += (f" {d['f1_diff']:+.3f} | [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] | "
                     f"{'yes' if d['decided'] else 'no'} |")
         lines.append(row)
+    for a, b in report.get("skipped_comparisons", []):
+        lines.append(f"| {a} | {b} | not run ({a if a in not_run else b}) |  |  |  |  |" + ("  |  |  |" if ie else ""))
     lines += ["", "## Answers by error class", "", "| model | classes |", "|---|---|"]
-    for n in report["order"]:
+    for n in listed:
+        if n in not_run:
+            lines.append(f"| {n} | not run: {not_run[n]['reason'].replace('|', '/')} |")
+            continue
         lines.append(f"| {n} | " + ", ".join(f"{k} {v}" for k, v in report["models"][n]["errors"].items()) + " |")
-    lines += ["", "## Time", "", "Our protocol's prompts" + (", then IEPile's (computed / wall s)." if ie else "."),
+    c = report.get("cache")
+    lines += ["", "## Time", "", "Our protocol's prompts" + (", then IEPile's (computed / wall s)." if ie else ".")
+              + (f" Answer cache: {c['hits']} hits, {c['misses']} computed, {c['dropped']} damaged or edited lines "
+                 "dropped." if c else ""),
               "", "| model | computed | cached | answer cap (tokens) | wall s | answers/s |"
               + (" IEPile: computed | IEPile: wall s |" if ie else ""), "|---|---|---|---|---|---|" + ("---|---|" if ie else "")]
-    for n in report["order"]:
+    for n in listed:
+        if n in not_run:
+            lines.append(f"| {n} " + "| not run " * 5 + "|" + (" not run | not run |" if ie else ""))
+            continue
         t = report["timing"][n]
         row = (f"| {n} | {t['computed']} | {t['cached']} | {t.get('max_new_tokens', '—')} | {t['wall_s']} | "
                f"{t['answers_per_s'] or '—'} |")
@@ -518,20 +665,25 @@ def write_plots(report: dict, rows: list[dict], out: Path) -> list[str]:
 
 
 def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
-    names = report["order"]
+    not_run = report.get("not_run", {})
+    names = report.get("listed", report["order"])  # a row not run keeps its place, labelled, without a bar
+    labels = [f"{n}\n(not run)" if n in not_run else n for n in names]
     fig, ax = plt.subplots(figsize=(10, 4))
     keys = [("parse_rate", "parse rate"), ("schema_rate", "schema"), ("f1", "strict F1"), ("relaxed_f1", "relaxed F1")]
     w = 0.8 / len(keys)
     x = np.arange(len(names))
     for j, (k, label) in enumerate(keys):
-        vals = [report["models"][n][k] for n in names]
+        vals = [np.nan if n in not_run else report["models"][n][k] for n in names]
         err = None
         if k in ("f1", "parse_rate"):
-            iv = [report["models"][n]["interval"][k] for n in names]
-            err = [[max(0, v - lo) for v, (lo, _) in zip(vals, iv, strict=True)],
-                   [max(0, hi - v) for v, (_, hi) in zip(vals, iv, strict=True)]]
+            iv = [(0.0, 0.0) if n in not_run else report["models"][n]["interval"][k] for n in names]
+            err = [[0.0 if n in not_run else max(0, v - lo) for n, v, (lo, _) in zip(names, vals, iv, strict=True)],
+                   [0.0 if n in not_run else max(0, hi - v) for n, v, (_, hi) in zip(names, vals, iv, strict=True)]]
         ax.bar(x + j * w - 0.4 + w / 2, vals, w, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, names, rotation=15)
+    for i, n in enumerate(names):
+        if n in not_run:
+            ax.text(i, 0.5, "not run", ha="center", va="center", rotation=90, color="0.4")
+    ax.set_xticks(x, labels, rotation=15)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
     ax.set_title(f"IE evaluation ({report['prompts']} prompts; bars: 95 % bootstrap intervals)")
@@ -540,11 +692,12 @@ def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
     fig.savefig(out / "metrics.png", dpi=110)
     plt.close(fig)
 
-    topics = sorted({t for n in names for t in report["models"][n]["by_topic"]})
-    grid = np.array([[report["models"][n]["by_topic"].get(t, {}).get("f1", np.nan) for n in names] for t in topics])
+    topics = sorted({t for n in names if n not in not_run for t in report["models"][n]["by_topic"]})
+    grid = np.array([[np.nan if n in not_run else report["models"][n]["by_topic"].get(t, {}).get("f1", np.nan)
+                      for n in names] for t in topics])
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 0.4 * len(topics) + 1.5))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_xticks(range(len(names)), labels, rotation=20)
     ax.set_yticks(range(len(topics)), topics)
     for i in range(len(topics)):
         for j in range(len(names)):
@@ -557,7 +710,7 @@ def _plots(report: dict, rows: list[dict], out: Path, plt, np) -> list[str]:
     fig.savefig(out / "topic_f1.png", dpi=110)
     plt.close(fig)
 
-    models = [n for n in names if not n.startswith("floor-")]
+    models = [n for n in names if not n.startswith("floor-") and n not in not_run]
     rows = [r for r in rows if r.get("protocol", "ours") == "ours"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
     for n in models:

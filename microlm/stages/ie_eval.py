@@ -3,7 +3,9 @@ rate, schema, strict and relaxed F1 with intervals (``microlm.ie.evaluate``; the
 ``microlm.ie.answers``).
 
 A row with ``base_url: serve`` is answered by the course's own vLLM server of ``serve.model``, started
-here for that row."""
+here for that row.  A row whose model or adapter cannot be loaded (or whose every answer failed at its
+endpoint) fails the stage with one line naming the row and the file — no manifest is written — unless
+it says ``optional: true``: then it is reported *not run*.  ``--force`` starts the answer cache over."""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def _ie_eval_models() -> list[dict]:
 
 IE_EVAL_BACKENDS = ("microlm", "transformers", "openai")
 IE_EVAL_MODEL_KEYS = ("name", "backend", "model", "adapter", "constrained", "base_url", "model_name", "api_key_env",
-                      "prompt")
+                      "prompt", "optional")
+IE_EVAL_DTYPES = ("float32", "bfloat16", "float16")
 IE_EVAL_PROTOCOLS = ("ours", "iepile")
 
 
@@ -42,9 +45,12 @@ IE_EVAL_PROTOCOLS = ("ours", "iepile")
 class IEEvalConfig:
     """Stage B4: every entry of ``models`` answers the evaluation prompts greedily.  An entry is
     ``{name, backend: microlm | transformers | openai, model, adapter?, constrained?, base_url?,
-    model_name?, api_key_env?}``; ``model``/``adapter`` name a course stage (``hf``,
-    ``ie_lora:<run>``, ``ie_merged:<run>``), a local folder or a hub id.  ``floors`` adds the two rows
-    computed without a model; ``all`` evaluates the whole test split instead of the 40 prompts."""
+    model_name?, api_key_env?, prompt?, optional?}``; ``model``/``adapter`` name a course stage (``hf``,
+    ``ie_lora:<run>``, ``ie_merged:<run>``), a local folder or a hub id.  A model or adapter that cannot
+    be loaded, or an endpoint that fails every answer, fails the stage — unless the entry says
+    ``optional: true``: then its row is reported *not run* (no numbers) and left out of the comparisons.
+    ``floors`` adds the two rows computed without a model; ``all`` evaluates the whole test split
+    instead of the 40 prompts; ``dtype``: what the local backends (microlm, transformers) compute in."""
 
     models: list[dict] = field(default_factory=_ie_eval_models)
     floors: bool = True
@@ -57,6 +63,7 @@ class IEEvalConfig:
     max_new_tokens: int = 256  # at least: each model's cap also holds the longest gold answer it is asked for
     stop: list[str] = field(default_factory=lambda: ["<|im_end|>"])
     batch_size: int = 8
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (a cache key, as the batch size is)
     bootstrap_samples: int = 1000
     concurrency: int = 4  # openai backend: requests in flight
     timeout_s: float = 120.0
@@ -71,15 +78,18 @@ def check(cfg) -> None:
         extra = sorted(set(m) - set(IE_EVAL_MODEL_KEYS))
         if extra or not m.get("name") or not m.get("model") or m.get("backend") not in IE_EVAL_BACKENDS:
             raise ConfigError(f"ie_eval.models: each model is {{name, backend ({' | '.join(IE_EVAL_BACKENDS)}), model, "
-                              f"adapter?, constrained?, base_url?, model_name?, api_key_env?}}; got {m}")
+                              f"adapter?, constrained?, base_url?, model_name?, api_key_env?, prompt?, optional?}}; "
+                              f"got {m}")
+        if not isinstance(m.get("optional", False), bool):
+            raise ConfigError(f"ie_eval.models: {m['name']!r}: optional is true or false, got {m['optional']!r}")
         if m["backend"] == "openai" and not m.get("base_url"):
             raise ConfigError(f"ie_eval.models: {m['name']!r} (openai) needs base_url")
         if m.get("constrained") and m["backend"] != "transformers":
             raise ConfigError(f"ie_eval.models: {m['name']!r}: constrained decoding is a transformers-backend option")
         if m.get("prompt", "ie") not in ("ie", "zero_shot"):
             raise ConfigError(f"ie_eval.models: {m['name']!r}: prompt must be ie or zero_shot, got {m.get('prompt')!r}")
-        # a model naming an ie_lora run that is not configured is a counted load_error in the stage,
-        # not a config error (a user may change ie_lora.runs without touching ie_eval)
+        # a model naming an ie_lora run that is not configured fails when the stage runs (one line; or
+        # "not run" when optional), not a config error (a user may change ie_lora.runs without touching ie_eval)
         if not regex.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m["name"]) or m["name"].startswith("floor-"):
             raise ConfigError(f"ie_eval.models: name {m['name']!r} must be a folder name, not floor-*")
     if len(set(names)) != len(names):
@@ -91,6 +101,8 @@ def check(cfg) -> None:
         if len(pair) != 2 or pair[0] == pair[1] or set(pair) - known:
             raise ConfigError(f"ie_eval.compare: each entry is [A, B], two different models or floors of "
                               f"ie_eval.models; got {pair}")
+    if c.dtype not in IE_EVAL_DTYPES:
+        raise ConfigError(f"ie_eval.dtype: one of {', '.join(IE_EVAL_DTYPES)}; got {c.dtype!r}")
     if c.max_new_tokens < 1 or c.batch_size < 1 or c.bootstrap_samples < 100 or c.concurrency < 1 \
             or c.timeout_s <= 0 or c.retries < 0 or c.backoff_s < 0 or c.limit < 0:
         raise ConfigError("ie_eval: max_new_tokens, batch_size, concurrency >= 1; bootstrap_samples >= 100; "
@@ -164,7 +176,7 @@ def build(run: StageRun) -> dict:
     train_answers = [ln["messages"][-1]["content"] for ln in read_lines(run.up["ie_data"] / get_stage("ie_data").file("train"))
                      if ln.get("messages") and ln["messages"][-1]["role"] == "assistant"]
     dec = {"max_new_tokens": ec.max_new_tokens, "stop": list(ec.stop), "batch_size": ec.batch_size,
-           "concurrency": ec.concurrency, "timeout_s": ec.timeout_s, "retries": ec.retries, "backoff_s": ec.backoff_s}
+           "dtype": ec.dtype, "concurrency": ec.concurrency, "timeout_s": ec.timeout_s, "retries": ec.retries, "backoff_s": ec.backoff_s}
     models = []
     for m in ec.models:
         m = dict(m, model=resolve_model_name(cfg, m["model"]))
@@ -174,7 +186,7 @@ def build(run: StageRun) -> dict:
     t0 = time.time()
     report = evaluate(models, prompts, lambda ref: resolve_ref(ref, run.up), run.out, dec, serve=served, train_answers=train_answers, floors=ec.floors,
                       progress=run.progress, seed=cfg.seed, bootstrap_samples=ec.bootstrap_samples,
-                      iepile_prompts=iepile, compare=ec.compare)
+                      iepile_prompts=iepile, compare=ec.compare, force=run.force)
     report["unreadable_prompt_lines"] = dict(bad)
     report["all_test"] = all_test
     rows = [json.loads(x) for x in (run.out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -185,19 +197,25 @@ def build(run: StageRun) -> dict:
     write_json(run.out / "results_card.json", results_card(report, rows, run_meta(cfg, ec.models)))
     report["peak_rss_mb"] = peak_rss_mb()
     write_json(run.out / "report.json", report)
-    metrics = {"models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
-                              "parse_rate": round(m["parse_rate"], 4), "schema_rate": round(m["schema_rate"], 4),
-                              "relaxed_f1": round(m["relaxed_f1"], 4), "f1_fenced": round(m["f1_fenced"], 4),
-                              "parse_rate_fenced": round(m["parse_rate_fenced"], 4)}
-                          for n, m in report["models"].items()},
+    not_run = {n: {"status": "not run", "reason": v["reason"]} for n, v in report["not_run"].items()}
+    scored = {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]["f1"]],
+                  "parse_rate": round(m["parse_rate"], 4), "schema_rate": round(m["schema_rate"], 4),
+                  "relaxed_f1": round(m["relaxed_f1"], 4), "f1_fenced": round(m["f1_fenced"], 4),
+                  "parse_rate_fenced": round(m["parse_rate_fenced"], 4)} for n, m in report["models"].items()}
+    cache_rows = {n: {k: t.get(f, 0) + t.get("iepile", {}).get(f, 0)
+                      for k, f in (("hits", "cached"), ("misses", "computed"), ("dropped", "dropped"))}
+                  for n, t in report["timing"].items() if t["backend"] != "floor"}
+    metrics = {"models": {n: scored.get(n) or not_run[n] for n in report["listed"]}, "not_run": sorted(not_run),
+               "cache": {**report["cache"], "rows": cache_rows},
                "prompts": report["prompts"], "seconds": report["seconds"], "peak_rss_mb": report["peak_rss_mb"],
                "answers_per_s": {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]},
                "decided": [[c["a"], c["b"], round(c["f1_diff"], 4)] for c in report["comparisons"] if c["decided"]]}
     if "iepile" in report:
+        iep = {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]],
+                   "f1_set": round(m["f1_set"], 4), "parse_rate": round(m["parse_rate"], 4)}
+               for n, m in report["iepile"]["models"].items()}
         metrics["iepile"] = {"prompts": report["iepile"]["prompts"], "records": report["iepile"]["records"],
-                             "models": {n: {"f1": round(m["f1"], 4), "f1_interval": [round(v, 4) for v in m["interval"]],
-                                            "f1_set": round(m["f1_set"], 4), "parse_rate": round(m["parse_rate"], 4)}
-                                        for n, m in report["iepile"]["models"].items()}}
+                             "models": {n: iep.get(n) or not_run[n] for n in report["listed"]}}
     return metrics
 
 
@@ -228,5 +246,6 @@ STAGE = Stage(
     options=(Option("all", "the whole test split (first variant of each chunk) instead of the evaluation prompts",
                     flag=True),),
     summary=lambda m: f"{m['prompts']} prompts; " + "; ".join(
+        f"{n}: not run" if "f1" not in r else
         f"{n}: F1 {r['f1']:.3f} [{r['f1_interval'][0]:.3f}, {r['f1_interval'][1]:.3f}], parse {r['parse_rate']:.2f}"
         for n, r in m["models"].items()))
