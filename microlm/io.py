@@ -261,6 +261,36 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     replace_dir(tmp, out_dir)
 
 
+@contextlib.contextmanager
+def staged_writes(tmp: str | os.PathLike, out_dir: str | os.PathLike, what: str = "writing", *,
+                  weights: str = "model.safetensors") -> Iterator[None]:
+    """Writes into ``staged_dir``'s folder ``tmp`` for ``out_dir``: a failed one is the ``OSError`` it is
+    (``reported_write``) naming the file as ``out_dir`` would hold it — the staging folder is gone by
+    the time the message is read — and, for a writer that names no file (``save_pretrained`` writes
+    through open files), the newest file in ``tmp``: the one being written.  safetensors names no file
+    and removes what it wrote: its failure names ``weights``."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    raised: list[BaseException] = []
+    try:
+        with reported_write(tmp, what):
+            try:
+                yield
+            except Exception as e:
+                raised.append(e)
+                raise
+    except OSError as e:
+        name = Path(e.filename) if e.filename else tmp
+        if name == tmp and raised and type(raised[0]).__name__ == "SafetensorError":
+            name = tmp / weights
+        elif name == tmp:
+            files = [p for p in tmp.rglob("*") if p.is_file()]
+            if files:  # timestamps tick coarsely: of files written in one tick, the last created
+                name = max(files, key=lambda p: (p.stat().st_mtime_ns, p.stat().st_ino))
+        if name == tmp or tmp in name.parents:
+            name = out_dir / name.relative_to(tmp)
+        raise OSError(e.errno, e.strerror, str(name)) from e
+
+
 # --------------------------------------------------------------------------- content digests
 
 DIGEST_MAX = 8 << 20  # files up to this size are recorded with a content digest, larger ones by size + mtime

@@ -100,10 +100,14 @@ if served:
                 and m.get("adapter") == f"ie_lora:{run_name}")
     a = {r["id"]: r["answer"] for r in rows if r["model"] == twin and r.get("protocol", "ours") == "ours"}
     b = {r["id"]: r["answer"] for r in rows if r["model"] == served["name"] and r.get("protocol", "ours") == "ours"}
-    same = sum(a[k] == b.get(k) for k in a)
-    print(f"{served['name']} vs {twin}: {same} / {len(a)} answers identical")
-    for k in ("parse_rate", "f1", "relaxed_f1"):
-        print(f"  {k:11s} {ev['models'][twin][k]:.3f} vs {ev['models'][served['name']][k]:.3f}")
+    not_run = [n for n in (twin, served["name"]) if n not in ev["models"]]  # an optional row that did not load
+    if not_run:
+        print(f"not run: {', '.join(not_run)} (optional rows; see ie_eval's summary.md)")
+    else:
+        same = sum(a[k] == b.get(k) for k in a)
+        print(f"{served['name']} vs {twin}: {same} / {len(a)} answers identical")
+        for k in ("parse_rate", "f1", "relaxed_f1"):
+            print(f"  {k:11s} {ev['models'][twin][k]:.3f} vs {ev['models'][served['name']][k]:.3f}")
 
 # %% [markdown]
 # ## 3 · Benchmark: vLLM against `transformers serve`

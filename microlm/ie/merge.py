@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from microlm.errors import MicroLMError
 from microlm.hw import peak_rss_mb, reset_peak_rss
 from microlm.ie.train_lora import load_base, load_tokenizer, resolve_base
 from microlm.infer.greedy import NEAR_TIE, eos_ids, first_divergence, greedy_ids, max_logit_diff, top2_gap
-from microlm.io import staged_dir, write_json
+from microlm.io import staged_dir, staged_writes, write_json
 from microlm.model.checkpoint import config_diff
 from microlm.paths import display_path
 
@@ -46,11 +46,16 @@ def adapter_dtype(adapter_dir: Path) -> torch.dtype:
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise MicroLMError(f"adapter file missing: {path}")
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        if not keys:
-            raise MicroLMError(f"{path} holds no tensors")
-        return f.get_tensor(keys[0]).dtype
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            tensors = [f.get_tensor(k) for k in keys]  # every one: a cut file fails here, not in the merge
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise MicroLMError(f"corrupt safetensors file {path}: {str(e).splitlines()[0][:200]} — the adapter is "
+                           f"damaged; train it again (`microlm ie-lora --force`)") from None
+    if not keys:
+        raise MicroLMError(f"{path} holds no tensors")
+    return tensors[0].dtype
 
 
 def check_adapter_base(adapter_dir: Path, base_config: dict) -> None:
@@ -209,6 +214,9 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
 
     t0 = time.time()
     reset_peak_rss()
+    if not prompts:  # a merge checked on nothing would pass unverified
+        raise MicroLMError("no evaluation prompt to verify the merge on: ie_data's 06_eval_prompts.jsonl is empty — "
+                           "rebuild ie_data with test examples (ie_data.test_fraction, eval_prompts)")
     adapter_dir = Path(adapter_dir)
     adapter_dtype(adapter_dir)  # the adapter file is there and holds tensors
     from transformers import AutoConfig
@@ -230,27 +238,29 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, *, prompts: list[
     train_template = tok.chat_template
     merge = check_merge(reference, merged, tok, prompts, max_new_tokens=max_new_tokens, greedy_prompts=greedy_prompts,
                         batch_size=batch_size, progress=progress)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir) as tmp:  # a failure anywhere below (a full disk, the checks) leaves no folder
         merged.to(keep_dtype)  # in place: the fp32 copy is not needed any more
         merged.config.dtype = keep_dtype
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        gen = json.loads((tmp / "generation_config.json").read_text(encoding="utf-8")) if (
-            tmp / "generation_config.json").is_file() else {}
-        gen["eos_token_id"] = eos_ids(tok, merged)  # before ``merged`` is released below
-        gen.setdefault("pad_token_id", tok.pad_token_id)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
-        info = card or {}
-        (tmp / "README.md").write_text(model_card(base=base, adapter=adapter_dir, lora=info.get("lora", {}),
-                                                  data=info.get("data", {}), evals=info.get("evals"),
-                                                  license_=info.get("license")), encoding="utf-8")
+        with staged_writes(tmp, out_dir, "writing the merged model"):  # the failed file named, as in out_dir
+            merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            gen = json.loads((tmp / "generation_config.json").read_text(encoding="utf-8")) if (
+                tmp / "generation_config.json").is_file() else {}
+            gen["eos_token_id"] = eos_ids(tok, merged)  # before ``merged`` is released below
+            gen.setdefault("pad_token_id", tok.pad_token_id)
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+            info = card or {}
+            (tmp / "README.md").write_text(model_card(base=base, adapter=adapter_dir, lora=info.get("lora", {}),
+                                                      data=info.get("data", {}), evals=info.get("evals"),
+                                                      license_=info.get("license")), encoding="utf-8")
         del merged, peft_model, model
         checks = verify_merged(tmp, reference, tok, prompts, merge, logits_atol=logits_atol,
                                max_new_tokens=max_new_tokens, train_template=train_template, batch_size=batch_size,
                                progress=progress)
         report = {"base": base, "adapter": str(adapter_dir), "dtype": checks["saved_dtype"], "tied_embeddings": tied,
                   **checks, "seconds": round(time.time() - t0, 1), "peak_rss_mb": peak_rss_mb(), **(extra or {})}
-        write_json(tmp / "report.json", report)
+        with staged_writes(tmp, out_dir, "writing the merge report"):
+            write_json(tmp / "report.json", report)
     return report
 
 

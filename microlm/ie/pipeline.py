@@ -6,13 +6,20 @@ Each step is a function of the pipeline's settings (``IEPipeline``) and the stag
 steps: 01 standardize (``microlm/ie/standardize.py``), 02 filter (``microlm/ie/filter.py``), 03
 stratify, 04 derive (``microlm/ie/derive.py``), 05 sample (``microlm/ie/sample.py``), 06 render
 (``microlm/ie/render.py``).
+
+Nothing empty passes silently: an IE source that cannot hold a record (empty, one JSON array instead of
+JSON lines, a cut .gz), sources that give no usable record, a step that would keep nothing and an empty
+input of a step are one-line errors naming the file and what to do (the empty file is never put in
+place); an empty validation, test or prompt split is logged as a warning.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
 import logging
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +110,15 @@ def step_standardize(ps: IEPipeline, out_dir: Path, sources: list[tuple[Path, st
         for path, fmt, name in sources:
             issues = Issues(keep=ps.d.keep_samples)
             n_file = n_triples = 0
-            for r in standardize_file(path, fmt, name, rmap, issues):
-                f.write(json_line(r.to_dict()))
-                by_topic[r.cate] += 1
-                n_file += 1
-                n_triples += len(r.relation)
+            try:
+                for r in standardize_file(path, fmt, name, rmap, issues):
+                    f.write(json_line(r.to_dict()))
+                    by_topic[r.cate] += 1
+                    n_file += 1
+                    n_triples += len(r.relation)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or damaged .gz (not a failed write)
+                raise MicroLMError(f"IE source {path} cannot be read ({e}): the file is cut or damaged — "
+                                   f"download it again, or drop it from ie_data.sources") from None
             by_source[name] += n_file
             n += n_file
             for reason, c in issues.counts.items():
@@ -116,6 +127,13 @@ def step_standardize(ps: IEPipeline, out_dir: Path, sources: list[tuple[Path, st
                     all_issues.add_sample(reason, s)
             per_file.append({"file": path.name, "source": name, "format": fmt, "records": n_file,
                              "triples": n_triples, "issues": issues.to_dict()})
+            if n_file == 0:
+                log.warning("ie_data: IE source %s gave no record (%s); see 01_standardize_stats.json", path,
+                            _reasons(issues) or "no issue counted")
+        if n == 0:  # raised inside the block: no empty 01_standardized.jsonl is left for step 02 to read
+            raise MicroLMError(f"the IE sources give no usable record ({_reasons(all_issues) or 'no issue counted'}) "
+                               f"in {', '.join(str(p) for p, _, _ in sources)}: check the files' format against "
+                               f"ie_data.sources")
     stats = {"step": "01_standardize", "records": n, "by_topic": dict(by_topic.most_common()),
              "by_source": dict(by_source.most_common()), "issues": all_issues.to_dict(), "files": per_file,
              "unmapped_topic": ps.d.unmapped_topic, "seconds": round(time.time() - t0, 2)}
@@ -138,12 +156,33 @@ def read_records(path: Path):
                                f"that writes it again") from None
 
 
-def _require(out_dir: Path, name: str, step: int, ps) -> Path:
-    """An earlier step's output, produced first when it is missing."""
+def _reasons(issues: Issues, n: int = 3) -> str:
+    """The most frequent issue reasons, ``"malformed_json × 12, ..."``."""
+    return ", ".join(f"{r} × {c:,}" for r, c in issues.counts.most_common(n))
+
+
+def _require(out_dir: Path, name: str, step: int, ps, *, empty_ok: bool = False) -> Path:
+    """An earlier step's output, produced first when it is missing.  An empty one means that step
+    produced nothing: a one-line error (``empty_ok``: allowed — a validation or test split may be
+    empty; the step reading it warns about its own empty output)."""
     path = out_dir / name
     if not path.is_file():
         run_step(ps, step, out_dir)
+    if not empty_ok and path.stat().st_size == 0:
+        raise MicroLMError(f"{path} holds no records: step {step} ({STEPS[step]}) produced nothing — see "
+                           f"0{step}_{STEPS[step]}_stats.json and run `microlm ie-data --step {step}` again "
+                           f"(or the stage with --force)")
     return path
+
+
+def _none_written(step: int, path: Path, why: str) -> MicroLMError:
+    """The error of a step that would write an empty ``path`` (raised inside its ``atomic_open``, so
+    the empty file is never put in place for the next step to read)."""
+    return MicroLMError(f"step 0{step} ({STEPS[step]}) would write an empty {path.name}: {why}")
+
+
+def _warn_empty(path: Path, why: str) -> None:
+    log.warning("ie_data: %s holds no example: %s", path, why)
 
 
 def step_filter(ps: IEPipeline, out_dir: Path) -> dict:
@@ -174,6 +213,11 @@ def step_filter(ps: IEPipeline, out_dir: Path) -> dict:
             after_source[r.source] += 1
             n_kept += 1
             n_triples += len(r.relation)
+        if n_kept == 0:
+            raise MicroLMError(f"step 02 (filter) kept no record of {sum(before_topic.values()):,} "
+                               f"({_reasons(issues) or 'no drop counted'}): loosen ie_data.min_text_chars, "
+                               f"max_text_chars, max_entity_chars or near_dup_threshold, or check the schema "
+                               f"(ie_data.schema) against the sources' topics and relations")
     stats = {"step": "02_filter", "records_in": sum(before_topic.values()), "records": n_kept,
              "triples": n_triples,
              "by_topic": {k: {"in": v, "out": after_topic.get(k, 0)} for k, v in before_topic.most_common()},
@@ -310,6 +354,8 @@ def step_derive(ps: IEPipeline, out_dir: Path) -> dict:
             positives += st["positives"]
             skipped += st["skipped"]
             by_topic.update(st["by_topic"])
+        if n == 0:
+            raise _none_written(4, out_dir / "04_derived.jsonl", f"no record of {src} gave an example")
     stats = {"step": "04_derive", "records": n, "examples": n, "by_topic": dict(by_topic.most_common()),
              "empty_output_share": round(empty / max(n, 1), 4), "positive_pairs": positives,
              "split_num": d.split_num, "shuffle_variants": d.shuffle_variants,
@@ -350,6 +396,13 @@ def step_sample(ps: IEPipeline, out_dir: Path) -> dict:
             counts[split][e["cate"]] += 1
             if split == "test":
                 test_examples.append(e)
+        if not counts["train"]:
+            raise _none_written(5, out_dir / "05_train.jsonl", f"none of the {len(split_of):,} texts went to train "
+                                f"(ie_data.val_fraction {d.val_fraction}, test_fraction {d.test_fraction})")
+    for split in ("val", "test"):
+        if not counts[split]:
+            _warn_empty(out_dir / f"05_{split}.jsonl", f"no text went to {split} (ie_data.{split}_fraction "
+                        f"{getattr(d, f'{split}_fraction')}; strata with < 3 texts go to train)")
     shared = (texts["train"] & texts["val"]) | (texts["train"] & texts["test"]) | (texts["val"] & texts["test"])
     if shared:  # by construction impossible; a broken invariant must not pass silently
         raise MicroLMError(f"{len(shared)} texts are in more than one split")
@@ -357,6 +410,8 @@ def step_sample(ps: IEPipeline, out_dir: Path) -> dict:
     with atomic_open(out_dir / "05_eval_prompts.jsonl") as f:
         for e in prompts:
             f.write(json_line(e))
+    if not prompts:
+        _warn_empty(out_dir / "05_eval_prompts.jsonl", "no test example has a gold pair (ie_eval needs them)")
     stratified = out_dir / "03_stratified.jsonl"
     pool_of, _ = _pools(ps, stratified)
     test_records = (r for r in read_jsonl(stratified) if split_of.get(r["id"]) == "test")
@@ -366,6 +421,8 @@ def step_sample(ps: IEPipeline, out_dir: Path) -> dict:
             f.write(json_line(e))
             iepile["examples"] += 1
             iepile["empty"] += e["positives"] == 0
+    if not iepile["examples"]:
+        _warn_empty(out_dir / "05_test_iepile.jsonl", "the test split holds no record")
     stats = {"step": "05_sample", "records": sum(sum(c.values()) for c in counts.values()),
              "by_topic": dict(sum(counts.values(), Counter()).most_common()),
              "splits": {k: {"examples": sum(c.values()), "texts": len(texts[k]), "by_topic": dict(c.most_common()),
@@ -430,7 +487,8 @@ def step_render(ps: IEPipeline, out_dir: Path, counters: list | None = None, bat
     them) and only those can be dropped: the statistics are then estimates, as the file says."""
     t0 = time.time()
     d = ps.d
-    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, ps) for s in ("train", "val", "test", *PROMPT_SPLITS)}
+    inputs = {s: _require(out_dir, f"05_{s}.jsonl", 5, ps, empty_ok=s != "train")
+              for s in ("train", "val", "test", *PROMPT_SPLITS)}
     if counters is None:
         if tokenizer_dir is None:
             raise MicroLMError("step 06 counts tokens with the MicroLM tokenizer: give its folder "
@@ -455,6 +513,13 @@ def step_render(ps: IEPipeline, out_dir: Path, counters: list | None = None, bat
                 for name, v in lens.items():
                     lengths[name].extend(v)
                 by_topic.update(topics)
+            if split == "train" and not splits[split]["out"]:
+                raise _none_written(6, out_dir / "06_train.jsonl", f"all {n_in:,} examples are over "
+                                    f"ie_data.cutoff_tokens ({d.cutoff_tokens}) under Qwen2.5")
+        if not splits[split]["out"]:
+            _warn_empty(out_dir / f"06_{split}.jsonl", f"its input {src.name} holds {n_in:,} examples"
+                        + (f", {splits[split]['dropped_over_cutoff']:,} over ie_data.cutoff_tokens"
+                           if splits[split]["dropped_over_cutoff"] else ""))
         tokens[split] = {c.name: length_summary(lengths[c.name], limits.get(c.name, {})) for c in counters}
     stats = {"step": "06_render", "records": sum(splits[k]["out"] for k in ("train", "val", "test")),
              "by_topic": dict(by_topic.most_common()), "splits": splits, "tokens": tokens,

@@ -6,10 +6,11 @@ gets the same id (step 02 merges or drops them).  Relation names are mapped onto
 topic schema by ``data/ie/relation_map.json`` (data, not code); relations it does not map go to an
 extra topic (``unmapped_topic``) or are dropped — counted either way.
 
-Nothing here raises on bad input: malformed lines, undecodable bytes (files are read as UTF-8,
+Nothing here raises on bad input within a file: malformed lines, undecodable bytes (files are read as UTF-8,
 else GB18030, the other encoding of Chinese corpora), missing fields, offsets that do not match
 the text and relation lists that are not lists are counted by reason in ``Issues`` with the first
-few samples of each.
+few samples of each.  Only a file that cannot hold a record at all — empty, or one JSON array where JSON
+lines are expected — is a one-line error naming it (``check_source_file``).
 
 Formats: InstructIE JSON lines (``{id?, cate, text, relation}``; zh/en), IEPile/DeepKE samples
 (``{text, relation:[{head, relation, tail, head_type?, tail_type?}]}``), DeepKE RE CSV
@@ -29,6 +30,7 @@ import json
 import re
 import xml.etree.ElementTree as ET
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from microlm.io import parse_json_line
 from microlm.paths import REPO_ROOT
 
 __all__ = ["IERecord", "Issues", "RelationMap", "read_text_lines", "record_id", "read_xlsx_rows", "ADAPTERS",
-           "standardize_file"]
+           "check_source_file", "standardize_file"]
 
 RELATION_MAP = REPO_ROOT / "data" / "ie" / "relation_map.json"
 EMBEDDED_RECORDS = REPO_ROOT / "data" / "ie" / "embedded_zh.jsonl"  # project-written, ≥ 21 per topic
@@ -399,10 +401,46 @@ ADAPTERS = {
 }
 
 
+JSON_LINE_FORMATS = ("instructie", "iepile_sample", "duie_spo", "cmeie")  # one JSON object per line
+
+
+def _first_bytes(path: Path, n: int = 64) -> bytes:
+    """The first ``n`` bytes of the file's content after any whitespace and UTF-8 BOM (gzip unpacked)."""
+    got = b""
+    with _open_bytes(path) as f:
+        while piece := f.read(1 << 16):
+            got = (got + piece).lstrip(b"\xef\xbb\xbf \t\r\n\f\v")
+            if len(got) >= n:
+                break
+    return got[:n]
+
+
+def check_source_file(path: str | Path, fmt: str) -> None:
+    """A source file that cannot hold a record is a one-line error naming it and what to do: an empty
+    file (or only blank lines), or — for the JSON-lines formats — one JSON array instead of one JSON
+    object per line (whose every line would otherwise be counted as malformed, leaving no record)."""
+    path = Path(path)
+    try:
+        head = _first_bytes(path)
+    except (OSError, EOFError, zlib.error) as e:  # a cut or damaged gzip stream, an unreadable file
+        raise MicroLMError(f"IE source {path} cannot be read ({e}): replace the file or drop it from "
+                           f"ie_data.sources") from None
+    if not head:
+        raise MicroLMError(f"IE source {path} holds no records (the file is empty): give one JSON object per "
+                           f"line ({fmt}), or drop the file from ie_data.sources" if fmt in JSON_LINE_FORMATS else
+                           f"IE source {path} holds no records (the file is empty): fill it ({fmt}) or drop it "
+                           f"from ie_data.sources")
+    if fmt in JSON_LINE_FORMATS and head.startswith(b"["):
+        raise MicroLMError(f"IE source {path} is one JSON array, not JSON lines: give one JSON object per line "
+                           f"(`jq -c '.[]'` converts it) and point ie_data.sources at that file")
+
+
 def standardize_file(path: str | Path, fmt: str, source: str, rmap: RelationMap, issues: Issues) -> Iterator[IERecord]:
     """The records of one file in format ``fmt`` (a key of ``ADAPTERS``), streamed (the CSV/TSV
-    formats group rows by sentence, so they hold their file's facts until the end)."""
+    formats group rows by sentence, so they hold their file's facts until the end).  An empty file, or
+    one JSON array where JSON lines are expected, is a ``MicroLMError`` (``check_source_file``)."""
     if fmt not in ADAPTERS:
         raise MicroLMError(f"unknown IE format {fmt!r} (known: {', '.join(ADAPTERS)})")
+    check_source_file(path, fmt)
     fn, family, kw = ADAPTERS[fmt]
     return fn(path, _Builder(source, rmap, family or "", issues), **kw)

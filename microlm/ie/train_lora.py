@@ -32,7 +32,15 @@ from microlm.errors import MicroLMError
 from microlm.hw import peak_rss_mb, reset_peak_rss, resolve_precision
 from microlm.ie.lora_data import ChatEncoder, LengthGroupedBatches, SummedTokenLoss, encode_chats
 from microlm.ie.mix import answer_triples, balanced_sample, contaminated, describe_mix, line_input
-from microlm.io import iter_json_lines, read_json, read_jsonl, share, write_json
+from microlm.io import (
+    iter_json_lines,
+    load_json_file,
+    read_json,
+    read_jsonl,
+    staged_dir,
+    staged_writes,
+    write_json,
+)
 from microlm.model.hf_export import import_hf
 from microlm.model.lora import LLAMA_PROJ, LoRAConfig, adapter_state_dict, apply_lora, save_adapter
 from microlm.tokenizer.tokenizer import render_chat
@@ -42,7 +50,8 @@ from microlm.train.settings import TrainConfig
 from microlm.train.trainer import Trainer
 
 __all__ = ["ALL_LINEAR", "lora_share", "peft_targets_to_logical", "check_base_folder", "load_tokenizer",
-           "load_base", "attach_peft", "attach_microlm", "copy_microlm_init_to_peft", "template_mismatch"]
+           "check_vocabulary", "embedding_rows", "naming_writes", "load_base", "attach_peft", "attach_microlm",
+           "copy_microlm_init_to_peft", "template_mismatch"]
 
 # Qwen2.5 / Llama projection names: every linear layer of the blocks; never lm_head or embeddings
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,10 +132,22 @@ def load_tokenizer(base: str, *, weights: bool = True):
     from transformers import AutoTokenizer
 
     src = resolve_base(base) if weights else base
+    folder = Path(src).expanduser()
+    local = folder.is_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # not JSON: one line saying where it breaks
+        if local and (folder / name).is_file():
+            load_json_file(folder / name, "tokenizer file")
     try:
         tok = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise _hub_error(base, e) from None
+    except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
+        if not local:
+            if isinstance(e, (OSError, ValueError)):
+                raise _hub_error(base, e) from None
+            raise
+        where = next((folder / n for n in ("tokenizer.json", "tokenizer.model") if (folder / n).is_file()), folder)
+        why = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise MicroLMError(f"cannot load the tokenizer of {base} from {where}: {why} — the file is damaged or not a "
+                           f"Hugging Face tokenizer; copy it again from the model's source") from None
     if not getattr(tok, "chat_template", None):
         raise MicroLMError(f"the tokenizer of {base} has no chat template: cannot render the IE conversations")
     if tok.pad_token_id is None:
@@ -144,6 +165,30 @@ def template_mismatch(tok, messages: list[dict]) -> str | None:
         return None
     i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
     return f"at character {i}: template gives {got[max(0, i - 20):i + 30]!r}, the data {want[max(0, i - 20):i + 30]!r}"
+
+
+def embedding_rows(model) -> int | None:
+    """The rows of a model's input embeddings (``transformers``/PEFT or ``TransformerLM``)."""
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().num_embeddings
+    emb = getattr(model, "embed", None)
+    return emb.num_embeddings if isinstance(emb, torch.nn.Embedding) else None
+
+
+def check_vocabulary(tok, model, base: str) -> None:
+    """Every id the tokenizer can give — its vocabulary, added tokens, the chat template's specials and
+    the pad id — must have an embedding row, else training stops in the embedding with an IndexError."""
+    rows = embedding_rows(model)
+    if rows is None:
+        return
+    ids = [len(tok) - 1, *tok.get_vocab().values(), *tok.all_special_ids, tok.pad_token_id,
+           *(tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))]
+    top = max(i for i in ids if isinstance(i, int))
+    if top >= rows:
+        raise MicroLMError(f"the tokenizer of {base} gives ids up to {top:,} but its model has only {rows:,} "
+                           f"embeddings: tokenizer and weights do not belong together — put the tokenizer the "
+                           f"model was trained with beside its weights (or a base whose config.json vocab_size "
+                           f"covers the tokenizer)")
 
 
 def load_base(base: str, dtype: torch.dtype = torch.float32):
@@ -297,6 +342,10 @@ def training_mix(lc, data_dir: Path, seed: int) -> tuple[list[dict], dict]:
     del texts
     picked, report = balanced_sample(topics, empty, lc.train_examples, empty_share=lc.empty_share, seed=seed,
                                      excluded=excluded)
+    if not picked:
+        raise MicroLMError(f"{path}: none is left to train on — all {report['excluded']:,} of its conversations are "
+                           f"(near) duplicates of test texts ({test}); lower ie_lora.decontaminate "
+                           f"({lc.decontaminate}; null = no check) or rebuild ie_data")
     order = {i: k for k, i in enumerate(picked)}
     sample: list = [None] * len(picked)
     for n, (_, _, line) in enumerate(iter_json_lines(path)):
@@ -337,10 +386,7 @@ def train_ie_lora(lc, run: dict, base: str, data_dir: Path, out_dir: Path, *, se
         torch.manual_seed(seed)
         dtype = base_dtype(lc.train) if run["engine"] == "peft" else torch.float32
         model, lcfg = build_engine(run["engine"], base, lc, dtype=dtype)
-        vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else None
-        if vocab is not None and len(tok) > vocab:
-            raise MicroLMError(f"the tokenizer of {base} has {len(tok):,} tokens but its model only {vocab:,} "
-                               f"embeddings: tokenizer and weights do not belong together")
+        check_vocabulary(tok, model, base)
         limit = getattr(getattr(model, "cfg", None), "max_seq_len", None) or getattr(
             model.config, "max_position_embeddings", None)
         cutoff = min(x for x in (lc.cutoff_tokens, limit, data_cutoff) if x)
@@ -370,21 +416,26 @@ def train_ie_lora(lc, run: dict, base: str, data_dir: Path, out_dir: Path, *, se
                 base_eval = trainer.evaluate(trainer.raw_model)
                 write_json(saved, base_eval)
         t0 = time.time()
-        result = trainer.fit(resume=resume, stop_after=stop_after)
+        with naming_writes(trainer.metrics_path):  # the loop's own unnamed writes are its metrics lines
+            result = trainer.fit(resume=resume, stop_after=stop_after)
         seconds = time.time() - t0
         report: dict = {}
         if dist.is_main:
-            adapter = out_dir / "adapter"
-            if lcfg is None:
-                model.save_pretrained(adapter)
-            else:
-                save_adapter(model, lcfg, adapter, base_model_name=str(base))
-            tok.save_pretrained(adapter)
             from transformers import AutoConfig
 
-            share(adapter)  # PEFT writes its weights 0600: the folder is read by the other stages and users
-            # the merge stage refuses another base with the differing fields listed
-            write_json(adapter / "base_config.json", AutoConfig.from_pretrained(resolve_base(base)).to_dict())
+            base_config = AutoConfig.from_pretrained(resolve_base(base)).to_dict()
+            adapter = out_dir / "adapter"
+            # staged: a failed write (a full disk) leaves the old adapter or none, never half of one; the
+            # folder is shared at the end (PEFT writes its weights 0600: other stages and users read them)
+            with staged_dir(adapter) as tmp, staged_writes(tmp, adapter, "writing the adapter",
+                                                           weights="adapter_model.safetensors"):
+                if lcfg is None:
+                    model.save_pretrained(tmp)
+                else:
+                    save_adapter(model, lcfg, tmp, base_model_name=str(base))
+                tok.save_pretrained(tmp)
+                # the merge stage refuses another base with the differing fields listed
+                write_json(tmp / "base_config.json", base_config)
             real = sum(len(e.ids) for s in range(result["steps"]) for e in
                        (batches.examples[int(r)] for r in batches.rows(s)))
             train, evals = read_metrics(out_dir)
@@ -396,8 +447,24 @@ def train_ie_lora(lc, run: dict, base: str, data_dir: Path, out_dir: Path, *, se
                       "precision": trainer.precision, "run_fingerprint": run_fingerprint,
                       "useful_tokens_per_s": round(real / max(seconds, 1e-9), 1) if not resume else None,
                       "peak_rss_mb": peak_rss_mb(), **loss_fields(train, evals, base_eval)}
-            write_json(out_dir / "report.json", report)
-            plot_curves(out_dir, train, evals)
+            curves = out_dir / "curves.png"
+            try:
+                with naming_writes(curves):
+                    plot_curves(out_dir, train, evals)
+            except BaseException:
+                curves.unlink(missing_ok=True)  # never a cut image
+                raise
+            write_json(out_dir / "report.json", report)  # last: a run with its report is a finished run
         return report
 
 
+@contextlib.contextmanager
+def naming_writes(path: Path):
+    """An ``OSError`` of the block that names no file (a write to an open file on a full disk or past
+    the size limit) names ``path``, so the CLI's one line says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
