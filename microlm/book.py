@@ -4,7 +4,8 @@
 ``_toc.yml`` and the executed copies in ``_build/executed/<profile>/`` (written by
 ``python -m microlm.course``), then runs ``jupyter-book build`` on it with execution off.  Every number
 and plot in the book is therefore the one the course run printed.  A chapter that was not executed is
-a one-line error naming it (run ``make course`` first).
+a one-line error naming it (run ``make course`` first).  The chapters' copies leave out progress bars
+(widget views and text bars: :func:`microlm.progress.strip_bars`); every other output stays.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import yaml
 
 from microlm.diagram import draw
 from microlm.errors import MicroLMError
 from microlm.paths import REPO_ROOT
+from microlm.progress import strip_bars
 from microlm.stages import REGISTRY, load_config, read_manifest
 
 __all__ = ["toc_files", "assemble", "build", "results_markdown"]
@@ -125,8 +128,10 @@ def assemble(executed: Path, src: Path, repo: Path = REPO_ROOT, profiles: tuple[
     (src / "notebooks").mkdir(parents=True)
     shutil.copytree(repo / "book", src / "book")
     shutil.copy(repo / "_toc.yml", src / "_toc.yml")
-    for f in chapters:
-        shutil.copy(executed / f"{Path(f).name}.ipynb", src / f"{f}.ipynb")
+    for f in chapters:  # without progress bars: widget views, their state, text bars (microlm.progress)
+        nb = nbformat.read(executed / f"{Path(f).name}.ipynb", as_version=4)
+        strip_bars(nb)
+        nbformat.write(nb, src / f"{f}.ipynb")
     draw(src / "book" / "figures" / "pipelines.png")
     (src / "book" / "results.md").write_text(results_markdown(list(profiles), src / "book" / "results"),
                                              encoding="utf-8")

@@ -6,6 +6,9 @@ is set to the chosen profile, which every notebook's ``parameters`` cell reads f
 Jupytext's contents manager serves the ``py:percent`` notebooks as notebooks (under the repository's
 ``jupytext.toml``) and saves them back to ``.py``; JupyterLab opens ``.py`` files with the
 "Jupytext Notebook" viewer by default (right click → Open With → Editor for a plain editor).
+Kernels talk to the server over CurveZMQ-encrypted sockets where jupyter_server and pyzmq allow it
+(no "running over TCP without encryption" in the server log), and the package's ``tqdm.auto``
+progress bars are ``ipywidgets`` widgets there (``jupyterlab_widgets`` comes with ``ipywidgets``).
 
 Options other than ``--profile``/``--port``/``--token`` go to ``jupyter lab`` unchanged
 (``make lab LAB_ARGS=--no-browser``).  The command is built by :func:`lab_command`, which
@@ -48,6 +51,14 @@ def resolve_profile(profile: str) -> str:
     raise SystemExit(f"microlm.lab: no profile {profile!r} (profiles: {names}, or a YAML path)")
 
 
+def _curve_available() -> bool:
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+
+    from microlm.course import curve_available
+
+    return curve_available(MappingKernelManager)
+
+
 def lab_command(profile: str = "cpu", port: int | None = None, token: str | None = None,
                 extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The ``jupyter lab`` command line (this interpreter).  ``port`` None: 8888 or the next free one;
@@ -61,6 +72,8 @@ def lab_command(profile: str = "cpu", port: int | None = None, token: str | None
         "--ServerApp.contents_manager_class=jupytext.AsyncTextFileContentsManager",
         f"--LabApp.app_settings_dir={SETTINGS_DIR}",
     ]
+    if _curve_available():  # CurveZMQ between server and kernel: no "running over TCP without encryption"
+        cmd.append("--MappingKernelManager.transport_encryption=auto")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--ServerApp.allow_root=True")  # containers run as root; it serves 127.0.0.1 only
     if port is not None:

@@ -210,7 +210,8 @@ def test_lab_command_serves_localhost_with_jupytext():
     assert {"--ServerApp.port=8123", "--ServerApp.port_retries=0", "--IdentityProvider.token=tok"} <= set(cmd)
     assert "--ServerApp.contents_manager_class=jupytext.AsyncTextFileContentsManager" in cmd
     assert f"--ServerApp.root_dir={REPO}" in cmd
-    assert not any("port" in a or "token" in a for a in lab.lab_command("cpu"))  # defaults: Jupyter's
+    assert "--MappingKernelManager.transport_encryption=auto" in cmd  # CurveZMQ: no transport warning
+    assert not any(a.startswith(("--ServerApp.port", "--IdentityProvider.token")) for a in lab.lab_command("cpu"))  # defaults: Jupyter's
     assert lab.lab_env("gpu", {"MICROLM_DATA": "/d"}) == {"MICROLM_DATA": "/d", "MICROLM_PROFILE": "gpu"}
     assert lab.resolve_profile("smoke") == "smoke"
     assert lab.resolve_profile(str(REPO / "configs" / "cpu.yaml")) == str(REPO / "configs" / "cpu.yaml")
@@ -272,9 +273,10 @@ def test_lab_serves_notebooks_and_a_kernel_with_the_profile(tmp_path, scratch):
         deadline = time.monotonic() + KERNEL_S
         sess = server.json("POST", "/api/sessions", {"path": "notebooks/01_corpus.py", "name": "01_corpus.py",
                                                      "type": "notebook", "kernel": {"name": "python3"}}, expect=201)
-        probe = ('import json, os, sys, microlm\n'
+        probe = ('import json, os, sys, microlm, tqdm.auto, tqdm.notebook\n'
                  'print("PROBE", json.dumps({"profile": profile, "data": os.environ.get("MICROLM_DATA"),'
-                 ' "prefix": sys.prefix, "cwd": os.getcwd(), "microlm": microlm.__file__, "pid": os.getpid()}))\n')
+                 ' "prefix": sys.prefix, "cwd": os.getcwd(), "microlm": microlm.__file__, "pid": os.getpid(),'
+                 ' "tqdm": issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm)}))\n')
         out = _execute(server, sess["kernel"]["id"], params[0]["source"] + "\n" + probe, deadline)
         seen = json.loads(out.split("PROBE ", 1)[1])
         kernel = psutil.Process(seen["pid"])
@@ -282,6 +284,8 @@ def test_lab_serves_notebooks_and_a_kernel_with_the_profile(tmp_path, scratch):
         assert Path(seen["prefix"]).resolve() == Path(sys.prefix).resolve()
         assert Path(seen["cwd"]).resolve() == REPO / "notebooks"
         assert Path(seen["microlm"]).resolve().is_relative_to(REPO / "microlm")
+        assert seen["tqdm"] is True  # tqdm.auto's bars are widgets here (ipywidgets is installed)
+        assert "without encryption" not in _tail(server.log, 100_000)  # the kernel's sockets use CurveZMQ
 
         # SIGTERM: the server shuts its kernel down and exits; the port is free again
         assert server.stop() is not None

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import jupytext
 import nbformat
-import papermill as pm
 import pytest
 import yaml
 
-from microlm import book
+from microlm import book, course
 from microlm.course import notebook_sources, to_ipynb
 from microlm.errors import MicroLMError
+from microlm.progress import WIDGET_STATE, WIDGET_VIEW, count_bars, finish_bars, strip_bars
 
 from . import golden
 from .book_browser import BrowserMissing, check_book
@@ -55,19 +55,100 @@ def _executed_dir(factory) -> "os.PathLike":
     return d
 
 
+TRANSPORT_WARNING = "without encryption"  # ipykernel >= 7.4 on a TCP kernel without CurveZMQ keys
+
+
+def _assert_quiet(nb, log: str) -> None:
+    """No kernel transport warning in what papermill's run printed, no "IProgress not found" (tqdm's
+    text fallback) in the notebook, and at most one line per progress bar (its widget's final line)."""
+    assert TRANSPORT_WARNING not in log, log[-2000:]
+    bars = count_bars(nb)
+    assert bars["iprogress_warnings"] == 0, "tqdm fell back to text bars: is ipywidgets installed?"
+    assert bars["bar_lines"] <= bars["widget_views"], bars
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
-def test_notebook_runs_under_papermill_at_smoke(py, tmp_path, tmp_path_factory):
+def test_notebook_runs_under_papermill_at_smoke(py, tmp_path, tmp_path_factory, capfd):
     ipynb = to_ipynb(py)
     out = tmp_path / ipynb.name
-    pm.execute_notebook(str(ipynb), str(out), parameters={"profile": "smoke"}, kernel_name="python3",
-                        cwd=str(py.parent), progress_bar=False)
+    course.execute(ipynb, out, "smoke", cwd=py.parent)  # as `make course` runs it
+    captured = capfd.readouterr()
     nb = nbformat.read(out, as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "smoke" in injected[0].source
+    _assert_quiet(nb, captured.out + captured.err)
     shutil.copy(out, _executed_dir(tmp_path_factory) / ipynb.name)
+
+
+BAR_NOTEBOOK = """# %% tags=["parameters"]
+profile = "cpu"
+
+# %%
+import sys
+from tqdm.auto import tqdm
+
+from microlm.tokenizer import bpe  # noqa: F401  (the package's bars: tqdm.auto)
+
+for _ in tqdm(range(30), desc="known total", mininterval=0):
+    pass
+bar = tqdm(desc="no total", unit="rec", mininterval=0)
+bar.update(7)
+bar.close()
+print("real output", profile)
+print("stderr output", file=sys.stderr)
+"""
+
+
+@pytest.mark.notebooks
+def test_progress_bars_are_widgets_with_a_final_line_and_stay_out_of_the_book(tmp_path, capfd):
+    """tqdm.auto under papermill (`make course`): widgets, no "IProgress not found", no kernel transport
+    warning; the stored copy's text fallback is each bar's final line (what JupyterLab shows of it);
+    the book's copy keeps the prints and drops the bars."""
+    src = tmp_path / "bars.ipynb"
+    nb = jupytext.reads(BAR_NOTEBOOK, fmt="py:percent")
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    jupytext.write(nb, src)
+    course.execute(src, tmp_path / "out.ipynb", "smoke", cwd=tmp_path)
+    captured = capfd.readouterr()
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    _assert_quiet(nb, captured.out + captured.err)
+    views = [o for c in nb.cells for o in c.get("outputs", []) if WIDGET_VIEW in o.get("data", {})]
+    assert len(views) == 2 and WIDGET_STATE in nb.metadata.widgets  # papermill saved the widgets' state
+    assert [v.data["text/plain"].split("[")[0].strip() for v in views] == [
+        "known total: 100%|██████████| 30/30", "no total: 7/?"]
+    strip_bars(nb)
+    assert count_bars(nb) == {"widget_views": 0, "bar_lines": 0, "iprogress_warnings": 0}
+    assert "widgets" not in nb.metadata
+    texts = [o.get("text", "") for c in nb.cells for o in c.get("outputs", [])]
+    assert "real output smoke\n" in texts and "stderr output\n" in texts
+
+
+def test_strip_bars_keeps_real_outputs():
+    """The book's filter: text bars (each \\r state), tqdm's warning and widget bars go; prints, plots,
+    other widgets' text fallbacks and lines that only look like times stay."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {WIDGET_STATE: {"state": {}, "version_major": 2, "version_minor": 0}}
+    stream = nbformat.v4.new_output
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[
+        stream("stream", name="stderr", text="/x/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update "
+               "jupyter and ipywidgets.\n  from .autonotebook import tqdm as notebook_tqdm\n"),
+        stream("stream", name="stderr", text="\rtrain:   0%|          | 0/9 [00:00<?, ?step/s]"
+               "\rtrain: 100%|██████████| 9/9 [00:01<00:00, 8.1step/s]\n"),
+        stream("stream", name="stdout", text="loss 2.31 at [12:30]\nstep 9 done\n"),
+        stream("display_data", data={WIDGET_VIEW: {"model_id": "gone"}, "text/plain": "x:  50%|█  | 1/2 [00:00<00:00, 3it/s]"}),
+        stream("display_data", data={WIDGET_VIEW: {"model_id": "slider"}, "text/plain": "IntSlider(value=3)"}),
+        stream("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}),
+    ])]
+    assert count_bars(nb) == {"widget_views": 2, "bar_lines": 3, "iprogress_warnings": 1}
+    assert finish_bars(nb) == 0  # no saved state for these: nothing to finish
+    strip_bars(nb)
+    outs = nb.cells[0].outputs
+    assert [o.get("text") or sorted(o.data) for o in outs] == [
+        "loss 2.31 at [12:30]\nstep 9 done\n", ["text/plain"], ["image/png", "text/plain"]]
+    assert "widgets" not in nb.metadata
 
 
 @pytest.mark.notebooks
@@ -109,15 +190,18 @@ def test_book_builds_with_every_chapter(tmp_path, tmp_path_factory):
     have = [s for s in IDS if (executed / f"{s}.ipynb").is_file()]
     if not have:
         for py in NOTEBOOKS:
-            pm.execute_notebook(str(to_ipynb(py)), str(executed / f"{py.stem}.ipynb"), parameters={"profile": "smoke"},
-                                kernel_name="python3", cwd=str(py.parent), progress_bar=False)
+            course.execute(to_ipynb(py), executed / f"{py.stem}.ipynb", "smoke", cwd=py.parent)
     src = book.assemble(executed, tmp_path / "src", profiles=("smoke",))  # one-line error naming missing chapters
+    for s in IDS:  # the book's copies: no progress-bar widget, no text bars, no saved widget state
+        bars = count_bars(nbformat.read(src / "notebooks" / f"{s}.ipynb", as_version=4))
+        assert bars["widget_views"] == 0 and bars["bar_lines"] <= 3 and bars["iprogress_warnings"] == 0, (s, bars)
     r = _book(src, tmp_path / "book", tmp_path / "cache")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     html = tmp_path / "book" / "_build" / "html"
     for s in IDS:
         page = (html / "notebooks" / f"{s}.html").read_text(encoding="utf-8")
         assert "Traceback" not in page
+        assert "widget-view+json" not in page and "IProgress" not in page, s
     assert "checked" in (html / "notebooks" / "01_corpus.html").read_text(encoding="utf-8")
     # the generated pages: the pipeline figure, and the results of the run that executed the chapters
     assert (html / "_images" / "pipelines.png").is_file() or "pipelines.png" in (html / "book" / "intro.html").read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in a Jupyter kernel, text in a terminal
 
 from microlm.data import clean
 from microlm.data.dedup import Deduplicator, MinHasher
