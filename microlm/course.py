@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from microlm.paths import REPO_ROOT
+from microlm.progress import finish_bars
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -70,8 +71,6 @@ def execute(ipynb: str | Path, out: str | Path, profile: str, *, cwd: str | Path
     ``kw`` go to ``papermill.execute_notebook``."""
     import nbformat
     import papermill as pm
-
-    from microlm.progress import finish_bars
 
     kw.setdefault("progress_bar", False)
     nb = pm.execute_notebook(str(ipynb), str(out), parameters={"profile": profile}, kernel_name="python3",

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from microlm.config import BASE
+from microlm.course import curve_available
 from microlm.paths import REPO_ROOT
 
 HOST = "127.0.0.1"
@@ -53,8 +54,6 @@ def resolve_profile(profile: str) -> str:
 
 def _curve_available() -> bool:
     from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
-
-    from microlm.course import curve_available
 
     return curve_available(MappingKernelManager)
 
