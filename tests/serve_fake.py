@@ -1,7 +1,14 @@
 """A stand-in OpenAI-compatible server for the server-management tests: /health after a delay, a
-chat completion, and modes that fail on purpose (exit while starting, never healthy) or start slowly (3 s)."""
+chat completion, and modes that fail on purpose (exit while starting, never healthy) or start slowly (3 s).
+
+``stubborn``: like vLLM starting up — SIGTERM is ignored, an "engine core" grandchild in the same
+process group (ignoring SIGTERM too, with no parent-death signal) shares the listening socket, and
+it never gets healthy; ``<server pid> <grandchild pid>`` goes to ``fake.pids`` in the working folder
+once both exist."""
 
 import json
+import os
+import signal
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +34,7 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        ready = mode != "never" and time.monotonic() - START > (3.0 if mode == "slow" else 0.5)
+        ready = mode not in ("never", "stubborn") and time.monotonic() - START > (3.0 if mode == "slow" else 0.5)
         self._send(200 if ready else 503, {})
 
     def do_POST(self):  # validates like an OpenAI server: a bad request is a 4xx, never a 500
@@ -45,4 +52,14 @@ class H(BaseHTTPRequestHandler):
         self._send(200, {"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}]})
 
 
-ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+server = ThreadingHTTPServer(("127.0.0.1", port), H)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the grandchild
+    engine = os.fork()
+    if engine == 0:  # the "engine core": holds the port too, until SIGKILL
+        while True:
+            signal.pause()
+    with open("fake.pids.tmp", "w") as f:
+        f.write(f"{os.getpid()} {engine}")
+    os.replace("fake.pids.tmp", "fake.pids")
+server.serve_forever()

@@ -1,9 +1,13 @@
 """Start, watch and stop an OpenAI-compatible server process: vLLM, or ``transformers serve`` (the
 baseline), from the serving environment.
 
-The server runs in its own session (process group), so stopping it stops its engine workers too;
-it gets SIGTERM when the process that started it dies (``PR_SET_PDEATHSIG`` on Linux), so a killed
-notebook or test never leaves a server behind.  Its output goes to ``<run dir>/<name>.log`` and its
+The server runs in its own session (process group), so stopping it stops its engine workers too.
+It never outlives the process that started it, however that process dies (``kill -9`` included):
+a watcher (a tiny stdlib-only process in a session of its own) holds the read end of a pipe whose
+write end only the starting process holds; at EOF it sends SIGTERM to the server's whole group and
+SIGKILL a few seconds later (vLLM ignores SIGTERM while starting, and its engine core gets no
+parent-death signal), then exits.  ``PR_SET_PDEATHSIG`` (SIGTERM to the server when its parent
+dies, Linux) stays as a second line.  Its output goes to ``<run dir>/<name>.log`` and its
 pid to ``<name>.pid``.  ``start`` refuses a port that is taken (one line, with the owner when it
 is one of ours), waits for ``/health`` up to a timeout and, if the server dies or never gets
 healthy, raises with the last lines of its log.
@@ -17,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +32,7 @@ from microlm.errors import MicroLMError
 from microlm.serve.env import env_python
 
 __all__ = ["ServerSpec", "ManagedServer", "port_free", "free_port", "vllm_command", "transformers_command",
-           "log_tail"]
+           "log_tail", "VLLM_LAUNCHER", "WATCHER_TAG"]
 
 
 @dataclass
@@ -65,8 +70,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# vLLM's OpenAI-compatible server, with special-token text in message contents kept plain (see there)
+VLLM_LAUNCHER = Path(__file__).with_name("vllm_launch.py")
+
+
 def vllm_command(python: Path, spec: ServerSpec) -> list[str]:
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model,
+    cmd = [str(python), str(VLLM_LAUNCHER), "--model", spec.model,
            "--served-model-name", spec.served_name, "--host", spec.host, "--port", str(spec.port),
            "--dtype", spec.dtype, "--tensor-parallel-size", str(spec.tensor_parallel_size),
            "--max-num-seqs", str(spec.max_num_seqs), "--generation-config", "auto", "--disable-log-stats",
@@ -105,9 +114,89 @@ def _die_with_parent() -> None:  # runs in the child before exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# The watcher (``python -I -S -c WATCHER microlm-watch <pgid> <grace>``, stdin: the pipe).  It
+# exits as soon as the group has no live process (its job is done), or after stopping the group at
+# EOF; a zombie (exited, not yet reaped) does not count as live.  It never reads the write end's
+# data but one byte ``stop()`` sends before closing it (the group is stopped already).
+WATCHER_TAG = "microlm-watch"
+WATCHER = r"""
+import os, select, signal, sys, time
+pg, grace = int(sys.argv[2]), float(sys.argv[3])
+for s in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+    signal.signal(s, signal.SIG_IGN)
+
+def alive():
+    try:
+        os.killpg(pg, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for n in names:
+        if n.isdigit():
+            try:
+                with open("/proc/%s/stat" % n, "rb") as f:
+                    st = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(st[2]) == pg and st[0] not in (b"Z", b"X"):
+                return True
+    return False
+
+def gone_within(t):
+    end = time.monotonic() + t
+    while alive():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+def kill(sig):
+    try:
+        os.killpg(pg, sig)
+    except OSError:
+        pass
+
+stopping = False  # a byte before EOF: stop() has stopped the group (what is left is exiting)
+while alive():
+    if not select.select([0], [], [], 1.0)[0]:
+        continue
+    if os.read(0, 1):
+        stopping = True
+        continue
+    if alive():  # EOF: the process that started the server is gone (or stop() is done)
+        if not stopping:
+            print("microlm: the process that started this server is gone: stopping it (group %d)" % pg, flush=True)
+            kill(signal.SIGTERM)
+        if stopping or not gone_within(grace):
+            kill(signal.SIGKILL)
+            gone_within(10.0)
+    break
+"""
+
+_WATCH_FDS: set[int] = set()  # write ends held by this process: a child made by a bare fork() closes them
+
+
+def _close_watch_fds() -> None:
+    for fd in list(_WATCH_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _WATCH_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_watch_fds)
+
+
 class ManagedServer:
     """One server process (``kind``: ``vllm`` | ``transformers``) with its log and pid file in
-    ``run_dir``; a context manager that always stops it."""
+    ``run_dir``, and its watcher; a context manager that always stops it."""
+
+    orphan_grace_s = 5.0  # the watcher's SIGTERM → SIGKILL wait when the starting process died
 
     def __init__(self, spec: ServerSpec, run_dir: Path, *, kind: str = "vllm", python: Path | None = None,
                  name: str | None = None, env: dict | None = None, command: list[str] | None = None):
@@ -120,6 +209,8 @@ class ManagedServer:
         self.env = env or {}
         self._command = command  # any other OpenAI-compatible server command (tests)
         self.proc: subprocess.Popen | None = None
+        self.watcher: subprocess.Popen | None = None  # stops the server's group if this process dies
+        self._watch_fd: int | None = None  # the pipe's write end: only this process holds it
 
     @property
     def base_url(self) -> str:
@@ -147,16 +238,35 @@ class ManagedServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command())}\n".encode())
         log.flush()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent, cwd=self.run_dir)
-        log.close()
-        self.pid_path.write_text(str(self.proc.pid))
         try:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         preexec_fn=_die_with_parent, cwd=self.run_dir)
+        except OSError as e:
+            log.close()
+            raise MicroLMError(f"cannot start the {self.kind} server: {e}") from None
+        try:
+            self.pid_path.write_text(str(self.proc.pid))
+            self._watch(log)
+            log.close()
             self.wait_healthy(timeout)
         except BaseException:
+            log.close()
             self.stop()
             raise
         return self
+
+    def _watch(self, log) -> None:
+        """Start the watcher of the server's group (its pgid is the server's pid: own session)."""
+        r, w = os.pipe()  # both ends non-inheritable: the server and later children never hold w
+        self._watch_fd = w
+        _WATCH_FDS.add(w)
+        try:
+            self.watcher = subprocess.Popen(
+                [sys.executable or "python3", "-I", "-S", "-c", WATCHER, WATCHER_TAG, str(self.proc.pid),
+                 str(self.orphan_grace_s)], stdin=r, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd="/")
+        finally:
+            os.close(r)
 
     def healthy(self) -> bool:
         try:
@@ -178,23 +288,43 @@ class ManagedServer:
                            f"{log_tail(self.log_path)}")
 
     def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; the exit code."""
+        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; the exit code.
+        Then the watcher is let go (the pipe closed: it finds the group gone and exits)."""
         p, self.proc = self.proc, None
-        if p is None:
-            return None
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(grace)
-            except subprocess.TimeoutExpired:
+        try:
+            if p is None:
+                return None
+            if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-        with contextlib.suppress(ProcessLookupError):  # engine workers left in the group
-            os.killpg(p.pid, signal.SIGKILL)
-        self.pid_path.unlink(missing_ok=True)
-        return p.returncode
+                    os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(grace)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(10)
+            with contextlib.suppress(ProcessLookupError):  # engine workers left in the group
+                os.killpg(p.pid, signal.SIGKILL)
+            self.pid_path.unlink(missing_ok=True)
+            return p.returncode
+        finally:
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        w, self._watch_fd = self._watch_fd, None
+        watcher, self.watcher = self.watcher, None
+        if w is not None:
+            _WATCH_FDS.discard(w)
+            if watcher is not None and watcher.poll() is None:  # it exits by itself once the group is gone
+                with contextlib.suppress(OSError):
+                    os.write(w, b"s")  # stopped by us: no SIGTERM grace for what is left, no message
+            os.close(w)
+        if watcher is not None:
+            try:  # the group is gone by now: it exits at once (it would stop the group itself otherwise)
+                watcher.wait(self.orphan_grace_s + 15)
+            except subprocess.TimeoutExpired:
+                watcher.kill()
+                watcher.wait()
 
     def restart(self, timeout: float = 600.0) -> None:
         self.stop()
