@@ -347,6 +347,27 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tiny_ll
     assert max(abs(a - b) for a, b in zip(one, accum, strict=True)) < 2e-4, (one, accum)
 
 
+def _ckpt_step(state: Path) -> int:
+    try:
+        return json.loads(state.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _kill_after_checkpoint(cmd: list[str], state: Path, at: int = 2, timeout: float = 900) -> int:
+    """Start ``cmd``, SIGKILL it once its checkpoint ``state`` says step >= ``at`` (synchronised on
+    what it wrote, never on time); the step the killed run's last checkpoint holds."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and _ckpt_step(state) < at:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]  # still running: the kill lands mid-run
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return _ckpt_step(state)
+
+
 def test_a_run_killed_with_sigkill_resumes_and_its_adapter_loads(tiny_llama, tmp_path):
     from peft import PeftModel
 
@@ -354,23 +375,7 @@ def test_a_run_killed_with_sigkill_resumes_and_its_adapter_loads(tiny_llama, tmp
             "ie_lora.train.batch_size": 4, "ie_lora.train.max_steps": 60, "ie_lora.train.ckpt_interval": 2,
             "ie_lora.train.eval_interval": 30, "ie_lora.train.log_interval": 1, "ie_lora.val_examples": 4}
     data, out = _data(tmp_path), tmp_path / "run"
-    proc = subprocess.Popen(_worker(sets, tiny_llama, data, out), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = out / "ckpt" / "state.json"
-
-    def step() -> int:
-        try:
-            return json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            return -1
-
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and step() < 2:
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]  # still running: the kill lands mid-run
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = step()
+    killed_at = _kill_after_checkpoint(_worker(sets, tiny_llama, data, out), out / "ckpt" / "state.json")
     assert 2 <= killed_at < 60 and not (out / "report.json").exists()
     r = subprocess.run(_worker(sets, tiny_llama, data, out, "peft", "--resume"), cwd=REPO, capture_output=True,
                        text=True, timeout=900)
@@ -543,23 +548,8 @@ def test_a_plain_rerun_after_a_kill_keeps_the_finished_run_and_resumes_the_kille
             "ie_lora.train.batch_size": 4, "ie_lora.train.max_steps": 40, "ie_lora.train.ckpt_interval": 2,
             "ie_lora.train.eval_interval": 20, "ie_lora.train.log_interval": 1, "ie_lora.val_examples": 4}
     data, out = _data(tmp_path), tmp_path / "ie_lora"
-    proc = subprocess.Popen(_worker(sets, tiny_llama, data, out, "peft", "--stage"), cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = out / "b" / "ckpt" / "state.json"
-
-    def step() -> int:
-        try:
-            return json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            return -1
-
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None and step() < 2:
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]  # still running: the kill lands mid-run
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = step()
+    killed_at = _kill_after_checkpoint(_worker(sets, tiny_llama, data, out, "peft", "--stage"),
+                                       out / "b" / "ckpt" / "state.json")
     assert 2 <= killed_at < 40 and not (out / "b" / "report.json").exists()
     first = (out / "a" / "report.json").stat().st_mtime_ns
     r = subprocess.run(_worker(sets, tiny_llama, data, out, "peft", "--stage"), cwd=REPO, capture_output=True,
