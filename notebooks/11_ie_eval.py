@@ -318,7 +318,8 @@ assert all(t["computed"] == 0 and t.get("iepile", {}).get("computed", 0) == 0 fo
 assert cache["misses"] == 0 and cache["dropped"] == 0
 assert {n: again["models"][n]["f1"] for n in names} == {n: report["models"][n]["f1"] for n in names}
 print("answers/s when computed:", {n: t["answers_per_s"] for n, t in report["timing"].items() if t["answers_per_s"]})
-stages.build("ie_eval", cfg, progress=False)  # back to this profile's own configuration (every answer cached)
+assert stages.build("ie_eval", cfg, progress=False) == stages.stage_dir(cfg, "ie_eval")  # back to this profile's own
+# configuration (every answer cached)
 
 # %% [markdown]
 # ## Exercises

@@ -248,13 +248,18 @@ def test_freshness_checks_every_file_it_wrote(built, tmp_path):
     assert stages.status("tokenizer", cfg) == "fresh"
     m = stages.manifest("tokenizer", cfg)
     assert "microlm_tokenizer.json" in m["files"] and all("digest" in v for v in m["files"].values())
-    backup = (tok / "microlm_tokenizer.json").read_bytes()
-    (tok / "microlm_tokenizer.json").unlink()
-    assert stages.status("tokenizer", cfg) == "stale"
-    (tok / "microlm_tokenizer.json").write_bytes(backup)
+    backup, merges = (tok / "microlm_tokenizer.json").read_bytes(), (tok / "merges.txt").read_bytes()
+    try:
+        (tok / "microlm_tokenizer.json").unlink()
+        assert stages.status("tokenizer", cfg) == "stale"
+        (tok / "microlm_tokenizer.json").write_bytes(backup)
+        assert stages.status("tokenizer", cfg) == "fresh"
+        (tok / "merges.txt").write_text("hand edited\n", encoding="utf-8")
+        assert stages.status("tokenizer", cfg) == "stale"
+    finally:  # the module's built stages are shared: leave them as they were (fresh again)
+        (tok / "microlm_tokenizer.json").write_bytes(backup)
+        (tok / "merges.txt").write_bytes(merges)
     assert stages.status("tokenizer", cfg) == "fresh"
-    (tok / "merges.txt").write_text("hand edited\n", encoding="utf-8")
-    assert stages.status("tokenizer", cfg) == "stale"
 
 
 def test_ie_data_step_marks_the_stage_partial(tmp_cfg, monkeypatch):
