@@ -4,9 +4,11 @@
 
 * ``bf16`` is autocast — matrix products in bfloat16, fp32 master weights, fp32 optimizer state and
   an fp32 loss — on CUDA or on the CPU;
-* ``auto`` picks ``bf16`` where the hardware multiplies bfloat16 natively (a CUDA GPU that supports
-  it; a CPU whose flags include ``avx512_bf16`` or ``amx_bf16`` *and* whose oneDNN build says so),
-  else ``fp32``.
+* ``auto`` picks ``bf16`` where it is measurably faster: on a CUDA GPU that supports it; on a CPU
+  whose flags include ``avx512_bf16`` or ``amx_bf16``, whose oneDNN build says so *and* where a short
+  probe (``precision_probe``: a few training steps of a small TransformerLM in each precision, about
+  3 s, cached per machine) finds the bf16 step at least ``BF16_MIN_SPEEDUP`` times faster; else ``fp32``.
+  A stage's report records the choice and the probe's numbers.
 
 Why the CPU flags and not ``torch.backends.cpu.get_cpu_capability()``: that only says ``AVX512``
 or ``AVX2``, and an AVX-512 CPU without the bf16 extension (or an AVX2 one) runs bfloat16 products
@@ -22,17 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
+import os
 import platform
 import resource
+import shutil
+import statistics
+import time
 import warnings
 from pathlib import Path
 
 __all__ = ["PRECISIONS", "DTYPES", "cpu_flags", "cpu_bf16", "device_kind", "resolve_precision", "autocast",
-           "resolve_dtype", "torch_dtype", "cpu_name", "reset_peak_rss", "peak_rss_mb"]
+           "resolve_dtype", "torch_dtype", "cpu_name", "reset_peak_rss", "peak_rss_mb", "precision_probe", "machine_busy",
+           "resolve_compile", "cache_dir", "BF16_MIN_SPEEDUP", "COMPILE_MIN_TOKENS"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("auto", "fp32", "bf16")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_MIN_SPEEDUP = 1.1  # precision: auto picks bf16 on a CPU only where its probe step is this much faster
+PROBE_VERSION = 1  # bump when the probe's workload changes: cached results of another version are re-measured
+COMPILE_MIN_TOKENS = 2_000_000  # compile: auto compiles a run that trains at least this many tokens
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,7 +93,135 @@ def resolve_precision(precision: str, device: str = "auto") -> str:
         return precision
     if device_kind(device) == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_bf16()[0] else "fp32"
+    return precision_probe()["choice"]
+
+
+def cache_dir() -> Path:
+    """Per-machine measurements: ``$MICROLM_CACHE``, else ``$XDG_CACHE_HOME/microlm`` (``~/.cache/microlm``)."""
+    if os.environ.get("MICROLM_CACHE"):
+        return Path(os.environ["MICROLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "microlm"
+
+
+def machine_busy() -> dict:
+    """``{"load_1m", "cores_in_use", "busy"}``: the 1-minute load average against the cores this process
+    may use; ``busy`` means other work shares them, so a speed measured now is not a speed figure."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return {"load_1m": None, "cores_in_use": cores, "busy": False}
+    return {"load_1m": round(load, 2), "cores_in_use": cores, "busy": load > cores * 0.75 + 0.5}
+
+
+def _probe_key() -> dict:
+    import torch
+
+    flags = sorted(f for f in (*BF16_FLAGS, "amx_tile", "avx512f", "avx2") if f in cpu_flags())
+    return {"cpu": cpu_name(), "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "version": PROBE_VERSION}
+
+
+def _probe_steps() -> dict:
+    """Median seconds of one training step (forward, backward, AdamW) of a small Llama-style block
+    stack — the ``cpu`` profile's width (256, SwiGLU 683, heads of 64), 2 layers, 4 × 256 tokens, a
+    2,048-word head — in fp32 and in bf16 autocast, steps interleaved so a neighbour's load hits both
+    alike.  Plain torch (this module sits below ``microlm.model``)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    dim, hidden, heads, vocab, b, t = 256, 683, 4, 2048, 4, 256
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+            self.up, self.down = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.qkv(F.rms_norm(x, (dim,))).view(b, t, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, dim)
+            x = x + self.o(a)
+            gate, up = self.up(F.rms_norm(x, (dim,))).split(hidden, dim=-1)
+            return x + self.down(F.silu(gate) * up)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    steps, times = {}, {"fp32": [], "bf16": []}
+    for name in times:
+        model = nn.ModuleDict({"embed": nn.Embedding(vocab, dim), "blocks": nn.Sequential(Block(), Block()),
+                               "head": nn.Linear(dim, vocab, bias=False)})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step(model=model, opt=opt, bf16=name == "bf16"):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model["head"](model["blocks"](model["embed"](ids)))
+                loss = F.cross_entropy(logits.float().view(-1, vocab), ids.view(-1))
+            loss.backward()
+            opt.step()
+        step()  # warm-up: oneDNN builds its kernels
+        steps[name] = step
+    for _ in range(5):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def precision_probe() -> dict:
+    """What ``precision: auto`` picks on this CPU, and why: ``{"choice", "why", "fp32_step_ms",
+    "bf16_step_ms", "bf16_speedup", "busy", ...}``.  Without native bf16 (flags or oneDNN) nothing is
+    measured (bf16 runs a fallback ~80× slower).  Otherwise the probe runs once per machine (CPU,
+    flags, torch version, threads) and is cached in ``cache_dir()``; a probe taken while the machine was
+    busy is kept too (it decides a ratio, which load shifts less than a speed) and says so."""
+    native, why = cpu_bf16()
+    key = _probe_key()
+    if not native:
+        return {"choice": "fp32", "why": why, "measured": False, **key}
+    path = cache_dir() / f"precision-probe-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    with contextlib.suppress(OSError, ValueError):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec.get("key") == key and rec.get("choice") in ("fp32", "bf16"):
+            return {**rec, "cached": str(path)}
+    load = machine_busy()
+    t = _probe_steps()
+    speedup = t["fp32"] / t["bf16"]
+    choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    rec = {"choice": choice, "measured": True,
+           "why": f"{why}; probe: bf16 step ×{speedup:.2f} the fp32 step's speed "
+                  f"({'≥' if choice == 'bf16' else '<'} {BF16_MIN_SPEEDUP})",
+           "fp32_step_ms": round(t["fp32"] * 1e3, 1), "bf16_step_ms": round(t["bf16"] * 1e3, 1),
+           "bf16_speedup": round(speedup, 3), **load, "key": key,
+           "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with contextlib.suppress(OSError):  # no writable cache: measured again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(rec, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    return rec
+
+
+def resolve_compile(compile: bool | str, device: str, tokens: int) -> tuple[bool, str]:
+    """``(compile or not, why)`` for a run that trains ``tokens`` tokens.  ``auto`` compiles on CUDA,
+    and on a CPU with a C++ compiler (inductor's CPU backend builds C++) when the run is long enough to
+    pay back the compilation (~30 s on 2 cores; ``benchmarks/bench_precision.py`` measures both)."""
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false or auto, got {compile!r}")
+    if compile is False:
+        return False, "compile: false"
+    kind = device_kind(device)
+    if kind == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        if compile is True:
+            warnings.warn("compile: true, but no C++ compiler (g++, c++, clang++) for torch.compile's CPU backend: "
+                          "training runs uncompiled", stacklevel=2)
+        return False, "no C++ compiler for torch.compile's CPU backend"
+    if compile == "auto" and tokens < COMPILE_MIN_TOKENS:
+        return False, f"compile: auto, {tokens:,} tokens to train (< {COMPILE_MIN_TOKENS:,}: compiling would not pay)"
+    return True, "compile: true" if compile is True else f"compile: auto, {tokens:,} tokens to train"
 
 
 def autocast(precision: str, device: str):

@@ -80,6 +80,31 @@ def test_explicit_attention_weights_match_sdpa_and_are_lower_triangular():
     assert float(w.detach().triu(diagonal=1).abs().max()) == 0.0
 
 
+def test_bf16_training_attention_on_cpu_matches_sdpa(monkeypatch):
+    """Under bf16 autocast on a CPU, training attention takes the explicit softmax (faster there);
+    its loss and gradients are SDPA's up to bf16 rounding, causality included."""
+    from microlm.model.transformer import Attention
+
+    m = tiny().train()
+    x = torch.randint(0, 97, (3, 40))
+    out = {}
+    for explicit in (True, False):
+        monkeypatch.setattr(Attention, "explicit_cpu_bf16", explicit)
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = m(x, x)
+        loss.backward()
+        out[explicit] = (logits.float(), float(loss), [p.grad.clone() for p in m.parameters()])
+        x2 = x.clone()
+        x2[:, 30:] = (x2[:, 30:] + 1) % 97  # the future changes, the past's logits do not
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            assert torch.equal(m(x2)[0][:, :30], logits[:, :30].detach())
+    assert abs(out[True][1] - out[False][1]) < 2e-3
+    assert (out[True][0] - out[False][0]).abs().max() < 5e-2
+    for g1, g2 in zip(out[True][2], out[False][2], strict=True):
+        assert (g1 - g2).norm() <= 0.05 * g2.norm() + 1e-6
+
+
 def test_rope_rotates_pairs_and_keeps_norms():
     cos, sin = rope_tables(8, 10)
     x = torch.randn(1, 1, 10, 8)

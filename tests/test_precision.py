@@ -78,19 +78,100 @@ def test_bf16_autocast_tracks_the_fp32_curve(tmp_path):
     assert fp32 != bf16  # it really was another computation
 
 
-def test_auto_resolves_from_the_cpu(monkeypatch):
-    monkeypatch.setattr(hw, "cpu_bf16", lambda: (True, "flags avx512_bf16"))
-    assert hw.resolve_precision("auto", "cpu") == "bf16"
-    cfg = load_config("cpu")
-    bf16_machine = trajectory_config(cfg.pretrain)["precision"]
-    monkeypatch.setattr(hw, "cpu_bf16", lambda: (False, "no avx512_bf16 / amx_bf16"))
-    assert hw.resolve_precision("auto", "cpu") == "fp32"
-    assert hw.resolve_precision("bf16", "cpu") == "bf16"  # explicit: runs (warns where emulated)
-    assert hw.resolve_precision("fp32", "cpu") == "fp32"
-    # the cpu profile says auto: the same config is another run on a machine with native bf16
-    assert bf16_machine == "bf16" and trajectory_config(cfg.pretrain)["precision"] == "fp32"
-    with pytest.raises(ValueError, match="precision must be one of"):
-        hw.resolve_precision("fp16", "cpu")
+def _fresh_probe(monkeypatch, tmp_path, native: bool, steps: dict | None):
+    """``precision_probe`` on a pretend CPU: ``native`` bf16 or not; ``steps`` the probe's step seconds
+    (``None``: measuring fails the test)."""
+    monkeypatch.setenv("MICROLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hw, "cpu_bf16", lambda: (native, "flags avx512_bf16" if native else "no avx512_bf16"))
+
+    def measure():
+        assert steps is not None, "the probe measured where it should not"
+        return steps
+    monkeypatch.setattr(hw, "_probe_steps", measure)
+    hw.precision_probe.cache_clear()
+
+
+def test_auto_resolves_by_measurement(monkeypatch, tmp_path):
+    try:
+        _fresh_probe(monkeypatch, tmp_path, True, {"fp32": 0.100, "bf16": 0.060})
+        assert hw.resolve_precision("auto", "cpu") == "bf16"
+        probe = hw.precision_probe()
+        assert probe["measured"] and probe["bf16_speedup"] == pytest.approx(1.667, abs=1e-3)
+        assert probe["fp32_step_ms"] == 100.0 and "busy" in probe and "×1.67" in probe["why"]
+        cfg = load_config("cpu")
+        bf16_machine = trajectory_config(cfg.pretrain)["precision"]
+        # cached per machine: the next process reads the file, measures nothing
+        _fresh_probe(monkeypatch, tmp_path, True, None)
+        assert hw.precision_probe()["choice"] == "bf16" and "cached" in hw.precision_probe()
+        # native bf16 flags, but the probe finds bf16 no faster: fp32
+        _fresh_probe(monkeypatch, tmp_path / "other", True, {"fp32": 0.100, "bf16": 0.098})
+        assert hw.resolve_precision("auto", "cpu") == "fp32"
+        assert "< 1.1" in hw.precision_probe()["why"]
+        # no native bf16: nothing measured (bf16 is a fallback ~80× slower), fp32
+        _fresh_probe(monkeypatch, tmp_path / "none", False, None)
+        assert hw.resolve_precision("auto", "cpu") == "fp32" and not hw.precision_probe()["measured"]
+        assert not list((tmp_path / "none").glob("**/*.json"))
+        assert hw.resolve_precision("bf16", "cpu") == "bf16"  # explicit: runs (warns where emulated)
+        assert hw.resolve_precision("fp32", "cpu") == "fp32"
+        # the cpu profile says auto: the same config is another run on a machine where bf16 pays
+        assert bf16_machine == "bf16" and trajectory_config(cfg.pretrain)["precision"] == "fp32"
+        with pytest.raises(ValueError, match="precision must be one of"):
+            hw.resolve_precision("fp16", "cpu")
+    finally:
+        hw.precision_probe.cache_clear()
+
+
+def test_a_cache_of_another_machine_is_measured_again(monkeypatch, tmp_path):
+    try:
+        _fresh_probe(monkeypatch, tmp_path, True, {"fp32": 0.1, "bf16": 0.05})
+        first = hw.precision_probe()
+        (path,) = (tmp_path / "cache").glob("precision-probe-*.json")
+        rec = json.loads(path.read_text())
+        rec["key"]["torch"] = "0.0"  # a file whose key is not this machine's (copied, or an old torch)
+        rec["choice"] = "fp32"
+        path.write_text(json.dumps(rec))
+        _fresh_probe(monkeypatch, tmp_path, True, {"fp32": 0.1, "bf16": 0.05})
+        assert hw.precision_probe()["choice"] == "bf16" == first["choice"]
+        path.write_text("{cut")  # a cut file: measured again, not a traceback
+        _fresh_probe(monkeypatch, tmp_path, True, {"fp32": 0.1, "bf16": 0.05})
+        assert hw.precision_probe()["choice"] == "bf16"
+    finally:
+        hw.precision_probe.cache_clear()
+
+
+def test_the_real_probe_measures_both_precisions(monkeypatch, tmp_path):
+    """The probe itself, once, on this machine (a few seconds): two positive step times, a choice that
+    follows them, the cache file written."""
+    monkeypatch.setenv("MICROLM_CACHE", str(tmp_path))
+    hw.precision_probe.cache_clear()
+    try:
+        t = hw._probe_steps()
+        assert set(t) == {"fp32", "bf16"} and all(0 < v < 60 for v in t.values())
+        probe = hw.precision_probe()
+        if hw.cpu_bf16()[0]:
+            assert probe["measured"] and list(tmp_path.glob("precision-probe-*.json"))
+            assert probe["choice"] == ("bf16" if probe["bf16_speedup"] >= hw.BF16_MIN_SPEEDUP else "fp32")
+        else:
+            assert probe["choice"] == "fp32" and not probe["measured"]
+    finally:
+        hw.precision_probe.cache_clear()
+
+
+def test_compile_auto_compiles_long_runs_where_it_can(monkeypatch):
+    monkeypatch.setattr(hw.shutil, "which", lambda c: "/usr/bin/" + c)
+    assert hw.resolve_compile("auto", "cpu", 4_096_000)[0]  # the cpu profile's pretraining
+    on, why = hw.resolve_compile("auto", "cpu", 30 * 512)  # smoke: compiling would not pay
+    assert not on and "would not pay" in why
+    assert not hw.resolve_compile(False, "cpu", 10 ** 9)[0]
+    assert hw.resolve_compile(True, "cpu", 10)[0]
+    monkeypatch.setattr(hw.shutil, "which", lambda c: None)
+    assert hw.resolve_compile("auto", "cpu", 10 ** 9) == (False, "no C++ compiler for torch.compile's CPU backend")
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert not hw.resolve_compile(True, "cpu", 10 ** 9)[0]
+    with pytest.raises(ValueError, match="compile must be"):
+        hw.resolve_compile("yes", "cpu", 1)
+    with pytest.raises(MicroLMError, match="compile must be true, false or auto"):
+        load_config("cpu", {"pretrain.compile": "yes"})
 
 
 def test_cpu_bf16_reads_the_flags(monkeypatch):

@@ -106,6 +106,25 @@ def test_pretrain_learns_and_writes_its_artifacts(data_dir):
     assert (out / "report.json").stat().st_mtime_ns == mtime
 
 
+def test_compiled_pretraining_follows_the_eager_curve_and_says_how_it_ran(data_dir, tmp_path):
+    """``compile: true`` (torch.compile, inductor's CPU backend) trains the same curve as eager up to
+    rounding, saves a checkpoint the eager model loads, and the report records the speed setup."""
+    losses, reports = {}, {}
+    for mode in (False, True):
+        cfg = load_config("smoke", overrides(data_dir, **{"pretrain.max_steps": 12, "pretrain.compile": mode,
+                                                          "pretrain.precision": "fp32"}))
+        out = stages.build("pretrain", cfg, out_dir=tmp_path / f"compile-{mode}", progress=False)
+        losses[mode] = [loss for _, loss in train_losses(out)[0]]
+        reports[mode] = json.loads((out / "report.json").read_text())
+    assert np.allclose(losses[True], losses[False], atol=2e-3), (losses[True], losses[False])
+    speed = reports[True]["speed"]
+    assert speed["compile"] is True and speed["precision"] == "fp32" and speed["threads"] >= 1
+    assert "busy" in speed and reports[False]["speed"]["compile"] is False
+    model = TransformerLM(cfg.model)
+    load_checkpoint(tmp_path / "compile-True" / "ckpt", model)  # plain parameter names, no _orig_mod.
+    assert stages.read_manifest(tmp_path / "compile-True")["metrics"]["speed"]["compile"] is True
+
+
 def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
     steps = {"pretrain.max_steps": 60}
     ref_out = tmp_path / "ref"

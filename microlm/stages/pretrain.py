@@ -41,7 +41,7 @@ def build(run: StageRun) -> dict | None:
     if not r or run.cut_short(cfg.pretrain.max_steps):
         return None
     return {k: r[k] for k in ("params", "steps", "tokens_seen", "tokens_per_s", "final_train_loss", "final_val_loss",
-                              "final_val_bpb", "unigram_entropy")}
+                              "final_val_bpb", "unigram_entropy", "speed")}
 
 
 def fmt_loss(x) -> str:

@@ -161,12 +161,13 @@ def pretrain(mc, tc, tokens_dir: Path, tok_dir: Path, out_dir: Path, *, seed: in
         seconds = time.time() - t0
         report = {}
         if dist.is_main:
-            report = summarize(out_dir, mc, tc, seed, n_params, train_bin, seconds, result, dist.world_size)
+            report = summarize(out_dir, mc, tc, seed, n_params, train_bin, seconds, result, dist.world_size,
+                               speed=trainer.speed_setup())
         return report
 
 
 def summarize(out_dir: Path, mc, tc, seed: int, n_params: int, train_bin: Path, seconds: float, result: dict,
-              world: int) -> dict:
+              world: int, speed: dict | None = None) -> dict:
     train, evals = read_metrics(out_dir)
     h1 = unigram_entropy(train_bin, mc.vocab_size)
     tps = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
@@ -180,6 +181,7 @@ def summarize(out_dir: Path, mc, tc, seed: int, n_params: int, train_bin: Path, 
         "tokens_per_s": round(float(np.median(tps)), 1) if tps else None,
         "processes": world,
         "precision": trajectory_config(tc)["precision"],
+        "speed": speed or {},  # precision (auto's probe), compile, threads, busy: what the tokens/s were measured with
         "final_train_loss": train[-1]["loss"] if train else None,
         "final_val_loss": last.get("val_loss"),
         "final_val_bpb": last.get("val_bpb"),

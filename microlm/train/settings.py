@@ -24,7 +24,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA or CPU) | auto (bf16 where native: microlm.hw)
-    compile: bool = False  # torch.compile the model
+    compile: bool | str = False  # torch.compile the model: true | false | auto (long runs, where it can: microlm.hw)
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 100
     eval_batches: int = 10
@@ -47,6 +47,7 @@ class TrainConfig:
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (self.compile in (True, False, "auto"), "compile must be true, false or auto"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
             (min(self.eval_interval, self.eval_batches, self.ckpt_interval, self.log_interval) >= 1,
              "eval_interval, eval_batches, ckpt_interval and log_interval must be >= 1"),

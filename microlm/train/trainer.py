@@ -24,7 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from microlm.errors import MicroLMError
-from microlm.hw import autocast, resolve_precision
+from microlm.hw import (
+    autocast,
+    device_kind,
+    machine_busy,
+    precision_probe,
+    resolve_compile,
+    resolve_precision,
+)
 from microlm.model.checkpoint import load_checkpoint, save_checkpoint
 from microlm.train.dist import DistInfo
 from microlm.train.settings import TrainConfig, trajectory_config
@@ -90,8 +97,9 @@ class Trainer:
         self.raw_model = self.model
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc.weight_decay, tc.decay_embeddings),
                                            lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                           fused=self.device.startswith("cuda"))
-        if tc.compile:
+                                           fused=True)  # one kernel for all parameters (CUDA and CPU)
+        self.compiled, self.compile_why = resolve_compile(tc.compile, self.device, tc.max_steps * self.tokens_per_step)
+        if self.compiled:
             self.model = torch.compile(self.model)
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -99,6 +107,15 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
         self.precision = resolve_precision(tc.precision, self.device)
         self.amp = autocast(tc.precision, self.device)
+
+    def speed_setup(self) -> dict:
+        """How this run was made fast, for its report: precision (with ``auto``'s probe), compile, threads,
+        and whether the machine was busy (then its tokens/s are not speed figures)."""
+        out = {"precision": self.precision, "compile": self.compiled, "compile_why": self.compile_why,
+               "threads": torch.get_num_threads(), **machine_busy()}
+        if self.tc.precision == "auto" and device_kind(self.device) == "cpu":
+            out["precision_probe"] = {k: v for k, v in precision_probe().items() if k not in ("key", "cached")}
+        return out
 
     # ------------------------------------------------------------------ bookkeeping
     @property
