@@ -236,7 +236,7 @@ def _serve(args: argparse.Namespace, cfg) -> int:
 def _serve_until_interrupted(srv, spec, lora, sc) -> int:
     try:
         srv.start(sc.startup_timeout_s)
-        print(f"serve: {srv.base_url}  model {spec.served_name}" + (f" + adapters {', '.join(lora)}" if lora else "")
+        print(f"serve: {srv.base_url}  model {srv.model_name}" + (f" + adapters {', '.join(lora)}" if lora else "")
               + "  (Ctrl-C stops it)", flush=True)
         while srv.proc is not None and srv.proc.poll() is None:
             time.sleep(0.5)

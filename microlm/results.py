@@ -44,6 +44,8 @@ def serve_card(run_path: Path) -> dict | None:
         card["serve_bench"] = {"dtype": b["dtype"], "compare_at": b["compare_at"], "concurrency": b["concurrency"],
                                "startup_s": b["startup_s"], "server_rss_mb": b["server_rss_mb"],
                                "ratios": b["output_tps_ratio_at_compare"],
+                               **({"ratios_cb": b["output_tps_ratio_at_compare_cb"]}
+                                  if "output_tps_ratio_at_compare_cb" in b else {}),
                                "summary": read_json(run_path / "serve_bench" / "summary.json")}
     soak = run_path / "serve_soak" / "report.json"
     if soak.is_file():

@@ -154,11 +154,19 @@ assert all(math.isclose(r["flops_per_s"], r["tokens_per_s"] * fpt, rel_tol=1e-9)
 # ## 3b · fp32 or bf16?
 #
 # `precision: auto` (the `cpu` and `gpu` profiles) runs the matrix products in **bfloat16 autocast**
-# where the hardware multiplies bf16 natively — a CPU with `avx512_bf16` or `amx_bf16` in its flags,
-# a GPU that supports it — with fp32 master weights, fp32 AdamW state and an fp32 loss; elsewhere it
-# runs fp32 (`microlm.hw`). On a CPU without those instructions bf16 products run a slow fallback,
-# so `auto` never picks it there. `benchmarks/bench_precision.py` trains the same seed on the same
-# batches both ways through this very `Trainer`; its curves, recorded on the machine named below:
+# where that is measurably faster — with fp32 master weights, fp32 AdamW state and an fp32 loss;
+# elsewhere it runs fp32 (`microlm.hw`). On a CPU it decides by measurement: only a CPU with
+# `avx512_bf16` or `amx_bf16` in its flags is a candidate (without them bf16 products run a fallback
+# ~80× slower), and there a 3-second probe trains a small block stack both ways; bf16 is picked when
+# its step is at least 1.1× faster. The probe runs once per machine (cached under `~/.cache/microlm`)
+# and the run's report records the choice and the probe's numbers — printed below.
+#
+# `compile: auto` (the `cpu` profile's pretraining) wraps the model in `torch.compile` when a C++
+# compiler is found and the run trains ≥ 2M tokens (compiling costs ~15–30 s on 2 cores; it fuses the
+# norms, RoPE and the attention's mask and softmax into fewer passes). `benchmarks/bench_train.py`
+# measures every combination against the step before these changes. `benchmarks/bench_precision.py`
+# trains the same seed on the same batches in both precisions through this very `Trainer`; its curves,
+# recorded on the machine named below:
 
 # %%
 import json as _json
@@ -170,6 +178,14 @@ from microlm.train.settings import trajectory_config
 native, why = cpu_bf16()
 print(f"this machine: bf16 native = {native} ({why}); this run trained in "
       f"{trajectory_config(cfg.pretrain)['precision']}")
+speed = report.get("speed")  # how the run was made fast (a run from before this was recorded has none)
+if speed:
+    probe = speed.get("precision_probe", {})
+    print(f"precision {speed['precision']}: {probe.get('why', 'set in the config')}")
+    print(f"torch.compile: {speed['compile']} ({speed['compile_why']}); {speed['threads']} threads, "
+          f"load {speed['load_1m']} on {speed['cores_in_use']} cores" + (" — busy: tokens/s not a speed figure"
+                                                                          if speed["busy"] else ""))
+    assert speed["precision"] == trajectory_config(cfg.pretrain)["precision"]
 bench = _json.loads((REPO_ROOT / "benchmarks" / "results" / "precision.json").read_text(encoding="utf-8"))
 fig, ax = plt.subplots(figsize=(7, 3.4))
 for name, c in bench["curves"].items():

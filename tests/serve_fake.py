@@ -1,5 +1,6 @@
 """A stand-in OpenAI-compatible server for the server-management tests: /health after a delay, a
-chat completion, and modes that fail on purpose (exit while starting, never healthy) or start slowly (3 s).
+chat completion (streamed when asked), and modes that fail on purpose (exit while starting, never
+healthy, ``empty``: every streamed answer without text) or start slowly (3 s).
 
 ``stubborn``: like vLLM starting up — SIGTERM is ignored, an "engine core" grandchild in the same
 process group (ignoring SIGTERM too, with no parent-death signal) shares the listening socket, and
@@ -49,6 +50,18 @@ class H(BaseHTTPRequestHandler):
         if sum(len(m["content"]) for m in body["messages"]) > 256:
             return self._send(400, {"error": "prompt longer than the context"})
         time.sleep(0.02)
+        if body.get("stream"):  # server-sent events as an OpenAI server streams them, usage last
+            text = "" if mode == "empty" else "{}"
+            chunks = [{"choices": [{"delta": {"role": "assistant"}}]},
+                      *([{"choices": [{"delta": {"content": text}}]}] if text else []),
+                      {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+                      {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}]
+            data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
         self._send(200, {"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}]})
 
 

@@ -25,6 +25,7 @@ from microlm.serve.server import (
     ServerSpec,
     free_port,
     port_free,
+    transformers_command,
     vllm_command,
 )
 
@@ -161,6 +162,60 @@ def test_the_vllm_command_passes_the_settings_through():
                  "--tensor-parallel-size 2", "--max-model-len 512", "--dtype float32", "--enable-lora",
                  "--lora-modules a=/ad/a b=/ad/b"):
         assert part in s, part
+
+
+def test_the_continuous_batching_baseline_serves_an_absolute_folder(tmp_path, monkeypatch):
+    """kind transformers-cb: `transformers serve` with --continuous-batching, the model an absolute path
+    (it needs one; the server runs in the run folder), and requests name that same path (it is pinned)."""
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spec = ServerSpec(model="m", served_name="ie", port=8123)
+    cb = ManagedServer(spec, tmp_path / "run", kind="transformers-cb", python=Path("/env/bin/python"))
+    cmd = cb.command()
+    assert cmd[:2] == ["/env/bin/transformers", "serve"] and "--continuous-batching" in cmd
+    assert Path(cmd[2]).is_absolute() and Path(cmd[2]).samefile(tmp_path / "m") and cb.model_name == cmd[2]
+    plain = ManagedServer(spec, tmp_path / "run", kind="transformers", python=Path("/env/bin/python")).command()
+    assert plain == transformers_command(Path("/env/bin/python"), spec) and "--continuous-batching" not in plain
+    assert [x for x in cmd if x != "--continuous-batching"] == plain
+    with pytest.raises(MicroLMError, match="server kind must be one of vllm, transformers, transformers-cb"):
+        ManagedServer(spec, tmp_path, kind="transformers_cb")
+
+
+def test_a_benchmark_counts_empty_answers(tmp_path):
+    """serve_bench's levels: a server that streams answers without text has them counted (``empty``);
+    one that answers has none counted."""
+    from types import SimpleNamespace
+
+    from microlm.serve.bench import run_levels
+
+    bc = SimpleNamespace(requests_min=3, requests_per_concurrency=1, timeout_s=30)
+    sets = {"ie": ([[{"role": "user", "content": "hi"}]], 8, False)}
+    got = {}
+    for mode in ("ok", "empty"):
+        with _server(tmp_path / mode, mode=mode).start(timeout=60) as srv:
+            got[mode] = run_levels(srv, "m", sets, [1, 2], bc, progress=False)["ie"]
+    for c in ("1", "2"):
+        ok, empty = got["ok"][c], got["empty"][c]
+        assert (ok["completed"], ok["failed"], ok["empty"]) == (3, 0, 0) and ok["output_tokens_per_s"] > 0
+        assert (empty["completed"], empty["failed"], empty["empty"]) == (3, 0, 3)
+
+
+def test_the_benchmark_plots_and_ratios_take_a_third_server(tmp_path):
+    from microlm.serve.bench import plot_bench
+    from microlm.stages.serve_bench import CB, PLAIN, _summary, tps_ratios
+
+    def level(tps, ok=True):
+        return {"output_tokens_per_s": tps, "records": [{"ok": ok, "ttft": 0.1, "e2e": 0.5}]}
+
+    servers = {"vllm": {"ie": {"1": level(30.0), "4": level(90.0)}},
+               PLAIN: {"ie": {"1": level(6.0), "4": level(6.0)}},
+               CB: {"ie": {"1": level(0, ok=False), "4": level(0, ok=False)}}}
+    assert tps_ratios(servers, PLAIN, "4") == {"ie": 15.0} and tps_ratios(servers, CB, "4") == {}
+    assert plot_bench({"servers": servers, "compare_at": 4}, tmp_path) == ["throughput.png", "latency_cdf.png"]
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    m = {"ratio_at": 4, "ratios": {"ie": 15.0}, "ratios_cb": {"ie": 2.5}, "vllm_tps": {"ie": 90.0}}
+    assert "--continuous-batching: ie ×2.5" in _summary(m)
+    assert "continuous" not in _summary({k: v for k, v in m.items() if k != "ratios_cb"})
 
 
 def test_soak_counts_malformed_requests_and_a_restart_under_load(tmp_path):

@@ -3,11 +3,13 @@ concurrency levels, plots (what the ``serve_bench`` stage, B6b, runs).
 
 The same client (``microlm.serve.client``: streamed chat completions, ``concurrency`` requests in
 flight) sends the same prompts to vLLM and to ``transformers serve`` (transformers' own
-OpenAI-compatible server) for the same folder, one after the other on the same machine, and reports
+OpenAI-compatible server; optionally also its ``--continuous-batching`` mode) for the same folder,
+one after the other on the same machine, and reports
 what ``vllm bench serve`` reports: request throughput, output tokens/s, TTFT, TPOT, ITL and
 end-to-end latency (mean, p50, p99).  Two prompt sets: the IE evaluation prompts (the real task),
 and random prompts of ``random_input_tokens`` tokens with ``max_tokens = random_output_tokens``
 (without vLLM's ``ignore_eos``, which ``transformers serve`` rejects: both get the same request).
+Streamed answers without any text are counted (``empty``) per level, whichever server gave them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def random_prompts(tokenizer_dir: str, n: int, tokens: int, seed: int) -> list[l
 
 
 def run_levels(srv, model_name: str, sets: dict, levels: list[int], bc, progress) -> dict:
+    """Each prompt set at each concurrency level: ``summarize``'s numbers, the count of answers with
+    no text (``empty``) and the records."""
     out = {}
     for name, (prompts, max_tokens, ignore_eos) in sets.items():
         out[name] = {}
@@ -45,10 +49,13 @@ def run_levels(srv, model_name: str, sets: dict, levels: list[int], bc, progress
             recs, wall = run_load(srv.base_url, model_name, batch, concurrency=c, max_tokens=max_tokens,
                                   timeout=bc.timeout_s, ignore_eos=ignore_eos)
             s = summarize(recs, wall)
+            # an answer with no text (a stop token first) is an answer, but one that cost nothing to
+            # make: counted, so a server that answers nothing cannot pass for a fast one
+            s["empty"] = sum(1 for r in recs if r.ok and not r.text)
             s["records"] = records_json(recs)
             out[name][str(c)] = s
             if progress:
-                print(f"serve_bench {srv.kind:12s} {name:6s} concurrency {c:3d}: {s['output_tokens_per_s']} tok/s, "
+                print(f"serve_bench {srv.kind:15s} {name:6s} concurrency {c:3d}: {s['output_tokens_per_s']} tok/s, "
                       f"TTFT p50 {s['ttft_ms']['p50']} ms, failed {s['failed']}", flush=True)
     return out
 
@@ -82,7 +89,7 @@ def plot_bench(report: dict, out: Path) -> list[str]:
     for srv in servers:
         for ax, key in zip(axes, ("ttft", "e2e"), strict=True):
             recs = report["servers"][srv][sets[0]].get(c, {}).get("records", [])
-            xs = np.sort([r[key] * 1000 for r in recs if r[key] is not None])
+            xs = np.sort([r[key] * 1000 for r in recs if r["ok"] and r[key] is not None])
             if len(xs):
                 ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=srv)
     for ax, key in zip(axes, ("time to first token (ms)", "end-to-end latency (ms)"), strict=True):

@@ -1,5 +1,5 @@
 """Start, watch and stop an OpenAI-compatible server process: vLLM, or ``transformers serve`` (the
-baseline), from the serving environment.
+baseline, also with ``--continuous-batching``), from the serving environment.
 
 The server runs in its own session (process group), so stopping it stops its engine workers too.
 It never outlives the process that started it, however that process dies (``kill -9`` included):
@@ -32,7 +32,7 @@ from microlm.errors import MicroLMError
 from microlm.serve.env import env_python
 
 __all__ = ["ServerSpec", "ManagedServer", "port_free", "free_port", "vllm_command", "transformers_command",
-           "log_tail", "VLLM_LAUNCHER", "WATCHER_TAG"]
+           "transformers_model", "SERVER_KINDS", "log_tail", "VLLM_LAUNCHER", "WATCHER_TAG"]
 
 
 @dataclass
@@ -91,12 +91,26 @@ def vllm_command(python: Path, spec: ServerSpec) -> list[str]:
     return cmd + list(spec.extra_args)
 
 
-def transformers_command(python: Path, spec: ServerSpec) -> list[str]:
-    """``transformers serve`` (transformers' own OpenAI-compatible server) for the same folder."""
+def transformers_model(spec: ServerSpec) -> str:
+    """The model ``transformers serve`` is pinned to, which every request must name exactly: a local
+    folder as an absolute path (the server runs in the run folder, and ``--continuous-batching``
+    needs one), a hub id as given."""
+    p = Path(spec.model).expanduser()
+    return os.path.abspath(p) if p.exists() else spec.model
+
+
+def transformers_command(python: Path, spec: ServerSpec, *, continuous_batching: bool = False) -> list[str]:
+    """``transformers serve`` (transformers' own OpenAI-compatible server) for the same folder;
+    ``continuous_batching``: its continuous-batching mode (paged attention), transformers 5.x."""
     exe = Path(python).parent / "transformers"
-    return [str(exe), "serve", spec.model, "--host", spec.host, "--port", str(spec.port), "--dtype",
+    return [str(exe), "serve", transformers_model(spec), *(["--continuous-batching"] if continuous_batching else []),
+            "--host", spec.host, "--port", str(spec.port), "--dtype",
             "float32" if spec.dtype in ("auto", "float32") else spec.dtype, "--device", "cpu",
             "--log-level", "warning", *spec.extra_args]
+
+
+# ``ManagedServer(kind=...)``: vLLM, ``transformers serve``, ``transformers serve --continuous-batching``
+SERVER_KINDS = ("vllm", "transformers", "transformers-cb")
 
 
 def log_tail(path: Path, n: int = 15) -> str:
@@ -193,13 +207,16 @@ if hasattr(os, "register_at_fork"):
 
 
 class ManagedServer:
-    """One server process (``kind``: ``vllm`` | ``transformers``) with its log and pid file in
-    ``run_dir``, and its watcher; a context manager that always stops it."""
+    """One server process (``kind``: ``vllm`` | ``transformers`` | ``transformers-cb``, the latter
+    with ``--continuous-batching``) with its log and pid file in ``run_dir``, and its watcher; a
+    context manager that always stops it."""
 
     orphan_grace_s = 5.0  # the watcher's SIGTERM → SIGKILL wait when the starting process died
 
     def __init__(self, spec: ServerSpec, run_dir: Path, *, kind: str = "vllm", python: Path | None = None,
                  name: str | None = None, env: dict | None = None, command: list[str] | None = None):
+        if kind not in SERVER_KINDS:
+            raise MicroLMError(f"server kind must be one of {', '.join(SERVER_KINDS)}, got {kind!r}")
         self.spec, self.kind = spec, kind
         self.run_dir = Path(run_dir)
         self.name = name or kind
@@ -216,10 +233,17 @@ class ManagedServer:
     def base_url(self) -> str:
         return f"http://{self.spec.host}:{self.spec.port}/v1"
 
+    @property
+    def model_name(self) -> str:
+        """The ``model`` a request names: vLLM's served name, or the folder ``transformers serve`` is pinned to."""
+        return self.spec.served_name if self.kind == "vllm" else transformers_model(self.spec)
+
     def command(self) -> list[str]:
         if self._command is not None:
             return list(self._command)
-        return (vllm_command if self.kind == "vllm" else transformers_command)(self.python, self.spec)
+        if self.kind == "vllm":
+            return vllm_command(self.python, self.spec)
+        return transformers_command(self.python, self.spec, continuous_batching=self.kind == "transformers-cb")
 
     def start(self, timeout: float = 600.0) -> ManagedServer:
         if not port_free(self.spec.host, self.spec.port):

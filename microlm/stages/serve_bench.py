@@ -1,5 +1,6 @@
 """Stage B6b ``serve_bench``: benchmark the served model like ``vllm bench serve`` — vLLM against
-``transformers serve``, same load, concurrency 1–64 (``microlm.serve.bench``)."""
+``transformers serve`` (and, ``continuous_batching``, ``transformers serve --continuous-batching``),
+same load, concurrency 1–64 (``microlm.serve.bench``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from microlm.stages.server import serve_key, server_spec
 @dataclass
 class ServeBenchConfig:
     """Stage B6b: the same load (the IE prompts and random prompts, each at every ``concurrency``)
-    against vLLM and the ``transformers serve`` baseline; ``compare_at`` = the concurrency of the ratio."""
+    against vLLM and the ``transformers serve`` baseline (``baseline``), and its continuous-batching
+    mode (``continuous_batching``); ``compare_at`` = the concurrency of the ratios."""
 
     datasets: list[str] = field(default_factory=lambda: ["ie", "random"])
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
@@ -26,6 +28,7 @@ class ServeBenchConfig:
     random_output_tokens: int = 64
     compare_at: int = 16
     baseline: bool = True
+    continuous_batching: bool = False  # also run `transformers serve --continuous-batching` as a second baseline
     timeout_s: float = 600.0
 
 
@@ -40,8 +43,33 @@ def check(cfg) -> None:
         raise ConfigError("serve_bench: requests_*, *_tokens >= 1 and timeout_s > 0")
 
 
+PLAIN, CB = "transformers serve", "transformers serve --continuous-batching"  # the baselines' labels
+
+
+def tps_ratios(servers: dict, label: str, at: str) -> dict:
+    """vLLM ÷ the baseline ``label``, output tokens/s at concurrency ``at``, per dataset (none where it
+    did not run or produced nothing)."""
+    out = {}
+    for ds, by_c in servers.get(label, {}).items():
+        ours, theirs = servers["vllm"][ds].get(at), by_c.get(at)
+        if ours and theirs and theirs["output_tokens_per_s"]:
+            out[ds] = round(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"], 2)
+    return out
+
+
+def _summary(m: dict) -> str:
+    def ratios(r: dict) -> str:
+        return ", ".join(f"{k} ×{v}" for k, v in r.items()) or "—"
+
+    at = f"output tokens/s at concurrency {m['ratio_at']}"
+    cb = f"; vLLM ÷ transformers serve --continuous-batching: {ratios(m['ratios_cb'])}" if "ratios_cb" in m else ""
+    return f"vLLM ÷ transformers serve, {at}: {ratios(m['ratios'])}{cb}; vLLM {m['vllm_tps']} tok/s"
+
+
 def build(run: StageRun) -> dict:
-    """vLLM and (``baseline``) ``transformers serve`` under the same load; report, summary and plots."""
+    """vLLM, (``baseline``) ``transformers serve`` and (``continuous_batching``) ``transformers serve
+    --continuous-batching`` under the same load, one after the other; report, summary and plots.  A
+    baseline that fails (errors, empty answers) shows it in its rows' ``failed``, and has no ratio."""
     from microlm.ie.evaluate import load_prompts
     from microlm.io import write_json
     from microlm.serve.bench import plot_bench, random_prompts, run_levels
@@ -64,37 +92,35 @@ def build(run: StageRun) -> dict:
         raise MicroLMError("serve_bench.datasets names neither ie nor random")
     servers = {}
     startup = {}
-    for kind, label in (("vllm", "vllm"), ("transformers", "transformers serve")):
-        if kind == "transformers" and not bc.baseline:
-            continue
+    runs = [("vllm", "vllm"), *([("transformers", PLAIN)] if bc.baseline else []),
+            *([("transformers-cb", CB)] if bc.continuous_batching else [])]
+    for kind, label in runs:
         s = dataclasses.replace(spec, port=free_port(spec.host))
         srv = ManagedServer(s, run.out, python=py, kind=kind, name=kind)
         t0 = time.time()
         srv.start(cfg.serve.startup_timeout_s)
         startup[label] = round(time.time() - t0, 1)
         with srv:
-            name = s.served_name if kind == "vllm" else s.model
+            name = srv.model_name
             for p in list(sets.values())[0][0][:2]:  # warm-up (first-request compilation, caches)
                 stream_chat(srv.base_url, name, p, max_tokens=8, timeout=bc.timeout_s)
             servers[label] = run_levels(srv, name, sets, list(bc.concurrency), bc, run.progress)
             servers[label]["rss_mb"] = round(srv.rss_mb(), 1)
     rss = {k: v.pop("rss_mb") for k, v in servers.items()}
     at = str(bc.compare_at)
-    ratios = {}
-    if "transformers serve" in servers:
-        for ds in sets:
-            ours, theirs = servers["vllm"][ds].get(at), servers["transformers serve"][ds].get(at)
-            if ours and theirs and theirs["output_tokens_per_s"]:
-                ratios[ds] = round(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"], 2)
+    ratios, ratios_cb = tps_ratios(servers, PLAIN, at), tps_ratios(servers, CB, at)
     report = {"model": spec.model, "dtype": spec.dtype, "compare_at": bc.compare_at, "concurrency": list(bc.concurrency),
               "startup_s": startup, "server_rss_mb": rss, "servers": servers, "output_tps_ratio_at_compare": ratios}
+    if CB in servers:
+        report["output_tps_ratio_at_compare_cb"] = ratios_cb
     report["plots"] = plot_bench(report, run.out)
     write_json(run.out / "report.json", report)
     brief = {srv: {ds: {c: {k: v[k] for k in ("output_tokens_per_s", "request_throughput", "failed")} | {
         "ttft_p50_ms": v["ttft_ms"]["p50"], "tpot_p50_ms": v["tpot_ms"]["p50"]} for c, v in by.items()}
         for ds, by in d.items()} for srv, d in servers.items()}
     write_json(run.out / "summary.json", brief)
-    return {"ratio_at": bc.compare_at, "ratios": ratios, "startup_s": startup,
+    return {"ratio_at": bc.compare_at, "ratios": ratios, **({"ratios_cb": ratios_cb} if CB in servers else {}),
+            "startup_s": startup,
             "vllm_tps": {ds: servers["vllm"][ds][at]["output_tokens_per_s"] for ds in sets if at in servers["vllm"][ds]}}
 
 
@@ -103,6 +129,5 @@ STAGE = Stage(
     "load, concurrency 1–64",
     build=build, section=ServeBenchConfig, check=check, upstream=("ie_data", "ie_merged"),
     sections=("serve_bench", "serve"), key=lambda cfg, o: serve_key(cfg, "serve_bench") | {"seed": cfg.seed},
-    outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm", version=2,
-    summary=lambda m: (f"vLLM ÷ transformers serve, output tokens/s at concurrency {m['ratio_at']}: "
-                       + ", ".join(f"{k} ×{v}" for k, v in m["ratios"].items()) + f"; vLLM {m['vllm_tps']} tok/s"))
+    outputs=("report.json", "summary.json", "throughput.png", "latency_cdf.png"), notebook="12_vllm", version=3,
+    summary=_summary)
