@@ -118,8 +118,9 @@ def _probe_key() -> dict:
     import torch
 
     flags = sorted(f for f in (*BF16_FLAGS, "amx_tile", "avx512f", "avx2") if f in cpu_flags())
-    return {"cpu": cpu_name(), "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "version": PROBE_VERSION}
+    # no thread count: the choice is a ratio, and it feeds stage fingerprints, so every process of one
+    # machine (a notebook kernel, a CLI run, a test worker on one thread) must read the same one
+    return {"cpu": cpu_name(), "flags": flags, "torch": torch.__version__, "version": PROBE_VERSION}
 
 
 def _probe_steps() -> dict:
@@ -174,9 +175,9 @@ def _probe_steps() -> dict:
 @functools.lru_cache(maxsize=1)
 def precision_probe() -> dict:
     """What ``precision: auto`` picks on this CPU, and why: ``{"choice", "why", "fp32_step_ms",
-    "bf16_step_ms", "bf16_speedup", "busy", ...}``.  Without native bf16 (flags or oneDNN) nothing is
-    measured (bf16 runs a fallback ~80× slower).  Otherwise the probe runs once per machine (CPU,
-    flags, torch version, threads) and is cached in ``cache_dir()``; a probe taken while the machine was
+    "bf16_step_ms", "bf16_speedup", "busy", "threads", ...}``.  Without native bf16 (flags or oneDNN)
+    nothing is measured (bf16 runs a fallback ~80× slower).  Otherwise the probe runs once per machine
+    (CPU, flags, torch version) and is cached in ``cache_dir()``; a probe taken while the machine was
     busy is kept too (it decides a ratio, which load shifts less than a speed) and says so."""
     native, why = cpu_bf16()
     key = _probe_key()
@@ -187,6 +188,8 @@ def precision_probe() -> dict:
         rec = json.loads(path.read_text(encoding="utf-8"))
         if rec.get("key") == key and rec.get("choice") in ("fp32", "bf16"):
             return {**rec, "cached": str(path)}
+    import torch
+
     load = machine_busy()
     t = _probe_steps()
     speedup = t["fp32"] / t["bf16"]
@@ -195,7 +198,7 @@ def precision_probe() -> dict:
            "why": f"{why}; probe: bf16 step ×{speedup:.2f} the fp32 step's speed "
                   f"({'≥' if choice == 'bf16' else '<'} {BF16_MIN_SPEEDUP})",
            "fp32_step_ms": round(t["fp32"] * 1e3, 1), "bf16_step_ms": round(t["bf16"] * 1e3, 1),
-           "bf16_speedup": round(speedup, 3), **load, "key": key,
+           "bf16_speedup": round(speedup, 3), "threads": torch.get_num_threads(), **load, "key": key,
            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with contextlib.suppress(OSError):  # no writable cache: measured again next time
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,8 @@ def _summary(m: dict) -> str:
 def build(run: StageRun) -> dict:
     """vLLM, (``baseline``) ``transformers serve`` and (``continuous_batching``) ``transformers serve
     --continuous-batching`` under the same load, one after the other; report, summary and plots.  A
-    baseline that fails (errors, empty answers) shows it in its rows' ``failed``, and has no ratio."""
+    baseline's failed requests show in its rows' ``failed``, answers without text in ``empty``; one
+    that produced no tokens has no ratio."""
     from microlm.ie.evaluate import load_prompts
     from microlm.io import write_json
     from microlm.serve.bench import plot_bench, random_prompts, run_levels
@@ -115,7 +116,7 @@ def build(run: StageRun) -> dict:
         report["output_tps_ratio_at_compare_cb"] = ratios_cb
     report["plots"] = plot_bench(report, run.out)
     write_json(run.out / "report.json", report)
-    brief = {srv: {ds: {c: {k: v[k] for k in ("output_tokens_per_s", "request_throughput", "failed")} | {
+    brief = {srv: {ds: {c: {k: v.get(k) for k in ("output_tokens_per_s", "request_throughput", "failed", "empty")} | {
         "ttft_p50_ms": v["ttft_ms"]["p50"], "tpot_p50_ms": v["tpot_ms"]["p50"]} for c, v in by.items()}
         for ds, by in d.items()} for srv, d in servers.items()}
     write_json(run.out / "summary.json", brief)
