@@ -23,6 +23,7 @@ so an ``auto`` run on a bf16 machine and one on an fp32 machine are different ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -31,6 +32,8 @@ import platform
 import resource
 import shutil
 import statistics
+import sysconfig
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -100,7 +103,11 @@ def cache_dir() -> Path:
     """Per-machine measurements: ``$MICROLM_CACHE``, else ``$XDG_CACHE_HOME/microlm`` (``~/.cache/microlm``)."""
     if os.environ.get("MICROLM_CACHE"):
         return Path(os.environ["MICROLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "microlm"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry
+        return Path(tempfile.gettempdir()) / "microlm-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "microlm"
 
 
 def machine_busy() -> dict:
@@ -184,28 +191,56 @@ def precision_probe() -> dict:
     if not native:
         return {"choice": "fp32", "why": why, "measured": False, **key}
     path = cache_dir() / f"precision-probe-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    rec = _cached_probe(path, key)
+    if rec is not None:
+        return rec
+    lock = None
+    with contextlib.suppress(OSError):  # one process measures, the others wait for its file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 (held until the probe is written)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        rec = _cached_probe(path, key)  # another process may have written it while this one waited
+        if rec is None:
+            rec = _measure_probe(key, why)
+            with contextlib.suppress(OSError):  # no writable cache: measured again next time
+                tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                tmp.write_text(json.dumps(rec, indent=1), encoding="utf-8")
+                os.replace(tmp, path)
+        return rec
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _cached_probe(path: Path, key: dict) -> dict | None:
     with contextlib.suppress(OSError, ValueError):
         rec = json.loads(path.read_text(encoding="utf-8"))
         if rec.get("key") == key and rec.get("choice") in ("fp32", "bf16"):
             return {**rec, "cached": str(path)}
+    return None
+
+
+def _measure_probe(key: dict, why: str) -> dict:
+    """The probe on every core this process may use (a test worker set to one thread still measures
+    what a course run will see), the thread count restored after."""
     import torch
 
     load = machine_busy()
-    t = _probe_steps()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(load["cores_in_use"])
+    try:
+        t = _probe_steps()
+    finally:
+        torch.set_num_threads(threads)
     speedup = t["fp32"] / t["bf16"]
     choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    rec = {"choice": choice, "measured": True,
-           "why": f"{why}; probe: bf16 step ×{speedup:.2f} the fp32 step's speed "
-                  f"({'≥' if choice == 'bf16' else '<'} {BF16_MIN_SPEEDUP})",
-           "fp32_step_ms": round(t["fp32"] * 1e3, 1), "bf16_step_ms": round(t["bf16"] * 1e3, 1),
-           "bf16_speedup": round(speedup, 3), "threads": torch.get_num_threads(), **load, "key": key,
-           "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with contextlib.suppress(OSError):  # no writable cache: measured again next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(rec, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    return rec
+    return {"choice": choice, "measured": True,
+            "why": f"{why}; probe: bf16 step ×{speedup:.2f} the fp32 step's speed "
+                   f"({'≥' if choice == 'bf16' else '<'} {BF16_MIN_SPEEDUP})",
+            "fp32_step_ms": round(t["fp32"] * 1e3, 1), "bf16_step_ms": round(t["bf16"] * 1e3, 1),
+            "bf16_speedup": round(speedup, 3), "threads": load["cores_in_use"], **load, "key": key,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def resolve_compile(compile: bool | str, device: str, tokens: int) -> tuple[bool, str]:
@@ -217,11 +252,15 @@ def resolve_compile(compile: bool | str, device: str, tokens: int) -> tuple[bool
     if compile is False:
         return False, "compile: false"
     kind = device_kind(device)
+    missing = None
     if kind == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        missing = "no C++ compiler for torch.compile's CPU backend"
+    elif kind == "cpu" and not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing = "no Python.h (python3-dev) for torch.compile's CPU backend"
+    if missing:
         if compile is True:
-            warnings.warn("compile: true, but no C++ compiler (g++, c++, clang++) for torch.compile's CPU backend: "
-                          "training runs uncompiled", stacklevel=2)
-        return False, "no C++ compiler for torch.compile's CPU backend"
+            warnings.warn(f"compile: true, but {missing}: training runs uncompiled", stacklevel=2)
+        return False, missing
     if compile == "auto" and tokens < COMPILE_MIN_TOKENS:
         return False, f"compile: auto, {tokens:,} tokens to train (< {COMPILE_MIN_TOKENS:,}: compiling would not pay)"
     return True, "compile: true" if compile is True else f"compile: auto, {tokens:,} tokens to train"

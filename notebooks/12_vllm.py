@@ -144,6 +144,8 @@ print(f"\nvLLM ÷ transformers serve, output tokens/s at concurrency {bench['com
       f"{bench['output_tps_ratio_at_compare']}")
 if "output_tps_ratio_at_compare_cb" in bench:
     print(f"vLLM ÷ transformers serve --continuous-batching: {bench['output_tps_ratio_at_compare_cb']}")
+for label, why in bench.get("baselines_not_started", {}).items():
+    print(f"{label} did not start: {why}")
 display(Image(filename=str(stages.output(cfg, "serve_bench", "throughput"))))
 display(Image(filename=str(stages.output(cfg, "serve_bench", "latency_cdf"))))
 # every server answers every request (an empty answer is counted, not failed)

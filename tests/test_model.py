@@ -83,17 +83,23 @@ def test_explicit_attention_weights_match_sdpa_and_are_lower_triangular():
 def test_bf16_training_attention_on_cpu_matches_sdpa(monkeypatch):
     """Under bf16 autocast on a CPU, training attention takes the explicit softmax (faster there);
     its loss and gradients are SDPA's up to bf16 rounding, causality included."""
+    import microlm.model.transformer as tr
     from microlm.model.transformer import Attention
 
     m = tiny().train()
     x = torch.randint(0, 97, (3, 40))
     out = {}
+    sdpa_calls = []
+    real_sdpa = tr.F.scaled_dot_product_attention
+    monkeypatch.setattr(tr.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
     for explicit in (True, False):
         monkeypatch.setattr(Attention, "explicit_cpu_bf16", explicit)
         m.zero_grad()
+        sdpa_calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, loss = m(x, x)
         loss.backward()
+        assert len(sdpa_calls) == (0 if explicit else 2)  # the explicit path really ran (2 layers)
         out[explicit] = (logits.float(), float(loss), [p.grad.clone() for p in m.parameters()])
         x2 = x.clone()
         x2[:, 30:] = (x2[:, 30:] + 1) % 97  # the future changes, the past's logits do not

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from microlm.serve.server import (
     transformers_command,
     vllm_command,
 )
+from microlm.stages import load_config
 
 FAKE = Path(__file__).with_name("serve_fake.py")
 
@@ -419,13 +421,63 @@ def test_soak_stability_tells_warm_up_from_a_leak():
     life the RSS growth after warm-up in halves (warm-up slows down; a leak keeps its pace)."""
     from microlm.serve.soak import _stability
 
-    steady = [{"t": t, "ok": True, "latency": 0.1 if t < 300 else 0.2} for t in range(0, 600)]
+    steady = [{"t": t / 2, "ok": True, "latency": 0.1 if t < 1000 else 0.2} for t in range(0, 1200)]
     warm = [(float(t), 1000 + 300 * (1 - 0.97 ** t)) for t in range(0, 300, 2)]  # saturating
     leak = [(float(t), 1000 + 0.5 * (t - 330)) for t in range(330, 600, 2)]  # 30 MB/min, steady
     st = _stability(steady, warm + leak, (300.0, 330.0), 600.0)
+    # the minute after the last life's warm-up (390–450 s) against the last one (540–600 s)
     assert st["p95_drift"] == 2.0 and st["p95_ms_after_warmup"] == 100.0
+    assert _stability(steady, [], (300.0, 330.0), 500.0)["p95_drift"] is None  # the two minutes would overlap
     first, second = st["rss_after_warmup"]
     assert first["second_half_mb"] < 0.1 * first["first_half_mb"]  # warm-up: it levels off
     assert second["second_half_mb"] == pytest.approx(second["first_half_mb"], rel=0.1)  # a leak: it does not
     assert st["rss_growth_max_mb"] == max(first["growth_mb"], second["growth_mb"])
     assert _stability([], [], None, 30.0)["p95_drift"] is None  # too short to say: None, not a number
+
+
+def test_a_baseline_that_does_not_start_keeps_the_vllm_rows(tmp_path, monkeypatch):
+    """serve_bench: when a baseline server fails to start, the stage still reports vLLM's rows and
+    names the baseline that did not start (one line), instead of losing everything measured."""
+    from microlm.stages import serve_bench as sb
+
+    started = []
+
+    class FakeServer:
+        def __init__(self, spec, run_dir, *, kind, python=None, name=None):
+            self.kind, self.base_url, self.model_name = kind, "http://127.0.0.1:1/v1", "m"
+
+        def start(self, timeout):
+            if self.kind != "vllm":
+                raise MicroLMError(f"{self.kind} exited while starting (exit 1)\nlog tail")
+            started.append(self.kind)
+            return self
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def rss_mb(self):
+            return 1.0
+    import microlm.serve.server as server_mod
+    monkeypatch.setattr(server_mod, "ManagedServer", FakeServer)
+    monkeypatch.setattr("microlm.serve.client.stream_chat", lambda *a, **k: None)
+    row = {"output_tokens_per_s": 5.0, "request_throughput": 1.0, "failed": 0, "empty": 0,
+           "ttft_ms": {"p50": 1.0}, "tpot_ms": {"p50": 1.0}, "records": []}
+    monkeypatch.setattr("microlm.serve.bench.run_levels", lambda srv, name, sets, levels, bc, progress: {
+        ds: {str(c): dict(row) for c in levels} for ds in sets})
+    monkeypatch.setattr("microlm.serve.bench.plot_bench", lambda report, out: [])
+    monkeypatch.setattr("microlm.serve.env.ensure_env", lambda quiet=False: "python")
+    monkeypatch.setattr("microlm.ie.evaluate.load_prompts", lambda d: ([{"messages": [{"role": "user",
+                                                                                     "content": "hi"}]}], None))
+    monkeypatch.setattr(sb, "server_spec", lambda cfg, up: server_mod.ServerSpec(model=str(tmp_path), served_name="m",
+                                                                                   port=1))
+    cfg = load_config("smoke", {"serve_bench.continuous_batching": True, "serve_bench.datasets": ["ie"]})
+    run = types.SimpleNamespace(cfg=cfg, up={"ie_data": tmp_path}, out=tmp_path, progress=False)
+    metrics = sb.build(run)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert started == ["vllm"] and list(report["servers"]) == ["vllm"]
+    assert set(report["baselines_not_started"]) == {sb.PLAIN, sb.CB}
+    assert report["baselines_not_started"][sb.CB] == "transformers-cb exited while starting (exit 1)"
+    assert metrics["ratios"] == {} and metrics["vllm_tps"] == {"ie": 5.0}

@@ -84,15 +84,18 @@ WARMUP_S = 60.0  # each server life's first minute is warm-up (first requests of
 
 def _stability(steady: list[dict], rss: list[tuple[float, float]], window: tuple[float, float] | None,
                end: float) -> dict:
-    """What ``make soak`` asks: the p95 latency of the last minute against the minute after warm-up
-    (``p95_drift``; steady-state requests only), and per server life the RSS growth after its warm-up,
+    """What ``make soak`` asks: the p95 latency of the last minute against the minute after warm-up,
+    both in the last server life (``p95_drift``; steady-state requests; ``None`` when the run is too
+    short for two separate minutes), and per server life the RSS growth after its warm-up,
     split in halves — growth that slows (second half ≪ first) is warm-up, growth that keeps its pace
     is a leak."""
     def p95(lo: float, hi: float) -> float | None:
         lat = [e["latency"] for e in steady if e["ok"] and lo <= e["t"] < hi]
         return round(float(np.percentile(lat, 95)) * 1000, 1) if len(lat) >= 20 else None
 
-    early, late = p95(WARMUP_S, 2 * WARMUP_S), p95(end - WARMUP_S, end)
+    last = window[1] if window else 0.0  # both minutes in the last server life, after its warm-up
+    early = p95(last + WARMUP_S, last + 2 * WARMUP_S) if last + 2 * WARMUP_S <= end - WARMUP_S else None
+    late = p95(end - WARMUP_S, end) if early is not None else None
     lives = [(0.0, window[0] if window else end)] + ([(window[1], end)] if window else [])
     growth = []
     for lo, hi in lives:

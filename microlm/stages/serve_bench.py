@@ -95,11 +95,19 @@ def build(run: StageRun) -> dict:
     startup = {}
     runs = [("vllm", "vllm"), *([("transformers", PLAIN)] if bc.baseline else []),
             *([("transformers-cb", CB)] if bc.continuous_batching else [])]
+    failures = {}
     for kind, label in runs:
         s = dataclasses.replace(spec, port=free_port(spec.host))
         srv = ManagedServer(s, run.out, python=py, kind=kind, name=kind)
         t0 = time.time()
-        srv.start(cfg.serve.startup_timeout_s)
+        try:
+            srv.start(cfg.serve.startup_timeout_s)
+        except MicroLMError as e:
+            if kind == "vllm":
+                raise
+            failures[label] = str(e).splitlines()[0]  # a baseline that does not start: said, vLLM's rows kept
+            print(f"serve_bench: {label} did not start: {failures[label]}", flush=True)
+            continue
         startup[label] = round(time.time() - t0, 1)
         with srv:
             name = srv.model_name
@@ -114,6 +122,8 @@ def build(run: StageRun) -> dict:
               "startup_s": startup, "server_rss_mb": rss, "servers": servers, "output_tps_ratio_at_compare": ratios}
     if CB in servers:
         report["output_tps_ratio_at_compare_cb"] = ratios_cb
+    if failures:
+        report["baselines_not_started"] = failures
     report["plots"] = plot_bench(report, run.out)
     write_json(run.out / "report.json", report)
     brief = {srv: {ds: {c: {k: v.get(k) for k in ("output_tokens_per_s", "request_throughput", "failed", "empty")} | {
