@@ -246,7 +246,7 @@ def _measure_probe(key: dict, why: str) -> dict:
 def resolve_compile(compile: bool | str, device: str, tokens: int) -> tuple[bool, str]:
     """``(compile or not, why)`` for a run that trains ``tokens`` tokens.  ``auto`` compiles on CUDA,
     and on a CPU with a C++ compiler (inductor's CPU backend builds C++) when the run is long enough to
-    pay back the compilation (~30 s on 2 cores; ``benchmarks/bench_precision.py`` measures both)."""
+    pay back the compilation (~30 s on 2 cores; ``benchmarks/bench_train.py`` measures both)."""
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be true, false or auto, got {compile!r}")
     if compile is False:
