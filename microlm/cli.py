@@ -316,6 +316,8 @@ def _chat(args: argparse.Namespace, cfg) -> int:
         model_dir, tok_dir = args.model, args.tokenizer
     model, tok = load_model(model_dir, tokenizer=tok_dir, adapter=args.adapter, device=args.device,
                             dtype=args.dtype)
+    if args.device == "cpu":  # one stream: decode_layout() streams the weights faster at batch 1 (same tokens)
+        model.decode_layout()
     # undecodable input bytes become U+FFFD (and a warning) instead of a crash
     for stream in (sys.stdin,):
         if hasattr(stream, "reconfigure"):

@@ -157,6 +157,38 @@ def test_greedy_generation_is_identical_with_and_without_cache():
     assert a == b and [len(x) for x in a] == [30, 30]
 
 
+def test_decode_layout_stores_weights_column_major_and_changes_nothing_else(tmp_path):
+    from safetensors.torch import load_file
+
+    from microlm.model.hf_export import export_llama, to_llama_state_dict
+
+    m = tiny()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    params = list(m.parameters())
+    prompt = torch.randint(0, 97, (2, 5)).tolist()
+    ids = generate_ids(m, prompt, max_new_tokens=20, temperature=0)
+    x = torch.randint(0, 97, (2, 9))
+    logits = m(x)[0]
+    assert m.decode_layout() is m
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    wide = [mod for mod in linears if mod.out_features > mod.in_features]  # qkv, gate_up, lm_head
+    assert len(linears) == 9 and len(wide) == 5 and all(mod.weight.stride(0) == 1 for mod in wide)
+    assert all(mod.weight.is_contiguous() for mod in linears if mod not in wide), "the rest keep row-major"
+    assert [id(p) for p in m.parameters()] == [id(p) for p in params], "same Parameter objects (optimizers keep them)"
+    assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
+    assert torch.allclose(m(x)[0], logits, atol=1e-5)
+    assert generate_ids(m, prompt, max_new_tokens=20, temperature=0) == ids
+    m.decode_layout()  # idempotent
+    assert all(mod.weight.stride(0) == 1 for mod in wide)
+    export_llama(m, tmp_path / "hf")  # safetensors wants contiguous tensors: the export copes
+    saved, plain = load_file(tmp_path / "hf" / "model.safetensors"), to_llama_state_dict(tiny())
+    assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in plain)
+    m.decode_layout(False)
+    assert all(mod.weight.is_contiguous() for mod in linears)
+    tied = tiny(tie_embeddings=True).decode_layout()
+    assert tied.lm_head.weight is tied.embed.weight and tied.embed.weight.stride(0) == 1
+
+
 def test_cache_overflow_and_too_long_inputs_are_clear_errors():
     m = tiny()
     cache = m.new_cache(1, max_len=8)
