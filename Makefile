@@ -52,6 +52,9 @@ bench: setup                 ## benchmarks/results/*.json (needs MICROLM_DATA fo
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_ie_data.py
+	@if [ -f runs/cpu/hf/config.json ] && [ -f runs/cpu/ie_data/06_train.jsonl ]; then \
+	    $(BIN)/python benchmarks/bench_ie_lora.py --profile cpu --steps 20 --rounds 3 --variants ours hf_dynamic hf_grouped; \
+	else echo "bench_ie_lora.py skipped: needs runs/cpu/hf and runs/cpu/ie_data (make course)"; fi
 
 soak: envs                   ## the serving stability run: 10 minutes at concurrency 8, a restart at 5 min (serve_soak at $(PROFILE))
 	$(BIN)/python -m microlm.cli serve-soak --profile $(PROFILE) --out runs/$(PROFILE)/serve_soak_10min --force \

@@ -5,7 +5,7 @@ LoRA (r 8, all linear projections, PEFT), same IE training lines (``runs/<profil
 same batch size and number of steps, each variant in a fresh child process (peak RSS = its VmHWM):
 
 - ``ours``: ``LengthGroupedBatches`` (length-grouped, right-padded to each batch's longest row) and
-  the ``ie_lora`` stage's loss, stepped with AdamW (what the project's ``Trainer`` does per step);
+  the ``ie_lora`` stage's loss, stepped with fused AdamW (what the project's ``Trainer`` does per step);
 - ``hf_dynamic``: a plain ``transformers.Trainer`` + ``DataCollatorForSeq2Seq`` (dynamic padding per
   batch) in random order — the baseline;
 - ``hf_grouped``: the same with ``train_sampling_strategy="group_by_length"`` (what transformers < 5
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from microlm.io import write_json  # noqa: E402
+from microlm.io import json_line, write_json  # noqa: E402
 
 VARIANTS = ("ours", "hf_dynamic", "hf_grouped", "hf_cutoff")
 
@@ -59,7 +59,8 @@ def child(variant: str, base: str, data: str, batch: int, steps: int, cutoff: in
     exs, counts = encode_chats(ChatEncoder(tok), read_lines(Path(data)), cutoff)
     model = attach_peft(load_base(base), 8, 16.0, 0.0, ALL_LINEAR)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    # ours steps with the project Trainer's optimizer (fused AdamW); the Trainer baselines build their own
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=variant == "ours")
     times: list[float] = []
     useful = padded = 0
 
@@ -135,22 +136,42 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the variants")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", default="ie_lora.json", help="file name under benchmarks/results")
+    ap.add_argument("--examples", type=int, default=None,
+                    help="train on the ie_lora stage's mix of this many conversations (default: the profile's "
+                         "ie_lora.train_examples; 0 = all of 06_train.jsonl)")
+    ap.add_argument("--cutoff", type=int, default=None, help="drop longer examples (default: ie_data.cutoff_tokens, "
+                                                             "at most the base's context)")
     args = ap.parse_args()
+    import dataclasses
+    import tempfile
+
+    from microlm.ie.train_lora import training_mix
     from microlm.stages import load_config
 
     cfg = load_config(args.profile)
     base = args.base or str(cfg.run_path / "hf")
-    data = cfg.run_path / "ie_data" / "06_train.jsonl"
-    for p in (Path(base) / "config.json", data):
+    data_dir = cfg.run_path / "ie_data"
+    for p in (Path(base) / "config.json", data_dir / "06_train.jsonl"):
         if not p.is_file():
             raise SystemExit(f"{p} is missing: run `microlm hf -p {args.profile}` and `microlm ie-data -p {args.profile}`")
     conf = json.loads((Path(base) / "config.json").read_text())
-    cutoff = min(cfg.ie_data.cutoff_tokens, conf.get("max_position_embeddings") or 10**9)
+    cutoff = min(args.cutoff or cfg.ie_data.cutoff_tokens, conf.get("max_position_embeddings") or 10**9)
+    examples = cfg.ie_lora.train_examples if args.examples is None else args.examples
+    tmp = tempfile.TemporaryDirectory()
+    data = data_dir / "06_train.jsonl"
+    if examples:  # the stage's own sample: balanced by topic, decontaminated against the test split
+        mix, _ = training_mix(dataclasses.replace(cfg.ie_lora, train_examples=examples), data_dir, cfg.seed)
+        data = Path(tmp.name) / "mix.jsonl"
+        data.write_text("".join(map(json_line, mix)), encoding="utf-8")
+    print(f"{base}: {examples or 'all'} training conversations, cutoff {cutoff}, batch {args.batch}, "
+          f"{args.steps} timed steps", flush=True)
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
         for variant in runs:
             out = subprocess.run([sys.executable, __file__, "--child", variant, base, str(data), str(args.batch),
-                                  str(args.steps), str(cutoff)], capture_output=True, text=True, check=True)
+                                  str(args.steps), str(cutoff)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[variant].append(res)
             print(f"round {r + 1} {variant:<11} useful {res['useful_tokens_per_s']:>8,.0f} tok/s  pad "
@@ -159,7 +180,7 @@ def main() -> None:
     ours = best["ours"]["useful_tokens_per_s"]
     ratios = {f"ours_vs_{v}": round(ours / best[v]["useful_tokens_per_s"], 3) for v in best if v != "ours"}
     result = {"machine": machine(), "base": base, "model_type": conf.get("model_type"),
-              "profile": args.profile, "batch": args.batch,
+              "profile": args.profile, "examples": examples or "all", "batch": args.batch,
               "steps": args.steps, "cutoff": cutoff, "threads": int(os.environ.get("BENCH_THREADS", "2")),
               "precision": "fp32", "rounds": runs, "best": best, **ratios, "target": 1.3,
               "meets_target": {k: r >= 1.3 for k, r in ratios.items() if k in ("ours_vs_hf_dynamic",
