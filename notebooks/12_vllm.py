@@ -125,9 +125,11 @@ if served:
 # concurrency, and measures what `vllm bench serve` reports: throughput, time to first token (TTFT),
 # time per output token (TPOT), inter-token latency (ITL) and end-to-end latency.
 # `serve_bench.continuous_batching: true` adds a third row, `transformers serve --continuous-batching`
-# (transformers 5.x's continuous batching, the baseline a user who cares would pick); it is off in the
-# `cpu` profile because on CPU its one probe streamed an empty answer after 55 s. Answers without text
-# are counted for every server (`empty` in the report), so a row that answers nothing shows it.
+# (transformers 5.x's continuous batching, the baseline a user who cares would pick). It is off in
+# every profile: on a CPU that server held 19–20 GB of RSS, for the 6.4M MicroLM and the 0.5B Qwen
+# alike; measured with it, vLLM led it ×1.9 (MicroLM) and ×1.6 (Qwen) at concurrency 16 (the README's
+# table). Answers without text are counted for every server (`empty` in the report), so a row that
+# answers nothing shows it.
 
 # %%
 stages.require("serve_bench", cfg)
