@@ -157,7 +157,7 @@ def test_greedy_generation_is_identical_with_and_without_cache():
     assert a == b and [len(x) for x in a] == [30, 30]
 
 
-def test_decode_layout_stores_weights_column_major_and_changes_nothing_else(tmp_path):
+def test_decode_layout_makes_the_longer_side_contiguous_and_changes_nothing_else(tmp_path):
     from safetensors.torch import load_file
 
     from microlm.model.hf_export import export_llama, to_llama_state_dict

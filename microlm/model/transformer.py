@@ -289,8 +289,8 @@ class TransformerLM(nn.Module):
         keeps ``W`` as ``(out, in)`` row-major, so a 512-wide input makes 2 KB runs (~10 GB/s on a
         2-core EPYC), while the same matrix stored column-major runs along ``out`` (6,400 for the LM
         head: ~18 GB/s).  So matrices with ``out > in`` (qkv, gate/up, the LM head) go column-major,
-        the others (``down_proj``) stay.  ``benchmarks/bench_generate.py`` measures it (the 31.7M
-        model decodes ~25 % faster in fp32, the same tokens).  At batch ≥ 8 and in training the usual
+        the others (``down_proj``) stay.  ``benchmarks/bench_generate.py`` measures it (fp32, batch 1: the
+        31.7M model ×1.44, the ``cpu`` profile's 6.4M model ×1.5, the same tokens).  At batch ≥ 8 and in training the usual
         layout is as fast or faster, so this is for one-stream inference (``microlm chat``);
         ``on=False`` restores it.  The parameters stay the same objects (``.data`` is swapped), so
         state dicts and exports are unchanged."""
