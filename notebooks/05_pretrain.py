@@ -158,7 +158,8 @@ assert all(math.isclose(r["flops_per_s"], r["tokens_per_s"] * fpt, rel_tol=1e-9)
 # elsewhere it runs fp32 (`microlm.hw`). On a CPU it decides by measurement: only a CPU with
 # `avx512_bf16` or `amx_bf16` in its flags is a candidate (without them bf16 products run a fallback
 # ~80× slower), and there a 3-second probe trains a small block stack both ways; bf16 is picked when
-# its step is at least 1.1× faster. The probe runs once per machine (cached under `~/.cache/microlm`)
+# its step is at least 1.1× faster. The probe runs once per machine (cached under `~/.cache/microlm`;
+# a probe that had to share the cores with another process is measured again, and not kept for good)
 # and the run's report records the choice and the probe's numbers — printed below.
 #
 # `compile: auto` (the `cpu` profile's pretraining) wraps the model in `torch.compile` when a C++

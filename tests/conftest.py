@@ -25,6 +25,18 @@ def _runs_per_worker(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_probe_cache(tmp_path_factory):
+    """The precision probe (``precision: auto``) is measured and cached in a folder of the test run's own:
+    a probe taken beside the other worker's tests is contended, and is not this machine's answer for
+    the user's courses (``~/.cache/microlm``).  Both workers share it, so they agree."""
+    if not os.environ.get("MICROLM_CACHE"):
+        base = tmp_path_factory.getbasetemp()
+        shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        os.environ["MICROLM_CACHE"] = str(shared / "microlm-cache")
+    yield
+
+
 @pytest.fixture
 def tmp_cfg(tmp_path):
     """A smoke config writing under tmp_path, running in-process."""

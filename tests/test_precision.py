@@ -78,15 +78,17 @@ def test_bf16_autocast_tracks_the_fp32_curve(tmp_path):
     assert fp32 != bf16  # it really was another computation
 
 
-def _fresh_probe(monkeypatch, tmp_path, native: bool, steps: dict | None):
+def _fresh_probe(monkeypatch, tmp_path, native: bool, steps: dict | list[dict] | None):
     """``precision_probe`` on a pretend CPU: ``native`` bf16 or not; ``steps`` the probe's step seconds
-    (``None``: measuring fails the test)."""
+    (a list: one per try, with ``waited``, the share of the time its threads waited for a CPU; ``None``:
+    measuring fails the test)."""
     monkeypatch.setenv("MICROLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hw, "cpu_bf16", lambda: (native, "flags avx512_bf16" if native else "no avx512_bf16"))
+    tries = [{"waited": 0.0, **steps}] if isinstance(steps, dict) else list(steps or [])
 
     def measure():
-        assert steps is not None, "the probe measured where it should not"
-        return steps
+        assert tries, "the probe measured where it should not (or more often than it should)"
+        return tries.pop(0)
     monkeypatch.setattr(hw, "_probe_steps", measure)
     hw.precision_probe.cache_clear()
 
@@ -139,6 +141,31 @@ def test_a_cache_of_another_machine_is_measured_again(monkeypatch, tmp_path):
         hw.precision_probe.cache_clear()
 
 
+def test_a_contended_probe_is_measured_again_and_never_kept_for_good(monkeypatch, tmp_path):
+    """A neighbour on the cores made bf16 look no faster once (×0.96 where a quiet probe measures ×1.6):
+    such a probe is retried, and one contended on every try is cached for an hour only."""
+    busy, quiet = {"fp32": 1.30, "bf16": 1.35, "waited": 0.5}, {"fp32": 0.10, "bf16": 0.06, "waited": 0.01}
+    monkeypatch.setattr(hw.time, "sleep", lambda s: None)
+    try:
+        _fresh_probe(monkeypatch, tmp_path, True, [busy, quiet])  # the second try finds the cores free
+        probe = hw.precision_probe()
+        assert probe["choice"] == "bf16" and probe["tries"] == 2 and not probe["contended"]
+        _fresh_probe(monkeypatch, tmp_path / "busy", True, [busy] * hw.PROBE_TRIES)
+        probe = hw.precision_probe()
+        assert probe["choice"] == "fp32" and probe["contended"] and probe["tries"] == hw.PROBE_TRIES
+        assert "contended" in probe["why"] and probe["waited_share"] == 0.5
+        _fresh_probe(monkeypatch, tmp_path / "busy", True, None)  # within the hour: every process agrees
+        assert hw.precision_probe()["choice"] == "fp32"
+        (path,) = (tmp_path / "busy" / "cache").glob("precision-probe-*.json")
+        rec = json.loads(path.read_text())
+        rec["at_s"] -= hw.PROBE_CONTENDED_TTL_S + 1
+        path.write_text(json.dumps(rec))
+        _fresh_probe(monkeypatch, tmp_path / "busy", True, [quiet])  # an hour later: measured again
+        assert hw.precision_probe()["choice"] == "bf16"
+    finally:
+        hw.precision_probe.cache_clear()
+
+
 def test_the_real_probe_measures_both_precisions(monkeypatch, tmp_path):
     """The probe itself, once, on this machine (a few seconds): two positive step times, a choice that
     follows them, the cache file written."""
@@ -152,6 +179,7 @@ def test_the_real_probe_measures_both_precisions(monkeypatch, tmp_path):
             assert 0 < probe["fp32_step_ms"] < 60_000 and 0 < probe["bf16_step_ms"] < 60_000
             assert probe["choice"] == ("bf16" if probe["bf16_speedup"] >= hw.BF16_MIN_SPEEDUP else "fp32")
             assert probe["threads"] == probe["cores_in_use"]  # measured on every core this process may use
+            assert probe["tries"] >= 1 and 0 <= probe["waited_share"] < 1.5  # Linux reports run-queue waits
         else:
             assert probe["choice"] == "fp32" and not probe["measured"]
         assert torch.get_num_threads() == threads  # restored
