@@ -191,11 +191,10 @@ def main() -> None:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "bf16_flags": [f for f in flags if f in ("avx512_bf16", "amx_bf16")]}
+    from microlm import hw
+
+    return {"cpu": hw.cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "bf16_flags": sorted(hw.cpu_flags() & set(hw.BF16_FLAGS))}
 
 
 if __name__ == "__main__":
